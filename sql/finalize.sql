@@ -1,0 +1,43 @@
+-- Wiring that needs the Rust functions: defaults, triggers, privileges.
+
+-- A fresh whsec_ secret for every subscription that does not bring one.
+ALTER TABLE subscriptions ALTER COLUMN secret SET DEFAULT generate_secret();
+
+-- Triggers run as the extension owner: they read subscription secrets and queue
+-- deliveries, which the roles that insert clicks must not touch themselves.
+ALTER FUNCTION links_trigger() SECURITY DEFINER;
+ALTER FUNCTION clicks_trigger() SECURITY DEFINER;
+ALTER FUNCTION conversions_trigger() SECURITY DEFINER;
+ALTER FUNCTION campaigns_trigger() SECURITY DEFINER;
+ALTER FUNCTION subscriptions_trigger() SECURITY DEFINER;
+
+-- Validates links, keeps redirect_url, emits link.created/updated/deleted.
+CREATE TRIGGER links_events BEFORE INSERT OR UPDATE OR DELETE ON links
+    FOR EACH ROW EXECUTE FUNCTION links_trigger();
+-- Enriches clicks, enforces max_clicks, emits link.clicked/qr.scanned (+ link.expired, campaign.completed).
+CREATE TRIGGER clicks_events BEFORE INSERT ON clicks
+    FOR EACH ROW EXECUTE FUNCTION clicks_trigger();
+-- Validates conversions and emits link.converted.
+CREATE TRIGGER conversions_events BEFORE INSERT ON conversions
+    FOR EACH ROW EXECUTE FUNCTION conversions_trigger();
+-- Validates campaigns and keeps goal counters.
+CREATE TRIGGER campaigns_validate BEFORE INSERT OR UPDATE OR DELETE ON campaigns
+    FOR EACH ROW EXECUTE FUNCTION campaigns_trigger();
+-- Validates subscriptions and refreshes every backend's subscription cache on commit.
+CREATE TRIGGER subscriptions_validate BEFORE INSERT OR UPDATE OR DELETE ON subscriptions
+    FOR EACH ROW EXECUTE FUNCTION subscriptions_trigger();
+
+-- Nothing is granted to PUBLIC: the extension owner decides who reads and writes.
+REVOKE ALL ON ALL TABLES IN SCHEMA @extschema@ FROM PUBLIC;
+REVOKE ALL ON ALL FUNCTIONS IN SCHEMA @extschema@ FROM PUBLIC;
+-- Pure helpers anyone may call.
+GRANT EXECUTE ON FUNCTION sign(text, text, bigint, text), verify(text, text, bigint, text, text) TO PUBLIC;
+GRANT USAGE ON SCHEMA @extschema@ TO PUBLIC;
+
+-- Analyst view of deliveries: no secrets, one row per delivery.
+CREATE VIEW delivery_log AS
+SELECT d.id AS delivery_id, d.event_id, d.subscription_id, s.name AS subscription_name, d.event_type,
+       d.status, d.attempts, d.last_status_code, d.last_error, d.created_at, d.delivered_at,
+       d.next_attempt_at, d.delivered_at - d.created_at AS latency
+FROM deliveries d
+LEFT JOIN subscriptions s ON s.id = d.subscription_id;

@@ -1,0 +1,202 @@
+//! Fan-out: turns one event into one signed delivery row per matching
+//! subscription, in the caller's transaction. Subscriptions (with their keys)
+//! and open campaign goals are cached per backend and reloaded only when a
+//! committed change bumps the shared generation, so a click costs no extra
+//! query beyond the inserts.
+
+use std::cell::RefCell;
+use std::collections::HashSet;
+use std::rc::Rc;
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use pgrx::prelude::*;
+use serde_json::Value;
+
+use crate::error::Result;
+use crate::filters::{Facts, Filters};
+use crate::guc;
+use crate::plans::{self, INT8, INT8_ARRAY, TEXT, TEXT_ARRAY};
+use crate::payload::{EventType, IpMode};
+use crate::shared;
+use crate::signing::{SigningKey, signature_header};
+
+/// A subscription as the fan-out needs it.
+pub struct CachedSubscription {
+    pub id: i64,
+    /// Bit set of wanted event types (`EventType::bit`); all bits when NULL.
+    event_mask: u16,
+    filters: Filters,
+    pub ip_mode: IpMode,
+    key: SigningKey,
+    /// The pre-rotation key and the Unix second its grace ends.
+    previous: Option<(SigningKey, i64)>,
+}
+
+impl CachedSubscription {
+    /// Keys that sign a message at `now`: the current one, plus the previous during its grace.
+    pub fn keys_at(&self, now: i64) -> Vec<SigningKey> {
+        let mut keys = vec![self.key.clone()];
+        if let Some((prev, until)) = &self.previous
+            && now < *until
+        {
+            keys.push(prev.clone());
+        }
+        keys
+    }
+}
+
+pub struct Cache {
+    generation: u64,
+    pub subscriptions: Vec<CachedSubscription>,
+    /// Campaigns with a click goal that is not reached yet.
+    pub goal_campaigns: HashSet<String>,
+}
+
+thread_local! {
+    static CACHE: RefCell<Option<Rc<Cache>>> = const { RefCell::new(None) };
+}
+
+pub fn invalidate_cache() {
+    CACHE.with(|c| c.borrow_mut().take());
+}
+
+/// The cache, reloaded when stale. Without shared memory (not preloaded) it
+/// cannot know when others change subscriptions, so it reloads every time.
+pub fn cache() -> Result<Rc<Cache>> {
+    let generation = shared::config_generation();
+    if shared::preloaded()
+        && let Some(c) = CACHE.with(|c| c.borrow().clone())
+        && c.generation == generation
+    {
+        return Ok(c);
+    }
+    let fresh = Rc::new(load_cache(generation)?);
+    CACHE.with(|c| *c.borrow_mut() = Some(fresh.clone()));
+    Ok(fresh)
+}
+
+fn load_cache(generation: u64) -> Result<Cache> {
+    Spi::connect(|client| {
+        let mut subscriptions = Vec::new();
+        let rows = client.select(
+            "SELECT id, secret, previous_secret,
+                    extract(epoch FROM previous_secret_expires_at)::bigint,
+                    event_types, filters, ip_mode
+             FROM linkhooks.subscriptions WHERE enabled ORDER BY id",
+            None,
+            &[],
+        )?;
+        for row in rows {
+            let id: i64 = row.get(1)?.unwrap_or_default();
+            let secret: String = row.get(2)?.unwrap_or_default();
+            let previous = match (row.get::<String>(3)?, row.get::<i64>(4)?) {
+                (Some(s), Some(until)) => SigningKey::parse(&s).ok().map(|k| (k, until)),
+                _ => None,
+            };
+            let types: Option<Vec<Option<String>>> = row.get(5)?;
+            let filters: Option<pgrx::JsonB> = row.get(6)?;
+            let ip_mode: String = row.get(7)?.unwrap_or_default();
+            // Rows are validated on write; one that no longer parses receives nothing
+            // rather than failing every click.
+            let (Ok(filters), Ok(key)) = (
+                Filters::parse(&filters.map_or(Value::Object(Default::default()), |j| j.0)),
+                SigningKey::parse(&secret),
+            ) else {
+                continue;
+            };
+            subscriptions.push(CachedSubscription {
+                id,
+                event_mask: event_mask(types.as_deref()),
+                filters,
+                ip_mode: IpMode::parse(&ip_mode).unwrap_or_default(),
+                key,
+                previous,
+            });
+        }
+        let mut goal_campaigns = HashSet::new();
+        let rows = client.select(
+            "SELECT name FROM linkhooks.campaigns WHERE click_goal IS NOT NULL AND completed_at IS NULL",
+            None,
+            &[],
+        )?;
+        for row in rows {
+            if let Some(name) = row.get::<String>(1)? {
+                goal_campaigns.insert(name);
+            }
+        }
+        Ok(Cache { generation, subscriptions, goal_campaigns })
+    })
+}
+
+fn event_mask(types: Option<&[Option<String>]>) -> u16 {
+    match types {
+        None => u16::MAX,
+        Some(list) => list.iter().flatten().filter_map(|t| EventType::parse(t)).fold(0, |m, t| m | t.bit()),
+    }
+}
+
+pub fn unix_now() -> i64 {
+    SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_secs() as i64)
+}
+
+pub fn unix_now_micros() -> i64 {
+    SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_micros() as i64)
+}
+
+/// A signed delivery ready to insert.
+pub struct Queued {
+    pub subscription_id: i64,
+    pub body: Rc<str>,
+    pub signature: String,
+}
+
+/// Queues `kind` for every enabled subscription that wants it and whose
+/// filters match. `build` makes the body for one IP mode; it is called at
+/// most once per mode. Returns how many deliveries were queued.
+pub fn emit(kind: EventType, event_id: &str, facts: &Facts, build: impl Fn(IpMode) -> String) -> Result<usize> {
+    let cache = cache()?;
+    let now = unix_now();
+    let mut bodies: [Option<Rc<str>>; 3] = [None, None, None];
+    let mut queued = Vec::new();
+    for sub in cache.subscriptions.iter().filter(|s| s.event_mask & kind.bit() != 0 && s.filters.matches(facts)) {
+        let body = bodies[sub.ip_mode as usize].get_or_insert_with(|| build(sub.ip_mode).into()).clone();
+        let signature = signature_header(&sub.keys_at(now), event_id, now, &body);
+        queued.push(Queued { subscription_id: sub.id, body, signature });
+    }
+    notify(kind, event_id)?;
+    Ok(insert_deliveries(kind, event_id, now, &queued)?.len())
+}
+
+/// Inserts signed deliveries for one event and arranges the worker's wake-up at commit.
+pub fn insert_deliveries(kind: EventType, event_id: &str, signed_at: i64, queued: &[Queued]) -> Result<Vec<i64>> {
+    if queued.is_empty() {
+        return Ok(Vec::new());
+    }
+    let ids: Vec<i64> = queued.iter().map(|q| q.subscription_id).collect();
+    let bodies: Vec<&str> = queued.iter().map(|q| &*q.body).collect();
+    let signatures: Vec<&str> = queued.iter().map(|q| q.signature.as_str()).collect();
+    let inserted = Spi::connect_mut(|client| -> Result<Vec<i64>> {
+        let rows = plans::execute(
+            client,
+            "INSERT INTO linkhooks.deliveries (event_id, event_type, signed_at, subscription_id, body, signature)
+             SELECT $1::uuid, $2, $3, s, b, g FROM unnest($4::bigint[], $5::text[], $6::text[]) AS u(s, b, g)
+             RETURNING id",
+            &[TEXT, TEXT, INT8, INT8_ARRAY, TEXT_ARRAY, TEXT_ARRAY],
+            &[event_id.into(), kind.as_str().into(), signed_at.into(), ids.into(), bodies.into(), signatures.into()],
+        )?;
+        rows.into_iter().map(|r| Ok(r.get::<i64>(1)?.unwrap_or_default())).collect()
+    })?;
+    shared::wake_on_commit();
+    Ok(inserted)
+}
+
+/// NOTIFY on `linkhooks.notify_channel` (transactional: delivered at commit).
+fn notify(kind: EventType, event_id: &str) -> Result<()> {
+    let channel = guc::string(&guc::NOTIFY_CHANNEL);
+    if channel.is_empty() {
+        return Ok(());
+    }
+    let payload = serde_json::json!({"id": event_id, "type": kind.as_str()}).to_string();
+    Spi::run_with_args("SELECT pg_notify($1, $2)", &[channel.as_str().into(), payload.as_str().into()])?;
+    Ok(())
+}

@@ -1,0 +1,173 @@
+//! Subscription filters: which events a subscription receives. Parsed from
+//! the `filters` jsonb once when subscriptions are cached. Pure logic.
+
+use serde_json::Value;
+use thiserror::Error;
+
+const KEYS: [&str; 5] = ["campaign", "tags", "countries", "device", "exclude_bots"];
+const DEVICES: [&str; 5] = ["mobile", "tablet", "desktop", "bot", "unknown"];
+
+#[derive(Debug, Error, PartialEq, Eq)]
+pub enum FilterError {
+    #[error("invalid filters: must be a JSON object")]
+    NotObject,
+    #[error("invalid filters: unknown key '{0}' (allowed: campaign, tags, countries, device, exclude_bots)")]
+    UnknownKey(String),
+    #[error("invalid filters.{0}: must be a string or an array of non-empty strings")]
+    NotStrings(&'static str),
+    #[error("invalid filters.device: '{0}' is not one of mobile, tablet, desktop, bot, unknown")]
+    Device(String),
+    #[error("invalid filters.countries: '{0}' is not a two-letter country code")]
+    Country(String),
+    #[error("invalid filters.exclude_bots: must be true or false")]
+    ExcludeBots,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Filters {
+    campaigns: Option<Vec<String>>,
+    tags: Option<Vec<String>>,
+    countries: Option<Vec<String>>,
+    devices: Option<Vec<String>>,
+    exclude_bots: bool,
+}
+
+impl Default for Filters {
+    fn default() -> Self {
+        Filters { campaigns: None, tags: None, countries: None, devices: None, exclude_bots: true }
+    }
+}
+
+/// What a filter looks at in one event.
+#[derive(Debug, Default, Clone, Copy)]
+pub struct Facts<'a> {
+    pub campaign: Option<&'a str>,
+    pub tags: &'a [String],
+    /// Present for click events only.
+    pub click: Option<ClickFacts<'a>>,
+}
+
+#[derive(Debug, Clone, Copy)]
+pub struct ClickFacts<'a> {
+    pub country: Option<&'a str>,
+    pub device: Option<&'a str>,
+    pub is_bot: bool,
+}
+
+impl Filters {
+    pub fn parse(value: &Value) -> Result<Filters, FilterError> {
+        let Value::Object(obj) = value else {
+            return Err(FilterError::NotObject);
+        };
+        if let Some(key) = obj.keys().find(|k| !KEYS.contains(&k.as_str())) {
+            return Err(FilterError::UnknownKey(key.clone()));
+        }
+        let strings = |key: &'static str| -> Result<Option<Vec<String>>, FilterError> {
+            match obj.get(key) {
+                None | Some(Value::Null) => Ok(None),
+                Some(Value::String(s)) if !s.is_empty() => Ok(Some(vec![s.clone()])),
+                Some(Value::Array(items)) => items
+                    .iter()
+                    .map(|v| v.as_str().filter(|s| !s.is_empty()).map(str::to_string))
+                    .collect::<Option<Vec<_>>>()
+                    .map(Some)
+                    .ok_or(FilterError::NotStrings(key)),
+                Some(_) => Err(FilterError::NotStrings(key)),
+            }
+        };
+        let campaigns = strings("campaign")?;
+        let tags = strings("tags")?;
+        let countries = strings("countries")?
+            .map(|list| {
+                list.into_iter()
+                    .map(|c| {
+                        if c.len() == 2 && c.chars().all(|ch| ch.is_ascii_alphabetic()) {
+                            Ok(c.to_ascii_uppercase())
+                        } else {
+                            Err(FilterError::Country(c))
+                        }
+                    })
+                    .collect::<Result<Vec<_>, _>>()
+            })
+            .transpose()?;
+        let devices = strings("device")?;
+        if let Some(bad) = devices.iter().flatten().find(|d| !DEVICES.contains(&d.as_str())) {
+            return Err(FilterError::Device(bad.clone()));
+        }
+        let exclude_bots = match obj.get("exclude_bots") {
+            None | Some(Value::Null) => true,
+            Some(Value::Bool(b)) => *b,
+            Some(_) => return Err(FilterError::ExcludeBots),
+        };
+        Ok(Filters { campaigns, tags, countries, devices, exclude_bots })
+    }
+
+    pub fn matches(&self, facts: &Facts) -> bool {
+        let one_of = |allowed: &Option<Vec<String>>, got: Option<&str>| match allowed {
+            None => true,
+            Some(list) => got.is_some_and(|g| list.iter().any(|a| a.eq_ignore_ascii_case(g))),
+        };
+        if !one_of(&self.campaigns, facts.campaign) {
+            return false;
+        }
+        if let Some(wanted) = &self.tags
+            && !facts.tags.iter().any(|t| wanted.contains(t))
+        {
+            return false;
+        }
+        match facts.click {
+            Some(click) => {
+                !(self.exclude_bots && click.is_bot)
+                    && one_of(&self.countries, click.country)
+                    && one_of(&self.devices, click.device)
+            }
+            None => true,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    fn click<'a>(country: &'a str, device: &'a str, is_bot: bool) -> Option<ClickFacts<'a>> {
+        Some(ClickFacts { country: Some(country), device: Some(device), is_bot })
+    }
+
+    #[test]
+    fn defaults_exclude_bots_only() {
+        let f = Filters::parse(&json!({})).unwrap();
+        assert!(f.matches(&Facts { click: click("US", "mobile", false), ..Default::default() }));
+        assert!(!f.matches(&Facts { click: click("US", "bot", true), ..Default::default() }));
+        let with_bots = Filters::parse(&json!({"exclude_bots": false})).unwrap();
+        assert!(with_bots.matches(&Facts { click: click("US", "bot", true), ..Default::default() }));
+    }
+
+    #[test]
+    fn each_filter() {
+        let tags = vec!["social".to_string(), "ig".to_string()];
+        let f = Filters::parse(&json!({"campaign": "winter", "tags": ["ig"], "countries": ["us", "DE"], "device": ["mobile"]}))
+            .unwrap();
+        let base = Facts { campaign: Some("winter"), tags: &tags, click: click("US", "mobile", false) };
+        assert!(f.matches(&base));
+        assert!(!f.matches(&Facts { campaign: Some("summer"), ..base }));
+        assert!(!f.matches(&Facts { campaign: None, ..base }));
+        assert!(!f.matches(&Facts { tags: &[], ..base }));
+        assert!(!f.matches(&Facts { click: click("FR", "mobile", false), ..base }));
+        assert!(!f.matches(&Facts { click: click("US", "desktop", false), ..base }));
+        // click-only filters do not block non-click events
+        assert!(f.matches(&Facts { click: None, ..base }));
+    }
+
+    #[test]
+    fn shape_errors() {
+        assert_eq!(Filters::parse(&json!([])), Err(FilterError::NotObject));
+        assert_eq!(Filters::parse(&json!({"colour": "red"})), Err(FilterError::UnknownKey("colour".into())));
+        assert_eq!(Filters::parse(&json!({"tags": [1]})), Err(FilterError::NotStrings("tags")));
+        assert_eq!(Filters::parse(&json!({"tags": 5})), Err(FilterError::NotStrings("tags")));
+        assert_eq!(Filters::parse(&json!({"device": "phone"})), Err(FilterError::Device("phone".into())));
+        assert_eq!(Filters::parse(&json!({"countries": ["USA"]})), Err(FilterError::Country("USA".into())));
+        assert_eq!(Filters::parse(&json!({"exclude_bots": "yes"})), Err(FilterError::ExcludeBots));
+    }
+}

@@ -1,0 +1,57 @@
+//! pg_linkhooks: short links, click tracking and signed webhooks delivered by
+//! a background worker inside PostgreSQL.
+
+use pgrx::prelude::*;
+
+// Pure logic: no Postgres inside, plain unit tests.
+mod filters;
+mod links;
+mod payload;
+mod retry;
+mod sender;
+mod signing;
+mod target;
+mod useragent;
+
+// The pgrx layer: SQL in, SQL out.
+mod api;
+mod error;
+mod events;
+mod guc;
+mod linkstore;
+mod maintenance;
+mod plans;
+mod shared;
+mod triggers;
+mod worker;
+
+pgrx::pg_module_magic!();
+
+pgrx::extension_sql_file!("../sql/schema.sql", name = "schema", bootstrap);
+pgrx::extension_sql_file!("../sql/finalize.sql", name = "finalize", finalize);
+
+#[pg_guard]
+pub extern "C-unwind" fn _PG_init() {
+    guc::register();
+    if unsafe { !pg_sys::process_shared_preload_libraries_in_progress } {
+        pgrx::warning!(
+            "pg_linkhooks is not in shared_preload_libraries: webhooks will not be delivered until it is added and the server restarted"
+        );
+        return;
+    }
+    shared::init();
+    worker::register();
+}
+
+#[cfg(test)]
+pub mod pg_test {
+    pub fn setup(_options: Vec<&str>) {}
+
+    pub fn postgresql_conf_options() -> Vec<&'static str> {
+        vec![
+            "shared_preload_libraries = 'pg_linkhooks'",
+            "linkhooks.database = 'pgrx_tests'",
+            "linkhooks.base_url = 'https://go.acme.co'",
+        ]
+    }
+}

@@ -1,0 +1,156 @@
+//! Reading links for redirects and clicks, and the click-limit claim.
+
+use std::cell::RefCell;
+
+use pgrx::prelude::*;
+use pgrx::spi::SpiHeapTupleData;
+use serde_json::Value;
+
+use crate::error::Result;
+use crate::guc;
+use crate::payload::LinkPayload;
+use crate::plans::{self, INT8, TEXT};
+
+/// A link as the redirect and click paths see it.
+#[derive(Debug, Clone)]
+pub struct LinkRow {
+    pub id: i64,
+    pub domain: String,
+    pub slug: String,
+    pub destination: String,
+    pub campaign: Option<String>,
+    pub tags: Vec<String>,
+    pub utm: Option<Value>,
+    pub max_clicks: Option<i64>,
+    pub expired_url: Option<String>,
+    pub disabled: bool,
+    pub redirect_url: Option<String>,
+    pub click_count: i64,
+    /// expires_at has passed (as of the transaction's start).
+    pub time_expired: bool,
+}
+
+macro_rules! select_link {
+    ($where:literal) => {
+        concat!(
+            "SELECT id, domain, slug, destination, campaign, tags, utm, max_clicks, expired_url, disabled,
+                    redirect_url, click_count, coalesce(expires_at <= now(), false)
+             FROM linkhooks.links ",
+            $where
+        )
+    };
+}
+
+impl LinkRow {
+    fn from_tuple(row: &SpiHeapTupleData) -> Result<Self> {
+        Ok(LinkRow {
+            id: row.get(1)?.unwrap_or_default(),
+            domain: row.get(2)?.unwrap_or_default(),
+            slug: row.get(3)?.unwrap_or_default(),
+            destination: row.get(4)?.unwrap_or_default(),
+            campaign: row.get(5)?,
+            tags: row.get::<Vec<Option<String>>>(6)?.unwrap_or_default().into_iter().flatten().collect(),
+            utm: row.get::<pgrx::JsonB>(7)?.map(|j| j.0),
+            max_clicks: row.get(8)?,
+            expired_url: row.get(9)?,
+            disabled: row.get(10)?.unwrap_or(false),
+            redirect_url: row.get(11)?,
+            click_count: row.get(12)?.unwrap_or_default(),
+            time_expired: row.get(13)?.unwrap_or(false),
+        })
+    }
+
+    pub fn by_id(id: i64) -> Result<Option<Self>> {
+        Spi::connect(|client| {
+            let rows = plans::query(client, select_link!("WHERE id = $1"), &[INT8], &[id.into()])?;
+            rows.into_iter().next().map(|r| Self::from_tuple(&r)).transpose()
+        })
+    }
+
+    pub fn by_slug(domain: &str, slug: &str) -> Result<Option<Self>> {
+        Spi::connect(|client| {
+            let rows =
+                plans::query(client, select_link!("WHERE domain = $1 AND slug = $2"), &[TEXT, TEXT], &[domain.into(), slug.into()])?;
+            rows.into_iter().next().map(|r| Self::from_tuple(&r)).transpose()
+        })
+    }
+
+    pub fn is_active(&self) -> bool {
+        !self.disabled && !self.time_expired && self.max_clicks.is_none_or(|m| self.click_count < m)
+    }
+
+    /// What a redirect answers: the destination (with UTM) while active, else expired_url or NULL.
+    pub fn answer(&self) -> Option<String> {
+        if self.is_active() {
+            Some(self.redirect_url.clone().unwrap_or_else(|| self.destination.clone()))
+        } else {
+            self.expired_url.clone()
+        }
+    }
+
+    pub fn payload(&self) -> LinkPayload {
+        LinkPayload {
+            id: self.id,
+            short_url: LinkPayload::short_url(&self.domain, &self.slug, &guc::string(&guc::BASE_URL)),
+            domain: self.domain.clone(),
+            slug: self.slug.clone(),
+            destination: self.destination.clone(),
+            campaign: self.campaign.clone(),
+            tags: self.tags.clone(),
+        }
+    }
+}
+
+/// Outcome of taking one of a limited link's clicks.
+pub enum Claim {
+    /// Recorded; `reached_limit` is true for exactly one click: the one that used the last slot.
+    Taken { reached_limit: bool },
+    Full,
+}
+
+/// Takes a click slot on a link with max_clicks. The row lock serializes only
+/// limited links, which is what makes "never more than max_clicks" exact.
+pub fn claim_click(link_id: i64) -> Result<Claim> {
+    Spi::connect_mut(|client| {
+        let rows = plans::execute(
+            client,
+            "UPDATE linkhooks.links
+                SET click_count = click_count + 1,
+                    expired_at = coalesce(expired_at, CASE WHEN click_count + 1 >= max_clicks THEN now() END)
+              WHERE id = $1 AND click_count < max_clicks
+          RETURNING click_count >= max_clicks AND expired_at = now()",
+            &[INT8],
+            &[link_id.into()],
+        )?;
+        Ok(match rows.into_iter().next() {
+            Some(row) => Claim::Taken { reached_limit: row.get::<bool>(1)?.unwrap_or(false) },
+            None => Claim::Full,
+        })
+    })
+}
+
+thread_local! {
+    /// A link record_click already looked up and claimed, for the click trigger it is about to fire.
+    static PRECLAIMED: RefCell<Option<(LinkRow, bool)>> = const { RefCell::new(None) };
+}
+
+/// Hands a looked-up (and, if limited, claimed) link to the click trigger
+/// until the returned guard is dropped.
+pub fn stash_preclaimed(link: LinkRow, reached_limit: bool) -> StashGuard {
+    PRECLAIMED.with(|p| *p.borrow_mut() = Some((link, reached_limit)));
+    StashGuard
+}
+
+/// Clears the stash even when the insert fails, so it cannot leak into a later statement.
+pub struct StashGuard;
+
+impl Drop for StashGuard {
+    fn drop(&mut self) {
+        PRECLAIMED.with(|p| p.borrow_mut().take());
+    }
+}
+
+/// The stashed link, if it is the one this click is for.
+pub fn take_preclaimed(link_id: i64) -> Option<(LinkRow, bool)> {
+    PRECLAIMED.with(|p| p.borrow_mut().take()).filter(|(l, _)| l.id == link_id)
+}

@@ -1,0 +1,134 @@
+//! Periodic work the worker runs (and anyone may run by hand): time-based
+//! link expiry, campaign completion by date or goal, orphaned deliveries,
+//! and retention pruning in bounded batches.
+
+use pgrx::prelude::*;
+use serde_json::json;
+
+use crate::error::{OrReport, Result};
+use crate::events::unix_now_micros;
+use crate::guc;
+use crate::payload::{self, CampaignPayload, LinkPayload};
+use crate::retry;
+use crate::triggers;
+
+/// Rows handled per task per run, so one run stays short.
+const BATCH: i64 = 10_000;
+
+/// Runs every maintenance task once; returns what each did.
+#[pg_extern(volatile, security_definer)]
+fn run_maintenance() -> pgrx::JsonB {
+    let run = || -> Result<serde_json::Value> {
+        Ok(json!({
+            "links_expired": expire_links()?,
+            "campaigns_completed": complete_campaigns()?,
+            "orphans_dead": kill_orphans()?,
+            "deliveries_pruned": prune()?,
+        }))
+    };
+    pgrx::JsonB(run().or_report())
+}
+
+fn expire_links() -> Result<usize> {
+    let base_url = guc::string(&guc::BASE_URL);
+    let links: Vec<LinkPayload> = Spi::connect_mut(|client| -> Result<Vec<LinkPayload>> {
+        let rows = client.update(
+            "UPDATE linkhooks.links SET expired_at = now()
+              WHERE id IN (SELECT id FROM linkhooks.links
+                            WHERE expired_at IS NULL AND expires_at <= now()
+                            LIMIT $1 FOR UPDATE SKIP LOCKED)
+          RETURNING id, domain, slug, destination, campaign, tags",
+            None,
+            &[BATCH.into()],
+        )?;
+        rows.into_iter()
+            .map(|r| {
+                let domain: String = r.get(2)?.unwrap_or_default();
+                let slug: String = r.get(3)?.unwrap_or_default();
+                Ok(LinkPayload {
+                    id: r.get(1)?.unwrap_or_default(),
+                    short_url: LinkPayload::short_url(&domain, &slug, &base_url),
+                    domain,
+                    slug,
+                    destination: r.get(4)?.unwrap_or_default(),
+                    campaign: r.get(5)?,
+                    tags: r.get::<Vec<Option<String>>>(6)?.unwrap_or_default().into_iter().flatten().collect(),
+                })
+            })
+            .collect()
+    })?;
+    for link in &links {
+        triggers::emit_link_expired(link, "expires_at")?;
+    }
+    Ok(links.len())
+}
+
+fn complete_campaigns() -> Result<usize> {
+    let done: Vec<CampaignPayload> = Spi::connect_mut(|client| -> Result<Vec<CampaignPayload>> {
+        let rows = client.update(
+            "UPDATE linkhooks.campaigns c SET completed_at = now()
+              WHERE completed_at IS NULL
+                AND (ends_at <= now() OR (click_goal IS NOT NULL AND click_count >= click_goal))
+          RETURNING name, click_goal,
+                    (SELECT count(*) FROM linkhooks.clicks k JOIN linkhooks.links l ON l.id = k.link_id
+                      WHERE l.campaign = c.name),
+                    (extract(epoch FROM ends_at) * 1000000)::bigint,
+                    click_goal IS NOT NULL AND click_count >= click_goal",
+            None,
+            &[],
+        )?;
+        rows.into_iter()
+            .map(|r| {
+                Ok(CampaignPayload {
+                    name: r.get(1)?.unwrap_or_default(),
+                    click_goal: r.get(2)?,
+                    clicks: r.get(3)?.unwrap_or_default(),
+                    ends_at: r.get::<i64>(4)?.map(payload::format_timestamp),
+                    completed_at: payload::format_timestamp(unix_now_micros()),
+                    reason: if r.get::<bool>(5)?.unwrap_or(false) { "click_goal" } else { "ends_at" },
+                })
+            })
+            .collect()
+    })?;
+    let n = done.len();
+    for campaign in done {
+        triggers::emit_campaign_completed(campaign)?;
+    }
+    Ok(n)
+}
+
+/// Pending deliveries whose subscription was deleted can never be sent.
+fn kill_orphans() -> Result<i64> {
+    Ok(Spi::get_one_with_args::<i64>(
+        "WITH gone AS (
+            UPDATE linkhooks.deliveries d SET status = 'dead', last_error = 'subscription deleted'
+             WHERE d.id IN (SELECT id FROM linkhooks.deliveries x
+                             WHERE x.status IN ('pending', 'delivering')
+                               AND NOT EXISTS (SELECT 1 FROM linkhooks.subscriptions s WHERE s.id = x.subscription_id)
+                             LIMIT $1)
+         RETURNING 1)
+         SELECT count(*) FROM gone",
+        &[BATCH.into()],
+    )?
+    .unwrap_or(0))
+}
+
+/// Deletes delivered deliveries (and their attempts) older than linkhooks.retention.
+fn prune() -> Result<i64> {
+    let Some(retention) = retry::parse_duration(&guc::string(&guc::RETENTION)) else {
+        warning!("invalid linkhooks.retention; nothing pruned (use e.g. '7d')");
+        return Ok(0);
+    };
+    Ok(Spi::get_one_with_args::<i64>(
+        "WITH old AS (
+            DELETE FROM linkhooks.deliveries
+             WHERE id IN (SELECT id FROM linkhooks.deliveries
+                           WHERE status = 'delivered' AND delivered_at < now() - $1 * interval '1 millisecond'
+                           LIMIT $2)
+         RETURNING id),
+         attempts AS (DELETE FROM linkhooks.delivery_attempts a USING old WHERE a.delivery_id = old.id)
+         SELECT count(*) FROM old",
+        &[(retention.as_millis() as f64).into(), BATCH.into()],
+    )?
+    .unwrap_or(0))
+}

@@ -1,0 +1,391 @@
+//! Webhook bodies: the event envelope and the data each event type carries.
+//! Built once per event with serde; field names are the public contract.
+//! Pure logic.
+
+use std::net::IpAddr;
+
+use serde::Serialize;
+use serde_json::value::RawValue;
+use serde_json::{Map, Value};
+
+use crate::links::{MAX_HEADER_LEN, truncate};
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum EventType {
+    LinkClicked,
+    QrScanned,
+    LinkConverted,
+    LinkCreated,
+    LinkUpdated,
+    LinkDeleted,
+    LinkExpired,
+    CampaignCompleted,
+    WebhookTest,
+}
+
+impl EventType {
+    pub const ALL: [EventType; 9] = [
+        EventType::LinkClicked,
+        EventType::QrScanned,
+        EventType::LinkConverted,
+        EventType::LinkCreated,
+        EventType::LinkUpdated,
+        EventType::LinkDeleted,
+        EventType::LinkExpired,
+        EventType::CampaignCompleted,
+        EventType::WebhookTest,
+    ];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            EventType::LinkClicked => "link.clicked",
+            EventType::QrScanned => "qr.scanned",
+            EventType::LinkConverted => "link.converted",
+            EventType::LinkCreated => "link.created",
+            EventType::LinkUpdated => "link.updated",
+            EventType::LinkDeleted => "link.deleted",
+            EventType::LinkExpired => "link.expired",
+            EventType::CampaignCompleted => "campaign.completed",
+            EventType::WebhookTest => "webhook.test",
+        }
+    }
+
+    pub fn parse(name: &str) -> Option<Self> {
+        Self::ALL.into_iter().find(|t| t.as_str() == name)
+    }
+
+    /// Bit for event-type sets kept as masks.
+    pub fn bit(self) -> u16 {
+        1 << (self as u16)
+    }
+}
+
+/// How a subscription sees click IP addresses.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default)]
+pub enum IpMode {
+    Full,
+    /// IPv4 cut to its /24, IPv6 to its /48.
+    #[default]
+    Anonymized,
+    Omit,
+}
+
+impl IpMode {
+    pub fn parse(name: &str) -> Option<Self> {
+        match name {
+            "full" => Some(IpMode::Full),
+            "anonymized" => Some(IpMode::Anonymized),
+            "omit" => Some(IpMode::Omit),
+            _ => None,
+        }
+    }
+
+    pub fn apply(self, ip: Option<IpAddr>) -> Option<String> {
+        match self {
+            IpMode::Full => ip.map(|ip| ip.to_string()),
+            IpMode::Anonymized => ip.map(|ip| anonymize(ip).to_string()),
+            IpMode::Omit => None,
+        }
+    }
+}
+
+/// Zeroes the host part: IPv4 to /24, IPv6 to /48.
+pub fn anonymize(ip: IpAddr) -> IpAddr {
+    match ip {
+        IpAddr::V4(v4) => {
+            let [a, b, c, _] = v4.octets();
+            IpAddr::from([a, b, c, 0])
+        }
+        IpAddr::V6(v6) => {
+            let s = v6.segments();
+            IpAddr::from([s[0], s[1], s[2], 0, 0, 0, 0, 0])
+        }
+    }
+}
+
+/// RFC 3339 UTC with milliseconds, e.g. `2026-02-05T14:23:45.123Z`.
+pub fn format_timestamp(unix_micros: i64) -> String {
+    let millis = unix_micros.div_euclid(1000);
+    let secs = millis.div_euclid(1000);
+    let (days, sod) = (secs.div_euclid(86_400), secs.rem_euclid(86_400));
+    // Civil date from days since 1970-01-01 (Howard Hinnant's algorithm).
+    let z = days + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z - era * 146_097;
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let day = doy - (153 * mp + 2) / 5 + 1;
+    let month = if mp < 10 { mp + 3 } else { mp - 9 };
+    let year = yoe + era * 400 + i64::from(month <= 2);
+    format!(
+        "{year:04}-{month:02}-{day:02}T{:02}:{:02}:{:02}.{:03}Z",
+        sod / 3600,
+        sod % 3600 / 60,
+        sod % 60,
+        millis.rem_euclid(1000)
+    )
+}
+
+/// The link as every event that carries one shows it.
+#[derive(Debug, Clone, Serialize)]
+pub struct LinkPayload {
+    pub id: i64,
+    pub domain: String,
+    pub slug: String,
+    pub short_url: Option<String>,
+    pub destination: String,
+    pub campaign: Option<String>,
+    pub tags: Vec<String>,
+}
+
+impl LinkPayload {
+    /// `short_url` is `https://{domain}/{slug}` for links on a custom domain,
+    /// else `{linkhooks.base_url}/{slug}`, else null.
+    pub fn short_url(domain: &str, slug: &str, base_url: &str) -> Option<String> {
+        if !domain.is_empty() {
+            Some(format!("https://{domain}/{slug}"))
+        } else if !base_url.is_empty() {
+            Some(format!("{}/{slug}", base_url.trim_end_matches('/')))
+        } else {
+            None
+        }
+    }
+}
+
+/// A click as recorded, before per-subscription IP handling.
+#[derive(Debug, Clone)]
+pub struct Click {
+    pub event_id: String,
+    pub clicked_at_micros: i64,
+    pub ip: Option<IpAddr>,
+    pub user_agent: Option<String>,
+    pub referer: Option<String>,
+    pub country: Option<String>,
+    pub city: Option<String>,
+    pub device: Option<String>,
+    pub browser: Option<String>,
+    pub os: Option<String>,
+    pub is_bot: bool,
+    pub source: String,
+}
+
+#[derive(Serialize)]
+struct Envelope<'a, D: Serialize> {
+    id: &'a str,
+    #[serde(rename = "type")]
+    kind: &'static str,
+    timestamp: String,
+    data: D,
+}
+
+/// The complete body: `{"id","type","timestamp","data"}`.
+pub fn envelope<D: Serialize>(id: &str, kind: EventType, at_micros: i64, data: D) -> String {
+    let env = Envelope { id, kind: kind.as_str(), timestamp: format_timestamp(at_micros), data };
+    serde_json::to_string(&env).expect("event payloads always serialize")
+}
+
+#[derive(Serialize)]
+struct ClickPayload<'a> {
+    id: &'a str,
+    timestamp: String,
+    ip_address: Option<String>,
+    user_agent: Option<&'a str>,
+    referer: Option<&'a str>,
+    country: Option<&'a str>,
+    city: Option<&'a str>,
+    device: Option<&'a str>,
+    browser: Option<&'a str>,
+    os: Option<&'a str>,
+    bot: bool,
+    source: &'a str,
+}
+
+#[derive(Serialize)]
+struct ClickData<'a> {
+    link: &'a LinkPayload,
+    click: ClickPayload<'a>,
+    utm: &'a Map<String, Value>,
+}
+
+/// Body of `link.clicked` / `qr.scanned` for one IP mode.
+pub fn click_body(kind: EventType, link: &LinkPayload, click: &Click, utm: &Map<String, Value>, ip_mode: IpMode) -> String {
+    let data = ClickData {
+        link,
+        click: ClickPayload {
+            id: &click.event_id,
+            timestamp: format_timestamp(click.clicked_at_micros),
+            ip_address: ip_mode.apply(click.ip),
+            user_agent: capped(&click.user_agent),
+            referer: capped(&click.referer),
+            country: click.country.as_deref(),
+            city: click.city.as_deref(),
+            device: click.device.as_deref(),
+            browser: click.browser.as_deref(),
+            os: click.os.as_deref(),
+            bot: click.is_bot,
+            source: &click.source,
+        },
+        utm,
+    };
+    envelope(&click.event_id, kind, click.clicked_at_micros, data)
+}
+
+fn capped(s: &Option<String>) -> Option<&str> {
+    s.as_deref().map(|v| truncate(v, MAX_HEADER_LEN))
+}
+
+#[derive(Serialize)]
+pub struct LinkChangeData<'a> {
+    pub link: &'a LinkPayload,
+    /// For link.updated: the names of the fields that changed.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub changed: Option<Vec<&'static str>>,
+}
+
+#[derive(Serialize)]
+pub struct LinkExpiredData<'a> {
+    pub link: &'a LinkPayload,
+    /// "max_clicks" or "expires_at"
+    pub reason: &'static str,
+    pub expired_at: String,
+}
+
+#[derive(Debug, Serialize)]
+pub struct ConversionPayload {
+    pub id: String,
+    pub click_id: Option<i64>,
+    pub name: String,
+    /// The exact numeric value, as a JSON number.
+    pub amount: Option<Box<RawValue>>,
+    pub currency: Option<String>,
+    pub occurred_at: String,
+    pub metadata: Value,
+}
+
+impl ConversionPayload {
+    /// A numeric's text as a JSON number (exact), or None if it is not one (NaN).
+    pub fn amount_from_numeric(text: &str) -> Option<Box<RawValue>> {
+        serde_json::from_str::<Value>(text)
+            .ok()
+            .filter(Value::is_number)
+            .and_then(|_| RawValue::from_string(text.to_string()).ok())
+    }
+}
+
+#[derive(Serialize)]
+pub struct ConversionData<'a> {
+    pub link: Option<&'a LinkPayload>,
+    pub conversion: ConversionPayload,
+}
+
+#[derive(Serialize)]
+pub struct CampaignData {
+    pub campaign: CampaignPayload,
+}
+
+#[derive(Serialize)]
+pub struct CampaignPayload {
+    pub name: String,
+    pub click_goal: Option<i64>,
+    pub clicks: i64,
+    pub ends_at: Option<String>,
+    pub completed_at: String,
+    /// "click_goal" or "ends_at"
+    pub reason: &'static str,
+}
+
+#[derive(Serialize)]
+pub struct TestData {
+    pub subscription_id: i64,
+    pub message: &'static str,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    fn link() -> LinkPayload {
+        LinkPayload {
+            id: 42,
+            domain: String::new(),
+            slug: "sale".into(),
+            short_url: LinkPayload::short_url("", "sale", "https://go.acme.co/"),
+            destination: "https://acme.com/winter-sale".into(),
+            campaign: Some("winter-sale-2026".into()),
+            tags: vec!["social".into()],
+        }
+    }
+
+    fn click() -> Click {
+        Click {
+            event_id: "0f8fad5b-d9cb-469f-a165-70867728950e".into(),
+            clicked_at_micros: 1_770_301_425_123_456,
+            ip: Some("203.0.113.42".parse().unwrap()),
+            user_agent: Some("x".repeat(2000)),
+            referer: Some("https://instagram.com".into()),
+            country: Some("US".into()),
+            city: Some("San Francisco".into()),
+            device: Some("mobile".into()),
+            browser: Some("Safari".into()),
+            os: Some("iOS".into()),
+            is_bot: false,
+            source: "link".into(),
+        }
+    }
+
+    #[test]
+    fn timestamps() {
+        assert_eq!(format_timestamp(0), "1970-01-01T00:00:00.000Z");
+        assert_eq!(format_timestamp(1_770_301_425_123_456), "2026-02-05T14:23:45.123Z");
+        assert_eq!(format_timestamp(951_782_400_000_000), "2000-02-29T00:00:00.000Z");
+        assert_eq!(format_timestamp(-1000), "1969-12-31T23:59:59.999Z");
+    }
+
+    #[test]
+    fn click_body_matches_the_contract() {
+        let utm = json!({"source": "instagram"}).as_object().unwrap().clone();
+        let body = click_body(EventType::LinkClicked, &link(), &click(), &utm, IpMode::Anonymized);
+        assert!(body.starts_with(r#"{"id":"0f8fad5b-d9cb-469f-a165-70867728950e","type":"link.clicked","timestamp":"2026-02-05T14:23:45.123Z","data":{"link":"#));
+        let v: Value = serde_json::from_str(&body).unwrap();
+        assert_eq!(v["data"]["link"]["short_url"], "https://go.acme.co/sale");
+        assert_eq!(v["data"]["link"]["tags"], json!(["social"]));
+        assert_eq!(v["data"]["click"]["ip_address"], "203.0.113.0");
+        assert_eq!(v["data"]["click"]["user_agent"].as_str().unwrap().len(), MAX_HEADER_LEN);
+        assert_eq!(v["data"]["click"]["bot"], false);
+        assert_eq!(v["data"]["utm"]["source"], "instagram");
+    }
+
+    #[test]
+    fn ip_modes() {
+        let v4: IpAddr = "203.0.113.42".parse().unwrap();
+        let v6: IpAddr = "2001:db8:abcd:12:1:2:3:4".parse().unwrap();
+        assert_eq!(IpMode::Full.apply(Some(v4)).unwrap(), "203.0.113.42");
+        assert_eq!(IpMode::Anonymized.apply(Some(v4)).unwrap(), "203.0.113.0");
+        assert_eq!(IpMode::Anonymized.apply(Some(v6)).unwrap(), "2001:db8:abcd::");
+        assert_eq!(IpMode::Omit.apply(Some(v4)), None);
+        assert_eq!(IpMode::parse("bogus"), None);
+    }
+
+    #[test]
+    fn event_type_names_round_trip() {
+        for t in EventType::ALL {
+            assert_eq!(EventType::parse(t.as_str()), Some(t));
+        }
+        assert_eq!(EventType::parse("link.clicked.typo"), None);
+    }
+
+    #[test]
+    fn amounts_are_exact_numbers() {
+        let raw = ConversionPayload::amount_from_numeric("49.90").unwrap();
+        assert_eq!(raw.get(), "49.90");
+        assert!(ConversionPayload::amount_from_numeric("NaN").is_none());
+    }
+
+    #[test]
+    fn short_urls() {
+        assert_eq!(LinkPayload::short_url("go.acme.co", "x", "https://ignored"), Some("https://go.acme.co/x".into()));
+        assert_eq!(LinkPayload::short_url("", "x", ""), None);
+    }
+}

@@ -1,0 +1,63 @@
+//! Saved SPI plans, one per statement text, kept for the backend's life so
+//! hot-path statements are parsed and planned once.
+
+use std::cell::RefCell;
+use std::collections::HashMap;
+
+use pgrx::datum::DatumWithOid;
+use pgrx::pg_sys::PgOid;
+use pgrx::spi::{OwnedPreparedStatement, SpiClient, SpiTupleTable};
+
+use crate::error::Result;
+
+thread_local! {
+    // Keyed by the statement's address: statement texts are 'static.
+    static PLANS: RefCell<HashMap<usize, OwnedPreparedStatement>> = RefCell::new(HashMap::new());
+}
+
+fn take(client: &SpiClient<'_>, sql: &'static str, types: &[PgOid], mutating: bool) -> Result<OwnedPreparedStatement> {
+    match PLANS.with(|p| p.borrow_mut().remove(&(sql.as_ptr() as usize))) {
+        Some(plan) => Ok(plan),
+        None if mutating => Ok(client.prepare_mut(sql, types)?.keep()),
+        None => Ok(client.prepare(sql, types)?.keep()),
+    }
+}
+
+fn put_back(sql: &'static str, plan: OwnedPreparedStatement) {
+    PLANS.with(|p| p.borrow_mut().insert(sql.as_ptr() as usize, plan));
+}
+
+/// Runs a read-only statement with a saved plan.
+pub fn query<'c>(
+    client: &SpiClient<'c>,
+    sql: &'static str,
+    types: &[PgOid],
+    args: &[DatumWithOid<'_>],
+) -> Result<SpiTupleTable<'c>> {
+    let plan = take(client, sql, types, false)?;
+    let result = client.select(&plan, None, args);
+    put_back(sql, plan);
+    Ok(result?)
+}
+
+/// Runs a data-modifying statement with a saved plan.
+pub fn execute<'c>(
+    client: &mut SpiClient<'c>,
+    sql: &'static str,
+    types: &[PgOid],
+    args: &[DatumWithOid<'_>],
+) -> Result<SpiTupleTable<'c>> {
+    let plan = take(client, sql, types, true)?;
+    let result = client.update(&plan, None, args);
+    put_back(sql, plan);
+    Ok(result?)
+}
+
+// Argument types, named once.
+pub const TEXT: PgOid = PgOid::BuiltIn(pgrx::pg_sys::BuiltinOid::TEXTOID);
+pub const INT8: PgOid = PgOid::BuiltIn(pgrx::pg_sys::BuiltinOid::INT8OID);
+pub const FLOAT8: PgOid = PgOid::BuiltIn(pgrx::pg_sys::BuiltinOid::FLOAT8OID);
+pub const INT8_ARRAY: PgOid = PgOid::BuiltIn(pgrx::pg_sys::BuiltinOid::INT8ARRAYOID);
+pub const INT4_ARRAY: PgOid = PgOid::BuiltIn(pgrx::pg_sys::BuiltinOid::INT4ARRAYOID);
+pub const TEXT_ARRAY: PgOid = PgOid::BuiltIn(pgrx::pg_sys::BuiltinOid::TEXTARRAYOID);
+pub const FLOAT8_ARRAY: PgOid = PgOid::BuiltIn(pgrx::pg_sys::BuiltinOid::FLOAT8ARRAYOID);

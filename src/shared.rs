@@ -1,0 +1,130 @@
+//! State shared between backends and the worker through shared memory, and
+//! the per-transaction hooks that use it: wake the worker when a transaction
+//! that queued deliveries commits (never before, never on rollback), and tell
+//! every backend that subscriptions or campaign goals changed.
+
+use std::cell::Cell;
+use std::sync::atomic::{AtomicBool, AtomicI32, AtomicI64, AtomicU64, AtomicUsize, Ordering};
+
+use pgrx::prelude::*;
+use pgrx::{PgAtomic, pg_shmem_init};
+
+static WORKER_LATCH: PgAtomic<AtomicUsize> = unsafe { PgAtomic::new(c"linkhooks_worker_latch") };
+static WORKER_PID: PgAtomic<AtomicI32> = unsafe { PgAtomic::new(c"linkhooks_worker_pid") };
+static WORKER_IN_FLIGHT: PgAtomic<AtomicI64> = unsafe { PgAtomic::new(c"linkhooks_worker_in_flight") };
+static WORKER_LAST_LOOP_MS: PgAtomic<AtomicI64> = unsafe { PgAtomic::new(c"linkhooks_worker_last_loop") };
+static CONFIG_GENERATION: PgAtomic<AtomicU64> = unsafe { PgAtomic::new(c"linkhooks_config_generation") };
+
+/// Set in the postmaster's `_PG_init` when loaded through shared_preload_libraries;
+/// inherited by every backend it forks.
+static PRELOADED: AtomicBool = AtomicBool::new(false);
+
+pub fn init() {
+    pg_shmem_init!(WORKER_LATCH);
+    pg_shmem_init!(WORKER_PID);
+    pg_shmem_init!(WORKER_IN_FLIGHT);
+    pg_shmem_init!(WORKER_LAST_LOOP_MS);
+    pg_shmem_init!(CONFIG_GENERATION);
+    PRELOADED.store(true, Ordering::Relaxed);
+}
+
+pub fn preloaded() -> bool {
+    PRELOADED.load(Ordering::Relaxed)
+}
+
+/// Generation of subscriptions and campaign goals; 0 when not preloaded.
+pub fn config_generation() -> u64 {
+    if preloaded() { CONFIG_GENERATION.get().load(Ordering::Acquire) } else { 0 }
+}
+
+/// Called by the worker when it starts (Some) and stops (None).
+pub fn set_worker(latch: Option<*mut pg_sys::Latch>, pid: i32) {
+    if !preloaded() {
+        return;
+    }
+    WORKER_LATCH.get().store(latch.map_or(0, |l| l as usize), Ordering::Release);
+    WORKER_PID.get().store(if latch.is_some() { pid } else { 0 }, Ordering::Release);
+}
+
+pub fn record_loop(in_flight: i64, now_ms: i64) {
+    if preloaded() {
+        WORKER_IN_FLIGHT.get().store(in_flight, Ordering::Relaxed);
+        WORKER_LAST_LOOP_MS.get().store(now_ms, Ordering::Relaxed);
+    }
+}
+
+/// (pid, requests in flight, last loop in Unix ms), when a worker runs.
+pub fn worker_snapshot() -> Option<(i32, i64, i64)> {
+    if !preloaded() {
+        return None;
+    }
+    let pid = WORKER_PID.get().load(Ordering::Acquire);
+    (pid != 0).then(|| {
+        (pid, WORKER_IN_FLIGHT.get().load(Ordering::Relaxed), WORKER_LAST_LOOP_MS.get().load(Ordering::Relaxed))
+    })
+}
+
+fn wake_worker() {
+    if !preloaded() {
+        return;
+    }
+    let latch = WORKER_LATCH.get().load(Ordering::Acquire);
+    if latch != 0 {
+        // SAFETY: the latch lives in the worker's PGPROC in shared memory, mapped
+        // at the same address in every backend; SetLatch on another process's
+        // latch is how Postgres itself wakes processes.
+        unsafe { pg_sys::SetLatch(latch as *mut pg_sys::Latch) };
+    }
+}
+
+thread_local! {
+    static HOOK_REGISTERED: Cell<bool> = const { Cell::new(false) };
+    static WAKE_ON_COMMIT: Cell<bool> = const { Cell::new(false) };
+    static CONFIG_CHANGED: Cell<bool> = const { Cell::new(false) };
+}
+
+/// Wake the worker when this transaction commits.
+pub fn wake_on_commit() {
+    register_hook();
+    WAKE_ON_COMMIT.set(true);
+}
+
+/// This transaction changed subscriptions or campaign goals: drop this
+/// backend's cache now (so later rows in the transaction see the change) and
+/// every backend's when it commits.
+pub fn config_changed() {
+    register_hook();
+    CONFIG_CHANGED.set(true);
+    crate::events::invalidate_cache();
+}
+
+fn register_hook() {
+    if !HOOK_REGISTERED.replace(true) {
+        unsafe { pg_sys::RegisterXactCallback(Some(on_xact_event), std::ptr::null_mut()) };
+    }
+}
+
+#[pg_guard]
+unsafe extern "C-unwind" fn on_xact_event(event: pg_sys::XactEvent::Type, _arg: *mut std::ffi::c_void) {
+    use pg_sys::XactEvent::*;
+    match event {
+        XACT_EVENT_COMMIT | XACT_EVENT_PARALLEL_COMMIT => {
+            if WAKE_ON_COMMIT.replace(false) {
+                wake_worker();
+            }
+            if CONFIG_CHANGED.replace(false) {
+                if preloaded() {
+                    CONFIG_GENERATION.get().fetch_add(1, Ordering::AcqRel);
+                }
+                crate::events::invalidate_cache();
+            }
+        }
+        XACT_EVENT_ABORT | XACT_EVENT_PARALLEL_ABORT | XACT_EVENT_PREPARE => {
+            WAKE_ON_COMMIT.set(false);
+            if CONFIG_CHANGED.replace(false) {
+                crate::events::invalidate_cache();
+            }
+        }
+        _ => {}
+    }
+}

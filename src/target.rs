@@ -1,0 +1,220 @@
+//! Where may a URL point? Destination checks for links and SSRF checks for
+//! webhook targets. Pure logic: the same rules run when a row is written and,
+//! for webhook hosts, again on every address DNS returns at connect time.
+
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
+
+use ipnet::{Ipv4Net, Ipv6Net};
+use thiserror::Error;
+use url::{Host, Url};
+
+/// Longest URL we store or call, in bytes.
+pub const MAX_URL_LEN: usize = 2048;
+
+#[derive(Debug, Error, PartialEq, Eq)]
+pub enum UrlError {
+    #[error("must not be empty")]
+    Empty,
+    #[error("must be at most {MAX_URL_LEN} characters (got {0})")]
+    TooLong(usize),
+    #[error("must be an absolute http or https URL ({0})")]
+    Unparsable(String),
+    #[error("must use http or https (got '{0}')")]
+    Scheme(String),
+    #[error("must use https (set linkhooks.require_https = off to allow http)")]
+    HttpsRequired,
+    #[error("must not contain credentials (user:password@)")]
+    Credentials,
+    #[error("must have a host")]
+    NoHost,
+    #[error(
+        "must not point at a private, loopback, link-local or otherwise non-public address ({0}); \
+         set linkhooks.allow_private_targets = on to allow it"
+    )]
+    PrivateTarget(String),
+}
+
+/// Checks a link destination (or expired_url): an absolute http(s) URL
+/// without credentials, at most [`MAX_URL_LEN`] long.
+pub fn check_destination(raw: &str) -> Result<Url, UrlError> {
+    parse_http_url(raw)
+}
+
+/// Checks a webhook target URL when a subscription is written.
+pub fn check_webhook_url(raw: &str, require_https: bool, allow_private: bool) -> Result<Url, UrlError> {
+    let url = parse_http_url(raw)?;
+    if require_https && url.scheme() != "https" {
+        return Err(UrlError::HttpsRequired);
+    }
+    if !allow_private {
+        match url.host() {
+            Some(Host::Ipv4(ip)) => check_public(IpAddr::V4(ip))?,
+            Some(Host::Ipv6(ip)) => check_public(IpAddr::V6(ip))?,
+            Some(Host::Domain(name)) if is_local_hostname(name) => {
+                return Err(UrlError::PrivateTarget(name.to_string()));
+            }
+            Some(Host::Domain(_)) => {}
+            None => return Err(UrlError::NoHost),
+        }
+    }
+    Ok(url)
+}
+
+fn parse_http_url(raw: &str) -> Result<Url, UrlError> {
+    let raw = raw.trim();
+    if raw.is_empty() {
+        return Err(UrlError::Empty);
+    }
+    if raw.len() > MAX_URL_LEN {
+        return Err(UrlError::TooLong(raw.len()));
+    }
+    let url = Url::parse(raw).map_err(|e| UrlError::Unparsable(e.to_string()))?;
+    if url.scheme() != "http" && url.scheme() != "https" {
+        return Err(UrlError::Scheme(url.scheme().to_string()));
+    }
+    if !url.username().is_empty() || url.password().is_some() {
+        return Err(UrlError::Credentials);
+    }
+    if url.host().is_none() {
+        return Err(UrlError::NoHost);
+    }
+    Ok(url)
+}
+
+/// Names that always mean "this machine or this LAN".
+fn is_local_hostname(name: &str) -> bool {
+    let name = name.trim_end_matches('.').to_ascii_lowercase();
+    const SUFFIXES: [&str; 5] = [".localhost", ".local", ".internal", ".home.arpa", ".localdomain"];
+    name == "localhost" || name == "localhost.localdomain" || SUFFIXES.iter().any(|s| name.ends_with(s))
+}
+
+/// Errors unless `ip` is a globally routable unicast address.
+pub fn check_public(ip: IpAddr) -> Result<(), UrlError> {
+    if is_public(ip) { Ok(()) } else { Err(UrlError::PrivateTarget(ip.to_string())) }
+}
+
+/// True for globally routable unicast addresses only.
+pub fn is_public(ip: IpAddr) -> bool {
+    match ip {
+        IpAddr::V4(v4) => is_public_v4(v4),
+        IpAddr::V6(v6) => is_public_v6(v6),
+    }
+}
+
+const BLOCKED_V4: [&str; 15] = [
+    "0.0.0.0/8",          // "this network", unspecified
+    "10.0.0.0/8",         // private
+    "100.64.0.0/10",      // carrier-grade NAT
+    "127.0.0.0/8",        // loopback
+    "169.254.0.0/16",     // link-local (cloud metadata lives here)
+    "172.16.0.0/12",      // private
+    "192.0.0.0/24",       // IETF protocol assignments
+    "192.0.2.0/24",       // documentation
+    "192.88.99.0/24",     // 6to4 relay anycast
+    "192.168.0.0/16",     // private
+    "198.18.0.0/15",      // benchmarking
+    "198.51.100.0/24",    // documentation
+    "203.0.113.0/24",     // documentation
+    "224.0.0.0/4",        // multicast
+    "240.0.0.0/4",        // reserved and broadcast
+];
+
+const BLOCKED_V6: [&str; 9] = [
+    "::/128",        // unspecified
+    "::1/128",       // loopback
+    "100::/64",      // discard
+    "2001::/32",     // Teredo
+    "2001:db8::/32", // documentation
+    "fc00::/7",      // unique local
+    "fe80::/10",     // link-local
+    "fec0::/10",     // site-local (deprecated)
+    "ff00::/8",      // multicast
+];
+
+fn is_public_v4(ip: Ipv4Addr) -> bool {
+    !BLOCKED_V4.iter().any(|net| net.parse::<Ipv4Net>().is_ok_and(|n| n.contains(&ip)))
+}
+
+fn is_public_v6(ip: Ipv6Addr) -> bool {
+    // Addresses that embed an IPv4 address are judged by that address.
+    if let Some(v4) = ip.to_ipv4_mapped() {
+        return is_public_v4(v4);
+    }
+    let seg = ip.segments();
+    let embedded = |hi: u16, lo: u16| Ipv4Addr::new((hi >> 8) as u8, hi as u8, (lo >> 8) as u8, lo as u8);
+    if seg[..6] == [0, 0, 0, 0, 0, 0] {
+        return false; // IPv4-compatible (deprecated) and ::/96
+    }
+    if seg[..6] == [0x64, 0xff9b, 0, 0, 0, 0] {
+        return is_public_v4(embedded(seg[6], seg[7])); // NAT64
+    }
+    if seg[0] == 0x2002 {
+        return is_public_v4(embedded(seg[1], seg[2])); // 6to4
+    }
+    !BLOCKED_V6.iter().any(|net| net.parse::<Ipv6Net>().is_ok_and(|n| n.contains(&ip)))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn destinations() {
+        assert!(check_destination("https://acme.com/sale?x=1#top").is_ok());
+        assert!(check_destination("http://acme.com").is_ok());
+        assert_eq!(check_destination(""), Err(UrlError::Empty));
+        assert!(matches!(check_destination("acme.com/sale"), Err(UrlError::Unparsable(_))));
+        assert_eq!(check_destination("ftp://acme.com/x"), Err(UrlError::Scheme("ftp".into())));
+        assert_eq!(check_destination("javascript:alert(1)"), Err(UrlError::Scheme("javascript".into())));
+        assert_eq!(check_destination("https://bob:pw@acme.com/"), Err(UrlError::Credentials));
+        assert_eq!(check_destination("https://bob@acme.com/"), Err(UrlError::Credentials));
+        let long = format!("https://acme.com/{}", "a".repeat(MAX_URL_LEN));
+        assert!(matches!(check_destination(&long), Err(UrlError::TooLong(_))));
+    }
+
+    #[test]
+    fn webhook_urls() {
+        assert!(check_webhook_url("https://hooks.example.com/in", true, false).is_ok());
+        assert_eq!(check_webhook_url("http://hooks.example.com/in", true, false), Err(UrlError::HttpsRequired));
+        assert!(check_webhook_url("http://hooks.example.com/in", false, false).is_ok());
+        for bad in [
+            "https://localhost/x",
+            "https://LOCALHOST./x",
+            "https://api.localhost/x",
+            "https://printer.local/x",
+            "https://metadata.google.internal/x",
+            "https://127.0.0.1/x",
+            "https://10.1.2.3/x",
+            "https://169.254.169.254/latest/meta-data",
+            "https://[::1]/x",
+            "https://[::ffff:127.0.0.1]/x",
+            "https://[fe80::1]/x",
+            "https://0.0.0.0/x",
+            "https://100.64.0.1/x",
+            "https://224.0.0.1/x",
+        ] {
+            assert!(
+                matches!(check_webhook_url(bad, true, false), Err(UrlError::PrivateTarget(_))),
+                "{bad} should be refused"
+            );
+            assert!(check_webhook_url(bad, true, true).is_ok(), "{bad} allowed when private targets are");
+        }
+    }
+
+    #[test]
+    fn public_and_private_addresses() {
+        let public = ["8.8.8.8", "1.1.1.1", "2606:4700:4700::1111", "::ffff:8.8.8.8", "64:ff9b::808:808"];
+        for ip in public {
+            assert!(is_public(ip.parse().unwrap()), "{ip} is public");
+        }
+        let private = [
+            "127.0.0.1", "127.255.255.254", "10.0.0.1", "172.16.0.1", "172.31.255.255", "192.168.1.1",
+            "169.254.169.254", "100.64.0.1", "0.0.0.0", "255.255.255.255", "239.1.1.1", "::", "::1",
+            "fc00::1", "fd12:3456::1", "fe80::1", "ff02::1", "::ffff:10.0.0.1", "::ffff:169.254.169.254",
+            "64:ff9b::a00:1", "2002:7f00:1::1", "::127.0.0.1", "2001:db8::1",
+        ];
+        for ip in private {
+            assert!(!is_public(ip.parse().unwrap()), "{ip} is not public");
+        }
+    }
+}

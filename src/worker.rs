@@ -1,0 +1,541 @@
+//! The delivery worker: claims due deliveries in short transactions, hands
+//! them to the HTTP pool, and records outcomes in batches. Postgres is
+//! touched only from this main thread. It sleeps on its latch (set by
+//! committing transactions that queued deliveries) and on the pool's wake
+//! socket, so idle it costs nothing and busy it never waits for a batch.
+
+use std::collections::{HashMap, VecDeque};
+use std::panic::AssertUnwindSafe;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::{Duration, Instant};
+
+use pgrx::bgworkers::{BackgroundWorker, BackgroundWorkerBuilder, SignalWakeFlags};
+use pgrx::prelude::*;
+
+use crate::error::{OrReport, Result};
+use crate::events::unix_now;
+use crate::guc;
+use crate::plans::{self, FLOAT8, FLOAT8_ARRAY, INT4_ARRAY, INT8, INT8_ARRAY, TEXT_ARRAY};
+use crate::retry::{self, Schedule, Verdict};
+use crate::sender::{Job, Outcome, Pool};
+use crate::shared;
+use crate::signing::SigningKey;
+
+/// How long a claim holds a row before another claim may take it (only
+/// matters if this worker dies; a restarted worker releases its rows at once).
+const LEASE_SECS: f64 = 600.0;
+/// Longest sleep when nothing is due: the fallback poll.
+const IDLE_POLL: Duration = Duration::from_secs(5);
+
+pub fn register() {
+    BackgroundWorkerBuilder::new("pg_linkhooks delivery worker")
+        .set_type("pg_linkhooks")
+        .set_library("pg_linkhooks")
+        .set_function("linkhooks_worker_main")
+        .enable_spi_access()
+        .set_restart_time(Some(Duration::from_secs(1)))
+        .load();
+}
+
+#[pg_guard]
+#[unsafe(no_mangle)]
+pub extern "C-unwind" fn linkhooks_worker_main(_arg: pg_sys::Datum) {
+    BackgroundWorker::attach_signal_handlers(SignalWakeFlags::SIGHUP | SignalWakeFlags::SIGTERM);
+    let database = guc::string(&guc::DATABASE);
+    BackgroundWorker::connect_worker_to_spi(Some(&database), None);
+    log!("pg_linkhooks worker started for database \"{database}\"");
+
+    let allow_private = Arc::new(AtomicBool::new(guc::ALLOW_PRIVATE_TARGETS.get()));
+    let user_agent = format!("pg_linkhooks/{}", env!("CARGO_PKG_VERSION"));
+    let pool = match Pool::start(Settings::read().concurrency, allow_private.clone(), &user_agent) {
+        Ok(pool) => pool,
+        Err(e) => {
+            warning!("pg_linkhooks worker could not start its HTTP threads: {e}");
+            return;
+        }
+    };
+    // SAFETY: MyLatch and MyProcPid are this process's own, valid while it runs.
+    unsafe { shared::set_worker(Some(pg_sys::MyLatch), pg_sys::MyProcPid) };
+    let mut worker = Worker::new(pool, allow_private, database);
+    worker.run();
+    shared::set_worker(None, 0);
+    log!("pg_linkhooks worker stopped");
+}
+
+/// Settings the worker reads at start and on SIGHUP.
+struct Settings {
+    schedule: Schedule,
+    max_attempts: i32,
+    batch_size: usize,
+    concurrency: usize,
+    default_timeout: Duration,
+    disable_after: i32,
+    maintenance_every: Duration,
+}
+
+impl Settings {
+    fn read() -> Settings {
+        let schedule = Schedule::parse(&guc::string(&guc::RETRY_SCHEDULE)).unwrap_or_else(|e| {
+            warning!("{e}; using the default schedule {}", retry::DEFAULT_SCHEDULE);
+            Schedule::default()
+        });
+        let max_attempts = match guc::MAX_ATTEMPTS.get() {
+            0 => schedule.default_max_attempts(),
+            n => n,
+        };
+        let maintenance_every = retry::parse_duration(&guc::string(&guc::MAINTENANCE_INTERVAL))
+            .filter(|d| !d.is_zero())
+            .unwrap_or(Duration::from_secs(30));
+        Settings {
+            schedule,
+            max_attempts,
+            batch_size: guc::BATCH_SIZE.get().max(1) as usize,
+            concurrency: guc::HTTP_CONCURRENCY.get().max(1) as usize,
+            default_timeout: Duration::from_millis(guc::DEFAULT_TIMEOUT_MS.get().max(1) as u64),
+            disable_after: guc::DISABLE_AFTER_DEAD_LETTERS.get(),
+            maintenance_every,
+        }
+    }
+
+    /// Most requests one subscription may have in flight, so a slow endpoint
+    /// cannot take every thread.
+    fn per_subscription_cap(&self) -> usize {
+        (self.concurrency * 3 / 4).max(1)
+    }
+}
+
+/// A subscription as the worker needs it.
+struct Endpoint {
+    url: Arc<str>,
+    key: SigningKey,
+    previous: Option<(SigningKey, i64)>,
+    hex_secret: Option<Arc<str>>,
+    timeout: Option<Duration>,
+    max_attempts: Option<i32>,
+}
+
+struct Worker {
+    settings: Settings,
+    pool: Pool,
+    allow_private: Arc<AtomicBool>,
+    database: String,
+    endpoints: HashMap<i64, Endpoint>,
+    endpoints_generation: Option<u64>,
+    /// Claimed but not yet sent, per subscription.
+    queued: HashMap<i64, VecDeque<Job>>,
+    in_flight: HashMap<i64, usize>,
+    outcomes: Vec<Outcome>,
+    /// The last claim filled its limit or skipped saturated subscriptions: claim again soon.
+    more_due: bool,
+    next_due: Option<Instant>,
+    next_maintenance: Instant,
+    extension_ready: bool,
+    wait_set: *mut pg_sys::WaitEventSet,
+}
+
+impl Worker {
+    fn new(pool: Pool, allow_private: Arc<AtomicBool>, database: String) -> Worker {
+        // SAFETY: a wait set in TopMemoryContext lives as long as the process; the
+        // descriptors (our latch, the pool's socket) outlive it.
+        let wait_set = unsafe {
+            let set = pg_sys::CreateWaitEventSet(pg_sys::TopMemoryContext, 3);
+            pg_sys::AddWaitEventToSet(set, pg_sys::WL_LATCH_SET as u32, -1, pg_sys::MyLatch, std::ptr::null_mut());
+            pg_sys::AddWaitEventToSet(set, pg_sys::WL_EXIT_ON_PM_DEATH as u32, -1, std::ptr::null_mut(), std::ptr::null_mut());
+            pg_sys::AddWaitEventToSet(set, pg_sys::WL_SOCKET_READABLE as u32, pool.wake_fd(), std::ptr::null_mut(), std::ptr::null_mut());
+            set
+        };
+        Worker {
+            settings: Settings::read(),
+            pool,
+            allow_private,
+            database,
+            endpoints: HashMap::new(),
+            endpoints_generation: None,
+            queued: HashMap::new(),
+            in_flight: HashMap::new(),
+            outcomes: Vec::new(),
+            more_due: true,
+            next_due: None,
+            next_maintenance: Instant::now(),
+            extension_ready: false,
+            wait_set,
+        }
+    }
+
+    fn run(&mut self) {
+        let mut woken = true;
+        let mut released = false;
+        loop {
+            if BackgroundWorker::sigterm_received() {
+                self.shutdown();
+                return;
+            }
+            if BackgroundWorker::sighup_received() {
+                unsafe { pg_sys::ProcessConfigFile(pg_sys::GucContext::PGC_SIGHUP) };
+                if guc::string(&guc::DATABASE) != self.database {
+                    log!("pg_linkhooks: linkhooks.database changed; restarting the worker");
+                    self.shutdown();
+                    unsafe { pg_sys::proc_exit(1) };
+                }
+                self.settings = Settings::read();
+                self.allow_private.store(guc::ALLOW_PRIVATE_TARGETS.get(), Ordering::Relaxed);
+                self.pool.resize(self.settings.concurrency);
+                woken = true;
+            }
+            let arrived = self.pool.drain();
+            let got_outcomes = !arrived.is_empty();
+            for outcome in arrived {
+                self.finish(outcome);
+            }
+            let now = Instant::now();
+            let timer_due = self.next_due.is_none_or(|t| t <= now);
+            let want_claim = woken || timer_due || (self.more_due && got_outcomes);
+            let maintenance_due = now >= self.next_maintenance;
+            if want_claim || !self.outcomes.is_empty() || maintenance_due {
+                // An error aborts the transaction (so no claim is half-done) and
+                // restarts the worker, which then releases the rows it held.
+                let jobs = BackgroundWorker::transaction(AssertUnwindSafe(|| {
+                    self.tick(want_claim, maintenance_due, &mut released).or_report()
+                }));
+                self.enqueue(jobs);
+                if maintenance_due {
+                    self.next_maintenance = Instant::now() + self.settings.maintenance_every;
+                }
+            }
+            self.dispatch();
+            let in_flight: usize = self.in_flight.values().sum();
+            shared::record_loop(in_flight as i64, (unix_now() * 1000).max(0));
+            woken = self.wait(in_flight);
+        }
+    }
+
+    /// One short transaction: record outcomes, claim due rows, maybe maintain.
+    fn tick(&mut self, claim: bool, maintain: bool, released: &mut bool) -> Result<Vec<Job>> {
+        if !self.extension_ready {
+            self.extension_ready =
+                Spi::get_one::<bool>("SELECT to_regclass('linkhooks.deliveries') IS NOT NULL")?.unwrap_or(false);
+            if !self.extension_ready {
+                self.next_due = Some(Instant::now() + IDLE_POLL);
+                return Ok(Vec::new());
+            }
+        }
+        if !*released {
+            // Rows a previous worker claimed but never finished are due now.
+            Spi::run("SET synchronous_commit = off")?; // safe: a lost worker commit only means a resend
+            Spi::run("UPDATE linkhooks.deliveries SET next_attempt_at = now() WHERE status = 'delivering'")?;
+            *released = true;
+        }
+        self.refresh_endpoints()?;
+        self.record_outcomes()?;
+        let jobs = if claim { self.claim()? } else { Vec::new() };
+        if maintain {
+            Spi::run("SELECT linkhooks.run_maintenance()")?;
+        }
+        Ok(jobs)
+    }
+
+    fn refresh_endpoints(&mut self) -> Result<()> {
+        let generation = shared::config_generation();
+        if self.endpoints_generation == Some(generation) {
+            return Ok(());
+        }
+        let mut endpoints = HashMap::new();
+        Spi::connect(|client| -> Result<()> {
+            let rows = client.select(
+                "SELECT id, url, secret, previous_secret, extract(epoch FROM previous_secret_expires_at)::bigint,
+                        signature_scheme, timeout_ms, max_attempts
+                 FROM linkhooks.subscriptions WHERE enabled",
+                None,
+                &[],
+            )?;
+            for row in rows {
+                let secret: String = row.get(3)?.unwrap_or_default();
+                let Ok(key) = SigningKey::parse(&secret) else { continue };
+                let previous = match (row.get::<String>(4)?, row.get::<i64>(5)?) {
+                    (Some(s), Some(until)) => SigningKey::parse(&s).ok().map(|k| (k, until)),
+                    _ => None,
+                };
+                let hex = row.get::<String>(6)?.as_deref() == Some("hex");
+                endpoints.insert(
+                    row.get::<i64>(1)?.unwrap_or_default(),
+                    Endpoint {
+                        url: row.get::<String>(2)?.unwrap_or_default().into(),
+                        hex_secret: hex.then(|| secret.clone().into()),
+                        key,
+                        previous,
+                        timeout: row.get::<i32>(7)?.map(|ms| Duration::from_millis(ms.max(1) as u64)),
+                        max_attempts: row.get(8)?,
+                    },
+                );
+            }
+            Ok(())
+        })?;
+        self.endpoints = endpoints;
+        self.endpoints_generation = Some(generation);
+        Ok(())
+    }
+
+    fn claim(&mut self) -> Result<Vec<Job>> {
+        let outstanding: usize = self.in_flight.values().sum::<usize>() + self.queued.values().map(VecDeque::len).sum::<usize>();
+        let room = (self.settings.concurrency * 2).saturating_sub(outstanding).min(self.settings.batch_size);
+        let cap = self.settings.per_subscription_cap();
+        let saturated: Vec<i64> = self
+            .in_flight
+            .keys()
+            .chain(self.queued.keys())
+            .copied()
+            .filter(|sub| self.outstanding(*sub) >= cap * 2)
+            .collect();
+        if room == 0 {
+            self.more_due = true;
+            return Ok(Vec::new());
+        }
+        let now = unix_now();
+        let mut jobs = Vec::new();
+        Spi::connect_mut(|client| -> Result<()> {
+            let rows = plans::execute(
+                client,
+                "WITH due AS (
+                    SELECT d.id FROM linkhooks.deliveries d
+                     WHERE d.status IN ('pending', 'delivering') AND d.next_attempt_at <= now()
+                       AND d.subscription_id <> ALL ($2)
+                       AND EXISTS (SELECT 1 FROM linkhooks.subscriptions s WHERE s.id = d.subscription_id AND s.enabled)
+                     ORDER BY d.next_attempt_at
+                     LIMIT $1
+                       FOR UPDATE OF d SKIP LOCKED)
+                 UPDATE linkhooks.deliveries d
+                    SET status = 'delivering', attempts = d.attempts + 1,
+                        next_attempt_at = now() + make_interval(secs => $3)
+                   FROM due WHERE d.id = due.id
+               RETURNING d.id, d.subscription_id, d.event_id::text, d.body, d.attempts",
+                &[INT8, INT8_ARRAY, FLOAT8],
+                &[(room as i64).into(), saturated.clone().into(), LEASE_SECS.into()],
+            )?;
+            for row in rows {
+                let subscription_id: i64 = row.get(2)?.unwrap_or_default();
+                let Some(endpoint) = self.endpoints.get(&subscription_id) else { continue };
+                let mut keys = vec![endpoint.key.clone()];
+                if let Some((prev, until)) = &endpoint.previous
+                    && now < *until
+                {
+                    keys.push(prev.clone());
+                }
+                jobs.push(Job {
+                    delivery_id: row.get(1)?.unwrap_or_default(),
+                    subscription_id,
+                    attempt: row.get(5)?.unwrap_or(1),
+                    url: endpoint.url.clone(),
+                    event_id: row.get(3)?.unwrap_or_default(),
+                    body: row.get(4)?.unwrap_or_default(),
+                    keys,
+                    hex_secret: endpoint.hex_secret.clone(),
+                    timeout: endpoint.timeout.unwrap_or(self.settings.default_timeout),
+                });
+            }
+            Ok(())
+        })?;
+        self.more_due = jobs.len() >= room || !saturated.is_empty();
+        self.next_due = if self.more_due { None } else { self.next_due_time()? };
+        Ok(jobs)
+    }
+
+    /// When the earliest pending retry comes due (None = nothing pending).
+    fn next_due_time(&self) -> Result<Option<Instant>> {
+        let ms = Spi::get_one::<f64>(
+            "SELECT (extract(epoch FROM min(d.next_attempt_at) - now()) * 1000)::float8 FROM linkhooks.deliveries d
+              WHERE d.status IN ('pending', 'delivering')
+                AND EXISTS (SELECT 1 FROM linkhooks.subscriptions s WHERE s.id = d.subscription_id AND s.enabled)",
+        )?;
+        Ok(ms.map(|ms| Instant::now() + Duration::from_millis(ms.clamp(1.0, IDLE_POLL.as_millis() as f64) as u64)))
+    }
+
+    fn outstanding(&self, sub: i64) -> usize {
+        self.in_flight.get(&sub).copied().unwrap_or(0) + self.queued.get(&sub).map_or(0, VecDeque::len)
+    }
+
+    fn enqueue(&mut self, jobs: Vec<Job>) {
+        for job in jobs {
+            self.queued.entry(job.subscription_id).or_default().push_back(job);
+        }
+    }
+
+    /// Sends queued jobs while their subscription is under its cap.
+    fn dispatch(&mut self) {
+        let cap = self.settings.per_subscription_cap();
+        for (sub, queue) in self.queued.iter_mut() {
+            let flying = self.in_flight.entry(*sub).or_insert(0);
+            while *flying < cap {
+                let Some(job) = queue.pop_front() else { break };
+                *flying += 1;
+                self.pool.submit(job);
+            }
+        }
+        self.queued.retain(|_, q| !q.is_empty());
+    }
+
+    fn finish(&mut self, outcome: Outcome) {
+        if let Some(n) = self.in_flight.get_mut(&outcome.subscription_id) {
+            *n = n.saturating_sub(1);
+            if *n == 0 {
+                self.in_flight.remove(&outcome.subscription_id);
+            }
+        }
+        self.outcomes.push(outcome);
+    }
+
+    /// Writes every finished attempt: delivery status, attempt log, dead letters, subscription health.
+    fn record_outcomes(&mut self) -> Result<()> {
+        if self.outcomes.is_empty() {
+            return Ok(());
+        }
+        let outcomes = std::mem::take(&mut self.outcomes);
+        let n = outcomes.len();
+        let (mut ids, mut statuses, mut delays, mut codes, mut errors, mut finished) =
+            (Vec::with_capacity(n), Vec::with_capacity(n), Vec::with_capacity(n), Vec::with_capacity(n), Vec::with_capacity(n), Vec::with_capacity(n));
+        let mut dead: HashMap<i64, i64> = HashMap::new();
+        let mut delivered_subs = Vec::new();
+        let mut gone_subs = Vec::new();
+        for o in &outcomes {
+            let max_attempts = self.endpoints.get(&o.subscription_id).and_then(|e| e.max_attempts).unwrap_or(self.settings.max_attempts);
+            let verdict = retry::judge(o.status, o.retry_after, o.attempt, max_attempts, &self.settings.schedule, rand::random::<f64>());
+            let (status, delay) = match verdict {
+                Verdict::Delivered => {
+                    delivered_subs.push(o.subscription_id);
+                    ("delivered", None)
+                }
+                Verdict::Retry(d) => ("pending", Some(d.as_secs_f64() * 1000.0)),
+                Verdict::Dead => {
+                    *dead.entry(o.subscription_id).or_default() += 1;
+                    ("dead", None)
+                }
+                Verdict::Gone => {
+                    gone_subs.push(o.subscription_id);
+                    *dead.entry(o.subscription_id).or_default() += 1;
+                    ("dead", None)
+                }
+            };
+            ids.push(o.delivery_id);
+            statuses.push(status);
+            delays.push(delay);
+            codes.push(o.status.map(i32::from));
+            errors.push(o.error.clone());
+            finished.push((o.started_unix_micros as f64 + o.duration_ms * 1000.0) / 1e6);
+        }
+        let dead_ids: Vec<i64> = ids.iter().zip(&statuses).filter(|(_, s)| **s == "dead").map(|(id, _)| *id).collect();
+        let attempt_numbers: Vec<i32> = outcomes.iter().map(|o| o.attempt).collect();
+        let started: Vec<f64> = outcomes.iter().map(|o| o.started_unix_micros as f64 / 1e6).collect();
+        let durations: Vec<f64> = outcomes.iter().map(|o| o.duration_ms).collect();
+        let excerpts: Vec<Option<String>> = outcomes.iter().map(|o| o.excerpt.clone()).collect();
+
+        Spi::connect_mut(|client| -> Result<()> {
+            plans::execute(
+                client,
+                "UPDATE linkhooks.deliveries d
+                    SET status = u.status,
+                        next_attempt_at = CASE WHEN u.status = 'pending'
+                                               THEN now() + u.delay_ms * interval '1 millisecond'
+                                               ELSE d.next_attempt_at END,
+                        delivered_at = CASE WHEN u.status = 'delivered' THEN to_timestamp(u.finished) END,
+                        last_status_code = u.code,
+                        last_error = u.error
+                   FROM unnest($1::bigint[], $2::text[], $3::float8[], $4::int[], $5::text[], $6::float8[])
+                        AS u(id, status, delay_ms, code, error, finished)
+                  WHERE d.id = u.id",
+                &[INT8_ARRAY, TEXT_ARRAY, FLOAT8_ARRAY, INT4_ARRAY, TEXT_ARRAY, FLOAT8_ARRAY],
+                &[ids.clone().into(), statuses.into(), delays.into(), codes.clone().into(), errors.clone().into(), finished.into()],
+            )?;
+            plans::execute(
+                client,
+                "INSERT INTO linkhooks.delivery_attempts
+                        (delivery_id, attempt, started_at, duration_ms, status_code, error, response_excerpt)
+                 SELECT id, n, to_timestamp(s), ms, code, err, ex
+                   FROM unnest($1::bigint[], $2::int[], $3::float8[], $4::float8[], $5::int[], $6::text[], $7::text[])
+                        AS u(id, n, s, ms, code, err, ex)",
+                &[INT8_ARRAY, INT4_ARRAY, FLOAT8_ARRAY, FLOAT8_ARRAY, INT4_ARRAY, TEXT_ARRAY, TEXT_ARRAY],
+                &[ids.into(), attempt_numbers.into(), started.into(), durations.into(), codes.into(), errors.into(), excerpts.into()],
+            )?;
+            if !dead_ids.is_empty() {
+                plans::execute(
+                    client,
+                    "INSERT INTO linkhooks.dead_letters
+                            (delivery_id, event_id, subscription_id, event_type, attempts, last_status_code, last_error)
+                     SELECT id, event_id, subscription_id, event_type, attempts, last_status_code, last_error
+                       FROM linkhooks.deliveries WHERE id = ANY ($1)
+                     ON CONFLICT (delivery_id) DO NOTHING",
+                    &[INT8_ARRAY],
+                    &[dead_ids.into()],
+                )?;
+            }
+            Ok(())
+        })?;
+        self.update_health(&delivered_subs, &dead, &gone_subs)
+    }
+
+    fn update_health(&self, delivered: &[i64], dead: &HashMap<i64, i64>, gone: &[i64]) -> Result<()> {
+        if !delivered.is_empty() {
+            Spi::run_with_args(
+                "UPDATE linkhooks.subscriptions SET consecutive_dead_letters = 0
+                  WHERE id = ANY ($1) AND consecutive_dead_letters <> 0",
+                &[delivered.to_vec().into()],
+            )?;
+        }
+        for (sub, n) in dead {
+            Spi::run_with_args(
+                "UPDATE linkhooks.subscriptions
+                    SET consecutive_dead_letters = consecutive_dead_letters + $2,
+                        enabled = enabled AND NOT ($3 > 0 AND consecutive_dead_letters + $2 >= $3),
+                        disabled_reason = CASE WHEN enabled AND $3 > 0 AND consecutive_dead_letters + $2 >= $3
+                                               THEN format('disabled after %s dead letters in a row', consecutive_dead_letters + $2)
+                                               ELSE disabled_reason END
+                  WHERE id = $1",
+                &[(*sub).into(), (*n as i32).into(), self.settings.disable_after.into()],
+            )?;
+        }
+        for sub in gone {
+            Spi::run_with_args(
+                "UPDATE linkhooks.subscriptions
+                    SET enabled = false,
+                        disabled_reason = format('endpoint answered 410 Gone at %s', now())
+                  WHERE id = $1 AND enabled",
+                &[(*sub).into()],
+            )?;
+        }
+        Ok(())
+    }
+
+    /// Sleeps until the latch is set (new work committed, signal), an outcome
+    /// arrives, or the next retry is due. Returns whether the latch woke us.
+    fn wait(&self, in_flight: usize) -> bool {
+        let timeout = if self.more_due && in_flight < self.settings.concurrency {
+            Duration::ZERO
+        } else {
+            let until_due = self.next_due.map_or(IDLE_POLL, |t| t.saturating_duration_since(Instant::now()));
+            until_due.min(self.next_maintenance.saturating_duration_since(Instant::now())).min(IDLE_POLL)
+        };
+        let mut event = pg_sys::WaitEvent::default();
+        // SAFETY: the wait set was built in `new` and lives for the process.
+        let latch_set = unsafe {
+            let n = pg_sys::WaitEventSetWait(self.wait_set, timeout.as_millis() as i64, &mut event, 1, pg_sys::PG_WAIT_EXTENSION);
+            pg_sys::ResetLatch(pg_sys::MyLatch);
+            n > 0 && event.events & pg_sys::WL_LATCH_SET as u32 != 0
+        };
+        pgrx::check_for_interrupts!();
+        latch_set
+    }
+
+    /// Stops promptly: waits briefly for requests in flight and records them.
+    fn shutdown(&mut self) {
+        let deadline = Instant::now() + Duration::from_secs(2);
+        let mut in_flight: usize = self.in_flight.values().sum();
+        while in_flight > 0 && Instant::now() < deadline {
+            if let Some(outcome) = self.pool.wait_one(deadline.saturating_duration_since(Instant::now())) {
+                self.finish(outcome);
+                in_flight -= 1;
+            }
+        }
+        if !self.outcomes.is_empty() && self.extension_ready {
+            BackgroundWorker::transaction(AssertUnwindSafe(|| self.record_outcomes().or_report()));
+        }
+    }
+}
