@@ -240,3 +240,38 @@ fn worker_status() -> pgrx::JsonB {
     };
     pgrx::JsonB(status)
 }
+
+#[cfg(any(test, feature = "pg_test"))]
+#[pg_schema]
+mod tests {
+    use pgrx::prelude::*;
+
+    #[pg_test]
+    fn resolve_and_record_click() {
+        Spi::run("INSERT INTO linkhooks.links (slug, destination, utm) VALUES ('t', 'https://acme.com/p', '{\"source\":\"x\"}')")
+            .unwrap();
+        let url = Spi::get_one::<String>("SELECT linkhooks.record_click('t', user_agent => 'Mozilla/5.0 (X11; Linux x86_64; rv:121.0) Gecko/20100101 Firefox/121.0')");
+        assert_eq!(url, Ok(Some("https://acme.com/p?utm_source=x".to_string())));
+        let device = Spi::get_one::<String>("SELECT device FROM linkhooks.clicks");
+        assert_eq!(device, Ok(Some("desktop".to_string())));
+        assert_eq!(Spi::get_one::<String>("SELECT linkhooks.resolve('missing')"), Ok(None));
+    }
+
+    #[pg_test(error = "invalid slug: may contain only A-Z, a-z, 0-9, '-' and '_'")]
+    fn bad_slug_is_refused() {
+        Spi::run("INSERT INTO linkhooks.links (slug, destination) VALUES ('a b', 'https://acme.com/')").unwrap();
+    }
+
+    #[pg_test(error = "invalid max_clicks: must be greater than 0 (got 0)")]
+    fn zero_max_clicks_is_refused() {
+        Spi::run("INSERT INTO linkhooks.links (slug, destination, max_clicks) VALUES ('z', 'https://acme.com/', 0)").unwrap();
+    }
+
+    #[pg_test]
+    fn sign_matches_the_specification_vector() {
+        let sig = Spi::get_one::<String>(
+            "SELECT linkhooks.sign('whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw', 'msg_p5jXN8AQM9LWM0D4loKWxJek', 1614265330, '{\"test\": 2432232314}')",
+        );
+        assert_eq!(sig, Ok(Some("v1,g0hM9SsE+OTPJTGt/tmIKtSyZlE3uFJELVlNIOLJ1OE=".to_string())));
+    }
+}

@@ -1,0 +1,61 @@
+import psycopg
+import pytest
+from psycopg.types.json import Jsonb
+
+from harness import Cluster, Receiver
+
+# Fast retries and loopback targets for tests; everything else at its default.
+SETTINGS = {
+    "linkhooks.allow_private_targets": "on",
+    "linkhooks.require_https": "off",
+    "linkhooks.retry_schedule": "'150ms,300ms'",
+    "linkhooks.max_attempts": "3",
+    "linkhooks.default_timeout_ms": "2000",
+    "linkhooks.base_url": "'https://go.acme.co'",
+    "linkhooks.maintenance_interval": "'1s'",
+}
+
+TABLES = ["links", "clicks", "conversions", "campaigns", "subscriptions", "deliveries", "delivery_attempts", "dead_letters"]
+
+
+@pytest.fixture(scope="session")
+def cluster():
+    c = Cluster(SETTINGS)
+    c.start()
+    with c.connect() as conn:
+        conn.execute("CREATE EXTENSION pg_linkhooks")
+    yield c
+    c.destroy()
+
+
+@pytest.fixture
+def db(cluster):
+    """A connection to a clean schema."""
+    with cluster.connect() as conn:
+        for attempt in range(5):  # the worker may hold locks in the other order; the detector picks one of us
+            try:
+                conn.execute("TRUNCATE " + ", ".join(f"linkhooks.{t}" for t in TABLES) + " RESTART IDENTITY")
+                break
+            except psycopg.errors.DeadlockDetected:
+                if attempt == 4:
+                    raise
+        yield conn
+
+
+@pytest.fixture
+def receiver():
+    r = Receiver()
+    yield r
+    r.close()
+
+
+def subscribe(db, receiver, path, **cols):
+    """Creates a subscription pointed at the receiver; returns (id, secret)."""
+    cols = {"name": path.strip("/"), "url": receiver.url(path), **cols}
+    cols = {k: Jsonb(v) if isinstance(v, dict) else v for k, v in cols.items()}
+    names = ", ".join(cols)
+    marks = ", ".join(["%s"] * len(cols))
+    row = db.execute(f"INSERT INTO linkhooks.subscriptions ({names}) VALUES ({marks}) RETURNING id, secret",
+                     list(cols.values())).fetchone()
+    receiver.expect(path, [row[1]], hex_secret=row[1] if cols.get("signature_scheme") == "hex" else None)
+    return row

@@ -1,0 +1,171 @@
+"""Reusable pieces for system tests: a real PostgreSQL 15 cluster with
+pg_linkhooks preloaded, and a real HTTP receiver on 127.0.0.1 that verifies
+every webhook signature with the independent `standardwebhooks` library."""
+
+import hashlib
+import hmac
+import json
+import os
+import shutil
+import socket
+import subprocess
+import tempfile
+import threading
+import time
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+import psycopg
+from standardwebhooks.webhooks import Webhook
+
+BIN = "/usr/lib/postgresql/15/bin"
+
+
+def free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wait_for(predicate, timeout=20.0, interval=0.02, message="condition"):
+    """Polls `predicate` until it returns a truthy value or the deadline passes."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = predicate()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout}s waiting for {message}")
+        time.sleep(interval)
+
+
+class Cluster:
+    """A throwaway cluster owned by the postgres user."""
+
+    def __init__(self, settings):
+        self.dir = tempfile.mkdtemp(prefix="linkhooks-")
+        shutil.chown(self.dir, "postgres", "postgres")
+        self.port = free_port()
+        self._pg("initdb", "-D", self.dir, "-A", "trust", "-U", "postgres")
+        conf = {
+            "listen_addresses": "'127.0.0.1'",
+            "port": self.port,
+            "unix_socket_directories": f"'{self.dir}'",
+            "shared_preload_libraries": "'pg_linkhooks'",
+            "linkhooks.database": "'postgres'",
+            **settings,
+        }
+        with open(os.path.join(self.dir, "postgresql.conf"), "a") as f:
+            for k, v in conf.items():
+                f.write(f"{k} = {v}\n")
+
+    def _pg(self, tool, *args):
+        subprocess.run(["runuser", "-u", "postgres", "--", f"{BIN}/{tool}", *args], check=True,
+                       stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+
+    def start(self):
+        self._pg("pg_ctl", "-D", self.dir, "-l", os.path.join(self.dir, "server.log"), "-w", "start")
+
+    def stop(self, mode="fast"):
+        self._pg("pg_ctl", "-D", self.dir, "-m", mode, "-w", "stop")
+
+    def restart(self):
+        self.stop()
+        self.start()
+
+    def connect(self, **kw):
+        return psycopg.connect(host="127.0.0.1", port=self.port, user="postgres", dbname="postgres",
+                               autocommit=True, **kw)
+
+    def set(self, name, value):
+        """ALTER SYSTEM + reload: what a DBA does; the worker picks it up on SIGHUP."""
+        with self.connect() as c:
+            c.execute(f"ALTER SYSTEM SET {name} = '{value}'")
+            c.execute("SELECT pg_reload_conf()")
+
+    def log(self):
+        with open(os.path.join(self.dir, "server.log")) as f:
+            return f.read()
+
+    def destroy(self):
+        try:
+            self.stop("immediate")
+        except subprocess.CalledProcessError:
+            pass
+        shutil.rmtree(self.dir, ignore_errors=True)
+
+
+class Receiver:
+    """HTTP receiver on 127.0.0.1. Each path has secrets to verify with and a
+    script of responses (status, headers, delay seconds); after the script it answers 200."""
+
+    def __init__(self, port=0):
+        self.lock = threading.Lock()
+        self.paths = {}
+        self.requests = []
+        receiver = self
+
+        class Handler(BaseHTTPRequestHandler):
+            protocol_version = "HTTP/1.1"
+
+            def log_message(self, *args):
+                pass
+
+            def do_POST(self):
+                body = self.rfile.read(int(self.headers.get("content-length", 0))).decode()
+                receiver._record(self.path, dict(self.headers), body)
+                status, headers, delay = receiver._next_response(self.path)
+                if delay:
+                    time.sleep(delay)
+                payload = b"ok"
+                self.send_response(status)
+                for k, v in headers.items():
+                    self.send_header(k, v)
+                self.send_header("content-length", str(len(payload)))
+                self.end_headers()
+                self.wfile.write(payload)
+
+        class Server(ThreadingHTTPServer):
+            def handle_error(self, request, client_address):
+                pass  # clients that vanish mid-request (a crashed worker) are expected
+
+        self.server = Server(("127.0.0.1", port), Handler)
+        self.server.daemon_threads = True
+        self.port = self.server.server_address[1]
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+
+    def url(self, path):
+        return f"http://127.0.0.1:{self.port}{path}"
+
+    def expect(self, path, secrets, script=(), hex_secret=None):
+        with self.lock:
+            self.paths[path] = {"secrets": list(secrets), "script": list(script), "hex": hex_secret}
+
+    def _next_response(self, path):
+        with self.lock:
+            script = self.paths.get(path, {}).get("script", [])
+            return script.pop(0) if script else (200, {}, 0)
+
+    def _record(self, path, headers, body):
+        headers = {k.lower(): v for k, v in headers.items()}
+        conf = self.paths.get(path, {})
+        verified_with = []
+        for secret in conf.get("secrets", []):
+            try:
+                Webhook(secret).verify(body, headers)
+                verified_with.append(secret)
+            except Exception:
+                pass
+        hex_ok = None
+        if conf.get("hex"):
+            want = hmac.new(conf["hex"].encode(), body.encode(), hashlib.sha256).hexdigest()
+            hex_ok = hmac.compare_digest(want, headers.get("x-webhook-signature", ""))
+        with self.lock:
+            self.requests.append({"path": path, "headers": headers, "body": body, "json": json.loads(body),
+                                  "verified_with": verified_with, "hex_ok": hex_ok, "at": time.time()})
+
+    def received(self, path=None):
+        with self.lock:
+            return [r for r in self.requests if path is None or r["path"] == path]
+
+    def close(self):
+        self.server.shutdown()

@@ -1,0 +1,242 @@
+"""Triggers turn link activity into signed deliveries in the same transaction (issue 3)."""
+
+import json
+import threading
+
+import psycopg
+import pytest
+from standardwebhooks.webhooks import Webhook
+
+from conftest import subscribe
+from test_links import IPHONE, link
+
+
+def queued(db, event_type=None):
+    rows = db.execute("SELECT event_type, body, signed_at, signature, event_id::text, subscription_id "
+                      "FROM linkhooks.deliveries ORDER BY id").fetchall()
+    return [r for r in rows if event_type is None or r[0] == event_type]
+
+
+CLOSED = "http://127.0.0.1:9/closed"  # nothing listens: rows stay queued for inspection
+
+
+@pytest.fixture
+def sub(db, receiver):
+    return subscribe(db, receiver, "/events", url=CLOSED)
+
+
+def test_click_payload_matches_the_contract_and_verifies(db, sub):
+    _, secret = sub
+    link(db, "sale", "https://acme.com/winter-sale", campaign="winter-sale-2026", tags=["social"])
+    db.execute("SELECT linkhooks.record_click('sale', '203.0.113.42', %s, 'https://instagram.com', 'US', 'San Francisco', "
+               "landing_url => 'https://acme.com/?utm_source=instagram&utm_medium=social&utm_campaign=winter-sale&utm_content=story')",
+               [IPHONE])
+    [(kind, body, signed_at, signature, event_id, _)] = queued(db, "link.clicked")
+    assert kind == "link.clicked"
+    event = json.loads(body)
+    assert list(event) == ["id", "type", "timestamp", "data"]
+    assert event["id"] == event_id and event["type"] == "link.clicked"
+    assert event["data"]["link"] == {"id": 1, "domain": "", "slug": "sale", "short_url": "https://go.acme.co/sale",
+                                     "destination": "https://acme.com/winter-sale", "campaign": "winter-sale-2026",
+                                     "tags": ["social"]}
+    click = event["data"]["click"]
+    assert click["ip_address"] == "203.0.113.0"
+    assert (click["device"], click["browser"], click["os"], click["bot"], click["source"]) == ("mobile", "Safari", "iOS", False, "link")
+    assert (click["country"], click["city"], click["referer"]) == ("US", "San Francisco", "https://instagram.com")
+    assert event["data"]["utm"] == {"source": "instagram", "medium": "social", "campaign": "winter-sale", "content": "story"}
+    # the stored signature is a Standard Webhooks signature over the exact body
+    Webhook(secret).verify(body, {"webhook-id": event_id, "webhook-timestamp": str(signed_at), "webhook-signature": signature})
+
+
+def test_qr_scan_is_one_event(db, sub):
+    link(db, "qr")
+    db.execute("SELECT linkhooks.record_click('qr', user_agent => %s, source => 'qr')", [IPHONE])
+    assert [r[0] for r in queued(db) if r[0] != "link.created"] == ["qr.scanned"]
+
+
+def test_link_lifecycle_events(db, sub):
+    link_id = link(db, "life", campaign="c1")
+    db.execute("UPDATE linkhooks.links SET destination = 'https://acme.com/new' WHERE id = %s", [link_id])
+    db.execute("UPDATE linkhooks.links SET destination = destination WHERE id = %s", [link_id])  # no change, no event
+    db.execute("DELETE FROM linkhooks.links WHERE id = %s", [link_id])
+    events = [(r[0], json.loads(r[1])["data"]) for r in queued(db)]
+    assert [e[0] for e in events] == ["link.created", "link.updated", "link.deleted"]
+    assert events[1][1]["changed"] == ["destination"]
+    assert all(e[1]["link"]["slug"] == "life" and e[1]["link"]["campaign"] == "c1" for e in events)
+
+
+def test_conversion_event(db, sub):
+    link_id = link(db, "buy")
+    click_id = db.execute("INSERT INTO linkhooks.clicks (link_id, user_agent) VALUES (%s, %s) RETURNING id", [link_id, IPHONE]).fetchone()[0]
+    db.execute("INSERT INTO linkhooks.conversions (click_id, name, amount, currency) VALUES (%s, 'purchase', 49.90, 'USD')", [click_id])
+    [(_, body, *_)] = queued(db, "link.converted")
+    data = json.loads(body)["data"]
+    assert data["link"]["id"] == link_id
+    assert data["conversion"]["amount"] == 49.90 and '"amount":49.90' in body
+    assert data["conversion"]["click_id"] == click_id
+    for bad, message in [("(NULL, 'x', 1, 'USD')", "a conversion needs link_id or click_id"),
+                         ("(999, 'x', 1, 'USD')", "invalid link_id: link 999 does not exist"),
+                         (f"({link_id}, '', 1, 'USD')", "invalid name"),
+                         (f"({link_id}, 'x', 1, 'dollars')", "invalid currency")]:
+        with pytest.raises(psycopg.Error, match=message):
+            db.execute(f"INSERT INTO linkhooks.conversions (link_id, name, amount, currency) VALUES {bad}")
+
+
+def test_rolled_back_work_queues_nothing(cluster, db, sub):
+    link(db, "rb")
+    with cluster.connect() as c:
+        c.autocommit = False
+        c.execute("SELECT linkhooks.record_click('rb', user_agent => %s)", [IPHONE])
+        c.execute("INSERT INTO linkhooks.links (slug, destination) VALUES ('rb2', 'https://acme.com/')")
+        c.rollback()
+    assert [r[0] for r in queued(db)] == ["link.created"]
+
+
+def test_link_expired_fires_exactly_once_under_concurrent_clicks(cluster, db, sub):
+    link(db, "last", max_clicks=10)
+
+    def clicker():
+        with cluster.connect() as c:
+            for _ in range(5):
+                c.execute("SELECT linkhooks.record_click('last', user_agent => %s)", [IPHONE])
+
+    threads = [threading.Thread(target=clicker) for _ in range(6)]
+    [t.start() for t in threads]
+    [t.join() for t in threads]
+    assert len(queued(db, "link.expired")) == 1
+    assert json.loads(queued(db, "link.expired")[0][1])["data"]["reason"] == "max_clicks"
+    assert len(queued(db, "link.clicked")) == 10
+
+
+def test_time_expiry_and_campaign_end_are_found_by_maintenance(db, sub):
+    link_id = link(db, "old")
+    db.execute("INSERT INTO linkhooks.campaigns (name, ends_at) VALUES ('spring', now() - interval '1 minute')")
+    db.execute("UPDATE linkhooks.links SET expires_at = now() - interval '1 second' WHERE id = %s", [link_id])
+    first = db.execute("SELECT linkhooks.run_maintenance()").fetchone()[0]
+    second = db.execute("SELECT linkhooks.run_maintenance()").fetchone()[0]
+    assert first["links_expired"] == 1 and first["campaigns_completed"] == 1
+    assert second["links_expired"] == 0 and second["campaigns_completed"] == 0
+    assert json.loads(queued(db, "link.expired")[0][1])["data"]["reason"] == "expires_at"
+    assert json.loads(queued(db, "campaign.completed")[0][1])["data"]["campaign"]["reason"] == "ends_at"
+
+
+def test_campaign_goal_completes_once_under_concurrency(cluster, db, sub):
+    db.execute("INSERT INTO linkhooks.campaigns (name, click_goal) VALUES ('launch', 20)")
+    link(db, "l1", campaign="launch")
+    link(db, "l2", campaign="launch")
+
+    def clicker(slug):
+        with cluster.connect() as c:
+            for _ in range(10):
+                c.execute("SELECT linkhooks.record_click(%s, user_agent => %s)", [slug, IPHONE])
+
+    threads = [threading.Thread(target=clicker, args=(s,)) for s in ["l1", "l2"] * 2]
+    [t.start() for t in threads]
+    [t.join() for t in threads]
+    done = queued(db, "campaign.completed")
+    assert len(done) == 1
+    assert json.loads(done[0][1])["data"]["campaign"]["click_goal"] == 20
+
+
+def test_filters_and_event_types(db, receiver):
+    subscribe(db, receiver, "/all", url=CLOSED)
+    subscribe(db, receiver, "/clicks-only", url=CLOSED, event_types=["link.clicked"])
+    subscribe(db, receiver, "/winter", url=CLOSED, filters={"campaign": "winter"})
+    subscribe(db, receiver, "/tagged", url=CLOSED, filters={"tags": ["vip"]})
+    subscribe(db, receiver, "/us-mobile", url=CLOSED, filters={"countries": ["US"], "device": "mobile"})
+    subscribe(db, receiver, "/with-bots", url=CLOSED, filters={"exclude_bots": False})
+    subscribe(db, receiver, "/off", url=CLOSED, enabled=False)
+    link(db, "w", campaign="winter", tags=["vip"])
+    db.execute("SELECT linkhooks.record_click('w', user_agent => %s, country => 'US')", [IPHONE])
+    db.execute("SELECT linkhooks.record_click('w', user_agent => %s, country => 'FR')", [IPHONE])
+    db.execute("SELECT linkhooks.record_click('w', user_agent => 'Googlebot/2.1', country => 'US')")
+    got = db.execute("SELECT s.name, d.event_type, count(*) FROM linkhooks.deliveries d JOIN linkhooks.subscriptions s "
+                     "ON s.id = d.subscription_id GROUP BY 1, 2 ORDER BY 1, 2").fetchall()
+    assert got == [("all", "link.clicked", 2), ("all", "link.created", 1),
+                   ("clicks-only", "link.clicked", 2),
+                   ("tagged", "link.clicked", 2), ("tagged", "link.created", 1),
+                   ("us-mobile", "link.clicked", 1), ("us-mobile", "link.created", 1),
+                   ("winter", "link.clicked", 2), ("winter", "link.created", 1),
+                   ("with-bots", "link.clicked", 3), ("with-bots", "link.created", 1)]
+
+
+def test_ip_modes(db, receiver):
+    for mode in ["full", "anonymized", "omit"]:
+        subscribe(db, receiver, f"/{mode}", ip_mode=mode, url=CLOSED)
+    link(db, "ip")
+    db.execute("SELECT linkhooks.record_click('ip', '2001:db8:abcd:12::7', %s)", [IPHONE])
+    db.execute("SELECT linkhooks.record_click('ip', '198.51.100.77', %s)", [IPHONE])
+    rows = db.execute("SELECT s.ip_mode, d.body FROM linkhooks.deliveries d JOIN linkhooks.subscriptions s ON s.id = d.subscription_id "
+                      "WHERE d.event_type = 'link.clicked' ORDER BY d.id").fetchall()
+    ips = {}
+    for mode, body in rows:
+        ips.setdefault(mode, []).append(json.loads(body)["data"]["click"]["ip_address"])
+    assert ips == {"full": ["2001:db8:abcd:12::7", "198.51.100.77"],
+                   "anonymized": ["2001:db8:abcd::", "198.51.100.0"],
+                   "omit": [None, None]}
+
+
+@pytest.mark.parametrize("cols, message", [
+    ({"url": "ftp://hooks.example.com/"}, "invalid url: must use http or https"),
+    ({"url": "not a url"}, "invalid url: must be an absolute http or https URL"),
+    ({"url": "https://user:pw@hooks.example.com/"}, "invalid url: must not contain credentials"),
+    ({"event_types": ["link.clicked", "link.exploded"]}, "invalid event_types: 'link.exploded' is not an event type"),
+    ({"filters": {"colour": "red"}}, "invalid filters: unknown key 'colour'"),
+    ({"filters": {"tags": "x", "device": "phone"}}, "invalid filters.device"),
+    ({"filters": {"exclude_bots": "yes"}}, "invalid filters.exclude_bots"),
+    ({"ip_mode": "partial"}, "invalid ip_mode: must be 'full', 'anonymized' or 'omit'"),
+    ({"signature_scheme": "md5"}, "invalid signature_scheme: must be 'standard' or 'hex'"),
+    ({"timeout_ms": 5}, "invalid timeout_ms: must be between 100 and 300000"),
+    ({"max_attempts": 0}, "invalid max_attempts: must be between 1 and 1000"),
+    ({"secret": "hunter2"}, "invalid secret"),
+    ({"name": ""}, "invalid name: must not be empty"),
+])
+def test_bad_subscriptions_are_refused(db, receiver, cols, message):
+    with pytest.raises(psycopg.Error, match=message.replace("(", r"\(").replace(")", r"\)").replace(".", r"\.")):
+        subscribe(db, receiver, "/bad", **cols)
+    assert db.execute("SELECT count(*) FROM linkhooks.subscriptions").fetchone()[0] == 0
+
+
+def test_private_and_plain_http_targets_are_refused_on_write_by_default(cluster, db, receiver):
+    with cluster.connect() as c:
+        c.execute("SET linkhooks.allow_private_targets = off")
+        for url in ["http://127.0.0.1/x", "http://localhost/x", "http://169.254.169.254/", "http://[::1]/", "http://10.0.0.8/",
+                    "http://100.64.1.1/", "http://[::ffff:127.0.0.1]/", "http://0.0.0.0/"]:
+            with pytest.raises(psycopg.Error, match="must not point at a private, loopback, link-local"):
+                c.execute("INSERT INTO linkhooks.subscriptions (name, url) VALUES ('p', %s)", [url])
+        c.execute("SET linkhooks.require_https = on")
+        with pytest.raises(psycopg.Error, match="must use https"):
+            c.execute("INSERT INTO linkhooks.subscriptions (name, url) VALUES ('p', 'http://hooks.example.com/')")
+        c.execute("INSERT INTO linkhooks.subscriptions (name, url, enabled) VALUES ('ok', 'https://hooks.example.com/', false)")
+
+
+def test_secrets_are_generated_and_owner_only(cluster, db):
+    secrets = [db.execute("INSERT INTO linkhooks.subscriptions (name, url, enabled) VALUES ('s', 'https://h.example.com/', false) "
+                          "RETURNING secret").fetchone()[0] for _ in range(2)]
+    assert all(s.startswith("whsec_") and len(s) == 6 + 44 for s in secrets) and secrets[0] != secrets[1]
+    db.execute("DROP ROLE IF EXISTS snoop; CREATE ROLE snoop LOGIN")
+    db.execute("GRANT SELECT ON linkhooks.deliveries, linkhooks.delivery_log TO snoop")
+    with psycopg.connect(host="127.0.0.1", port=cluster.port, user="snoop", dbname="postgres") as c:
+        with pytest.raises(psycopg.errors.InsufficientPrivilege):
+            c.execute("SELECT secret FROM linkhooks.subscriptions")
+    for table in ["deliveries", "delivery_attempts", "dead_letters", "delivery_log"]:
+        cols = [r[0] for r in db.execute("SELECT column_name FROM information_schema.columns WHERE table_schema = 'linkhooks' "
+                                         "AND table_name = %s", [table]).fetchall()]
+        assert cols and not any("secret" in c for c in cols), table
+
+
+def test_hex_scheme_and_sql_sign_verify(db):
+    spec = ("whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw", "msg_p5jXN8AQM9LWM0D4loKWxJek", 1614265330, '{"test": 2432232314}')
+    assert db.execute("SELECT linkhooks.sign(%s, %s, %s, %s)", spec).fetchone()[0] == "v1,g0hM9SsE+OTPJTGt/tmIKtSyZlE3uFJELVlNIOLJ1OE="
+    assert db.execute("SELECT linkhooks.verify(%s, %s, %s, %s, 'v1,g0hM9SsE+OTPJTGt/tmIKtSyZlE3uFJELVlNIOLJ1OE=')", spec).fetchone()[0]
+    assert not db.execute("SELECT linkhooks.verify(%s, %s, %s, %s, 'v1,AAAA')", spec).fetchone()[0]
+
+
+def test_notify_channel_announces_committed_events(cluster, db, sub):
+    with cluster.connect() as listener:
+        listener.execute("LISTEN link_events")
+        with cluster.connect() as c:
+            c.execute("SET linkhooks.notify_channel = 'link_events'")
+            c.execute("INSERT INTO linkhooks.links (slug, destination) VALUES ('n', 'https://acme.com/')")
+        note = next(listener.notifies(timeout=5))
+        assert json.loads(note.payload)["type"] == "link.created"
