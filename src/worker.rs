@@ -396,6 +396,7 @@ impl Worker {
         let mut dead: HashMap<i64, i64> = HashMap::new();
         let mut delivered_subs = Vec::new();
         let mut gone_subs = Vec::new();
+        let mut soonest_retry: Option<Duration> = None;
         for o in &outcomes {
             let max_attempts = self.endpoints.get(&o.subscription_id).and_then(|e| e.max_attempts).unwrap_or(self.settings.max_attempts);
             let verdict = retry::judge(o.status, o.retry_after, o.attempt, max_attempts, &self.settings.schedule, rand::random::<f64>());
@@ -404,7 +405,10 @@ impl Worker {
                     delivered_subs.push(o.subscription_id);
                     ("delivered", None)
                 }
-                Verdict::Retry(d) => ("pending", Some(d.as_secs_f64() * 1000.0)),
+                Verdict::Retry(d) => {
+                    soonest_retry = Some(soonest_retry.map_or(d, |s| s.min(d)));
+                    ("pending", Some(d.as_secs_f64() * 1000.0))
+                }
                 Verdict::Dead => {
                     *dead.entry(o.subscription_id).or_default() += 1;
                     ("dead", None)
@@ -421,6 +425,11 @@ impl Worker {
             codes.push(o.status.map(i32::from));
             errors.push(o.error.clone());
             finished.push((o.started_unix_micros as f64 + o.duration_ms * 1000.0) / 1e6);
+        }
+        if let Some(delay) = soonest_retry {
+            // Wake for the earliest retry rather than the fallback poll.
+            let due = Instant::now() + delay;
+            self.next_due = Some(self.next_due.map_or(due, |t| t.min(due)));
         }
         let dead_ids: Vec<i64> = ids.iter().zip(&statuses).filter(|(_, s)| **s == "dead").map(|(id, _)| *id).collect();
         let attempt_numbers: Vec<i32> = outcomes.iter().map(|o| o.attempt).collect();
