@@ -21,7 +21,7 @@ psql <<'SQL'
 CREATE EXTENSION pg_linkhooks;
 INSERT INTO linkhooks.links (slug, destination) SELECT 'l' || g, 'https://acme.com/p/' || g FROM generate_series(1, 10000) g;
 INSERT INTO linkhooks.links (slug, destination) VALUES ('hot', 'https://acme.com/hot');
-CREATE TABLE plain_clicks (LIKE linkhooks.clicks INCLUDING DEFAULTS INCLUDING INDEXES);
+CREATE TABLE plain_clicks (LIKE linkhooks.clicks INCLUDING ALL);  -- same columns, defaults, identity, indexes; no triggers
 SQL
 UA="Mozilla/5.0 (iPhone; CPU iPhone OS 17_2 like Mac OS X) AppleWebKit/605.1.15 (KHTML, like Gecko) Version/17.2 Mobile/15E148 Safari/604.1"
 W=$(mktemp -d)
