@@ -20,12 +20,13 @@ linkhooks.base_url = 'https://go.acme.co'"
 psql() { command psql -h "$DIR" -p "$PORT" -U postgres -X -q "$@"; }
 
 psql -c "CREATE EXTENSION pg_linkhooks"
-SECRET=$(psql -At -c "INSERT INTO linkhooks.subscriptions (name, url, filters)
-                      VALUES ('demo receiver', 'http://127.0.0.1:$HOOK_PORT/hooks', '{\"exclude_bots\": false}')
-                      RETURNING secret")
+SECRET=$(psql -At -c "SELECT linkhooks.generate_secret()")
 pkill -f "demo_receiver.py $HOOK_PORT" 2>/dev/null || true
 "$VENV/bin/python" scripts/demo_receiver.py "$HOOK_PORT" "$SECRET" > "$DIR/receiver.log" 2>&1 &
 echo $! > "$DIR/receiver.pid"
+for _ in $(seq 1 50); do (exec 3<>"/dev/tcp/127.0.0.1/$HOOK_PORT") 2>/dev/null && break; sleep 0.1; done
+psql -c "INSERT INTO linkhooks.subscriptions (name, url, secret, filters)
+         VALUES ('demo receiver', 'http://127.0.0.1:$HOOK_PORT/hooks', '$SECRET', '{\"exclude_bots\": false}')"
 
 echo "==> links"
 psql <<'SQL'
@@ -52,7 +53,7 @@ psql <<'SQL'
 SELECT state, slug, linkhooks.resolve(slug) AS redirect_to FROM (VALUES
   ('active', 'sale'), ('expired by time', 'old'), ('over its click limit', 'vip'),
   ('disabled', 'paused'), ('unknown', 'nope')) AS t(state, slug);
-SELECT id, slug, device, browser, os, is_bot, source FROM linkhooks.clicks c JOIN linkhooks.links l ON l.id = c.link_id ORDER BY c.id;
+SELECT c.id, slug, device, browser, os, is_bot, source FROM linkhooks.clicks c JOIN linkhooks.links l ON l.id = c.link_id ORDER BY c.id;
 SQL
 echo "==> webhooks arriving at the receiver (each verified with the standardwebhooks library)"
 for _ in $(seq 1 100); do

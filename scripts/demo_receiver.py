@@ -2,11 +2,13 @@
 standardwebhooks library and prints one line per webhook."""
 
 import sys
+import threading
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 from standardwebhooks.webhooks import Webhook
 
 port, secret = int(sys.argv[1]), sys.argv[2]
+print_lock = threading.Lock()
 
 
 class Handler(BaseHTTPRequestHandler):
@@ -19,7 +21,8 @@ class Handler(BaseHTTPRequestHandler):
         body = self.rfile.read(int(self.headers["content-length"])).decode()
         try:
             event = Webhook(secret).verify(body, dict(self.headers))
-            print(f"received {event['type']:<18} id={self.headers['webhook-id']}  signature verified", flush=True)
+            with print_lock:
+                print(f"received {event['type']:<18} id={self.headers['webhook-id']}  signature verified", flush=True)
             self.send_response(204)
         except Exception as e:  # a bad signature gets a 400, like a real receiver
             print(f"REJECTED: {e}", flush=True)
