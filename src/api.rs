@@ -9,7 +9,7 @@ use crate::events::{self, Queued, unix_now, unix_now_micros};
 use crate::linkstore::{self, Claim, LinkRow};
 use crate::payload::{self, EventType, TestData};
 use crate::plans::{self, INT8, TEXT};
-use crate::signing::{self, SigningKey, signature_header};
+use crate::signing::{self, KeyRing, SigningKey, signature_header};
 
 /// The URL to redirect to, or NULL: the destination (with UTM) for an active
 /// link, `expired_url` (or NULL) for an expired or disabled one.
@@ -83,13 +83,10 @@ fn subscription_keys(subscription_id: i64) -> Result<(Vec<SigningKey>, bool)> {
             .into_iter()
             .next()
             .ok_or_else(|| Error::NotFound(format!("invalid subscription_id: subscription {subscription_id} does not exist")))?;
-        let mut keys = vec![SigningKey::parse(&row.get::<String>(1)?.unwrap_or_default())?];
-        if let (Some(prev), Some(until)) = (row.get::<String>(2)?, row.get::<i64>(3)?)
-            && unix_now() < until
-        {
-            keys.push(SigningKey::parse(&prev)?);
-        }
-        Ok((keys, row.get::<bool>(4)?.unwrap_or(false)))
+        let secret: String = row.get(1)?.unwrap_or_default();
+        let previous: Option<String> = row.get(2)?;
+        let keys = KeyRing::new(&secret, previous.as_deref(), row.get(3)?)?;
+        Ok((keys.keys_at(unix_now()), row.get::<bool>(4)?.unwrap_or(false)))
     })
 }
 

@@ -18,7 +18,7 @@ use crate::guc;
 use crate::plans::{self, INT8, INT8_ARRAY, TEXT, TEXT_ARRAY};
 use crate::payload::{EventType, IpMode};
 use crate::shared;
-use crate::signing::{SigningKey, signature_header};
+use crate::signing::{KeyRing, signature_header};
 
 /// A subscription as the fan-out needs it.
 pub struct CachedSubscription {
@@ -27,22 +27,7 @@ pub struct CachedSubscription {
     event_mask: u16,
     filters: Filters,
     pub ip_mode: IpMode,
-    key: SigningKey,
-    /// The pre-rotation key and the Unix second its grace ends.
-    previous: Option<(SigningKey, i64)>,
-}
-
-impl CachedSubscription {
-    /// Keys that sign a message at `now`: the current one, plus the previous during its grace.
-    pub fn keys_at(&self, now: i64) -> Vec<SigningKey> {
-        let mut keys = vec![self.key.clone()];
-        if let Some((prev, until)) = &self.previous
-            && now < *until
-        {
-            keys.push(prev.clone());
-        }
-        keys
-    }
+    keys: KeyRing,
 }
 
 pub struct Cache {
@@ -89,18 +74,16 @@ fn load_cache(generation: u64) -> Result<Cache> {
         for row in rows {
             let id: i64 = row.get(1)?.unwrap_or_default();
             let secret: String = row.get(2)?.unwrap_or_default();
-            let previous = match (row.get::<String>(3)?, row.get::<i64>(4)?) {
-                (Some(s), Some(until)) => SigningKey::parse(&s).ok().map(|k| (k, until)),
-                _ => None,
-            };
+            let previous: Option<String> = row.get(3)?;
+            let previous_until: Option<i64> = row.get(4)?;
             let types: Option<Vec<Option<String>>> = row.get(5)?;
             let filters: Option<pgrx::JsonB> = row.get(6)?;
             let ip_mode: String = row.get(7)?.unwrap_or_default();
             // Rows are validated on write; one that no longer parses receives nothing
             // rather than failing every click.
-            let (Ok(filters), Ok(key)) = (
+            let (Ok(filters), Ok(keys)) = (
                 Filters::parse(&filters.map_or(Value::Object(Default::default()), |j| j.0)),
-                SigningKey::parse(&secret),
+                KeyRing::new(&secret, previous.as_deref(), previous_until),
             ) else {
                 continue;
             };
@@ -109,8 +92,7 @@ fn load_cache(generation: u64) -> Result<Cache> {
                 event_mask: event_mask(types.as_deref()),
                 filters,
                 ip_mode: IpMode::parse(&ip_mode).unwrap_or_default(),
-                key,
-                previous,
+                keys,
             });
         }
         let mut goal_campaigns = HashSet::new();
@@ -160,7 +142,7 @@ pub fn emit(kind: EventType, event_id: &str, facts: &Facts, build: impl Fn(IpMod
     let mut queued = Vec::new();
     for sub in cache.subscriptions.iter().filter(|s| s.event_mask & kind.bit() != 0 && s.filters.matches(facts)) {
         let body = bodies[sub.ip_mode as usize].get_or_insert_with(|| build(sub.ip_mode).into()).clone();
-        let signature = signature_header(&sub.keys_at(now), event_id, now, &body);
+        let signature = signature_header(&sub.keys.keys_at(now), event_id, now, &body);
         queued.push(Queued { subscription_id: sub.id, body, signature });
     }
     notify(kind, event_id)?;

@@ -51,6 +51,37 @@ impl SigningKey {
     }
 }
 
+/// A subscription's signing keys: the current one and, during a secret
+/// rotation's grace period, the previous one.
+#[derive(Debug, Clone)]
+pub struct KeyRing {
+    current: SigningKey,
+    /// The previous key and the Unix second its grace ends.
+    previous: Option<(SigningKey, i64)>,
+}
+
+impl KeyRing {
+    /// From the stored columns; a previous secret that does not parse is ignored.
+    pub fn new(secret: &str, previous: Option<&str>, previous_until: Option<i64>) -> Result<Self, SecretError> {
+        let previous = match (previous, previous_until) {
+            (Some(s), Some(until)) => SigningKey::parse(s).ok().map(|k| (k, until)),
+            _ => None,
+        };
+        Ok(KeyRing { current: SigningKey::parse(secret)?, previous })
+    }
+
+    /// Keys that sign a message at `now` (Unix seconds).
+    pub fn keys_at(&self, now: i64) -> Vec<SigningKey> {
+        let mut keys = vec![self.current.clone()];
+        if let Some((prev, until)) = &self.previous
+            && now < *until
+        {
+            keys.push(prev.clone());
+        }
+        keys
+    }
+}
+
 /// A fresh secret: `whsec_` + base64 of 32 bytes from the operating system's CSPRNG.
 pub fn generate_secret() -> String {
     let mut bytes = [0u8; 32];
@@ -125,6 +156,17 @@ mod tests {
         assert_eq!(header.split(' ').count(), 2);
         assert!(verify(&old, "msg_1", 1700000000, "{}", &header));
         assert!(verify(&new, "msg_1", 1700000000, "{}", &header));
+    }
+
+    #[test]
+    fn key_ring_signs_with_the_previous_key_only_during_its_grace() {
+        let old = VECTORS[0].0;
+        let ring = KeyRing::new(&generate_secret(), Some(old), Some(1_000)).unwrap();
+        assert_eq!(ring.keys_at(999).len(), 2);
+        assert_eq!(ring.keys_at(999)[1], SigningKey::parse(old).unwrap());
+        assert_eq!(ring.keys_at(1_000).len(), 1);
+        assert_eq!(KeyRing::new(old, Some("garbage"), Some(i64::MAX)).unwrap().keys_at(0).len(), 1);
+        assert!(KeyRing::new("garbage", None, None).is_err());
     }
 
     #[test]

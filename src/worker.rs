@@ -20,7 +20,7 @@ use crate::plans::{self, FLOAT8, FLOAT8_ARRAY, INT4_ARRAY, INT8, INT8_ARRAY, TEX
 use crate::retry::{self, Schedule, Verdict};
 use crate::sender::{Job, Outcome, Pool};
 use crate::shared;
-use crate::signing::SigningKey;
+use crate::signing::KeyRing;
 
 /// How long a claim holds a row before another claim may take it (only
 /// matters if this worker dies; a restarted worker releases its rows at once).
@@ -108,8 +108,7 @@ impl Settings {
 /// A subscription as the worker needs it.
 struct Endpoint {
     url: Arc<str>,
-    key: SigningKey,
-    previous: Option<(SigningKey, i64)>,
+    keys: KeyRing,
     hex_secret: Option<Arc<str>>,
     timeout: Option<Duration>,
     max_attempts: Option<i32>,
@@ -251,19 +250,15 @@ impl Worker {
             )?;
             for row in rows {
                 let secret: String = row.get(3)?.unwrap_or_default();
-                let Ok(key) = SigningKey::parse(&secret) else { continue };
-                let previous = match (row.get::<String>(4)?, row.get::<i64>(5)?) {
-                    (Some(s), Some(until)) => SigningKey::parse(&s).ok().map(|k| (k, until)),
-                    _ => None,
-                };
+                let previous: Option<String> = row.get(4)?;
+                let Ok(keys) = KeyRing::new(&secret, previous.as_deref(), row.get(5)?) else { continue };
                 let hex = row.get::<String>(6)?.as_deref() == Some("hex");
                 endpoints.insert(
                     row.get::<i64>(1)?.unwrap_or_default(),
                     Endpoint {
                         url: row.get::<String>(2)?.unwrap_or_default().into(),
                         hex_secret: hex.then(|| secret.clone().into()),
-                        key,
-                        previous,
+                        keys,
                         timeout: row.get::<i32>(7)?.map(|ms| Duration::from_millis(ms.max(1) as u64)),
                         max_attempts: row.get(8)?,
                     },
@@ -315,12 +310,6 @@ impl Worker {
             for row in rows {
                 let subscription_id: i64 = row.get(2)?.unwrap_or_default();
                 let Some(endpoint) = self.endpoints.get(&subscription_id) else { continue };
-                let mut keys = vec![endpoint.key.clone()];
-                if let Some((prev, until)) = &endpoint.previous
-                    && now < *until
-                {
-                    keys.push(prev.clone());
-                }
                 jobs.push(Job {
                     delivery_id: row.get(1)?.unwrap_or_default(),
                     subscription_id,
@@ -328,7 +317,7 @@ impl Worker {
                     url: endpoint.url.clone(),
                     event_id: row.get(3)?.unwrap_or_default(),
                     body: row.get(4)?.unwrap_or_default(),
-                    keys,
+                    keys: endpoint.keys.keys_at(now),
                     hex_secret: endpoint.hex_secret.clone(),
                     timeout: endpoint.timeout.unwrap_or(self.settings.default_timeout),
                 });
