@@ -27,17 +27,25 @@ CREATE TRIGGER campaigns_validate BEFORE INSERT OR UPDATE OR DELETE ON campaigns
 CREATE TRIGGER subscriptions_validate BEFORE INSERT OR UPDATE OR DELETE ON subscriptions
     FOR EACH ROW EXECUTE FUNCTION subscriptions_trigger();
 
+-- pg_dump dumps the contents of these tables and sequences (restore with
+-- session_replication_role = replica so restored rows do not emit events again).
+DO $$
+DECLARE
+    relation text;
+BEGIN
+    FOREACH relation IN ARRAY ARRAY[
+        'links', 'links_id_seq', 'campaigns', 'clicks', 'clicks_id_seq', 'conversions', 'conversions_id_seq',
+        'subscriptions', 'subscriptions_id_seq', 'deliveries', 'deliveries_id_seq', 'delivery_attempts',
+        'delivery_attempts_id_seq', 'dead_letters', 'subscription_state']
+    LOOP
+        PERFORM pg_catalog.pg_extension_config_dump(relation::regclass, '');
+    END LOOP;
+END
+$$;
+
 -- Nothing is granted to PUBLIC: the extension owner decides who reads and writes.
 REVOKE ALL ON ALL TABLES IN SCHEMA @extschema@ FROM PUBLIC;
 REVOKE ALL ON ALL FUNCTIONS IN SCHEMA @extschema@ FROM PUBLIC;
 -- Pure helpers anyone may call.
 GRANT EXECUTE ON FUNCTION sign(text, text, bigint, text), verify(text, text, bigint, text, text) TO PUBLIC;
 GRANT USAGE ON SCHEMA @extschema@ TO PUBLIC;
-
--- Analyst view of deliveries: no secrets, one row per delivery.
-CREATE VIEW delivery_log AS
-SELECT d.id AS delivery_id, d.event_id, d.subscription_id, s.name AS subscription_name, d.event_type,
-       d.status, d.attempts, d.last_status_code, d.last_error, d.created_at, d.delivered_at,
-       d.next_attempt_at, d.delivered_at - d.created_at AS latency
-FROM deliveries d
-LEFT JOIN subscriptions s ON s.id = d.subscription_id;

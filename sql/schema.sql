@@ -151,3 +151,17 @@ CREATE INDEX dead_letters_subscription ON dead_letters (subscription_id, died_at
 CREATE INDEX links_expiring ON links (expires_at) WHERE expired_at IS NULL AND expires_at IS NOT NULL;
 -- Retention pruning of delivered rows.
 CREATE INDEX deliveries_delivered ON deliveries (delivered_at) WHERE status = 'delivered';
+
+-- Since 0.2.0 --
+
+-- Delivery health per subscription, kept by the worker. Not columns of
+-- subscriptions: writing those refreshes every backend's subscription cache.
+CREATE TABLE subscription_state (
+    subscription_id      bigint PRIMARY KEY,
+    last_success_at      timestamptz,
+    last_failure_at      timestamptz,
+    consecutive_failures integer NOT NULL DEFAULT 0   -- failed attempts since the last success
+);
+COMMENT ON TABLE subscription_state IS 'Last success, last failure and failures in a row per subscription; read it through subscription_health.';
+-- Health windows (last hour, last day) scan attempts by time.
+CREATE INDEX delivery_attempts_started ON delivery_attempts (started_at);

@@ -13,14 +13,15 @@ use crate::signing::{self, KeyRing, SigningKey, signature_header};
 
 /// The URL to redirect to, or NULL: the destination (with UTM) for an active
 /// link, `expired_url` (or NULL) for an expired or disabled one.
-#[pg_extern(stable, parallel_safe)]
+/// SECURITY DEFINER so the redirect service needs EXECUTE only, not SELECT on links.
+#[pg_extern(stable, parallel_safe, security_definer)]
 fn resolve(slug: &str, domain: default!(&str, "''")) -> Option<String> {
     LinkRow::by_slug(domain, slug).or_report()?.answer()
 }
 
 /// Same answer as `resolve`, and records the click when the link is active.
 #[allow(clippy::too_many_arguments)]
-#[pg_extern(volatile, parallel_unsafe)]
+#[pg_extern(volatile, parallel_unsafe, security_definer)]
 fn record_click(
     slug: &str,
     ip: default!(Option<pgrx::Inet>, "NULL"),
@@ -221,21 +222,32 @@ fn verify(secret: &str, msg_id: &str, ts: i64, body: &str, signature: &str) -> b
     signing::verify(&key, msg_id, ts, body, signature)
 }
 
-/// Is the delivery worker running, and how busy is it?
+/// Is the delivery worker running, and how busy is it? One row.
 #[pg_extern(volatile)]
-fn worker_status() -> pgrx::JsonB {
+fn worker_status() -> TableIterator<
+    'static,
+    (
+        name!(running, bool),
+        name!(pid, Option<i32>),
+        name!(database, String),
+        name!(in_flight, Option<i64>),
+        name!(last_loop, Option<pgrx::datum::TimestampWithTimeZone>),
+        name!(queue_depth, i64),
+    ),
+> {
     let queue_depth = Spi::get_one::<i64>("SELECT count(*) FROM linkhooks.deliveries WHERE status IN ('pending', 'delivering')")
         .map_err(Error::from)
         .or_report()
         .unwrap_or(0);
-    let status = match crate::shared::worker_snapshot() {
-        Some((pid, in_flight, last_loop_ms)) => serde_json::json!({
-            "running": true, "pid": pid, "in_flight": in_flight,
-            "last_loop": payload::format_timestamp(last_loop_ms * 1000), "queue_depth": queue_depth,
-        }),
-        None => serde_json::json!({"running": false, "queue_depth": queue_depth}),
+    let database = crate::guc::string(&crate::guc::DATABASE);
+    let row = match crate::shared::worker_snapshot() {
+        Some((pid, in_flight, last_loop_ms)) => {
+            let last_loop = pgrx::datum::TimestampWithTimeZone::try_from(last_loop_ms * 1000 - crate::triggers::PG_EPOCH_OFFSET_MICROS).ok();
+            (true, Some(pid), database, Some(in_flight), last_loop, queue_depth)
+        }
+        None => (false, None, database, None, None, queue_depth),
     };
-    pgrx::JsonB(status)
+    TableIterator::once(row)
 }
 
 #[cfg(any(test, feature = "pg_test"))]

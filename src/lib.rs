@@ -5,6 +5,7 @@ use pgrx::prelude::*;
 
 // Pure logic: no Postgres inside, plain unit tests.
 mod filters;
+mod health;
 mod links;
 mod payload;
 mod retry;
@@ -28,6 +29,8 @@ mod worker;
 pgrx::pg_module_magic!();
 
 pgrx::extension_sql_file!("../sql/schema.sql", name = "schema", bootstrap);
+pgrx::extension_sql_file!("../sql/views.sql", name = "views");
+pgrx::extension_sql_file!("../sql/access.sql", name = "access");
 pgrx::extension_sql_file!("../sql/finalize.sql", name = "finalize", finalize);
 
 #[pg_guard]

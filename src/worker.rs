@@ -16,6 +16,7 @@ use pgrx::prelude::*;
 use crate::error::{OrReport, Result};
 use crate::events::unix_now;
 use crate::guc;
+use crate::health::{self, HealthChange};
 use crate::plans::{self, FLOAT8, FLOAT8_ARRAY, INT4_ARRAY, INT8, INT8_ARRAY, TEXT_ARRAY};
 use crate::retry::{self, Schedule, Verdict};
 use crate::sender::{Job, Outcome, Pool};
@@ -386,6 +387,7 @@ impl Worker {
         let mut delivered_subs = Vec::new();
         let mut gone_subs = Vec::new();
         let mut soonest_retry: Option<Duration> = None;
+        let mut attempts = Vec::with_capacity(n);
         for o in &outcomes {
             let max_attempts = self.endpoints.get(&o.subscription_id).and_then(|e| e.max_attempts).unwrap_or(self.settings.max_attempts);
             let verdict = retry::judge(o.status, o.retry_after, o.attempt, max_attempts, &self.settings.schedule, rand::random::<f64>());
@@ -408,12 +410,14 @@ impl Worker {
                     ("dead", None)
                 }
             };
+            let finished_micros = o.started_unix_micros + (o.duration_ms * 1000.0) as i64;
+            attempts.push(health::Attempt { subscription_id: o.subscription_id, succeeded: status == "delivered", finished_micros });
             ids.push(o.delivery_id);
             statuses.push(status);
             delays.push(delay);
             codes.push(o.status.map(i32::from));
             errors.push(o.error.clone());
-            finished.push((o.started_unix_micros as f64 + o.duration_ms * 1000.0) / 1e6);
+            finished.push(finished_micros as f64 / 1e6);
         }
         if let Some(delay) = soonest_retry {
             // Wake for the earliest retry rather than the fallback poll.
@@ -467,10 +471,34 @@ impl Worker {
             }
             Ok(())
         })?;
-        self.update_health(&delivered_subs, &dead, &gone_subs)
+        self.update_health(&delivered_subs, &dead, &gone_subs, health::summarize(attempts))
     }
 
-    fn update_health(&self, delivered: &[i64], dead: &HashMap<i64, i64>, gone: &[i64]) -> Result<()> {
+    fn update_health(&self, delivered: &[i64], dead: &HashMap<i64, i64>, gone: &[i64], changes: Vec<HealthChange>) -> Result<()> {
+        // subscription_state, not subscriptions: writing subscriptions would refresh every backend's cache.
+        let micros_to_secs = |t: Option<i64>| t.map(|t| t as f64 / 1e6);
+        let ids: Vec<i64> = changes.iter().map(|c| c.subscription_id).collect();
+        let successes: Vec<Option<f64>> = changes.iter().map(|c| micros_to_secs(c.last_success_micros)).collect();
+        let failures: Vec<Option<f64>> = changes.iter().map(|c| micros_to_secs(c.last_failure_micros)).collect();
+        let runs: Vec<i32> = changes.iter().map(|c| c.trailing_failures).collect();
+        Spi::connect_mut(|client| {
+            plans::execute(
+                client,
+                "INSERT INTO linkhooks.subscription_state AS s
+                        (subscription_id, last_success_at, last_failure_at, consecutive_failures)
+                 SELECT id, to_timestamp(ok), to_timestamp(bad), run
+                   FROM unnest($1::bigint[], $2::float8[], $3::float8[], $4::int[]) AS u(id, ok, bad, run)
+                 ON CONFLICT (subscription_id) DO UPDATE
+                    SET last_success_at = coalesce(EXCLUDED.last_success_at, s.last_success_at),
+                        last_failure_at = coalesce(EXCLUDED.last_failure_at, s.last_failure_at),
+                        consecutive_failures = CASE WHEN EXCLUDED.last_success_at IS NOT NULL
+                                                    THEN EXCLUDED.consecutive_failures
+                                                    ELSE s.consecutive_failures + EXCLUDED.consecutive_failures END",
+                &[INT8_ARRAY, FLOAT8_ARRAY, FLOAT8_ARRAY, INT4_ARRAY],
+                &[ids.into(), successes.into(), failures.into(), runs.into()],
+            )
+            .map(|_| ())
+        })?;
         if !delivered.is_empty() {
             Spi::run_with_args(
                 "UPDATE linkhooks.subscriptions SET consecutive_dead_letters = 0

@@ -15,7 +15,8 @@ SETTINGS = {
     "linkhooks.maintenance_interval": "'1s'",
 }
 
-TABLES = ["links", "clicks", "conversions", "campaigns", "subscriptions", "deliveries", "delivery_attempts", "dead_letters"]
+TABLES = ["links", "clicks", "conversions", "campaigns", "subscriptions", "deliveries", "delivery_attempts", "dead_letters",
+          "subscription_state"]
 
 
 @pytest.fixture(scope="session")

@@ -1,0 +1,75 @@
+-- Access levels a DBA hands out with one call:
+--   writer  — the redirect service: resolve, record_click, INSERT clicks and conversions; nothing else.
+--   analyst — reads links, campaigns, clicks, conversions, delivery logs and views; no secrets, no writes.
+--   admin   — analyst, plus managing links, campaigns and subscriptions (secrets included) and replaying.
+-- The queue itself (deliveries, attempts, dead letters) is written only by the
+-- extension's own SECURITY DEFINER functions and triggers.
+
+-- The privileges of one access level, each as "<privileges> ON <objects>".
+CREATE FUNCTION access_privileges(access text) RETURNS SETOF text
+LANGUAGE plpgsql STABLE AS $$
+BEGIN
+    IF access = 'writer' THEN
+        RETURN NEXT 'USAGE ON SCHEMA @extschema@';
+        RETURN NEXT 'EXECUTE ON FUNCTION @extschema@.resolve(text, text), '
+                    '@extschema@.record_click(text, inet, text, text, text, text, text, text, text)';
+        RETURN NEXT 'INSERT ON TABLE @extschema@.clicks, @extschema@.conversions';
+    ELSIF access = 'analyst' THEN
+        RETURN NEXT 'USAGE ON SCHEMA @extschema@';
+        RETURN NEXT 'SELECT ON TABLE @extschema@.links, @extschema@.campaigns, @extschema@.clicks, '
+                    '@extschema@.conversions, @extschema@.deliveries, @extschema@.delivery_attempts, '
+                    '@extschema@.dead_letters, @extschema@.delivery_log, @extschema@.subscription_health, '
+                    '@extschema@.click_facts, @extschema@.link_stats, @extschema@.link_daily_clicks, '
+                    '@extschema@.link_click_breakdown, @extschema@.campaign_stats';
+        -- Every subscription column but the secrets and the URL (which may carry a token).
+        RETURN NEXT 'SELECT (id, name, event_types, filters, ip_mode, signature_scheme, timeout_ms, max_attempts, '
+                    'enabled, disabled_reason, consecutive_dead_letters, created_at, updated_at) '
+                    'ON TABLE @extschema@.subscriptions';
+        RETURN NEXT 'EXECUTE ON FUNCTION @extschema@.worker_status()';
+    ELSIF access = 'admin' THEN
+        RETURN QUERY SELECT @extschema@.access_privileges('analyst');
+        RETURN NEXT 'SELECT, INSERT, UPDATE, DELETE ON TABLE @extschema@.links, @extschema@.campaigns, '
+                    '@extschema@.subscriptions';
+        RETURN NEXT 'EXECUTE ON FUNCTION @extschema@.resolve(text, text), @extschema@.send_test(bigint), '
+                    '@extschema@.replay(bigint), @extschema@.replay_dead_letters(bigint, timestamptz), '
+                    '@extschema@.rotate_secret(bigint, interval), @extschema@.run_maintenance(), '
+                    '@extschema@.generate_secret()';
+    ELSE
+        RAISE EXCEPTION 'invalid access: must be ''writer'', ''analyst'' or ''admin'' (got %)', coalesce(quote_literal(access), 'NULL')
+            USING ERRCODE = 'invalid_parameter_value';
+    END IF;
+END
+$$;
+COMMENT ON FUNCTION access_privileges(text) IS 'The privileges behind an access level (writer, analyst, admin), as GRANT clauses.';
+
+-- Grants or revokes one access level; returns the statements it ran.
+CREATE FUNCTION apply_access(action text, role_name text, access text) RETURNS SETOF text
+LANGUAGE plpgsql AS $$
+DECLARE
+    privilege text;
+    statement text;
+BEGIN
+    IF NOT EXISTS (SELECT FROM pg_catalog.pg_roles WHERE rolname = role_name) THEN
+        RAISE EXCEPTION 'invalid role_name: role % does not exist', coalesce(quote_ident(role_name), 'NULL')
+            USING ERRCODE = 'undefined_object';
+    END IF;
+    FOR privilege IN SELECT @extschema@.access_privileges(access) LOOP
+        -- The privilege text is ours; the role name is quoted as an identifier.
+        statement := CASE action WHEN 'grant' THEN format('GRANT %s TO %I', privilege, role_name)
+                                 ELSE format('REVOKE %s FROM %I', privilege, role_name) END;
+        EXECUTE statement;
+        RETURN NEXT statement;
+    END LOOP;
+END
+$$;
+COMMENT ON FUNCTION apply_access(text, text, text) IS 'Shared body of grant_access and revoke_access.';
+
+-- Gives a role an access level: writer, analyst or admin.
+CREATE FUNCTION grant_access(role_name text, access text) RETURNS SETOF text
+LANGUAGE sql AS $$ SELECT @extschema@.apply_access('grant', role_name, access) $$;
+COMMENT ON FUNCTION grant_access(text, text) IS 'GRANTs an access level (writer, analyst, admin) to a role; returns the statements run.';
+
+-- Takes an access level away again.
+CREATE FUNCTION revoke_access(role_name text, access text) RETURNS SETOF text
+LANGUAGE sql AS $$ SELECT @extschema@.apply_access('revoke', role_name, access) $$;
+COMMENT ON FUNCTION revoke_access(text, text) IS 'REVOKEs an access level from a role; returns the statements run.';

@@ -1,0 +1,121 @@
+-- Views for analysts and on-call engineers. None of them shows a secret or a
+-- subscription URL (URLs may carry tokens). They run with the owner's
+-- privileges, so a role needs SELECT on the view only.
+
+-- One row per delivery: did it arrive, how fast, and if not, why.
+CREATE VIEW delivery_log AS
+SELECT d.id AS delivery_id, d.event_id, d.subscription_id, s.name AS subscription_name, d.event_type,
+       d.status, d.attempts, d.last_status_code, d.last_error, d.created_at, d.delivered_at,
+       d.next_attempt_at, d.delivered_at - d.created_at AS latency,
+       round((extract(epoch FROM d.delivered_at - d.created_at) * 1000)::numeric, 1) AS latency_ms
+FROM deliveries d
+LEFT JOIN subscriptions s ON s.id = d.subscription_id;
+COMMENT ON VIEW delivery_log IS 'One row per delivery: subscription, event, status, attempts, last error, end-to-end latency.';
+
+-- Per subscription and period ('1h', '24h'): volume, failures, latency, backlog and state.
+CREATE VIEW subscription_health AS
+WITH periods (period, since) AS (
+    VALUES ('1h', now() - interval '1 hour'), ('24h', now() - interval '24 hours')
+), delivered AS (
+    SELECT p.period, d.subscription_id, count(*) AS delivered,
+           percentile_cont(ARRAY[0.5, 0.95, 0.99]) WITHIN GROUP
+               (ORDER BY extract(epoch FROM d.delivered_at - d.created_at) * 1000) AS latency_ms
+    FROM periods p
+    JOIN deliveries d ON d.status = 'delivered' AND d.delivered_at >= p.since
+    GROUP BY p.period, d.subscription_id
+), attempted AS (
+    SELECT p.period, d.subscription_id, count(*) AS attempts,
+           count(*) FILTER (WHERE a.status_code BETWEEN 200 AND 299) AS succeeded
+    FROM periods p
+    JOIN delivery_attempts a ON a.started_at >= p.since
+    JOIN deliveries d ON d.id = a.delivery_id
+    GROUP BY p.period, d.subscription_id
+), died AS (
+    SELECT p.period, l.subscription_id, count(*) AS dead_letters
+    FROM periods p
+    JOIN dead_letters l ON l.died_at >= p.since
+    GROUP BY p.period, l.subscription_id
+), queued AS (
+    SELECT subscription_id, count(*) AS pending, min(created_at) AS oldest
+    FROM deliveries
+    WHERE status IN ('pending', 'delivering')
+    GROUP BY subscription_id
+)
+SELECT s.id AS subscription_id, s.name, p.period, s.enabled, s.disabled_reason,
+       coalesce(dl.delivered, 0) AS delivered,
+       coalesce(at.attempts - at.succeeded, 0) AS failed_attempts,
+       coalesce(di.dead_letters, 0) AS dead_letters,
+       round(at.succeeded::numeric / nullif(at.attempts, 0), 4) AS success_rate,
+       round(dl.latency_ms[1]::numeric, 1) AS latency_p50_ms,
+       round(dl.latency_ms[2]::numeric, 1) AS latency_p95_ms,
+       round(dl.latency_ms[3]::numeric, 1) AS latency_p99_ms,
+       coalesce(q.pending, 0) AS pending,
+       now() - q.oldest AS oldest_pending_age,
+       st.last_success_at, st.last_failure_at,
+       coalesce(st.consecutive_failures, 0) AS consecutive_failures
+FROM subscriptions s
+CROSS JOIN periods p
+LEFT JOIN delivered dl ON dl.subscription_id = s.id AND dl.period = p.period
+LEFT JOIN attempted at ON at.subscription_id = s.id AND at.period = p.period
+LEFT JOIN died di ON di.subscription_id = s.id AND di.period = p.period
+LEFT JOIN queued q ON q.subscription_id = s.id
+LEFT JOIN subscription_state st ON st.subscription_id = s.id;
+COMMENT ON VIEW subscription_health IS 'Per subscription, for the last hour and day: delivered, failed attempts, dead letters, success rate, latency p50/p95/p99, backlog, last success/failure, failures in a row.';
+
+-- Clicks classified once for the views below: bots, QR scans and the referring host.
+CREATE VIEW click_facts AS
+SELECT c.id AS click_id, c.link_id, c.clicked_at, coalesce(c.is_bot, false) AS is_bot, c.source = 'qr' AS is_qr,
+       coalesce(lower(substring(c.referer FROM '^[A-Za-z][A-Za-z0-9+.-]*://(?:[^@/?#]*@)?([^/?#:]+)')), '(direct)') AS referrer,
+       coalesce(c.country, '(unknown)') AS country, coalesce(c.device, 'unknown') AS device,
+       coalesce(c.browser, '(unknown)') AS browser, coalesce(c.os, '(unknown)') AS os, c.source
+FROM clicks c;
+COMMENT ON VIEW click_facts IS 'Clicks with bot, QR and referring-host columns ready for grouping.';
+
+-- Per link: clicks (humans, bots, QR), first and last click, conversions and conversion rate.
+CREATE VIEW link_stats AS
+SELECT l.id AS link_id, l.domain, l.slug, l.campaign,
+       coalesce(k.clicks, 0) AS clicks, coalesce(k.human_clicks, 0) AS human_clicks,
+       coalesce(k.bot_clicks, 0) AS bot_clicks, coalesce(k.qr_scans, 0) AS qr_scans,
+       k.first_click_at, k.last_click_at,
+       coalesce(v.conversions, 0) AS conversions,
+       round(coalesce(v.conversions, 0)::numeric / nullif(k.human_clicks, 0), 4) AS conversion_rate
+FROM links l
+LEFT JOIN (SELECT link_id, count(*) AS clicks, count(*) FILTER (WHERE NOT is_bot) AS human_clicks,
+                  count(*) FILTER (WHERE is_bot) AS bot_clicks, count(*) FILTER (WHERE is_qr) AS qr_scans,
+                  min(clicked_at) AS first_click_at, max(clicked_at) AS last_click_at
+           FROM click_facts GROUP BY link_id) k ON k.link_id = l.id
+LEFT JOIN (SELECT link_id, count(*) AS conversions FROM conversions GROUP BY link_id) v ON v.link_id = l.id;
+COMMENT ON VIEW link_stats IS 'Per link: clicks, human and bot clicks, QR scans, first/last click, conversions, conversion rate (conversions per human click).';
+
+-- Per link and day (in the session time zone).
+CREATE VIEW link_daily_clicks AS
+SELECT link_id, clicked_at::date AS day, count(*) AS clicks,
+       count(*) FILTER (WHERE NOT is_bot) AS human_clicks, count(*) FILTER (WHERE is_bot) AS bot_clicks,
+       count(*) FILTER (WHERE is_qr) AS qr_scans
+FROM click_facts
+GROUP BY link_id, clicked_at::date;
+COMMENT ON VIEW link_daily_clicks IS 'Clicks per link per day: all, human, bot, QR.';
+
+-- Per link, one row per value of each dimension: referrer (host), country, device, browser, os, source.
+CREATE VIEW link_click_breakdown AS
+SELECT f.link_id, d.dimension, d.value, count(*) AS clicks, count(*) FILTER (WHERE NOT f.is_bot) AS human_clicks
+FROM click_facts f
+CROSS JOIN LATERAL (VALUES ('referrer', f.referrer), ('country', f.country), ('device', f.device),
+                           ('browser', f.browser), ('os', f.os), ('source', f.source)) AS d (dimension, value)
+GROUP BY f.link_id, d.dimension, d.value;
+COMMENT ON VIEW link_click_breakdown IS 'Clicks per link by referrer host, country, device, browser, os and source (link or qr).';
+
+-- Per campaign (named on links or in campaigns): links, clicks, conversions, goal and completion.
+CREATE VIEW campaign_stats AS
+SELECT coalesce(c.name, s.campaign) AS campaign, coalesce(s.links, 0) AS links,
+       coalesce(s.clicks, 0) AS clicks, coalesce(s.human_clicks, 0) AS human_clicks,
+       coalesce(s.bot_clicks, 0) AS bot_clicks, coalesce(s.qr_scans, 0) AS qr_scans,
+       coalesce(s.conversions, 0) AS conversions,
+       round(s.conversions::numeric / nullif(s.human_clicks, 0), 4) AS conversion_rate,
+       c.click_goal, c.ends_at, c.completed_at
+FROM (SELECT campaign, count(*) AS links, sum(clicks)::bigint AS clicks, sum(human_clicks)::bigint AS human_clicks,
+             sum(bot_clicks)::bigint AS bot_clicks, sum(qr_scans)::bigint AS qr_scans,
+             sum(conversions)::bigint AS conversions
+      FROM link_stats WHERE campaign IS NOT NULL GROUP BY campaign) s
+FULL JOIN campaigns c ON c.name = s.campaign;
+COMMENT ON VIEW campaign_stats IS 'Per campaign: links, clicks, human and bot clicks, QR scans, conversions, conversion rate, goal and completion.';

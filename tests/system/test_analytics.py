@@ -1,0 +1,165 @@
+"""The analyst and operator surface: delivery log, subscription health, click
+analytics and worker status, each with real clicks and real deliveries (issue 5)."""
+
+from datetime import date
+
+from conftest import subscribe
+from harness import wait_for
+from test_links import IPHONE, link
+
+CHROME_MAC = ("Mozilla/5.0 (Macintosh; Intel Mac OS X 10_15_7) AppleWebKit/537.36 (KHTML, like Gecko) "
+              "Chrome/120.0.0.0 Safari/537.36")
+GOOGLEBOT = "Mozilla/5.0 (compatible; Googlebot/2.1; +http://www.google.com/bot.html)"
+
+
+def rows(db, sql, params=()):
+    cur = db.execute(sql, params)
+    names = [c.name for c in cur.description]
+    return [dict(zip(names, r)) for r in cur.fetchall()]
+
+
+def settled(db):
+    """True once nothing is pending or being delivered."""
+    return db.execute("SELECT count(*) = 0 FROM linkhooks.deliveries WHERE status IN ('pending', 'delivering')").fetchone()[0]
+
+
+def test_delivery_log_shows_delivered_and_dead_deliveries(db, receiver):
+    ok_id, _ = subscribe(db, receiver, "/ok", event_types=["link.created"])
+    bad_id, _ = subscribe(db, receiver, "/bad", event_types=["link.created"], max_attempts=2)
+    receiver.expect("/bad", receiver.paths["/bad"]["secrets"], script=[(500, {}, 0), (502, {}, 0)])
+    link(db, "logged")
+    wait_for(lambda: settled(db), message="both deliveries finished")
+    log = {r["subscription_name"]: r for r in rows(db, "SELECT * FROM linkhooks.delivery_log")}
+    ok, bad = log["ok"], log["bad"]
+    assert (ok["subscription_id"], ok["event_type"], ok["status"], ok["attempts"], ok["last_status_code"]) == \
+        (ok_id, "link.created", "delivered", 1, 200)
+    assert ok["last_error"] is None and ok["delivered_at"] >= ok["created_at"]
+    assert abs(ok["latency"].total_seconds() * 1000 - float(ok["latency_ms"])) < 0.1
+    assert (bad["subscription_id"], bad["status"], bad["attempts"], bad["last_status_code"]) == (bad_id, "dead", 2, 502)
+    assert bad["delivered_at"] is None and bad["latency_ms"] is None and "502" in bad["last_error"]
+    assert ok["event_id"] == bad["event_id"], "one event, one row per subscription"
+
+
+def test_subscription_health_counts_each_outcome(db, receiver):
+    healthy, _ = subscribe(db, receiver, "/healthy")
+    flaky, _ = subscribe(db, receiver, "/flaky", max_attempts=2)
+    # flaky: event 1 fails twice (dead letter), event 2 fails once then succeeds, events 3-4 fail and stay queued.
+    receiver.expect("/flaky", receiver.paths["/flaky"]["secrets"], script=[(500, {}, 0), (500, {}, 0), (503, {}, 0)])
+    link(db, "h1")
+    wait_for(lambda: db.execute("SELECT count(*) FROM linkhooks.dead_letters").fetchone()[0] == 1, message="dead letter")
+    link(db, "h2")
+    wait_for(lambda: settled(db), message="h2 delivered to both")
+    health = {(r["name"], r["period"]): r for r in rows(db, "SELECT * FROM linkhooks.subscription_health")}
+    assert set(health) == {("healthy", "1h"), ("healthy", "24h"), ("flaky", "1h"), ("flaky", "24h")}
+    for period in ("1h", "24h"):
+        h, f = health[("healthy", period)], health[("flaky", period)]
+        assert (h["subscription_id"], h["delivered"], h["failed_attempts"], h["dead_letters"], h["success_rate"]) == \
+            (healthy, 2, 0, 0, 1)
+        assert (f["subscription_id"], f["delivered"], f["failed_attempts"], f["dead_letters"]) == (flaky, 1, 3, 1)
+        assert float(f["success_rate"]) == 0.25, "1 of 4 attempts succeeded"
+        for p in ("latency_p50_ms", "latency_p95_ms", "latency_p99_ms"):
+            assert h[p] is not None and float(h[p]) >= 0
+        assert h["latency_p50_ms"] <= h["latency_p95_ms"] <= h["latency_p99_ms"]
+        assert (f["pending"], f["oldest_pending_age"], f["enabled"], f["disabled_reason"]) == (0, None, True, None)
+        assert f["consecutive_failures"] == 0, "the last attempt succeeded"
+        assert f["last_failure_at"] < f["last_success_at"]
+
+    # Now the receiver answers 500 to everything for a while: failures in a row and a backlog.
+    receiver.expect("/flaky", receiver.paths["/flaky"]["secrets"], script=[(500, {}, 0)] * 100)
+    db.execute("UPDATE linkhooks.subscriptions SET max_attempts = 50 WHERE id = %s", [flaky])
+    link(db, "h3")
+    wait_for(lambda: rows(db, "SELECT consecutive_failures FROM linkhooks.subscription_health WHERE name = 'flaky' "
+                              "AND period = '1h'")[0]["consecutive_failures"] >= 2, message="failures in a row")
+    f = rows(db, "SELECT * FROM linkhooks.subscription_health WHERE name = 'flaky' AND period = '1h'")[0]
+    assert f["pending"] == 1 and f["oldest_pending_age"].total_seconds() >= 0
+    assert f["last_failure_at"] > f["last_success_at"]
+
+
+def test_subscription_health_shows_why_a_subscription_is_disabled(db, receiver):
+    subscribe(db, receiver, "/gone", event_types=["link.created"])
+    receiver.expect("/gone", receiver.paths["/gone"]["secrets"], script=[(410, {}, 0)])
+    link(db, "g")
+    wait_for(lambda: not rows(db, "SELECT enabled FROM linkhooks.subscription_health LIMIT 1")[0]["enabled"], message="disabled")
+    h = rows(db, "SELECT * FROM linkhooks.subscription_health WHERE period = '1h'")[0]
+    assert "410" in h["disabled_reason"] and h["dead_letters"] == 1 and h["consecutive_failures"] == 1
+
+
+def test_link_stats_family(db):
+    db.execute("INSERT INTO linkhooks.campaigns (name, click_goal) VALUES ('spring', 100), ('empty', 5)")
+    a = link(db, "a", campaign="spring")
+    b = link(db, "b", campaign="spring")
+    c = link(db, "c")
+    clicks = [  # (link, user agent, referer, country, source)
+        (a, IPHONE, "https://www.Instagram.com/p/1", "US", "link"),
+        (a, IPHONE, "https://www.instagram.com/p/2?x=1", "US", "qr"),
+        (a, CHROME_MAC, None, "DE", "link"),
+        (a, GOOGLEBOT, "https://google.com/", None, "link"),
+        (b, CHROME_MAC, "android-app://com.slack/", "FR", "qr"),
+    ]
+    for link_id, ua, ref, country, source in clicks:
+        db.execute("INSERT INTO linkhooks.clicks (link_id, user_agent, referer, country, source) VALUES (%s, %s, %s, %s, %s)",
+                   [link_id, ua, ref, country, source])
+    first_click = db.execute("SELECT id FROM linkhooks.clicks ORDER BY id LIMIT 1").fetchone()[0]
+    db.execute("INSERT INTO linkhooks.conversions (click_id, name, amount, currency) VALUES (%s, 'purchase', 49.90, 'USD')",
+               [first_click])
+    db.execute("INSERT INTO linkhooks.conversions (link_id, name) VALUES (%s, 'signup')", [a])
+
+    stats = {r["slug"]: r for r in rows(db, "SELECT * FROM linkhooks.link_stats")}
+    sa = stats["a"]
+    assert (sa["link_id"], sa["campaign"], sa["clicks"], sa["human_clicks"], sa["bot_clicks"], sa["qr_scans"]) == \
+        (a, "spring", 4, 3, 1, 1)
+    assert (sa["conversions"], float(sa["conversion_rate"])) == (2, round(2 / 3, 4))
+    assert sa["first_click_at"] <= sa["last_click_at"]
+    assert (stats["b"]["clicks"], stats["b"]["qr_scans"], stats["b"]["conversions"], stats["b"]["conversion_rate"]) == \
+        (1, 1, 0, 0)
+    assert (stats["c"]["clicks"], stats["c"]["conversion_rate"], stats["c"]["first_click_at"]) == (0, None, None)
+
+    daily = rows(db, "SELECT * FROM linkhooks.link_daily_clicks WHERE link_id = %s", [a])
+    today = db.execute("SELECT current_date").fetchone()[0]
+    assert daily == [{"link_id": a, "day": today, "clicks": 4, "human_clicks": 3, "bot_clicks": 1, "qr_scans": 1}]
+    assert isinstance(today, date)
+
+    breakdown = {(r["dimension"], r["value"]): (r["clicks"], r["human_clicks"])
+                 for r in rows(db, "SELECT * FROM linkhooks.link_click_breakdown WHERE link_id = %s", [a])}
+    assert breakdown == {
+        ("referrer", "www.instagram.com"): (2, 2), ("referrer", "(direct)"): (1, 1), ("referrer", "google.com"): (1, 0),
+        ("country", "US"): (2, 2), ("country", "DE"): (1, 1), ("country", "(unknown)"): (1, 0),
+        ("device", "mobile"): (2, 2), ("device", "desktop"): (1, 1), ("device", "bot"): (1, 0),
+        ("browser", "Safari"): (2, 2), ("browser", "Chrome"): (1, 1), ("browser", "(unknown)"): (1, 0),
+        ("os", "iOS"): (2, 2), ("os", "macOS"): (1, 1), ("os", "(unknown)"): (1, 0),
+        ("source", "link"): (3, 2), ("source", "qr"): (1, 1),
+    }
+    top = rows(db, "SELECT value FROM linkhooks.link_click_breakdown WHERE link_id = %s AND dimension = 'referrer' "
+                   "ORDER BY clicks DESC LIMIT 1", [a])
+    assert top == [{"value": "www.instagram.com"}]
+    slack = rows(db, "SELECT value FROM linkhooks.link_click_breakdown WHERE link_id = %s AND dimension = 'referrer'", [b])
+    assert slack == [{"value": "com.slack"}]
+
+    campaigns = {r["campaign"]: r for r in rows(db, "SELECT * FROM linkhooks.campaign_stats")}
+    spring = campaigns["spring"]
+    assert (spring["links"], spring["clicks"], spring["human_clicks"], spring["bot_clicks"], spring["qr_scans"],
+            spring["conversions"], float(spring["conversion_rate"]), spring["click_goal"]) == (2, 5, 4, 1, 2, 2, 0.5, 100)
+    assert (campaigns["empty"]["links"], campaigns["empty"]["clicks"], campaigns["empty"]["conversion_rate"]) == (0, 0, None)
+    assert set(campaigns) == {"spring", "empty"}
+
+
+def test_worker_status_reports_the_running_worker(cluster, db, receiver):
+    status = rows(db, "SELECT * FROM linkhooks.worker_status()")
+    assert len(status) == 1
+    idle = wait_for(lambda: [r for r in rows(db, "SELECT * FROM linkhooks.worker_status()")
+                             if r["in_flight"] == 0 and r["queue_depth"] == 0], message="an idle worker")
+    s = idle[0]
+    assert s["running"] is True and s["database"] == "postgres"
+    pids = [r[0] for r in db.execute("SELECT pid FROM pg_stat_activity WHERE backend_type = 'pg_linkhooks'").fetchall()]
+    assert pids == [s["pid"]], "the pid is the worker's"
+    loop_age = db.execute("SELECT now() - %s", [s["last_loop"]]).fetchone()[0]
+    assert loop_age.total_seconds() < 10, "the worker looped within its idle poll"
+
+    # A slow receiver: requests in flight and a queue are visible while they last.
+    subscribe(db, receiver, "/slow", event_types=["link.created"])
+    receiver.expect("/slow", receiver.paths["/slow"]["secrets"], script=[(200, {}, 1.5)])
+    link(db, "busy")
+    busy = wait_for(lambda: [r for r in rows(db, "SELECT * FROM linkhooks.worker_status()") if r["in_flight"] == 1],
+                    message="a request in flight")[0]
+    assert busy["queue_depth"] == 1, "the delivery being sent is still queued until its outcome is recorded"
+    wait_for(lambda: rows(db, "SELECT * FROM linkhooks.worker_status()")[0]["queue_depth"] == 0, message="queue drained")
