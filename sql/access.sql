@@ -1,5 +1,6 @@
 -- Access levels a DBA hands out with one call:
---   writer  — the redirect service: resolve, record_click, INSERT clicks and conversions; nothing else.
+--   writer  — the redirect service: resolve, record_click, INSERT clicks and conversions (RETURNING
+--             id, event_id); nothing else.
 --   analyst — reads links, campaigns, clicks, conversions, delivery logs and views; no secrets, no writes.
 --   admin   — analyst, plus managing links, campaigns and subscriptions (secrets included) and replaying.
 -- The queue itself (deliveries, attempts, dead letters) is written only by the
@@ -14,6 +15,8 @@ BEGIN
         RETURN NEXT 'EXECUTE ON FUNCTION @extschema@.resolve(text, text), '
                     '@extschema@.record_click(text, inet, text, text, text, text, text, text, text)';
         RETURN NEXT 'INSERT ON TABLE @extschema@.clicks, @extschema@.conversions';
+        -- Enough for INSERT ... RETURNING id, event_id (to attribute conversions), not to read clicks.
+        RETURN NEXT 'SELECT (id, event_id) ON TABLE @extschema@.clicks, @extschema@.conversions';
     ELSIF access = 'analyst' THEN
         RETURN NEXT 'USAGE ON SCHEMA @extschema@';
         RETURN NEXT 'SELECT ON TABLE @extschema@.links, @extschema@.campaigns, @extschema@.clicks, '

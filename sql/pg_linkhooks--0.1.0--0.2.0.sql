@@ -151,6 +151,8 @@ BEGIN
         RETURN NEXT 'EXECUTE ON FUNCTION @extschema@.resolve(text, text), '
                     '@extschema@.record_click(text, inet, text, text, text, text, text, text, text)';
         RETURN NEXT 'INSERT ON TABLE @extschema@.clicks, @extschema@.conversions';
+        -- Enough for INSERT ... RETURNING id, event_id (to attribute conversions), not to read clicks.
+        RETURN NEXT 'SELECT (id, event_id) ON TABLE @extschema@.clicks, @extschema@.conversions';
     ELSIF access = 'analyst' THEN
         RETURN NEXT 'USAGE ON SCHEMA @extschema@';
         RETURN NEXT 'SELECT ON TABLE @extschema@.links, @extschema@.campaigns, @extschema@.clicks, '
