@@ -61,8 +61,14 @@ for _ in $(seq 1 100); do
   sleep 0.1
 done
 cat "$DIR/receiver.log"
-echo "==> the delivery log"
-psql -c "SELECT delivery_id, event_type, status, attempts, last_status_code, latency FROM linkhooks.delivery_log ORDER BY delivery_id"
+echo "==> what analysts and on-call engineers see"
+psql <<'SQL'
+SELECT delivery_id, event_type, status, attempts, last_status_code, latency_ms FROM linkhooks.delivery_log ORDER BY delivery_id;
+SELECT name, period, delivered, failed_attempts, dead_letters, success_rate, latency_p50_ms, latency_p99_ms, pending
+  FROM linkhooks.subscription_health;
+SELECT slug, clicks, human_clicks, bot_clicks, qr_scans, conversions FROM linkhooks.link_stats ORDER BY link_id;
+SELECT running, pid, in_flight, last_loop, queue_depth FROM linkhooks.worker_status();
+SQL
 cat <<EOF
 
 The demo cluster is still running.

@@ -12,6 +12,12 @@ PGDATA_TEST=/tmp/pg_linkhooks-pgrx-test
 mkdir -p "$PGDATA_TEST" && chown postgres:postgres "$PGDATA_TEST"
 cargo pgrx test pg15 --runas postgres --pgdata "$PGDATA_TEST"
 
-echo "==> install the extension and run the system tests"
+echo "==> install the extension (and the previous release's install script, for upgrade tests)"
 cargo pgrx install --release --pg-config "$PG_CONFIG" >/dev/null
+install -m 644 tests/upgrade/pg_linkhooks--*.sql "$("$PG_CONFIG" --sharedir)/extension/"
+
+echo "==> system tests on a fresh install"
 "$VENV/bin/pytest" -q -p no:cacheprovider tests/system "$@"
+
+echo "==> system tests on an install updated from 0.1.0"
+LINKHOOKS_UPGRADE_FROM=0.1.0 "$VENV/bin/pytest" -q -p no:cacheprovider tests/system "$@"

@@ -1,5 +1,8 @@
+import os
+
 import psycopg
 import pytest
+from psycopg import sql
 from psycopg.types.json import Jsonb
 
 from harness import Cluster, Receiver
@@ -19,12 +22,21 @@ TABLES = ["links", "clicks", "conversions", "campaigns", "subscriptions", "deliv
           "subscription_state"]
 
 
+# Set to a previous release (e.g. 0.1.0) to run every test against an install
+# updated from it with ALTER EXTENSION ... UPDATE instead of a fresh one.
+UPGRADE_FROM = os.environ.get("LINKHOOKS_UPGRADE_FROM")
+
+
 @pytest.fixture(scope="session")
 def cluster():
     c = Cluster(SETTINGS)
     c.start()
     with c.connect() as conn:
-        conn.execute("CREATE EXTENSION pg_linkhooks")
+        if UPGRADE_FROM:
+            conn.execute(sql.SQL("CREATE EXTENSION pg_linkhooks VERSION {}").format(sql.Literal(UPGRADE_FROM)))
+            conn.execute("ALTER EXTENSION pg_linkhooks UPDATE")
+        else:
+            conn.execute("CREATE EXTENSION pg_linkhooks")
     yield c
     c.destroy()
 

@@ -72,9 +72,8 @@ class Cluster:
         self.stop()
         self.start()
 
-    def connect(self, **kw):
-        return psycopg.connect(host="127.0.0.1", port=self.port, user="postgres", dbname="postgres",
-                               autocommit=True, **kw)
+    def connect(self, dbname="postgres", **kw):
+        return psycopg.connect(host="127.0.0.1", port=self.port, user="postgres", dbname=dbname, autocommit=True, **kw)
 
     def set(self, name, value):
         """ALTER SYSTEM + reload: what a DBA does; the worker picks it up on SIGHUP."""

@@ -1,0 +1,130 @@
+"""The README is true: its tour runs as written, its payload examples have
+exactly the fields real events have, and its settings and functions match the
+extension (issue 5)."""
+
+import json
+import os
+import re
+
+import pytest
+
+from conftest import subscribe
+from harness import wait_for
+from test_links import IPHONE
+
+README = open(os.path.join(os.path.dirname(__file__), "..", "..", "README.md")).read()
+
+
+def section(heading):
+    """The README text under a heading, up to the next heading of the same or a higher level."""
+    level = heading.split(" ")[0]
+    start = README.index(heading + "\n")
+    rest = README[start + len(heading) + 1:]
+    ends = [m.start() for m in re.finditer(r"^#{1,%d} " % len(level), rest, re.M)]
+    return rest[:ends[0]] if ends else rest
+
+
+def code_blocks(text, lang):
+    return re.findall(r"```%s\n(.*?)```" % lang, text, re.S)
+
+
+def statements(sql):
+    """(statement, expected first value or None) pairs. Statements end with ';' at the end of a
+    line; a '-- → value' line right after one is the answer the README promises."""
+    out, current = [], []
+    for line in sql.splitlines():
+        if line.startswith("-- →") and out:
+            out[-1] = (out[-1][0], line[len("-- →"):].strip())
+        elif line.startswith("--") or not line.strip():
+            continue
+        else:
+            current.append(line)
+            if line.rstrip().endswith(";"):
+                out.append(("\n".join(current), None))
+                current = []
+    assert not current, "the tour ends with a complete statement"
+    return out
+
+
+def shown(value):
+    """A value as psql shows it."""
+    return {True: "t", False: "f"}.get(value, str(value)) if isinstance(value, bool) else str(value)
+
+
+@pytest.fixture
+def tour_roles(cluster):
+    yield
+    with cluster.connect() as c:
+        for role in ("redirector", "dashboard"):
+            if c.execute("SELECT 1 FROM pg_roles WHERE rolname = %s", [role]).fetchone():
+                c.execute(f"DROP OWNED BY {role}")
+                c.execute(f"DROP ROLE {role}")
+
+
+def test_tour_runs_as_written(db, tour_roles):
+    [tour] = code_blocks(section("## A five-minute tour"), "sql")
+    steps = statements(tour)
+    assert len(steps) >= 20
+    checked = 0
+    for sql, expected in steps:
+        cur = db.execute(sql)
+        if expected is not None:
+            row = cur.fetchone()
+            assert row is not None and shown(row[0]) == expected, sql
+            checked += 1
+    assert checked >= 5, "the tour's promised answers were checked"
+    # What the tour says it did, it did.
+    assert db.execute("SELECT count(*) FROM linkhooks.deliveries WHERE event_type = 'webhook.test'").fetchone()[0] >= 1
+    assert db.execute("SELECT has_function_privilege('redirector', 'linkhooks.record_click(text, inet, text, text, text, text, "
+                      "text, text, text)', 'EXECUTE')").fetchone()[0]
+    assert db.execute("SELECT has_table_privilege('dashboard', 'linkhooks.link_stats', 'SELECT')").fetchone()[0]
+
+
+def shape(value):
+    """The field names of a JSON value, recursively (list items and scalar values ignored)."""
+    if isinstance(value, dict):
+        return {k: shape(v) for k, v in value.items()}
+    return None
+
+
+def test_payload_examples_have_the_fields_real_events_have(db, receiver):
+    examples = {}
+    for block in code_blocks(section("### Event payloads"), "json"):
+        example = json.loads(block.replace("…", ""))
+        examples[example["type"]] = example
+    assert set(examples) == {"link.clicked", "qr.scanned", "link.converted", "link.created", "link.updated",
+                             "link.expired", "campaign.completed", "webhook.test"}
+
+    sid, _ = subscribe(db, receiver, "/all", filters={"exclude_bots": False})
+    db.execute("INSERT INTO linkhooks.campaigns (name, click_goal) VALUES ('winter-sale-2026', 2)")
+    db.execute("INSERT INTO linkhooks.links (slug, destination, campaign, tags, utm, max_clicks) VALUES "
+               "('sale', 'https://acme.com/winter-sale', 'winter-sale-2026', '{social}', '{\"source\":\"instagram\",\"medium\":\"social\"}', 2)")
+    db.execute("SELECT linkhooks.record_click('sale', ip => '203.0.113.42', user_agent => %s, referer => 'https://instagram.com/', "
+               "landing_url => 'https://acme.com/winter-sale?utm_source=instagram&utm_medium=social&utm_campaign=winter-sale"
+               "&utm_content=story')", [IPHONE])
+    db.execute("SELECT linkhooks.record_click('sale', user_agent => %s, source => 'qr')", [IPHONE])
+    db.execute("INSERT INTO linkhooks.conversions (click_id, name, amount, currency, metadata) "
+               "SELECT min(id), 'purchase', 49.90, 'USD', '{\"order\": \"A-1001\"}' FROM linkhooks.clicks")
+    db.execute("UPDATE linkhooks.links SET destination = 'https://acme.com/winter-sale-2'")
+    db.execute("SELECT linkhooks.send_test(%s)", [sid])
+    real = wait_for(lambda: (lambda got: got if set(got) >= set(examples) else None)(
+        {r["json"]["type"]: r for r in receiver.received("/all")}), message="one event of each type")
+    for kind, example in examples.items():
+        assert shape(real[kind]["json"]) == shape(example), kind
+    assert '"amount":49.90' in real["link.converted"]["body"], "amounts keep their exact digits"
+
+
+def test_settings_table_lists_every_setting_with_its_default(db):
+    rows = re.findall(r"^\| `(linkhooks\.[a-z_]+)` \| (.*?) \|", section("## Settings"), re.M)
+    documented = {name: default.strip("`'") for name, default in rows}
+    actual = dict(db.execute("SELECT name, coalesce(boot_val, '') FROM pg_settings WHERE name LIKE 'linkhooks.%'").fetchall())
+    assert documented == actual
+
+
+def test_every_function_is_documented(db):
+    api = section("### Functions")
+    functions = {r[0] for r in db.execute(
+        "SELECT p.proname FROM pg_proc p JOIN pg_namespace n ON n.oid = p.pronamespace "
+        "WHERE n.nspname = 'linkhooks' AND p.prorettype <> 'trigger'::regtype AND p.proname <> 'apply_access'").fetchall()}
+    undocumented = {f for f in functions if f"`{f}(" not in api}
+    assert functions and not undocumented

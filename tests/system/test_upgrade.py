@@ -1,0 +1,148 @@
+"""Moving an installation: ALTER EXTENSION UPDATE from the previous release
+gives exactly what a fresh install gives, and pg_dump/pg_restore keep every
+row (issue 5). The whole suite also runs against an upgraded install:
+LINKHOOKS_UPGRADE_FROM=0.1.0 (scripts/test.sh does both)."""
+
+import os
+import subprocess
+
+import pytest
+from psycopg import sql
+
+from harness import BIN
+from test_links import IPHONE
+
+PREVIOUS = "0.1.0"
+
+# Everything about the extension's objects a user can observe, one line each.
+CATALOG = """
+WITH members AS (
+    SELECT d.classid, d.objid
+    FROM pg_depend d JOIN pg_extension e ON e.oid = d.refobjid
+    WHERE d.refclassid = 'pg_extension'::regclass AND d.deptype = 'e' AND e.extname = 'pg_linkhooks'
+), rels AS (
+    SELECT c.oid, c.relname, c.relkind, c.relacl FROM pg_class c JOIN members m ON m.classid = 'pg_class'::regclass AND m.objid = c.oid
+), procs AS (
+    SELECT p.oid, p.proacl FROM pg_proc p JOIN members m ON m.classid = 'pg_proc'::regclass AND m.objid = p.oid
+)
+SELECT 'member ' || pg_describe_object(classid, objid, 0) FROM members
+UNION ALL
+SELECT format('column %s.%s #%s %s notnull=%s identity=%s default=%s acl=%s', r.relname, a.attname,
+              row_number() OVER (PARTITION BY r.oid ORDER BY a.attnum), format_type(a.atttypid, a.atttypmod),
+              a.attnotnull, a.attidentity, pg_get_expr(ad.adbin, ad.adrelid), a.attacl)
+FROM rels r
+JOIN pg_attribute a ON a.attrelid = r.oid AND a.attnum > 0 AND NOT a.attisdropped
+LEFT JOIN pg_attrdef ad ON ad.adrelid = r.oid AND ad.adnum = a.attnum
+UNION ALL
+SELECT format('constraint %s.%s %s', r.relname, c.conname, pg_get_constraintdef(c.oid)) FROM rels r JOIN pg_constraint c ON c.conrelid = r.oid
+UNION ALL
+SELECT 'index ' || pg_get_indexdef(i.indexrelid) FROM rels r JOIN pg_index i ON i.indrelid = r.oid
+UNION ALL
+SELECT 'trigger ' || pg_get_triggerdef(t.oid) FROM rels r JOIN pg_trigger t ON t.tgrelid = r.oid AND NOT t.tgisinternal
+UNION ALL
+SELECT format('relation %s kind=%s acl=%s comment=%s', r.relname, r.relkind, r.relacl, obj_description(r.oid, 'pg_class')) FROM rels r
+UNION ALL
+SELECT format('view %s %s', r.relname, pg_get_viewdef(r.oid)) FROM rels r WHERE r.relkind = 'v'
+UNION ALL
+SELECT format('function %s acl=%s comment=%s', pg_get_functiondef(p.oid), p.proacl, obj_description(p.oid, 'pg_proc')) FROM procs p
+UNION ALL
+SELECT 'dumped ' || c::regclass::text FROM pg_extension e, unnest(e.extconfig) c WHERE e.extname = 'pg_linkhooks'
+UNION ALL
+SELECT 'schema linkhooks acl=' || nspacl::text FROM pg_namespace WHERE nspname = 'linkhooks'
+ORDER BY 1
+"""
+
+
+def database(cluster, name):
+    """A new, empty database; returns a connection to it."""
+    with cluster.connect() as c:
+        c.execute(f"DROP DATABASE IF EXISTS {name} WITH (FORCE)")
+        c.execute(f"CREATE DATABASE {name}")
+    return cluster.connect(dbname=name)
+
+
+def drop_database(cluster, name):
+    with cluster.connect() as c:
+        c.execute(f"DROP DATABASE IF EXISTS {name} WITH (FORCE)")
+
+
+def catalog(conn):
+    return [r[0] for r in conn.execute(CATALOG).fetchall()]
+
+
+def fill(conn):
+    """A little of everything, written the way users write it."""
+    conn.execute("INSERT INTO linkhooks.campaigns (name, click_goal) VALUES ('launch', 100)")
+    conn.execute("INSERT INTO linkhooks.links (slug, destination, campaign, utm) "
+                 "VALUES ('up', 'https://acme.com/up', 'launch', '{\"source\": \"mail\"}')")
+    conn.execute("INSERT INTO linkhooks.subscriptions (name, url) VALUES ('crm', 'https://hooks.example.com/in')")
+    conn.execute("SELECT linkhooks.record_click('up', user_agent => %s, referer => 'https://news.example.org/')", [IPHONE])
+    conn.execute("INSERT INTO linkhooks.conversions (link_id, name, amount) "
+                 "SELECT id, 'purchase', 12.50 FROM linkhooks.links WHERE slug = 'up'")
+
+
+@pytest.fixture
+def previous_release(cluster):
+    with cluster.connect() as c:
+        versions = [r[0] for r in c.execute(
+            "SELECT version FROM pg_available_extension_versions WHERE name = 'pg_linkhooks'").fetchall()]
+    assert PREVIOUS in versions, (f"pg_linkhooks {PREVIOUS} is not installed; scripts/test.sh installs "
+                                  f"tests/upgrade/pg_linkhooks--{PREVIOUS}.sql into the extension directory")
+
+
+def test_update_from_previous_release_equals_fresh_install(cluster, previous_release):
+    try:
+        with database(cluster, "lh_fresh") as fresh, database(cluster, "lh_upgraded") as upgraded:
+            fresh.execute("CREATE EXTENSION pg_linkhooks")
+            upgraded.execute(sql.SQL("CREATE EXTENSION pg_linkhooks VERSION {}").format(sql.Literal(PREVIOUS)))
+            fill(upgraded)
+            secret = upgraded.execute("SELECT secret FROM linkhooks.subscriptions").fetchone()[0]
+            upgraded.execute("ALTER EXTENSION pg_linkhooks UPDATE")
+
+            assert upgraded.execute("SELECT extversion FROM pg_extension WHERE extname = 'pg_linkhooks'").fetchone()[0] == \
+                fresh.execute("SELECT extversion FROM pg_extension WHERE extname = 'pg_linkhooks'").fetchone()[0]
+            before, after = catalog(fresh), catalog(upgraded)
+            missing, extra = sorted(set(before) - set(after)), sorted(set(after) - set(before))
+            assert (missing, extra) == ([], []), "an upgraded install differs from a fresh one"
+            assert len(before) > 100, "the catalog snapshot covers the extension's objects"
+
+            # Rows written by the previous release work with the new surface.
+            assert upgraded.execute("SELECT secret FROM linkhooks.subscriptions").fetchone()[0] == secret
+            assert upgraded.execute("SELECT clicks, human_clicks, conversions FROM linkhooks.link_stats").fetchone() == (1, 1, 1)
+            assert upgraded.execute("SELECT count(*) FROM linkhooks.subscription_health").fetchone()[0] == 2
+            assert upgraded.execute("SELECT linkhooks.record_click('up', user_agent => %s)", [IPHONE]).fetchone()[0] == "https://acme.com/up?utm_source=mail"
+            assert upgraded.execute("SELECT count(*) FROM linkhooks.delivery_log WHERE event_type = 'link.clicked'").fetchone()[0] == 2
+            assert upgraded.execute("SELECT running FROM linkhooks.worker_status()").fetchone()[0] is True
+    finally:
+        drop_database(cluster, "lh_fresh")
+        drop_database(cluster, "lh_upgraded")
+
+
+def run_as_postgres(cluster, tool, *args, env=None):
+    result = subprocess.run(["runuser", "-u", "postgres", "--", f"{BIN}/{tool}", "-h", cluster.dir, "-p", str(cluster.port),
+                             "-U", "postgres", *args], capture_output=True, text=True, env={**os.environ, **(env or {})})
+    assert result.returncode == 0, result.stderr
+
+
+def test_dump_and_restore_keep_every_row_without_emitting_again(cluster):
+    dump = os.path.join(cluster.dir, "lh_source.dump")
+    tables = ["links", "campaigns", "clicks", "conversions", "subscriptions", "deliveries"]
+    try:
+        with database(cluster, "lh_source") as source:
+            source.execute("CREATE EXTENSION pg_linkhooks")
+            fill(source)
+            run_as_postgres(cluster, "pg_dump", "-Fc", "-f", dump, "lh_source")
+            with database(cluster, "lh_restored") as restored:
+                run_as_postgres(cluster, "pg_restore", "-d", "lh_restored", dump,
+                                env={"PGOPTIONS": "-c session_replication_role=replica"})
+                for table in tables:
+                    query = f"SELECT * FROM linkhooks.{table} ORDER BY 1"
+                    assert restored.execute(query).fetchall() == source.execute(query).fetchall(), table
+                # Identity sequences continue, triggers work again, and new events are queued.
+                restored.execute("INSERT INTO linkhooks.links (slug, destination) VALUES ('after', 'https://acme.com/after')")
+                assert restored.execute("SELECT linkhooks.record_click('after', user_agent => %s)", [IPHONE]).fetchone()[0] == "https://acme.com/after"
+                assert restored.execute("SELECT count(*) FROM linkhooks.deliveries").fetchone()[0] == \
+                    source.execute("SELECT count(*) FROM linkhooks.deliveries").fetchone()[0] + 2
+    finally:
+        drop_database(cluster, "lh_source")
+        drop_database(cluster, "lh_restored")
