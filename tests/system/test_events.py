@@ -112,12 +112,14 @@ def test_time_expiry_and_campaign_end_are_found_by_maintenance(db, sub):
     link_id = link(db, "old")
     db.execute("INSERT INTO linkhooks.campaigns (name, ends_at) VALUES ('spring', now() - interval '1 minute')")
     db.execute("UPDATE linkhooks.links SET expires_at = now() - interval '1 second' WHERE id = %s", [link_id])
-    first = db.execute("SELECT linkhooks.run_maintenance()").fetchone()[0]
-    second = db.execute("SELECT linkhooks.run_maintenance()").fetchone()[0]
-    assert first["links_expired"] == 1 and first["campaigns_completed"] == 1
-    assert second["links_expired"] == 0 and second["campaigns_completed"] == 0
-    assert json.loads(queued(db, "link.expired")[0][1])["data"]["reason"] == "expires_at"
-    assert json.loads(queued(db, "campaign.completed")[0][1])["data"]["campaign"]["reason"] == "ends_at"
+    # This run or the worker's own (every second here) finds them; either way exactly once.
+    db.execute("SELECT linkhooks.run_maintenance()")
+    again = db.execute("SELECT linkhooks.run_maintenance()").fetchone()[0]
+    assert again["links_expired"] == 0 and again["campaigns_completed"] == 0
+    [expired] = queued(db, "link.expired")
+    [completed] = queued(db, "campaign.completed")
+    assert json.loads(expired[1])["data"]["reason"] == "expires_at"
+    assert json.loads(completed[1])["data"]["campaign"]["reason"] == "ends_at"
 
 
 def test_campaign_goal_completes_once_under_concurrency(cluster, db, sub):
