@@ -127,7 +127,8 @@ CREATE TABLE delivery_attempts (
     duration_ms      double precision NOT NULL,
     status_code      integer,
     error            text,
-    response_excerpt text
+    response_excerpt text,
+    subscription_id  bigint   -- (0.2.0) the delivery's subscription, so health needs no join
 );
 -- Attempts of one delivery.
 CREATE INDEX delivery_attempts_delivery ON delivery_attempts (delivery_id);

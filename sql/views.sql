@@ -13,28 +13,36 @@ LEFT JOIN subscriptions s ON s.id = d.subscription_id;
 COMMENT ON VIEW delivery_log IS 'One row per delivery: subscription, event, status, attempts, last error, end-to-end latency.';
 
 -- Per subscription and period ('1h', '24h'): volume, failures, latency, backlog and state.
+-- One pass over the last day per source, split into both periods with FILTER.
 CREATE VIEW subscription_health AS
-WITH periods (period, since) AS (
-    VALUES ('1h', now() - interval '1 hour'), ('24h', now() - interval '24 hours')
-), delivered AS (
-    SELECT p.period, d.subscription_id, count(*) AS delivered,
-           percentile_cont(ARRAY[0.5, 0.95, 0.99]) WITHIN GROUP
-               (ORDER BY extract(epoch FROM d.delivered_at - d.created_at) * 1000) AS latency_ms
-    FROM periods p
-    JOIN deliveries d ON d.status = 'delivered' AND d.delivered_at >= p.since
-    GROUP BY p.period, d.subscription_id
+WITH delivered AS (
+    SELECT d.subscription_id, v.period, v.delivered, v.latency_ms
+    FROM (SELECT subscription_id, count(*) FILTER (WHERE recent) AS n_1h, count(*) AS n_24h,
+                 percentile_cont(ARRAY[0.5, 0.95, 0.99]) WITHIN GROUP (ORDER BY ms) FILTER (WHERE recent) AS ms_1h,
+                 percentile_cont(ARRAY[0.5, 0.95, 0.99]) WITHIN GROUP (ORDER BY ms) AS ms_24h
+          FROM (SELECT subscription_id, delivered_at >= now() - interval '1 hour' AS recent,
+                       extract(epoch FROM delivered_at - created_at) * 1000 AS ms
+                FROM deliveries
+                WHERE status = 'delivered' AND delivered_at >= now() - interval '24 hours') x
+          GROUP BY subscription_id) d
+    CROSS JOIN LATERAL (VALUES ('1h', d.n_1h, d.ms_1h), ('24h', d.n_24h, d.ms_24h)) AS v (period, delivered, latency_ms)
 ), attempted AS (
-    SELECT p.period, d.subscription_id, count(*) AS attempts,
-           count(*) FILTER (WHERE a.status_code BETWEEN 200 AND 299) AS succeeded
-    FROM periods p
-    JOIN delivery_attempts a ON a.started_at >= p.since
-    JOIN deliveries d ON d.id = a.delivery_id
-    GROUP BY p.period, d.subscription_id
+    SELECT a.subscription_id, v.period, v.attempts, v.succeeded
+    FROM (SELECT subscription_id, count(*) FILTER (WHERE recent) AS n_1h, count(*) AS n_24h,
+                 count(*) FILTER (WHERE recent AND ok) AS ok_1h, count(*) FILTER (WHERE ok) AS ok_24h
+          FROM (SELECT subscription_id, started_at >= now() - interval '1 hour' AS recent,
+                       coalesce(status_code BETWEEN 200 AND 299, false) AS ok
+                FROM delivery_attempts
+                WHERE started_at >= now() - interval '24 hours') x
+          GROUP BY subscription_id) a
+    CROSS JOIN LATERAL (VALUES ('1h', a.n_1h, a.ok_1h), ('24h', a.n_24h, a.ok_24h)) AS v (period, attempts, succeeded)
 ), died AS (
-    SELECT p.period, l.subscription_id, count(*) AS dead_letters
-    FROM periods p
-    JOIN dead_letters l ON l.died_at >= p.since
-    GROUP BY p.period, l.subscription_id
+    SELECT l.subscription_id, v.period, v.dead_letters
+    FROM (SELECT subscription_id, count(*) FILTER (WHERE died_at >= now() - interval '1 hour') AS n_1h, count(*) AS n_24h
+          FROM dead_letters
+          WHERE died_at >= now() - interval '24 hours'
+          GROUP BY subscription_id) l
+    CROSS JOIN LATERAL (VALUES ('1h', l.n_1h), ('24h', l.n_24h)) AS v (period, dead_letters)
 ), queued AS (
     SELECT subscription_id, count(*) AS pending, min(created_at) AS oldest
     FROM deliveries
@@ -54,7 +62,7 @@ SELECT s.id AS subscription_id, s.name, p.period, s.enabled, s.disabled_reason,
        st.last_success_at, st.last_failure_at,
        coalesce(st.consecutive_failures, 0) AS consecutive_failures
 FROM subscriptions s
-CROSS JOIN periods p
+CROSS JOIN (VALUES ('1h'), ('24h')) AS p (period)
 LEFT JOIN delivered dl ON dl.subscription_id = s.id AND dl.period = p.period
 LEFT JOIN attempted at ON at.subscription_id = s.id AND at.period = p.period
 LEFT JOIN died di ON di.subscription_id = s.id AND di.period = p.period

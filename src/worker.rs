@@ -429,6 +429,7 @@ impl Worker {
         let started: Vec<f64> = outcomes.iter().map(|o| o.started_unix_micros as f64 / 1e6).collect();
         let durations: Vec<f64> = outcomes.iter().map(|o| o.duration_ms).collect();
         let excerpts: Vec<Option<String>> = outcomes.iter().map(|o| o.excerpt.clone()).collect();
+        let subscriptions: Vec<i64> = outcomes.iter().map(|o| o.subscription_id).collect();
 
         Spi::connect_mut(|client| -> Result<()> {
             plans::execute(
@@ -450,12 +451,21 @@ impl Worker {
             plans::execute(
                 client,
                 "INSERT INTO linkhooks.delivery_attempts
-                        (delivery_id, attempt, started_at, duration_ms, status_code, error, response_excerpt)
-                 SELECT id, n, to_timestamp(s), ms, code, err, ex
-                   FROM unnest($1::bigint[], $2::int[], $3::float8[], $4::float8[], $5::int[], $6::text[], $7::text[])
-                        AS u(id, n, s, ms, code, err, ex)",
-                &[INT8_ARRAY, INT4_ARRAY, FLOAT8_ARRAY, FLOAT8_ARRAY, INT4_ARRAY, TEXT_ARRAY, TEXT_ARRAY],
-                &[ids.into(), attempt_numbers.into(), started.into(), durations.into(), codes.into(), errors.into(), excerpts.into()],
+                        (delivery_id, attempt, started_at, duration_ms, status_code, error, response_excerpt, subscription_id)
+                 SELECT id, n, to_timestamp(s), ms, code, err, ex, sub
+                   FROM unnest($1::bigint[], $2::int[], $3::float8[], $4::float8[], $5::int[], $6::text[], $7::text[], $8::bigint[])
+                        AS u(id, n, s, ms, code, err, ex, sub)",
+                &[INT8_ARRAY, INT4_ARRAY, FLOAT8_ARRAY, FLOAT8_ARRAY, INT4_ARRAY, TEXT_ARRAY, TEXT_ARRAY, INT8_ARRAY],
+                &[
+                    ids.into(),
+                    attempt_numbers.into(),
+                    started.into(),
+                    durations.into(),
+                    codes.into(),
+                    errors.into(),
+                    excerpts.into(),
+                    subscriptions.into(),
+                ],
             )?;
             if !dead_ids.is_empty() {
                 plans::execute(

@@ -97,6 +97,9 @@ def test_update_from_previous_release_equals_fresh_install(cluster, previous_rel
             upgraded.execute(sql.SQL("CREATE EXTENSION pg_linkhooks VERSION {}").format(sql.Literal(PREVIOUS)))
             fill(upgraded)
             secret = upgraded.execute("SELECT secret FROM linkhooks.subscriptions").fetchone()[0]
+            # An attempt as the 0.1.0 worker wrote it (no worker serves this database).
+            upgraded.execute("INSERT INTO linkhooks.delivery_attempts (delivery_id, attempt, started_at, duration_ms, status_code) "
+                             "SELECT id, 1, now(), 3.5, 500 FROM linkhooks.deliveries WHERE event_type = 'link.clicked'")
             upgraded.execute("ALTER EXTENSION pg_linkhooks UPDATE")
 
             assert upgraded.execute("SELECT extversion FROM pg_extension WHERE extname = 'pg_linkhooks'").fetchone()[0] == \
@@ -110,6 +113,8 @@ def test_update_from_previous_release_equals_fresh_install(cluster, previous_rel
             assert upgraded.execute("SELECT secret FROM linkhooks.subscriptions").fetchone()[0] == secret
             assert upgraded.execute("SELECT clicks, human_clicks, conversions FROM linkhooks.link_stats").fetchone() == (1, 1, 1)
             assert upgraded.execute("SELECT count(*) FROM linkhooks.subscription_health").fetchone()[0] == 2
+            assert upgraded.execute("SELECT failed_attempts FROM linkhooks.subscription_health WHERE period = '1h'").fetchone()[0] == 1, \
+                "attempts from 0.1.0 are attributed to their subscription"
             assert upgraded.execute("SELECT linkhooks.record_click('up', user_agent => %s)", [IPHONE]).fetchone()[0] == "https://acme.com/up?utm_source=mail"
             assert upgraded.execute("SELECT count(*) FROM linkhooks.delivery_log WHERE event_type = 'link.clicked'").fetchone()[0] == 2
             assert upgraded.execute("SELECT running FROM linkhooks.worker_status()").fetchone()[0] is True
