@@ -14,7 +14,7 @@ use pgrx::bgworkers::{BackgroundWorker, BackgroundWorkerBuilder, SignalWakeFlags
 use pgrx::prelude::*;
 
 use crate::error::{OrReport, Result};
-use crate::events::unix_now;
+use crate::events::{unix_now, unix_now_micros};
 use crate::guc;
 use crate::health::{self, HealthChange};
 use crate::plans::{self, FLOAT8, FLOAT8_ARRAY, INT4_ARRAY, INT8, INT8_ARRAY, TEXT_ARRAY};
@@ -205,7 +205,7 @@ impl Worker {
             }
             self.dispatch();
             let in_flight: usize = self.in_flight.values().sum();
-            shared::record_loop(in_flight as i64, (unix_now() * 1000).max(0));
+            shared::record_loop(in_flight as i64, unix_now_micros() / 1000);
             woken = self.wait(in_flight);
         }
     }
