@@ -1,0 +1,518 @@
+"""pg_linkhooks benchmark suite (issue 6).
+
+Starts its own cluster, a local nginx answering 200 (its access log records
+arrival time and webhook-id) and a slow receiver, runs every case against a
+baseline measured in the same run, and prints one table: medians of several
+runs with min and max. Run it with scripts/bench.sh; --smoke runs every case
+tiny (seconds), to keep the suite from rotting.
+"""
+
+import argparse
+import asyncio
+import os
+import re
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, os.path.join(ROOT, "tests", "system"))
+from harness import BIN, Cluster, free_port, wait_for  # noqa: E402
+
+UA = ("Mozilla/5.0 (iPhone; CPU iPhone OS 17_2 like Mac OS X) AppleWebKit/605.1.15 "
+      "(KHTML, like Gecko) Version/17.2 Mobile/15E148 Safari/604.1")
+
+# Throughput cases measure CPU cost, not fsync: commits do not wait for the WAL flush.
+SETTINGS = {
+    "synchronous_commit": "off",
+    "track_commit_timestamp": "on",  # commit time of each click, for end-to-end latency
+    "max_connections": "100",
+    "shared_buffers": "'256MB'",
+    "linkhooks.database": "'idle'",  # the worker waits in an empty database until a case sends it to 'bench'
+    "linkhooks.allow_private_targets": "on",
+    "linkhooks.require_https": "off",
+    "linkhooks.base_url": "'https://go.acme.co'",
+}
+
+SETUP = """
+CREATE EXTENSION pg_linkhooks;
+CREATE EXTENSION pgcrypto;
+INSERT INTO linkhooks.links (slug, destination) SELECT 'l' || g, 'https://acme.com/p/' || g FROM generate_series(1, {links}) g;
+INSERT INTO linkhooks.links (slug, destination) VALUES ('hot', 'https://acme.com/hot');
+-- Baseline: the same table without triggers (columns, defaults, identity, indexes).
+CREATE TABLE bench_plain_clicks (LIKE linkhooks.clicks INCLUDING ALL);
+-- Baseline: the outbox a DBA writes by hand: PL/pgSQL builds the JSON and signs it with pgcrypto.
+CREATE TABLE bench_outbox_clicks (LIKE linkhooks.clicks INCLUDING ALL);
+CREATE TABLE bench_outbox_subscriptions (id bigint PRIMARY KEY, secret bytea NOT NULL);
+CREATE TABLE bench_outbox (id bigserial PRIMARY KEY, event_id uuid NOT NULL, subscription_id bigint NOT NULL,
+                           body text NOT NULL, signature text NOT NULL, created_at timestamptz NOT NULL DEFAULT now());
+CREATE FUNCTION bench_outbox_trigger() RETURNS trigger LANGUAGE plpgsql AS $$
+DECLARE
+    l record;
+    s record;
+    body text;
+BEGIN
+    SELECT id, slug, destination, campaign, tags INTO l FROM linkhooks.links WHERE id = NEW.link_id;
+    IF NOT FOUND THEN
+        RAISE EXCEPTION 'invalid link_id: link % does not exist', NEW.link_id;
+    END IF;
+    body := jsonb_build_object('id', NEW.event_id, 'type', 'link.clicked', 'timestamp', NEW.clicked_at,
+        'data', jsonb_build_object(
+            'link', jsonb_build_object('id', l.id, 'slug', l.slug, 'destination', l.destination,
+                                       'campaign', l.campaign, 'tags', l.tags),
+            'click', jsonb_build_object('id', NEW.event_id, 'timestamp', NEW.clicked_at, 'ip_address', host(NEW.ip),
+                                        'user_agent', NEW.user_agent, 'referer', NEW.referer, 'country', NEW.country,
+                                        'city', NEW.city, 'source', NEW.source)))::text;
+    FOR s IN SELECT id, secret FROM bench_outbox_subscriptions LOOP
+        INSERT INTO bench_outbox (event_id, subscription_id, body, signature)
+        VALUES (NEW.event_id, s.id, body, 'v1,' || encode(hmac(NEW.event_id || '.' || extract(epoch FROM now())::bigint
+                                                                || '.' || body, s.secret, 'sha256'), 'base64'));
+    END LOOP;
+    RETURN NEW;
+END
+$$;
+CREATE TRIGGER bench_outbox BEFORE INSERT ON bench_outbox_clicks FOR EACH ROW EXECUTE FUNCTION bench_outbox_trigger();
+INSERT INTO bench_outbox_subscriptions VALUES (1, gen_random_bytes(32));
+"""
+
+FULL = dict(runs=3, seconds=8, links=100_000, throughput=50_000, latency_seconds=15, isolation=20_000,
+            backlog_small=10_000, backlog_large=1_000_000, callgrind=(100, 1100))
+SMOKE = dict(runs=1, seconds=1, links=1_000, throughput=500, latency_seconds=1, isolation=300,
+             backlog_small=200, backlog_large=1_000, callgrind=(2, 12))
+
+
+class Nginx:
+    """Debian's nginx answering 200 on 127.0.0.1, logging '$msec $http_webhook_id' per request."""
+
+    def __init__(self, workdir):
+        self.dir = os.path.join(workdir, "nginx")
+        os.makedirs(self.dir, exist_ok=True)
+        self.port = free_port()
+        self.log = os.path.join(self.dir, "access.log")
+        self.conf = os.path.join(self.dir, "nginx.conf")
+        with open(self.conf, "w") as f:
+            f.write(f"""worker_processes 1;
+pid {self.dir}/nginx.pid;
+error_log {self.dir}/error.log;
+events {{ worker_connections 4096; }}
+http {{
+    log_format arrival '$msec $http_webhook_id';
+    access_log {self.log} arrival;
+    client_body_temp_path {self.dir};
+    server {{
+        listen 127.0.0.1:{self.port};
+        keepalive_requests 1000000;
+        location / {{ return 200 'ok'; }}
+    }}
+}}
+""")
+        subprocess.run(["nginx", "-c", self.conf], check=True)
+
+    def url(self, path="/hook"):
+        return f"http://127.0.0.1:{self.port}{path}"
+
+    def arrivals(self):
+        """webhook-id → arrival time (Unix seconds), first arrival of each."""
+        seen = {}
+        with open(self.log) as f:
+            for line in f:
+                msec, _, webhook_id = line.strip().partition(" ")
+                if webhook_id and webhook_id != "-":
+                    seen.setdefault(webhook_id, float(msec))
+        return seen
+
+    def stop(self):
+        subprocess.run(["nginx", "-c", self.conf, "-s", "stop"], check=False)
+
+
+class SlowReceiver:
+    """Answers every request with 200 after a delay (asyncio: thousands of waiting connections are fine)."""
+
+    def __init__(self, delay):
+        self.delay = delay
+        self.port = free_port()
+        self.loop = asyncio.new_event_loop()
+        ready = threading.Event()
+        threading.Thread(target=self._run, args=(ready,), daemon=True).start()
+        ready.wait()
+
+    def _run(self, ready):
+        asyncio.set_event_loop(self.loop)
+        server = self.loop.run_until_complete(asyncio.start_server(self._handle, "127.0.0.1", self.port))
+        self.server = server
+        ready.set()
+        self.loop.run_forever()
+
+    async def _handle(self, reader, writer):
+        try:
+            while True:
+                head = await reader.readuntil(b"\r\n\r\n")
+                length = int(re.search(rb"content-length: *(\d+)", head, re.I).group(1))
+                await reader.readexactly(length)
+                await asyncio.sleep(self.delay)
+                writer.write(b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok")
+                await writer.drain()
+        except (asyncio.IncompleteReadError, ConnectionError, AttributeError):
+            writer.close()
+
+    def url(self):
+        return f"http://127.0.0.1:{self.port}/slow"
+
+
+class Bench:
+    def __init__(self, size, workdir):
+        self.size = size
+        self.workdir = workdir
+        self.rows = []
+        self.cluster = Cluster(SETTINGS)
+        self.cluster.start()
+        with self.cluster.connect() as c:
+            c.execute("CREATE DATABASE idle")
+            c.execute("CREATE DATABASE bench")
+        self.db = self.cluster.connect(dbname="bench")
+        self.db.execute(SETUP.format(links=size["links"]))
+        self.db.execute("VACUUM ANALYZE")
+        self.nginx = Nginx(workdir)
+
+    # ---- helpers ---------------------------------------------------------------------------
+
+    def sql(self, query, params=()):
+        return self.db.execute(query, params)
+
+    def one(self, query, params=()):
+        return self.db.execute(query, params).fetchone()[0]
+
+    def pgbench(self, script, clients=8, seconds=None, rate=None):
+        """Transactions per second of a pgbench script (prepared statements, 2 threads)."""
+        path = os.path.join(self.workdir, "script.sql")
+        with open(path, "w") as f:
+            f.write(script)
+        args = [f"{BIN}/pgbench", "-h", "127.0.0.1", "-p", str(self.cluster.port), "-U", "postgres", "-n", "-M", "prepared",
+                "-c", str(clients), "-j", "2", "-T", str(seconds or self.size["seconds"]), "-f", path]
+        if rate:
+            args += ["-R", str(rate)]
+        out = subprocess.run(args + ["bench"], capture_output=True, text=True)
+        if out.returncode != 0:
+            raise RuntimeError(f"pgbench failed: {out.stderr.strip()}")
+        return float(re.search(r"^tps = ([\d.]+)", out.stdout, re.M).group(1))
+
+    def reset_clicks(self):
+        self.sql("TRUNCATE linkhooks.clicks, linkhooks.deliveries, linkhooks.delivery_attempts, linkhooks.dead_letters, "
+                 "linkhooks.subscription_state, bench_plain_clicks, bench_outbox_clicks, bench_outbox")
+
+    def subscriptions(self, urls):
+        """Exactly these subscriptions (every event, bots included); returns their ids."""
+        self.sql("DELETE FROM linkhooks.subscriptions")
+        return [self.one("INSERT INTO linkhooks.subscriptions (name, url, filters, event_types) "
+                         "VALUES (%s, %s, '{\"exclude_bots\": false}', '{link.clicked,qr.scanned}') RETURNING id",
+                         [f"s{i}", url]) for i, url in enumerate(urls)]
+
+    def worker_in(self, database):
+        """Moves the worker to a database and waits until it runs there."""
+        self.cluster.set("linkhooks.database", database)
+        wait_for(lambda: self.one("SELECT count(*) FROM pg_stat_activity WHERE backend_type = 'pg_linkhooks' "
+                                  "AND datname = %s", [database]) == 1, timeout=30, message=f"the worker in {database}")
+
+    def worker_pid(self):
+        return self.one("SELECT pid FROM pg_stat_activity WHERE backend_type = 'pg_linkhooks'")
+
+    def compare(self, case, script, baseline_script, baseline_name, target, clients=8, before_each=None):
+        """Alternates baseline and case runs; records medians, min and max and the ratio per pair."""
+        self.pgbench(script, clients, seconds=1)  # warm caches and plans
+        self.pgbench(baseline_script, clients, seconds=1)
+        ours, theirs, ratios = [], [], []
+        for _ in range(self.size["runs"]):
+            if before_each:
+                before_each()
+            b = self.pgbench(baseline_script, clients)
+            if before_each:
+                before_each()
+            a = self.pgbench(script, clients)
+            ours.append(a), theirs.append(b), ratios.append(a / b)
+        self.record(case, ours, "tps", baseline_name, theirs, ratios, target)
+
+    def record(self, case, values, unit, baseline_name=None, baseline=None, ratios=None, target=None, note=""):
+        row = {"case": case, "values": values, "unit": unit, "baseline_name": baseline_name, "baseline": baseline,
+               "ratios": ratios, "target": target, "note": note}
+        self.rows.append(row)
+        print(format_row(row), flush=True)
+
+    # ---- cases -----------------------------------------------------------------------------
+
+    def resolve(self):
+        links = self.size["links"]
+        pick = f"\\set n random(1, {links})\n"
+        self.compare(f"`resolve(slug)` over {links:,} links, 8 clients",
+                     pick + "SELECT linkhooks.resolve('l' || :n);\n",
+                     pick + "SELECT destination FROM linkhooks.links WHERE domain = '' AND slug = 'l' || :n;\n",
+                     "bare SELECT by (domain, slug)", 0.9)
+
+    def click_inserts(self):
+        links = self.size["links"]
+        insert = (f"\\set n random(1, {links})\n"
+                  "INSERT INTO {table} (link_id, ip, user_agent) VALUES (:n, '203.0.113.1', '" + UA + "');\n")
+        ours = insert.replace("{table}", "linkhooks.clicks")
+        plain = insert.replace("{table}", "bench_plain_clicks")
+        outbox = insert.replace("{table}", "bench_outbox_clicks")
+        for n, target in [(0, None), (1, 0.8), (4, 0.6)]:
+            self.subscriptions([self.nginx.url()] * n)
+            self.compare(f"click INSERT, {n} subscription{'s' if n != 1 else ''}", ours, plain,
+                         "INSERT into the same table without triggers", target, before_each=self.reset_clicks)
+        self.subscriptions([self.nginx.url()])
+        self.compare("click INSERT, 1 subscription", ours, outbox, "PL/pgSQL + pgcrypto outbox trigger", 1.25,
+                     before_each=self.reset_clicks)
+        record = (f"\\set n random(1, {links})\n"
+                  "SELECT linkhooks.record_click('l' || :n, '203.0.113.1', '" + UA + "');\n")
+        self.compare("`record_click`, 1 subscription", record, plain, "INSERT into the same table without triggers",
+                     None, before_each=self.reset_clicks)
+
+    def hot_link(self):
+        links = self.size["links"]
+        self.subscriptions([self.nginx.url()])
+        self.compare("`record_click` on one hot link, 8 clients",
+                     "SELECT linkhooks.record_click('hot', '203.0.113.1', '" + UA + "');\n",
+                     f"\\set n random(1, {links})\nSELECT linkhooks.record_click('l' || :n, '203.0.113.1', '" + UA + "');\n",
+                     f"same load over {links:,} links", 0.8, before_each=self.reset_clicks)
+
+    def queue_clicks(self, n):
+        """n clicks in one statement, through the real trigger path."""
+        self.sql("INSERT INTO linkhooks.clicks (link_id, user_agent) SELECT 1 + g %% %s, %s FROM generate_series(1, %s) g",
+                 [self.size["links"], UA, n])
+
+    def drain(self, subscription_id=None, timeout=600):
+        """Waits until a subscription's (or every) delivery is delivered; returns deliveries per second
+        from the first attempt to the last delivery."""
+        where = "" if subscription_id is None else f" AND subscription_id = {int(subscription_id)}"
+        wait_for(lambda: self.one(f"SELECT count(*) FROM linkhooks.deliveries WHERE status <> 'delivered'{where}") == 0,
+                 timeout=timeout, interval=0.2, message="the queue drained")
+        n, seconds = self.db.execute(
+            f"SELECT count(*), extract(epoch FROM max(delivered_at) - (SELECT min(started_at) FROM linkhooks.delivery_attempts"
+            f"{' WHERE subscription_id = ' + str(int(subscription_id)) if subscription_id else ''}))"
+            f" FROM linkhooks.deliveries WHERE status = 'delivered'{where}").fetchone()
+        return n / float(seconds)
+
+    def throughput(self):
+        n = self.size["throughput"]
+        rates = []
+        for _ in range(self.size["runs"]):
+            self.worker_in("idle")
+            self.reset_clicks()
+            self.subscriptions([self.nginx.url()])
+            self.queue_clicks(n)
+            self.worker_in("bench")
+            rates.append(self.drain())
+        self.record(f"delivery throughput, {n:,} queued events → nginx (keep-alive)", rates, "deliveries/s",
+                    target=5000, note="pg_net: about 200/s")
+
+    def latency(self):
+        self.worker_in("bench")
+        self.reset_clicks()
+        self.subscriptions([self.nginx.url()])
+        seconds = self.size["latency_seconds"]
+        self.pgbench(f"\\set n random(1, {self.size['links']})\n"
+                     "SELECT linkhooks.record_click('l' || :n, '203.0.113.1', '" + UA + "');\n",
+                     clients=4, seconds=seconds, rate=200)
+        self.drain()
+        committed = dict(self.db.execute("SELECT event_id::text, extract(epoch FROM pg_xact_commit_timestamp(xmin))::float8 "
+                                         "FROM linkhooks.clicks").fetchall())
+        arrived = self.nginx.arrivals()
+        latencies = sorted((arrived[e] - t) * 1000 for e, t in committed.items() if e in arrived)
+        assert len(latencies) == len(committed), "every click's webhook arrived"
+        p50, p99 = percentile(latencies, 0.5), percentile(latencies, 0.99)
+        self.record(f"end-to-end latency at 200 clicks/s ({len(latencies):,} clicks), commit → arrival at nginx",
+                    [p50], "ms p50", target=("≤", 10), note=f"p99 {p99:.1f} ms (target ≤ 50), max {latencies[-1]:.1f} ms")
+        self.rows[-1]["extra"] = {"p99": p99}
+
+    def isolation(self, slow):
+        n = self.size["isolation"]
+        alone, beside, ratios = [], [], []
+        for _ in range(self.size["runs"]):
+            for with_slow in (False, True):
+                self.worker_in("idle")
+                self.reset_clicks()
+                ids = self.subscriptions([self.nginx.url()] + ([slow.url()] if with_slow else []))
+                self.queue_clicks(n)
+                self.worker_in("bench")
+                rate = self.drain(subscription_id=ids[0])
+                (beside if with_slow else alone).append(rate)
+            ratios.append(beside[-1] / alone[-1])
+        self.worker_in("idle")  # leave the slow endpoint's backlog behind
+        self.record(f"fast endpoint beside one answering after {slow.delay:g} s ({n:,} events each)", beside, "deliveries/s",
+                    "the fast endpoint alone", alone, ratios, 0.9)
+
+    def backlog(self):
+        small, large = self.size["backlog_small"], self.size["backlog_large"]
+
+        def queue(n):
+            self.worker_in("idle")
+            self.reset_clicks()
+            [sub] = self.subscriptions([self.nginx.url()])
+            # A real signed body once, then copies (the worker signs each attempt with the row's own event id).
+            self.queue_clicks(1)
+            body = self.one("SELECT body FROM linkhooks.deliveries LIMIT 1")
+            self.sql("INSERT INTO linkhooks.deliveries (event_id, subscription_id, event_type, body, signed_at, signature) "
+                     "SELECT gen_random_uuid(), %s, 'link.clicked', %s, 0, '' FROM generate_series(2, %s)", [sub, body, n])
+            self.sql("VACUUM ANALYZE linkhooks.deliveries")
+
+        small_rates = []
+        for _ in range(self.size["runs"]):
+            queue(small)
+            self.worker_in("bench")
+            small_rates.append(self.drain())
+        queue(large)
+        self.worker_in("bench")
+        pid = self.worker_pid()
+        rss, stop = [], threading.Event()
+
+        def sample():
+            while not stop.is_set():
+                rss.append(rss_kib(pid))
+                stop.wait(1.0)
+
+        sampler = threading.Thread(target=sample)
+        sampler.start()
+        try:
+            large_rate = self.drain(timeout=3600)
+        finally:
+            stop.set()
+            sampler.join()
+        rss = [r for r in rss if r]
+        self.record(f"draining {large:,} pending deliveries", [large_rate], "deliveries/s", f"draining {small:,}",
+                    small_rates, [large_rate / statistics.median(small_rates)], 0.8)
+        self.record(f"worker RSS while draining {large:,} (sampled every second)", [rss[0] / 1024, rss[-1] / 1024],
+                    "MiB first, last", note=f"max {max(rss) / 1024:.1f} MiB over {len(rss)} samples")
+        self.worker_in("idle")
+
+    def callgrind(self):
+        """Instructions per click (valgrind callgrind on a single-user backend): stable on noisy machines."""
+        if not shutil.which("valgrind"):
+            self.record("instructions per click", [], "Ir", note="valgrind not installed: skipped")
+            return
+        few, many = self.size["callgrind"]
+        self.subscriptions([self.nginx.url()])
+        self.reset_clicks()
+        self.cluster.stop()
+        try:
+            statements = {
+                "bare SELECT by (domain, slug)": "SELECT destination FROM linkhooks.links WHERE domain = '' AND slug = 'l{i}';",
+                "resolve(slug)": "SELECT linkhooks.resolve('l{i}');",
+                "INSERT into a table without triggers": "INSERT INTO bench_plain_clicks (link_id, ip, user_agent) "
+                                                        "VALUES ({i}, '203.0.113.1', '" + UA + "');",
+                "click INSERT, 1 subscription": "INSERT INTO linkhooks.clicks (link_id, ip, user_agent) "
+                                                "VALUES ({i}, '203.0.113.1', '" + UA + "');",
+                "record_click, 1 subscription": "SELECT linkhooks.record_click('l{i}', '203.0.113.1', '" + UA + "');",
+                "PL/pgSQL + pgcrypto outbox, 1 subscription": "INSERT INTO bench_outbox_clicks (link_id, ip, user_agent) "
+                                                              "VALUES ({i}, '203.0.113.1', '" + UA + "');",
+            }
+            if self.size is SMOKE:  # two variants are enough to keep the machinery from rotting
+                statements = {k: statements[k] for k in ("INSERT into a table without triggers", "click INSERT, 1 subscription")}
+            per_call = {}
+            for name, statement in statements.items():
+                counts = [self._instructions(statement, n) for n in (few, many)]
+                per_call[name] = (counts[1] - counts[0]) / (many - few)
+            base = per_call["INSERT into a table without triggers"]
+            for name, ir in per_call.items():
+                self.record(f"instructions per call: {name}", [ir], "Ir", note=f"{ir / base:.2f}× a plain INSERT")
+        finally:
+            self.cluster.start()
+            self.db = self.cluster.connect(dbname="bench")
+
+    def _instructions(self, statement, n):
+        script = os.path.join(self.workdir, f"single-{n}.sql")
+        with open(script, "w") as f:
+            f.write("\n".join(statement.format(i=1 + i % self.size["links"]) for i in range(n)) + "\n")
+        out = os.path.join(self.workdir, f"callgrind-{n}.out")
+        with open(script) as stdin:
+            run = subprocess.run(["runuser", "-u", "postgres", "--", "valgrind", "--tool=callgrind", f"--callgrind-out-file={out}",
+                                  f"{BIN}/postgres", "--single", "-D", self.cluster.dir, "bench"],
+                                 stdin=stdin, capture_output=True, text=True, cwd=self.workdir)
+        collected = re.search(r"Collected : (\d+)", run.stderr)
+        if not collected:
+            raise RuntimeError(f"callgrind failed: {run.stderr[-2000:]}")
+        return int(collected.group(1))
+
+    def close(self):
+        self.nginx.stop()
+        self.db.close()
+        self.cluster.destroy()
+
+
+def rss_kib(pid):
+    try:
+        with open(f"/proc/{pid}/status") as f:
+            return int(re.search(r"VmRSS:\s+(\d+)", f.read()).group(1))
+    except (OSError, AttributeError):
+        return None
+
+
+def percentile(sorted_values, q):
+    return sorted_values[min(len(sorted_values) - 1, int(round(q * (len(sorted_values) - 1))))]
+
+
+def spread(values, fmt):
+    if not values:
+        return "—"
+    med = statistics.median(values)
+    if len(values) == 1:
+        return fmt(med)
+    return f"{fmt(med)} ({fmt(min(values))}–{fmt(max(values))})"
+
+
+def meets(row):
+    target = row["target"]
+    if target is None:
+        return ""
+    if isinstance(target, tuple):
+        return "yes" if statistics.median(row["values"]) <= target[1] and row.get("extra", {}).get("p99", 0) <= 50 else "NO"
+    value = statistics.median(row["ratios"]) if row["ratios"] else statistics.median(row["values"])
+    return "yes" if value >= target else "NO"
+
+
+def format_row(row):
+    number = lambda v: f"{v:,.0f}" if abs(v) >= 100 else f"{v:,.2f}"  # noqa: E731
+    ratio = lambda v: f"{v:.2f}×"  # noqa: E731
+    target = row["target"]
+    target_text = "" if target is None else (f"{target[0]} {target[1]} ms" if isinstance(target, tuple)
+                                             else (f"≥ {target}×" if row["ratios"] else f"≥ {target:,}"))
+    return (f"| {row['case']} | {spread(row['values'], number)} {row['unit']} | "
+            f"{(row['baseline_name'] + ': ' + spread(row['baseline'], number)) if row['baseline'] else ''} | "
+            f"{spread(row['ratios'], ratio) if row['ratios'] else ''} | {target_text} | {meets(row)} | {row['note']} |")
+
+
+CASES = ["resolve", "click_inserts", "hot_link", "throughput", "latency", "isolation", "backlog", "callgrind"]
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--smoke", action="store_true", help="every case, tiny: seconds, not minutes")
+    parser.add_argument("--only", help="comma-separated cases: " + ", ".join(CASES))
+    args = parser.parse_args()
+    size = SMOKE if args.smoke else FULL
+    cases = args.only.split(",") if args.only else CASES
+    started = time.monotonic()
+    workdir = tempfile.mkdtemp(prefix="linkhooks-bench-")
+    shutil.chown(workdir, "postgres", "postgres")  # single-user runs under callgrind write here
+    bench = Bench(size, workdir)
+    slow = SlowReceiver(2.0 if not args.smoke else 0.2)
+    print(f"pg_linkhooks benchmark suite ({'smoke' if args.smoke else 'full'}): medians of {size['runs']} run(s), "
+          f"(min–max); {os.cpu_count()} CPUs\n")
+    print("| case | result | baseline (same run) | ratio | target | met | notes |")
+    print("|---|---|---|---|---|---|---|")
+    try:
+        for case in cases:
+            getattr(bench, case)(*([slow] if case == "isolation" else []))
+    finally:
+        bench.close()
+        shutil.rmtree(workdir, ignore_errors=True)
+    print(f"\nsuite time: {time.monotonic() - started:.0f} s")
+    missed = [r["case"] for r in bench.rows if meets(r) == "NO"]
+    if missed:
+        print("targets missed: " + "; ".join(missed))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,10 @@
+#!/usr/bin/env bash
+# The benchmark suite: builds and installs the extension, then bench/suite.py
+# starts its own cluster, nginx receiver and slow receiver, runs every case
+# against a baseline in the same run and prints one table. Run as root.
+# Usage: scripts/bench.sh [--smoke] [--only case,case]
+set -euo pipefail
+cd "$(dirname "$0")/.."
+scripts/setup.sh >/dev/null  # also installs nginx and valgrind
+cargo pgrx install --release --pg-config /usr/lib/postgresql/15/bin/pg_config >/dev/null
+exec "${LINKHOOKS_VENV:-/opt/pg_linkhooks-venv}/bin/python" bench/suite.py "$@"
