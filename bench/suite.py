@@ -69,8 +69,9 @@ BEGIN
                                         'city', NEW.city, 'source', NEW.source)))::text;
     FOR s IN SELECT id, secret FROM bench_outbox_subscriptions LOOP
         INSERT INTO bench_outbox (event_id, subscription_id, body, signature)
-        VALUES (NEW.event_id, s.id, body, 'v1,' || encode(hmac(NEW.event_id || '.' || extract(epoch FROM now())::bigint
-                                                                || '.' || body, s.secret, 'sha256'), 'base64'));
+        VALUES (NEW.event_id, s.id, body,
+                'v1,' || encode(hmac(convert_to(NEW.event_id || '.' || extract(epoch FROM now())::bigint || '.' || body, 'UTF8'),
+                                     s.secret, 'sha256'), 'base64'));
     END LOOP;
     RETURN NEW;
 END
@@ -126,7 +127,7 @@ http {{
         return seen
 
     def stop(self):
-        subprocess.run(["nginx", "-c", self.conf, "-s", "stop"], check=False)
+        subprocess.run(["nginx", "-c", self.conf, "-s", "stop"], check=False, stderr=subprocess.DEVNULL)
 
 
 class SlowReceiver:
@@ -383,8 +384,8 @@ class Bench:
         rss = [r for r in rss if r]
         self.record(f"draining {large:,} pending deliveries", [large_rate], "deliveries/s", f"draining {small:,}",
                     small_rates, [large_rate / statistics.median(small_rates)], 0.8)
-        self.record(f"worker RSS while draining {large:,} (sampled every second)", [rss[0] / 1024, rss[-1] / 1024],
-                    "MiB first, last", note=f"max {max(rss) / 1024:.1f} MiB over {len(rss)} samples")
+        self.record(f"worker RSS at the end of draining {large:,}", [rss[-1] / 1024], "MiB",
+                    note=f"first sample {rss[0] / 1024:.1f} MiB, max {max(rss) / 1024:.1f} MiB over {len(rss)} samples (1/s)")
         self.worker_in("idle")
 
     def callgrind(self):

@@ -5,6 +5,9 @@
 # Usage: scripts/bench.sh [--smoke] [--only case,case]
 set -euo pipefail
 cd "$(dirname "$0")/.."
-scripts/setup.sh >/dev/null  # also installs nginx and valgrind
+scripts/setup.sh >/dev/null
+for tool in nginx valgrind; do
+  command -v "$tool" >/dev/null || { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq nginx-light valgrind >/dev/null; }
+done
 cargo pgrx install --release --pg-config /usr/lib/postgresql/15/bin/pg_config >/dev/null
 exec "${LINKHOOKS_VENV:-/opt/pg_linkhooks-venv}/bin/python" bench/suite.py "$@"

@@ -1,11 +1,11 @@
 #!/usr/bin/env bash
 # Installs everything pg_linkhooks needs on a fresh Debian machine, idempotently:
-# PostgreSQL 15 and headers, clang, nginx and valgrind (benchmarks), cargo-pgrx 0.18.1, pgrx init,
+# PostgreSQL 15 and headers, clang, nginx (benchmarks), cargo-pgrx 0.18.1, pgrx init,
 # and the Python packages the system tests use. Run as root.
 set -euo pipefail
 PG_CONFIG=/usr/lib/postgresql/15/bin/pg_config
 need_apt=()
-for pkg in postgresql-15 postgresql-server-dev-15 libclang-dev clang sudo python3-venv nginx-light valgrind; do
+for pkg in postgresql-15 postgresql-server-dev-15 libclang-dev clang sudo python3-venv; do
   dpkg -s "$pkg" >/dev/null 2>&1 || need_apt+=("$pkg")
 done
 if ((${#need_apt[@]})); then
