@@ -324,9 +324,9 @@ class Bench:
         latencies = sorted((arrived[e] - t) * 1000 for e, t in committed.items() if e in arrived)
         assert len(latencies) == len(committed), "every click's webhook arrived"
         p50, p99 = percentile(latencies, 0.5), percentile(latencies, 0.99)
-        self.record(f"end-to-end latency at 200 clicks/s ({len(latencies):,} clicks), commit → arrival at nginx",
-                    [p50], "ms p50", target=("≤", 10), note=f"p99 {p99:.1f} ms (target ≤ 50), max {latencies[-1]:.1f} ms")
-        self.rows[-1]["extra"] = {"p99": p99}
+        case = f"end-to-end latency at 200 clicks/s ({len(latencies):,} clicks), commit → arrival at nginx"
+        self.record(case, [p50], "ms p50", target=("≤", 10))
+        self.record(case, [p99], "ms p99", target=("≤", 50), note=f"max {latencies[-1]:.1f} ms")
 
     def isolation(self, slow):
         n = self.size["isolation"]
@@ -467,8 +467,8 @@ def meets(row):
     target = row["target"]
     if target is None:
         return ""
-    if isinstance(target, tuple):
-        return "yes" if statistics.median(row["values"]) <= target[1] and row.get("extra", {}).get("p99", 0) <= 50 else "NO"
+    if isinstance(target, tuple):  # an upper bound
+        return "yes" if statistics.median(row["values"]) <= target[1] else "NO"
     value = statistics.median(row["ratios"]) if row["ratios"] else statistics.median(row["values"])
     return "yes" if value >= target else "NO"
 
