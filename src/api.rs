@@ -80,14 +80,18 @@ fn subscription_keys(subscription_id: i64) -> Result<(Vec<SigningKey>, bool)> {
             &[INT8],
             &[subscription_id.into()],
         )?;
-        let row = rows
-            .into_iter()
-            .next()
-            .ok_or_else(|| Error::NotFound(format!("invalid subscription_id: subscription {subscription_id} does not exist")))?;
+        let row = rows.into_iter().next().ok_or_else(|| {
+            Error::NotFound(format!(
+                "invalid subscription_id: subscription {subscription_id} does not exist"
+            ))
+        })?;
         let secret: String = row.get(1)?.unwrap_or_default();
         let previous: Option<String> = row.get(2)?;
         let keys = KeyRing::new(&secret, previous.as_deref(), row.get(3)?)?;
-        Ok((keys.keys_at(unix_now()), row.get::<bool>(4)?.unwrap_or(false)))
+        Ok((
+            keys.keys_at(unix_now()),
+            row.get::<bool>(4)?.unwrap_or(false),
+        ))
     })
 }
 
@@ -96,8 +100,19 @@ fn queue_for(subscription_id: i64, kind: EventType, event_id: &str, body: String
     let (keys, _) = subscription_keys(subscription_id)?;
     let now = unix_now();
     let signature = signature_header(&keys, event_id, now, &body);
-    let ids = events::insert_deliveries(kind, event_id, now, &[Queued { subscription_id, body: body.into(), signature }])?;
-    ids.first().copied().ok_or_else(|| Error::NotFound("the delivery was not queued".into()))
+    let ids = events::insert_deliveries(
+        kind,
+        event_id,
+        now,
+        &[Queued {
+            subscription_id,
+            body: body.into(),
+            signature,
+        }],
+    )?;
+    ids.first()
+        .copied()
+        .ok_or_else(|| Error::NotFound("the delivery was not queued".into()))
 }
 
 /// Queues a `webhook.test` event for one subscription; returns its event id.
@@ -106,12 +121,28 @@ fn send_test(subscription_id: i64) -> pgrx::Uuid {
     let run = || -> Result<pgrx::Uuid> {
         let (_, enabled) = subscription_keys(subscription_id)?;
         if !enabled {
-            return Err(Error::invalid("subscription_id", format!("subscription {subscription_id} is disabled; enable it first")));
+            return Err(Error::invalid(
+                "subscription_id",
+                format!("subscription {subscription_id} is disabled; enable it first"),
+            ));
         }
         let id = uuid::Uuid::new_v4();
-        let data = TestData { subscription_id, message: "This is a test event from pg_linkhooks." };
-        let body = payload::envelope(&id.to_string(), EventType::WebhookTest, unix_now_micros(), data);
-        queue_for(subscription_id, EventType::WebhookTest, &id.to_string(), body)?;
+        let data = TestData {
+            subscription_id,
+            message: "This is a test event from pg_linkhooks.",
+        };
+        let body = payload::envelope(
+            &id.to_string(),
+            EventType::WebhookTest,
+            unix_now_micros(),
+            data,
+        );
+        queue_for(
+            subscription_id,
+            EventType::WebhookTest,
+            &id.to_string(),
+            body,
+        )?;
         Ok(pgrx::Uuid::from_bytes(*id.as_bytes()))
     };
     run().or_report()
@@ -131,10 +162,11 @@ fn replay_one(delivery_id: i64) -> Result<i64> {
             &[INT8],
             &[delivery_id.into()],
         )?;
-        let row = rows
-            .into_iter()
-            .next()
-            .ok_or_else(|| Error::NotFound(format!("invalid delivery_id: delivery {delivery_id} does not exist")))?;
+        let row = rows.into_iter().next().ok_or_else(|| {
+            Error::NotFound(format!(
+                "invalid delivery_id: delivery {delivery_id} does not exist"
+            ))
+        })?;
         Ok::<_, Error>((
             row.get::<String>(1)?.unwrap_or_default(),
             row.get::<i64>(2)?.unwrap_or_default(),
@@ -146,7 +178,9 @@ fn replay_one(delivery_id: i64) -> Result<i64> {
     if status != "dead" && status != "delivered" {
         return Err(Error::invalid(
             "delivery_id",
-            format!("delivery {delivery_id} is {status}; only dead or delivered deliveries can be replayed"),
+            format!(
+                "delivery {delivery_id} is {status}; only dead or delivered deliveries can be replayed"
+            ),
         ));
     }
     let kind = EventType::parse(&event_type).unwrap_or(EventType::WebhookTest);
@@ -175,7 +209,9 @@ fn replay_dead_letters(
                 None,
                 &[subscription_id.into(), since.into()],
             )?;
-            rows.into_iter().map(|r| Ok(r.get::<i64>(1)?.unwrap_or_default())).collect::<Result<Vec<_>>>()
+            rows.into_iter()
+                .map(|r| Ok(r.get::<i64>(1)?.unwrap_or_default()))
+                .collect::<Result<Vec<_>>>()
         })?;
         for id in &ids {
             replay_one(*id)?;
@@ -198,7 +234,10 @@ fn rotate_secret(subscription_id: i64, grace: default!(Interval, "'24 hours'")) 
     .map_err(Error::from)
     .or_report();
     if updated.is_none() {
-        Error::NotFound(format!("invalid subscription_id: subscription {subscription_id} does not exist")).report();
+        Error::NotFound(format!(
+            "invalid subscription_id: subscription {subscription_id} does not exist"
+        ))
+        .report();
     }
     secret
 }
@@ -212,7 +251,10 @@ fn generate_secret() -> String {
 /// The Standard Webhooks `webhook-signature` value for a message.
 #[pg_extern(immutable, parallel_safe)]
 fn sign(secret: &str, msg_id: &str, ts: i64, body: &str) -> String {
-    SigningKey::parse(secret).map_err(Error::from).or_report().sign(msg_id, ts, body)
+    SigningKey::parse(secret)
+        .map_err(Error::from)
+        .or_report()
+        .sign(msg_id, ts, body)
 }
 
 /// Checks a `webhook-signature` header value (any of its entries) against a secret.
@@ -235,15 +277,27 @@ fn worker_status() -> TableIterator<
         name!(queue_depth, i64),
     ),
 > {
-    let queue_depth = Spi::get_one::<i64>("SELECT count(*) FROM linkhooks.deliveries WHERE status IN ('pending', 'delivering')")
-        .map_err(Error::from)
-        .or_report()
-        .unwrap_or(0);
+    let queue_depth = Spi::get_one::<i64>(
+        "SELECT count(*) FROM linkhooks.deliveries WHERE status IN ('pending', 'delivering')",
+    )
+    .map_err(Error::from)
+    .or_report()
+    .unwrap_or(0);
     let database = crate::guc::string(&crate::guc::DATABASE);
     let row = match crate::shared::worker_snapshot() {
         Some((pid, in_flight, last_loop_ms)) => {
-            let last_loop = pgrx::datum::TimestampWithTimeZone::try_from(last_loop_ms * 1000 - crate::triggers::PG_EPOCH_OFFSET_MICROS).ok();
-            (true, Some(pid), database, Some(in_flight), last_loop, queue_depth)
+            let last_loop = pgrx::datum::TimestampWithTimeZone::try_from(
+                last_loop_ms * 1000 - crate::triggers::PG_EPOCH_OFFSET_MICROS,
+            )
+            .ok();
+            (
+                true,
+                Some(pid),
+                database,
+                Some(in_flight),
+                last_loop,
+                queue_depth,
+            )
         }
         None => (false, None, database, None, None, queue_depth),
     };
@@ -259,16 +313,24 @@ mod tests {
     fn resolve_and_record_click() {
         Spi::run("INSERT INTO linkhooks.links (slug, destination, utm) VALUES ('t', 'https://acme.com/p', '{\"source\":\"x\"}')")
             .unwrap();
-        let url = Spi::get_one::<String>("SELECT linkhooks.record_click('t', user_agent => 'Mozilla/5.0 (X11; Linux x86_64; rv:121.0) Gecko/20100101 Firefox/121.0')");
+        let url = Spi::get_one::<String>(
+            "SELECT linkhooks.record_click('t', user_agent => 'Mozilla/5.0 (X11; Linux x86_64; rv:121.0) Gecko/20100101 Firefox/121.0')",
+        );
         assert_eq!(url, Ok(Some("https://acme.com/p?utm_source=x".to_string())));
         let device = Spi::get_one::<String>("SELECT device FROM linkhooks.clicks");
         assert_eq!(device, Ok(Some("desktop".to_string())));
-        assert_eq!(Spi::get_one::<String>("SELECT linkhooks.resolve('missing')"), Ok(None));
+        assert_eq!(
+            Spi::get_one::<String>("SELECT linkhooks.resolve('missing')"),
+            Ok(None)
+        );
     }
 
     #[pg_test(error = "invalid slug: may contain only A-Z, a-z, 0-9, '-' and '_'")]
     fn bad_slug_is_refused() {
-        Spi::run("INSERT INTO linkhooks.links (slug, destination) VALUES ('a b', 'https://acme.com/')").unwrap();
+        Spi::run(
+            "INSERT INTO linkhooks.links (slug, destination) VALUES ('a b', 'https://acme.com/')",
+        )
+        .unwrap();
     }
 
     #[pg_test(error = "invalid max_clicks: must be greater than 0 (got 0)")]
@@ -281,6 +343,11 @@ mod tests {
         let sig = Spi::get_one::<String>(
             "SELECT linkhooks.sign('whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw', 'msg_p5jXN8AQM9LWM0D4loKWxJek', 1614265330, '{\"test\": 2432232314}')",
         );
-        assert_eq!(sig, Ok(Some("v1,g0hM9SsE+OTPJTGt/tmIKtSyZlE3uFJELVlNIOLJ1OE=".to_string())));
+        assert_eq!(
+            sig,
+            Ok(Some(
+                "v1,g0hM9SsE+OTPJTGt/tmIKtSyZlE3uFJELVlNIOLJ1OE=".to_string()
+            ))
+        );
     }
 }

@@ -39,7 +39,10 @@ pub enum Error {
 
 impl Error {
     pub fn invalid(field: &'static str, rule: impl Into<String>) -> Self {
-        Error::Invalid { field, rule: rule.into() }
+        Error::Invalid {
+            field,
+            rule: rule.into(),
+        }
     }
 
     fn sqlstate(&self) -> PgSqlErrorCode {

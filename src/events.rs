@@ -15,8 +15,8 @@ use serde_json::Value;
 use crate::error::Result;
 use crate::filters::{Facts, Filters};
 use crate::guc;
-use crate::plans::{self, INT8, INT8_ARRAY, TEXT, TEXT_ARRAY};
 use crate::payload::{EventType, IpMode};
+use crate::plans::{self, INT8, INT8_ARRAY, TEXT, TEXT_ARRAY};
 use crate::shared;
 use crate::signing::{KeyRing, signature_header};
 
@@ -106,23 +106,35 @@ fn load_cache(generation: u64) -> Result<Cache> {
                 goal_campaigns.insert(name);
             }
         }
-        Ok(Cache { generation, subscriptions, goal_campaigns })
+        Ok(Cache {
+            generation,
+            subscriptions,
+            goal_campaigns,
+        })
     })
 }
 
 fn event_mask(types: Option<&[Option<String>]>) -> u16 {
     match types {
         None => u16::MAX,
-        Some(list) => list.iter().flatten().filter_map(|t| EventType::parse(t)).fold(0, |m, t| m | t.bit()),
+        Some(list) => list
+            .iter()
+            .flatten()
+            .filter_map(|t| EventType::parse(t))
+            .fold(0, |m, t| m | t.bit()),
     }
 }
 
 pub fn unix_now() -> i64 {
-    SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_secs() as i64)
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs() as i64)
 }
 
 pub fn unix_now_micros() -> i64 {
-    SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_micros() as i64)
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_micros() as i64)
 }
 
 /// A signed delivery ready to insert.
@@ -135,22 +147,42 @@ pub struct Queued {
 /// Queues `kind` for every enabled subscription that wants it and whose
 /// filters match. `build` makes the body for one IP mode; it is called at
 /// most once per mode. Returns how many deliveries were queued.
-pub fn emit(kind: EventType, event_id: &str, facts: &Facts, build: impl Fn(IpMode) -> String) -> Result<usize> {
+pub fn emit(
+    kind: EventType,
+    event_id: &str,
+    facts: &Facts,
+    build: impl Fn(IpMode) -> String,
+) -> Result<usize> {
     let cache = cache()?;
     let now = unix_now();
     let mut bodies: [Option<Rc<str>>; 3] = [None, None, None];
     let mut queued = Vec::new();
-    for sub in cache.subscriptions.iter().filter(|s| s.event_mask & kind.bit() != 0 && s.filters.matches(facts)) {
-        let body = bodies[sub.ip_mode as usize].get_or_insert_with(|| build(sub.ip_mode).into()).clone();
+    for sub in cache
+        .subscriptions
+        .iter()
+        .filter(|s| s.event_mask & kind.bit() != 0 && s.filters.matches(facts))
+    {
+        let body = bodies[sub.ip_mode as usize]
+            .get_or_insert_with(|| build(sub.ip_mode).into())
+            .clone();
         let signature = signature_header(&sub.keys.keys_at(now), event_id, now, &body);
-        queued.push(Queued { subscription_id: sub.id, body, signature });
+        queued.push(Queued {
+            subscription_id: sub.id,
+            body,
+            signature,
+        });
     }
     notify(kind, event_id)?;
     Ok(insert_deliveries(kind, event_id, now, &queued)?.len())
 }
 
 /// Inserts signed deliveries for one event and arranges the worker's wake-up at commit.
-pub fn insert_deliveries(kind: EventType, event_id: &str, signed_at: i64, queued: &[Queued]) -> Result<Vec<i64>> {
+pub fn insert_deliveries(
+    kind: EventType,
+    event_id: &str,
+    signed_at: i64,
+    queued: &[Queued],
+) -> Result<Vec<i64>> {
     if queued.is_empty() {
         return Ok(Vec::new());
     }
@@ -166,7 +198,9 @@ pub fn insert_deliveries(kind: EventType, event_id: &str, signed_at: i64, queued
             &[TEXT, TEXT, INT8, INT8_ARRAY, TEXT_ARRAY, TEXT_ARRAY],
             &[event_id.into(), kind.as_str().into(), signed_at.into(), ids.into(), bodies.into(), signatures.into()],
         )?;
-        rows.into_iter().map(|r| Ok(r.get::<i64>(1)?.unwrap_or_default())).collect()
+        rows.into_iter()
+            .map(|r| Ok(r.get::<i64>(1)?.unwrap_or_default()))
+            .collect()
     })?;
     shared::wake_on_commit();
     Ok(inserted)
@@ -179,6 +213,9 @@ fn notify(kind: EventType, event_id: &str) -> Result<()> {
         return Ok(());
     }
     let payload = serde_json::json!({"id": event_id, "type": kind.as_str()}).to_string();
-    Spi::run_with_args("SELECT pg_notify($1, $2)", &[channel.as_str().into(), payload.as_str().into()])?;
+    Spi::run_with_args(
+        "SELECT pg_notify($1, $2)",
+        &[channel.as_str().into(), payload.as_str().into()],
+    )?;
     Ok(())
 }

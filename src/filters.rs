@@ -11,7 +11,9 @@ const DEVICES: [&str; 5] = ["mobile", "tablet", "desktop", "bot", "unknown"];
 pub enum FilterError {
     #[error("invalid filters: must be a JSON object")]
     NotObject,
-    #[error("invalid filters: unknown key '{0}' (allowed: campaign, tags, countries, device, exclude_bots)")]
+    #[error(
+        "invalid filters: unknown key '{0}' (allowed: campaign, tags, countries, device, exclude_bots)"
+    )]
     UnknownKey(String),
     #[error("invalid filters.{0}: must be a string or an array of non-empty strings")]
     NotStrings(&'static str),
@@ -34,7 +36,13 @@ pub struct Filters {
 
 impl Default for Filters {
     fn default() -> Self {
-        Filters { campaigns: None, tags: None, countries: None, devices: None, exclude_bots: true }
+        Filters {
+            campaigns: None,
+            tags: None,
+            countries: None,
+            devices: None,
+            exclude_bots: true,
+        }
     }
 }
 
@@ -91,7 +99,11 @@ impl Filters {
             })
             .transpose()?;
         let devices = strings("device")?;
-        if let Some(bad) = devices.iter().flatten().find(|d| !DEVICES.contains(&d.as_str())) {
+        if let Some(bad) = devices
+            .iter()
+            .flatten()
+            .find(|d| !DEVICES.contains(&d.as_str()))
+        {
             return Err(FilterError::Device(bad.clone()));
         }
         let exclude_bots = match obj.get("exclude_bots") {
@@ -99,7 +111,13 @@ impl Filters {
             Some(Value::Bool(b)) => *b,
             Some(_) => return Err(FilterError::ExcludeBots),
         };
-        Ok(Filters { campaigns, tags, countries, devices, exclude_bots })
+        Ok(Filters {
+            campaigns,
+            tags,
+            countries,
+            devices,
+            exclude_bots,
+        })
     }
 
     pub fn matches(&self, facts: &Facts) -> bool {
@@ -132,16 +150,29 @@ mod tests {
     use serde_json::json;
 
     fn click<'a>(country: &'a str, device: &'a str, is_bot: bool) -> Option<ClickFacts<'a>> {
-        Some(ClickFacts { country: Some(country), device: Some(device), is_bot })
+        Some(ClickFacts {
+            country: Some(country),
+            device: Some(device),
+            is_bot,
+        })
     }
 
     #[test]
     fn defaults_exclude_bots_only() {
         let f = Filters::parse(&json!({})).unwrap();
-        assert!(f.matches(&Facts { click: click("US", "mobile", false), ..Default::default() }));
-        assert!(!f.matches(&Facts { click: click("US", "bot", true), ..Default::default() }));
+        assert!(f.matches(&Facts {
+            click: click("US", "mobile", false),
+            ..Default::default()
+        }));
+        assert!(!f.matches(&Facts {
+            click: click("US", "bot", true),
+            ..Default::default()
+        }));
         let with_bots = Filters::parse(&json!({"exclude_bots": false})).unwrap();
-        assert!(with_bots.matches(&Facts { click: click("US", "bot", true), ..Default::default() }));
+        assert!(with_bots.matches(&Facts {
+            click: click("US", "bot", true),
+            ..Default::default()
+        }));
     }
 
     #[test]
@@ -149,25 +180,62 @@ mod tests {
         let tags = vec!["social".to_string(), "ig".to_string()];
         let f = Filters::parse(&json!({"campaign": "winter", "tags": ["ig"], "countries": ["us", "DE"], "device": ["mobile"]}))
             .unwrap();
-        let base = Facts { campaign: Some("winter"), tags: &tags, click: click("US", "mobile", false) };
+        let base = Facts {
+            campaign: Some("winter"),
+            tags: &tags,
+            click: click("US", "mobile", false),
+        };
         assert!(f.matches(&base));
-        assert!(!f.matches(&Facts { campaign: Some("summer"), ..base }));
-        assert!(!f.matches(&Facts { campaign: None, ..base }));
+        assert!(!f.matches(&Facts {
+            campaign: Some("summer"),
+            ..base
+        }));
+        assert!(!f.matches(&Facts {
+            campaign: None,
+            ..base
+        }));
         assert!(!f.matches(&Facts { tags: &[], ..base }));
-        assert!(!f.matches(&Facts { click: click("FR", "mobile", false), ..base }));
-        assert!(!f.matches(&Facts { click: click("US", "desktop", false), ..base }));
+        assert!(!f.matches(&Facts {
+            click: click("FR", "mobile", false),
+            ..base
+        }));
+        assert!(!f.matches(&Facts {
+            click: click("US", "desktop", false),
+            ..base
+        }));
         // click-only filters do not block non-click events
-        assert!(f.matches(&Facts { click: None, ..base }));
+        assert!(f.matches(&Facts {
+            click: None,
+            ..base
+        }));
     }
 
     #[test]
     fn shape_errors() {
         assert_eq!(Filters::parse(&json!([])), Err(FilterError::NotObject));
-        assert_eq!(Filters::parse(&json!({"colour": "red"})), Err(FilterError::UnknownKey("colour".into())));
-        assert_eq!(Filters::parse(&json!({"tags": [1]})), Err(FilterError::NotStrings("tags")));
-        assert_eq!(Filters::parse(&json!({"tags": 5})), Err(FilterError::NotStrings("tags")));
-        assert_eq!(Filters::parse(&json!({"device": "phone"})), Err(FilterError::Device("phone".into())));
-        assert_eq!(Filters::parse(&json!({"countries": ["USA"]})), Err(FilterError::Country("USA".into())));
-        assert_eq!(Filters::parse(&json!({"exclude_bots": "yes"})), Err(FilterError::ExcludeBots));
+        assert_eq!(
+            Filters::parse(&json!({"colour": "red"})),
+            Err(FilterError::UnknownKey("colour".into()))
+        );
+        assert_eq!(
+            Filters::parse(&json!({"tags": [1]})),
+            Err(FilterError::NotStrings("tags"))
+        );
+        assert_eq!(
+            Filters::parse(&json!({"tags": 5})),
+            Err(FilterError::NotStrings("tags"))
+        );
+        assert_eq!(
+            Filters::parse(&json!({"device": "phone"})),
+            Err(FilterError::Device("phone".into()))
+        );
+        assert_eq!(
+            Filters::parse(&json!({"countries": ["USA"]})),
+            Err(FilterError::Country("USA".into()))
+        );
+        assert_eq!(
+            Filters::parse(&json!({"exclude_bots": "yes"})),
+            Err(FilterError::ExcludeBots)
+        );
     }
 }

@@ -28,12 +28,23 @@ pub fn summarize(attempts: impl IntoIterator<Item = Attempt>) -> Vec<HealthChang
     for a in attempts {
         let change = by_subscription
             .entry(a.subscription_id)
-            .or_insert_with(|| HealthChange { subscription_id: a.subscription_id, ..Default::default() });
+            .or_insert_with(|| HealthChange {
+                subscription_id: a.subscription_id,
+                ..Default::default()
+            });
         if a.succeeded {
-            change.last_success_micros = Some(change.last_success_micros.map_or(a.finished_micros, |t| t.max(a.finished_micros)));
+            change.last_success_micros = Some(
+                change
+                    .last_success_micros
+                    .map_or(a.finished_micros, |t| t.max(a.finished_micros)),
+            );
             change.trailing_failures = 0;
         } else {
-            change.last_failure_micros = Some(change.last_failure_micros.map_or(a.finished_micros, |t| t.max(a.finished_micros)));
+            change.last_failure_micros = Some(
+                change
+                    .last_failure_micros
+                    .map_or(a.finished_micros, |t| t.max(a.finished_micros)),
+            );
             change.trailing_failures += 1;
         }
     }
@@ -45,15 +56,29 @@ mod tests {
     use super::*;
 
     fn attempt(subscription_id: i64, succeeded: bool, finished_micros: i64) -> Attempt {
-        Attempt { subscription_id, succeeded, finished_micros }
+        Attempt {
+            subscription_id,
+            succeeded,
+            finished_micros,
+        }
     }
 
     #[test]
     fn failures_after_the_last_success_are_counted() {
-        let changes = summarize([attempt(1, false, 10), attempt(1, true, 20), attempt(1, false, 30), attempt(1, false, 40)]);
+        let changes = summarize([
+            attempt(1, false, 10),
+            attempt(1, true, 20),
+            attempt(1, false, 30),
+            attempt(1, false, 40),
+        ]);
         assert_eq!(
             changes,
-            vec![HealthChange { subscription_id: 1, last_success_micros: Some(20), last_failure_micros: Some(40), trailing_failures: 2 }]
+            vec![HealthChange {
+                subscription_id: 1,
+                last_success_micros: Some(20),
+                last_failure_micros: Some(40),
+                trailing_failures: 2
+            }]
         );
     }
 
@@ -66,9 +91,27 @@ mod tests {
 
     #[test]
     fn subscriptions_are_kept_apart() {
-        let changes = summarize([attempt(2, false, 5), attempt(1, true, 6), attempt(2, false, 7)]);
+        let changes = summarize([
+            attempt(2, false, 5),
+            attempt(1, true, 6),
+            attempt(2, false, 7),
+        ]);
         assert_eq!(changes.len(), 2);
-        assert_eq!((changes[0].subscription_id, changes[0].trailing_failures, changes[0].last_failure_micros), (1, 0, None));
-        assert_eq!((changes[1].subscription_id, changes[1].trailing_failures, changes[1].last_success_micros), (2, 2, None));
+        assert_eq!(
+            (
+                changes[0].subscription_id,
+                changes[0].trailing_failures,
+                changes[0].last_failure_micros
+            ),
+            (1, 0, None)
+        );
+        assert_eq!(
+            (
+                changes[1].subscription_id,
+                changes[1].trailing_failures,
+                changes[1].last_success_micros
+            ),
+            (2, 2, None)
+        );
     }
 }

@@ -34,8 +34,13 @@ pub fn check_slug(slug: &str) -> Result<(), LinkError> {
     if slug.chars().count() > MAX_SLUG_LEN {
         return Err(LinkError::Slug("must be at most 64 characters"));
     }
-    if !slug.chars().all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_') {
-        return Err(LinkError::Slug("may contain only A-Z, a-z, 0-9, '-' and '_'"));
+    if !slug
+        .chars()
+        .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_')
+    {
+        return Err(LinkError::Slug(
+            "may contain only A-Z, a-z, 0-9, '-' and '_'",
+        ));
     }
     Ok(())
 }
@@ -76,7 +81,11 @@ pub fn redirect_url(destination: &str, utm: &Map<String, Value>) -> Result<Strin
     let existing: Vec<String> = url.query_pairs().map(|(k, _)| k.into_owned()).collect();
     let additions: Vec<(String, &str)> = UTM_KEYS
         .iter()
-        .filter_map(|k| utm.get(*k).and_then(Value::as_str).map(|v| (format!("utm_{k}"), v)))
+        .filter_map(|k| {
+            utm.get(*k)
+                .and_then(Value::as_str)
+                .map(|v| (format!("utm_{k}"), v))
+        })
         .filter(|(k, _)| !existing.contains(k))
         .collect();
     if !additions.is_empty() {
@@ -137,7 +146,10 @@ mod tests {
             redirect_url("https://acme.com/?utm_source=mail", &utm).unwrap(),
             "https://acme.com/?utm_source=mail&utm_medium=social"
         );
-        assert_eq!(redirect_url("https://acme.com/x", &Map::new()).unwrap(), "https://acme.com/x");
+        assert_eq!(
+            redirect_url("https://acme.com/x", &Map::new()).unwrap(),
+            "https://acme.com/x"
+        );
         let spaced = normalize_utm(&json!({"campaign": "winter sale & more"})).unwrap();
         assert_eq!(
             redirect_url("https://acme.com/", &spaced).unwrap(),
@@ -155,8 +167,12 @@ mod tests {
 
     #[test]
     fn landing_url_utm() {
-        let utm = utm_from_landing_url("https://acme.com/?utm_source=ig&utm_campaign=w%20s&x=1").unwrap();
-        assert_eq!(Value::Object(utm), json!({"source": "ig", "campaign": "w s"}));
+        let utm =
+            utm_from_landing_url("https://acme.com/?utm_source=ig&utm_campaign=w%20s&x=1").unwrap();
+        assert_eq!(
+            Value::Object(utm),
+            json!({"source": "ig", "campaign": "w s"})
+        );
         assert_eq!(utm_from_landing_url("https://acme.com/?x=1"), None);
         assert_eq!(utm_from_landing_url("not a url"), None);
     }

@@ -49,7 +49,12 @@ impl LinkRow {
             slug: row.get(3)?.unwrap_or_default(),
             destination: row.get(4)?.unwrap_or_default(),
             campaign: row.get(5)?,
-            tags: row.get::<Vec<Option<String>>>(6)?.unwrap_or_default().into_iter().flatten().collect(),
+            tags: row
+                .get::<Vec<Option<String>>>(6)?
+                .unwrap_or_default()
+                .into_iter()
+                .flatten()
+                .collect(),
             utm: row.get::<pgrx::JsonB>(7)?.map(|j| j.0),
             max_clicks: row.get(8)?,
             expired_url: row.get(9)?,
@@ -63,15 +68,25 @@ impl LinkRow {
     pub fn by_id(id: i64) -> Result<Option<Self>> {
         Spi::connect(|client| {
             let rows = plans::query(client, select_link!("WHERE id = $1"), &[INT8], &[id.into()])?;
-            rows.into_iter().next().map(|r| Self::from_tuple(&r)).transpose()
+            rows.into_iter()
+                .next()
+                .map(|r| Self::from_tuple(&r))
+                .transpose()
         })
     }
 
     pub fn by_slug(domain: &str, slug: &str) -> Result<Option<Self>> {
         Spi::connect(|client| {
-            let rows =
-                plans::query(client, select_link!("WHERE domain = $1 AND slug = $2"), &[TEXT, TEXT], &[domain.into(), slug.into()])?;
-            rows.into_iter().next().map(|r| Self::from_tuple(&r)).transpose()
+            let rows = plans::query(
+                client,
+                select_link!("WHERE domain = $1 AND slug = $2"),
+                &[TEXT, TEXT],
+                &[domain.into(), slug.into()],
+            )?;
+            rows.into_iter()
+                .next()
+                .map(|r| Self::from_tuple(&r))
+                .transpose()
         })
     }
 
@@ -82,7 +97,11 @@ impl LinkRow {
     /// What a redirect answers: the destination (with UTM) while active, else expired_url or NULL.
     pub fn answer(&self) -> Option<String> {
         if self.is_active() {
-            Some(self.redirect_url.clone().unwrap_or_else(|| self.destination.clone()))
+            Some(
+                self.redirect_url
+                    .clone()
+                    .unwrap_or_else(|| self.destination.clone()),
+            )
         } else {
             self.expired_url.clone()
         }
@@ -91,7 +110,11 @@ impl LinkRow {
     pub fn payload(&self) -> LinkPayload {
         LinkPayload {
             id: self.id,
-            short_url: LinkPayload::short_url(&self.domain, &self.slug, &guc::string(&guc::BASE_URL)),
+            short_url: LinkPayload::short_url(
+                &self.domain,
+                &self.slug,
+                &guc::string(&guc::BASE_URL),
+            ),
             domain: self.domain.clone(),
             slug: self.slug.clone(),
             destination: self.destination.clone(),
@@ -104,7 +127,9 @@ impl LinkRow {
 /// Outcome of taking one of a limited link's clicks.
 pub enum Claim {
     /// Recorded; `reached_limit` is true for exactly one click: the one that used the last slot.
-    Taken { reached_limit: bool },
+    Taken {
+        reached_limit: bool,
+    },
     Full,
 }
 
@@ -123,7 +148,9 @@ pub fn claim_click(link_id: i64) -> Result<Claim> {
             &[link_id.into()],
         )?;
         Ok(match rows.into_iter().next() {
-            Some(row) => Claim::Taken { reached_limit: row.get::<bool>(1)?.unwrap_or(false) },
+            Some(row) => Claim::Taken {
+                reached_limit: row.get::<bool>(1)?.unwrap_or(false),
+            },
             None => Claim::Full,
         })
     })
@@ -152,5 +179,7 @@ impl Drop for StashGuard {
 
 /// The stashed link, if it is the one this click is for.
 pub fn take_preclaimed(link_id: i64) -> Option<(LinkRow, bool)> {
-    PRECLAIMED.with(|p| p.borrow_mut().take()).filter(|(l, _)| l.id == link_id)
+    PRECLAIMED
+        .with(|p| p.borrow_mut().take())
+        .filter(|(l, _)| l.id == link_id)
 }

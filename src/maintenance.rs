@@ -52,7 +52,12 @@ fn expire_links() -> Result<usize> {
                     slug,
                     destination: r.get(4)?.unwrap_or_default(),
                     campaign: r.get(5)?,
-                    tags: r.get::<Vec<Option<String>>>(6)?.unwrap_or_default().into_iter().flatten().collect(),
+                    tags: r
+                        .get::<Vec<Option<String>>>(6)?
+                        .unwrap_or_default()
+                        .into_iter()
+                        .flatten()
+                        .collect(),
                 })
             })
             .collect()
@@ -85,7 +90,11 @@ fn complete_campaigns() -> Result<usize> {
                     clicks: r.get(3)?.unwrap_or_default(),
                     ends_at: r.get::<i64>(4)?.map(payload::format_timestamp),
                     completed_at: payload::format_timestamp(unix_now_micros()),
-                    reason: if r.get::<bool>(5)?.unwrap_or(false) { "click_goal" } else { "ends_at" },
+                    reason: if r.get::<bool>(5)?.unwrap_or(false) {
+                        "click_goal"
+                    } else {
+                        "ends_at"
+                    },
                 })
             })
             .collect()

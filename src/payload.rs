@@ -181,7 +181,12 @@ struct Envelope<'a, D: Serialize> {
 
 /// The complete body: `{"id","type","timestamp","data"}`.
 pub fn envelope<D: Serialize>(id: &str, kind: EventType, at_micros: i64, data: D) -> String {
-    let env = Envelope { id, kind: kind.as_str(), timestamp: format_timestamp(at_micros), data };
+    let env = Envelope {
+        id,
+        kind: kind.as_str(),
+        timestamp: format_timestamp(at_micros),
+        data,
+    };
     serde_json::to_string(&env).expect("event payloads always serialize")
 }
 
@@ -209,7 +214,13 @@ struct ClickData<'a> {
 }
 
 /// Body of `link.clicked` / `qr.scanned` for one IP mode.
-pub fn click_body(kind: EventType, link: &LinkPayload, click: &Click, utm: &Map<String, Value>, ip_mode: IpMode) -> String {
+pub fn click_body(
+    kind: EventType,
+    link: &LinkPayload,
+    click: &Click,
+    utm: &Map<String, Value>,
+    ip_mode: IpMode,
+) -> String {
     let data = ClickData {
         link,
         click: ClickPayload {
@@ -338,21 +349,36 @@ mod tests {
     #[test]
     fn timestamps() {
         assert_eq!(format_timestamp(0), "1970-01-01T00:00:00.000Z");
-        assert_eq!(format_timestamp(1_770_301_425_123_456), "2026-02-05T14:23:45.123Z");
-        assert_eq!(format_timestamp(951_782_400_000_000), "2000-02-29T00:00:00.000Z");
+        assert_eq!(
+            format_timestamp(1_770_301_425_123_456),
+            "2026-02-05T14:23:45.123Z"
+        );
+        assert_eq!(
+            format_timestamp(951_782_400_000_000),
+            "2000-02-29T00:00:00.000Z"
+        );
         assert_eq!(format_timestamp(-1000), "1969-12-31T23:59:59.999Z");
     }
 
     #[test]
     fn click_body_matches_the_contract() {
         let utm = json!({"source": "instagram"}).as_object().unwrap().clone();
-        let body = click_body(EventType::LinkClicked, &link(), &click(), &utm, IpMode::Anonymized);
+        let body = click_body(
+            EventType::LinkClicked,
+            &link(),
+            &click(),
+            &utm,
+            IpMode::Anonymized,
+        );
         assert!(body.starts_with(r#"{"id":"0f8fad5b-d9cb-469f-a165-70867728950e","type":"link.clicked","timestamp":"2026-02-05T14:23:45.123Z","data":{"link":"#));
         let v: Value = serde_json::from_str(&body).unwrap();
         assert_eq!(v["data"]["link"]["short_url"], "https://go.acme.co/sale");
         assert_eq!(v["data"]["link"]["tags"], json!(["social"]));
         assert_eq!(v["data"]["click"]["ip_address"], "203.0.113.0");
-        assert_eq!(v["data"]["click"]["user_agent"].as_str().unwrap().len(), MAX_HEADER_LEN);
+        assert_eq!(
+            v["data"]["click"]["user_agent"].as_str().unwrap().len(),
+            MAX_HEADER_LEN
+        );
         assert_eq!(v["data"]["click"]["bot"], false);
         assert_eq!(v["data"]["utm"]["source"], "instagram");
     }
@@ -363,7 +389,10 @@ mod tests {
         let v6: IpAddr = "2001:db8:abcd:12:1:2:3:4".parse().unwrap();
         assert_eq!(IpMode::Full.apply(Some(v4)).unwrap(), "203.0.113.42");
         assert_eq!(IpMode::Anonymized.apply(Some(v4)).unwrap(), "203.0.113.0");
-        assert_eq!(IpMode::Anonymized.apply(Some(v6)).unwrap(), "2001:db8:abcd::");
+        assert_eq!(
+            IpMode::Anonymized.apply(Some(v6)).unwrap(),
+            "2001:db8:abcd::"
+        );
         assert_eq!(IpMode::Omit.apply(Some(v4)), None);
         assert_eq!(IpMode::parse("bogus"), None);
     }
@@ -385,7 +414,10 @@ mod tests {
 
     #[test]
     fn short_urls() {
-        assert_eq!(LinkPayload::short_url("go.acme.co", "x", "https://ignored"), Some("https://go.acme.co/x".into()));
+        assert_eq!(
+            LinkPayload::short_url("go.acme.co", "x", "https://ignored"),
+            Some("https://go.acme.co/x".into())
+        );
         assert_eq!(LinkPayload::short_url("", "x", ""), None);
     }
 }

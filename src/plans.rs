@@ -15,7 +15,12 @@ thread_local! {
     static PLANS: RefCell<HashMap<usize, OwnedPreparedStatement>> = RefCell::new(HashMap::new());
 }
 
-fn take(client: &SpiClient<'_>, sql: &'static str, types: &[PgOid], mutating: bool) -> Result<OwnedPreparedStatement> {
+fn take(
+    client: &SpiClient<'_>,
+    sql: &'static str,
+    types: &[PgOid],
+    mutating: bool,
+) -> Result<OwnedPreparedStatement> {
     match PLANS.with(|p| p.borrow_mut().remove(&(sql.as_ptr() as usize))) {
         Some(plan) => Ok(plan),
         None if mutating => Ok(client.prepare_mut(sql, types)?.keep()),

@@ -11,7 +11,9 @@ pub const JITTER: f64 = 0.2;
 
 #[derive(Debug, Error, PartialEq, Eq)]
 pub enum ScheduleError {
-    #[error("invalid linkhooks.retry_schedule: must be a comma-separated list of delays like '1m,5m,30m,2h,24h' (units ms, s, m, h, d); '{0}' is not one")]
+    #[error(
+        "invalid linkhooks.retry_schedule: must be a comma-separated list of delays like '1m,5m,30m,2h,24h' (units ms, s, m, h, d); '{0}' is not one"
+    )]
     Step(String),
     #[error("invalid linkhooks.retry_schedule: must list at least one delay")]
     Empty,
@@ -55,7 +57,8 @@ impl Schedule {
 
     /// `base_delay` with ±20% jitter; `unit` is a random number in [0, 1).
     pub fn delay(&self, attempt: i32, unit: f64) -> Duration {
-        self.base_delay(attempt).mul_f64(1.0 - JITTER + 2.0 * JITTER * unit.clamp(0.0, 1.0))
+        self.base_delay(attempt)
+            .mul_f64(1.0 - JITTER + 2.0 * JITTER * unit.clamp(0.0, 1.0))
     }
 }
 
@@ -68,9 +71,14 @@ impl Default for Schedule {
 /// Parses "250ms", "30s", "5m", "2h", "1d" (a bare number is seconds).
 pub fn parse_duration(text: &str) -> Option<Duration> {
     let text = text.trim();
-    let split = text.find(|c: char| !c.is_ascii_digit() && c != '.').unwrap_or(text.len());
+    let split = text
+        .find(|c: char| !c.is_ascii_digit() && c != '.')
+        .unwrap_or(text.len());
     let (num, unit) = text.split_at(split);
-    let value: f64 = num.parse().ok().filter(|v: &f64| v.is_finite() && *v >= 0.0)?;
+    let value: f64 = num
+        .parse()
+        .ok()
+        .filter(|v: &f64| v.is_finite() && *v >= 0.0)?;
     let millis = match unit.trim() {
         "ms" => 1.0,
         "" | "s" => 1_000.0,
@@ -134,7 +142,11 @@ mod tests {
         assert_eq!(s.base_delay(1), Duration::from_secs(60));
         assert_eq!(s.base_delay(2), Duration::from_secs(300));
         assert_eq!(s.base_delay(5), Duration::from_secs(86_400));
-        assert_eq!(s.base_delay(9), Duration::from_secs(86_400), "a short schedule repeats its last step");
+        assert_eq!(
+            s.base_delay(9),
+            Duration::from_secs(86_400),
+            "a short schedule repeats its last step"
+        );
         assert_eq!(s.default_max_attempts(), 6);
     }
 
@@ -146,7 +158,10 @@ mod tests {
         assert_eq!(parse_duration("10"), Some(Duration::from_secs(10)));
         assert_eq!(parse_duration("5 parsecs"), None);
         assert_eq!(parse_duration("-1s"), None);
-        assert_eq!(Schedule::parse("1m, nope"), Err(ScheduleError::Step("nope".into())));
+        assert_eq!(
+            Schedule::parse("1m, nope"),
+            Err(ScheduleError::Step("nope".into()))
+        );
         assert_eq!(Schedule::parse(" , "), Err(ScheduleError::Empty));
     }
 
@@ -163,15 +178,31 @@ mod tests {
         let s = Schedule::parse("1s,10s").unwrap();
         assert_eq!(judge(Some(204), None, 1, 3, &s, 0.5), Verdict::Delivered);
         assert_eq!(judge(Some(410), None, 1, 3, &s, 0.5), Verdict::Gone);
-        assert_eq!(judge(Some(500), None, 1, 3, &s, 0.5), Verdict::Retry(Duration::from_secs(1)));
-        assert_eq!(judge(None, None, 2, 3, &s, 0.5), Verdict::Retry(Duration::from_secs(10)));
+        assert_eq!(
+            judge(Some(500), None, 1, 3, &s, 0.5),
+            Verdict::Retry(Duration::from_secs(1))
+        );
+        assert_eq!(
+            judge(None, None, 2, 3, &s, 0.5),
+            Verdict::Retry(Duration::from_secs(10))
+        );
         assert_eq!(judge(Some(500), None, 3, 3, &s, 0.5), Verdict::Dead);
-        assert_eq!(judge(Some(302), None, 1, 3, &s, 0.5), Verdict::Retry(Duration::from_secs(1)), "redirects are failures");
+        assert_eq!(
+            judge(Some(302), None, 1, 3, &s, 0.5),
+            Verdict::Retry(Duration::from_secs(1)),
+            "redirects are failures"
+        );
         // Retry-After is honoured, capped by the schedule's last step
         let after = Some(Duration::from_secs(5));
-        assert_eq!(judge(Some(429), after, 1, 3, &s, 0.5), Verdict::Retry(Duration::from_secs(5)));
+        assert_eq!(
+            judge(Some(429), after, 1, 3, &s, 0.5),
+            Verdict::Retry(Duration::from_secs(5))
+        );
         let long = Some(Duration::from_secs(3600));
-        assert_eq!(judge(Some(503), long, 1, 3, &s, 0.5), Verdict::Retry(Duration::from_secs(10)));
+        assert_eq!(
+            judge(Some(503), long, 1, 3, &s, 0.5),
+            Verdict::Retry(Duration::from_secs(10))
+        );
         assert_eq!(parse_retry_after(" 7 "), Some(Duration::from_secs(7)));
         assert_eq!(parse_retry_after("Wed, 21 Oct 2015 07:28:00 GMT"), None);
     }

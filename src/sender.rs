@@ -64,12 +64,20 @@ impl ureq::Resolver for PublicOnlyResolver {
         if self.allow_private.load(Ordering::Relaxed) {
             return Ok(addrs);
         }
-        let public: Vec<SocketAddr> = addrs.iter().copied().filter(|a| target::is_public(a.ip())).collect();
+        let public: Vec<SocketAddr> = addrs
+            .iter()
+            .copied()
+            .filter(|a| target::is_public(a.ip()))
+            .collect();
         if public.is_empty() {
-            let shown = addrs.first().map_or_else(|| "no address".to_string(), |a| a.ip().to_string());
+            let shown = addrs
+                .first()
+                .map_or_else(|| "no address".to_string(), |a| a.ip().to_string());
             return Err(io::Error::new(
                 io::ErrorKind::PermissionDenied,
-                format!("refused: target resolves to non-public address {shown} (linkhooks.allow_private_targets is off)"),
+                format!(
+                    "refused: target resolves to non-public address {shown} (linkhooks.allow_private_targets is off)"
+                ),
             ));
         }
         Ok(public)
@@ -90,7 +98,11 @@ pub struct Pool {
 }
 
 impl Pool {
-    pub fn start(threads: usize, allow_private: Arc<AtomicBool>, user_agent: &str) -> io::Result<Pool> {
+    pub fn start(
+        threads: usize,
+        allow_private: Arc<AtomicBool>,
+        user_agent: &str,
+    ) -> io::Result<Pool> {
         let (wake_tx, wake_rx) = UnixStream::pair()?;
         wake_tx.set_nonblocking(true)?;
         wake_rx.set_nonblocking(true)?;
@@ -181,7 +193,9 @@ fn run_thread(
     wanted: &AtomicUsize,
 ) {
     while index < wanted.load(Ordering::Acquire) {
-        let Ok(job) = jobs.recv_timeout(Duration::from_millis(500)) else { continue };
+        let Ok(job) = jobs.recv_timeout(Duration::from_millis(500)) else {
+            continue;
+        };
         if outcomes.send(deliver(agent, job)).is_err() {
             return;
         }
@@ -193,26 +207,37 @@ fn run_thread(
 fn deliver(agent: &ureq::Agent, job: Job) -> Outcome {
     let started = SystemTime::now();
     let clock = Instant::now();
-    let timestamp = started.duration_since(UNIX_EPOCH).map_or(0, |d| d.as_secs() as i64);
+    let timestamp = started
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs() as i64);
     let mut request = agent
         .post(&job.url)
         .timeout(job.timeout)
         .set("content-type", "application/json")
         .set("webhook-id", &job.event_id)
         .set("webhook-timestamp", &timestamp.to_string())
-        .set("webhook-signature", &signature_header(&job.keys, &job.event_id, timestamp, &job.body));
+        .set(
+            "webhook-signature",
+            &signature_header(&job.keys, &job.event_id, timestamp, &job.body),
+        );
     if let Some(secret) = &job.hex_secret {
         request = request.set("x-webhook-signature", &hex_signature(secret, &job.body));
     }
     let (status, error, retry_after, excerpt) = match request.send_string(&job.body) {
         Ok(resp) => {
             let status = resp.status();
-            let error = (!(200..300).contains(&status)).then(|| format!("HTTP {status} (redirects are not followed)"));
+            let error = (!(200..300).contains(&status))
+                .then(|| format!("HTTP {status} (redirects are not followed)"));
             (Some(status), error, None, read_excerpt(resp))
         }
         Err(ureq::Error::Status(status, resp)) => {
             let retry_after = resp.header("retry-after").and_then(parse_retry_after);
-            (Some(status), Some(format!("HTTP {status}")), retry_after, read_excerpt(resp))
+            (
+                Some(status),
+                Some(format!("HTTP {status}")),
+                retry_after,
+                read_excerpt(resp),
+            )
         }
         Err(ureq::Error::Transport(t)) => (None, Some(describe_transport(&t)), None, None),
     };
@@ -220,7 +245,9 @@ fn deliver(agent: &ureq::Agent, job: Job) -> Outcome {
         delivery_id: job.delivery_id,
         subscription_id: job.subscription_id,
         attempt: job.attempt,
-        started_unix_micros: started.duration_since(UNIX_EPOCH).map_or(0, |d| d.as_micros() as i64),
+        started_unix_micros: started
+            .duration_since(UNIX_EPOCH)
+            .map_or(0, |d| d.as_micros() as i64),
         duration_ms: clock.elapsed().as_secs_f64() * 1000.0,
         status,
         error,
@@ -232,7 +259,10 @@ fn deliver(agent: &ureq::Agent, job: Job) -> Outcome {
 /// Reads the body up to a cap (reading it whole lets the connection be reused).
 fn read_excerpt(resp: ureq::Response) -> Option<String> {
     let mut bytes = Vec::new();
-    resp.into_reader().take(READ_CAP).read_to_end(&mut bytes).ok()?;
+    resp.into_reader()
+        .take(READ_CAP)
+        .read_to_end(&mut bytes)
+        .ok()?;
     if bytes.is_empty() {
         return None;
     }
@@ -263,9 +293,15 @@ mod tests {
     use std::net::TcpListener;
 
     /// A one-connection HTTP server on 127.0.0.1 answering `status` with `extra` headers.
-    fn serve_once(status: &str, extra: &'static str) -> (String, std::thread::JoinHandle<Vec<String>>) {
+    fn serve_once(
+        status: &str,
+        extra: &'static str,
+    ) -> (String, std::thread::JoinHandle<Vec<String>>) {
         let listener = TcpListener::bind("127.0.0.1:0").unwrap();
-        let url = format!("http://{}/hook?token=SECRETTOKEN", listener.local_addr().unwrap());
+        let url = format!(
+            "http://{}/hook?token=SECRETTOKEN",
+            listener.local_addr().unwrap()
+        );
         let status = status.to_string();
         let handle = std::thread::spawn(move || {
             let (stream, _) = listener.accept().unwrap();
@@ -287,7 +323,11 @@ mod tests {
             let mut body = vec![0; len];
             reader.read_exact(&mut body).unwrap();
             let mut stream = stream;
-            write!(stream, "HTTP/1.1 {status}\r\n{extra}content-length: 2\r\n\r\nok").unwrap();
+            write!(
+                stream,
+                "HTTP/1.1 {status}\r\n{extra}content-length: 2\r\n\r\nok"
+            )
+            .unwrap();
             headers
         });
         (url, handle)
@@ -310,7 +350,9 @@ mod tests {
     fn agent(allow_private: bool) -> ureq::Agent {
         ureq::AgentBuilder::new()
             .redirects(0)
-            .resolver(PublicOnlyResolver { allow_private: Arc::new(AtomicBool::new(allow_private)) })
+            .resolver(PublicOnlyResolver {
+                allow_private: Arc::new(AtomicBool::new(allow_private)),
+            })
             .build()
     }
 
@@ -347,7 +389,10 @@ mod tests {
 
     #[test]
     fn private_targets_are_refused_at_connect_time_without_leaking_the_url() {
-        let out = deliver(&agent(false), job("http://127.0.0.1:9/hook?token=SECRETTOKEN"));
+        let out = deliver(
+            &agent(false),
+            job("http://127.0.0.1:9/hook?token=SECRETTOKEN"),
+        );
         assert_eq!(out.status, None);
         let err = out.error.unwrap();
         assert!(err.contains("non-public address 127.0.0.1"), "{err}");

@@ -11,9 +11,12 @@ use pgrx::{PgAtomic, pg_shmem_init};
 
 static WORKER_LATCH: PgAtomic<AtomicUsize> = unsafe { PgAtomic::new(c"linkhooks_worker_latch") };
 static WORKER_PID: PgAtomic<AtomicI32> = unsafe { PgAtomic::new(c"linkhooks_worker_pid") };
-static WORKER_IN_FLIGHT: PgAtomic<AtomicI64> = unsafe { PgAtomic::new(c"linkhooks_worker_in_flight") };
-static WORKER_LAST_LOOP_MS: PgAtomic<AtomicI64> = unsafe { PgAtomic::new(c"linkhooks_worker_last_loop") };
-static CONFIG_GENERATION: PgAtomic<AtomicU64> = unsafe { PgAtomic::new(c"linkhooks_config_generation") };
+static WORKER_IN_FLIGHT: PgAtomic<AtomicI64> =
+    unsafe { PgAtomic::new(c"linkhooks_worker_in_flight") };
+static WORKER_LAST_LOOP_MS: PgAtomic<AtomicI64> =
+    unsafe { PgAtomic::new(c"linkhooks_worker_last_loop") };
+static CONFIG_GENERATION: PgAtomic<AtomicU64> =
+    unsafe { PgAtomic::new(c"linkhooks_config_generation") };
 
 /// Set in the postmaster's `_PG_init` when loaded through shared_preload_libraries;
 /// inherited by every backend it forks.
@@ -34,7 +37,11 @@ pub fn preloaded() -> bool {
 
 /// Generation of subscriptions and campaign goals; 0 when not preloaded.
 pub fn config_generation() -> u64 {
-    if preloaded() { CONFIG_GENERATION.get().load(Ordering::Acquire) } else { 0 }
+    if preloaded() {
+        CONFIG_GENERATION.get().load(Ordering::Acquire)
+    } else {
+        0
+    }
 }
 
 /// Called by the worker when it starts (Some) and stops (None).
@@ -42,8 +49,12 @@ pub fn set_worker(latch: Option<*mut pg_sys::Latch>, pid: i32) {
     if !preloaded() {
         return;
     }
-    WORKER_LATCH.get().store(latch.map_or(0, |l| l as usize), Ordering::Release);
-    WORKER_PID.get().store(if latch.is_some() { pid } else { 0 }, Ordering::Release);
+    WORKER_LATCH
+        .get()
+        .store(latch.map_or(0, |l| l as usize), Ordering::Release);
+    WORKER_PID
+        .get()
+        .store(if latch.is_some() { pid } else { 0 }, Ordering::Release);
 }
 
 pub fn record_loop(in_flight: i64, now_ms: i64) {
@@ -60,7 +71,11 @@ pub fn worker_snapshot() -> Option<(i32, i64, i64)> {
     }
     let pid = WORKER_PID.get().load(Ordering::Acquire);
     (pid != 0).then(|| {
-        (pid, WORKER_IN_FLIGHT.get().load(Ordering::Relaxed), WORKER_LAST_LOOP_MS.get().load(Ordering::Relaxed))
+        (
+            pid,
+            WORKER_IN_FLIGHT.get().load(Ordering::Relaxed),
+            WORKER_LAST_LOOP_MS.get().load(Ordering::Relaxed),
+        )
     })
 }
 
@@ -105,7 +120,10 @@ fn register_hook() {
 }
 
 #[pg_guard]
-unsafe extern "C-unwind" fn on_xact_event(event: pg_sys::XactEvent::Type, _arg: *mut std::ffi::c_void) {
+unsafe extern "C-unwind" fn on_xact_event(
+    event: pg_sys::XactEvent::Type,
+    _arg: *mut std::ffi::c_void,
+) {
     use pg_sys::XactEvent::*;
     match event {
         XACT_EVENT_COMMIT | XACT_EVENT_PARALLEL_COMMIT => {

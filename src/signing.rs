@@ -62,12 +62,19 @@ pub struct KeyRing {
 
 impl KeyRing {
     /// From the stored columns; a previous secret that does not parse is ignored.
-    pub fn new(secret: &str, previous: Option<&str>, previous_until: Option<i64>) -> Result<Self, SecretError> {
+    pub fn new(
+        secret: &str,
+        previous: Option<&str>,
+        previous_until: Option<i64>,
+    ) -> Result<Self, SecretError> {
         let previous = match (previous, previous_until) {
             (Some(s), Some(until)) => SigningKey::parse(s).ok().map(|k| (k, until)),
             _ => None,
         };
-        Ok(KeyRing { current: SigningKey::parse(secret)?, previous })
+        Ok(KeyRing {
+            current: SigningKey::parse(secret)?,
+            previous,
+        })
     }
 
     /// Keys that sign a message at `now` (Unix seconds).
@@ -92,13 +99,17 @@ pub fn generate_secret() -> String {
 /// The `webhook-signature` header: one `v1,…` entry per key, space separated
 /// (several keys during a secret rotation's grace period).
 pub fn signature_header(keys: &[SigningKey], msg_id: &str, timestamp: i64, body: &str) -> String {
-    keys.iter().map(|k| k.sign(msg_id, timestamp, body)).collect::<Vec<_>>().join(" ")
+    keys.iter()
+        .map(|k| k.sign(msg_id, timestamp, body))
+        .collect::<Vec<_>>()
+        .join(" ")
 }
 
 /// `X-Webhook-Signature` for the 'hex' scheme: hex(HMAC-SHA256(secret, body)),
 /// keyed with the secret text exactly as stored (what such receivers expect).
 pub fn hex_signature(secret: &str, body: &str) -> String {
-    let mut mac = HmacSha256::new_from_slice(secret.as_bytes()).expect("HMAC accepts keys of any length");
+    let mut mac =
+        HmacSha256::new_from_slice(secret.as_bytes()).expect("HMAC accepts keys of any length");
     mac.update(body.as_bytes());
     hex::encode(mac.finalize().into_bytes())
 }
@@ -106,13 +117,17 @@ pub fn hex_signature(secret: &str, body: &str) -> String {
 /// Checks a `webhook-signature` header value (any of its space-separated
 /// `v1,` entries) in constant time per entry.
 pub fn verify(key: &SigningKey, msg_id: &str, timestamp: i64, body: &str, header: &str) -> bool {
-    header.split_whitespace().filter_map(|sig| sig.strip_prefix("v1,")).any(|b64| {
-        B64.decode(b64).is_ok_and(|given| {
-            let mut mac = HmacSha256::new_from_slice(&key.0).expect("HMAC accepts keys of any length");
-            mac.update(format!("{msg_id}.{timestamp}.{body}").as_bytes());
-            mac.verify_slice(&given).is_ok()
+    header
+        .split_whitespace()
+        .filter_map(|sig| sig.strip_prefix("v1,"))
+        .any(|b64| {
+            B64.decode(b64).is_ok_and(|given| {
+                let mut mac =
+                    HmacSha256::new_from_slice(&key.0).expect("HMAC accepts keys of any length");
+                mac.update(format!("{msg_id}.{timestamp}.{body}").as_bytes());
+                mac.verify_slice(&given).is_ok()
+            })
         })
-    })
 }
 
 #[cfg(test)]
@@ -165,7 +180,13 @@ mod tests {
         assert_eq!(ring.keys_at(999).len(), 2);
         assert_eq!(ring.keys_at(999)[1], SigningKey::parse(old).unwrap());
         assert_eq!(ring.keys_at(1_000).len(), 1);
-        assert_eq!(KeyRing::new(old, Some("garbage"), Some(i64::MAX)).unwrap().keys_at(0).len(), 1);
+        assert_eq!(
+            KeyRing::new(old, Some("garbage"), Some(i64::MAX))
+                .unwrap()
+                .keys_at(0)
+                .len(),
+            1
+        );
         assert!(KeyRing::new("garbage", None, None).is_err());
     }
 
@@ -181,8 +202,14 @@ mod tests {
 
     #[test]
     fn bad_secrets() {
-        assert_eq!(SigningKey::parse("whsec_not base64!"), Err(SecretError::Format));
-        assert_eq!(SigningKey::parse("whsec_c2hvcnQ="), Err(SecretError::Format));
+        assert_eq!(
+            SigningKey::parse("whsec_not base64!"),
+            Err(SecretError::Format)
+        );
+        assert_eq!(
+            SigningKey::parse("whsec_c2hvcnQ="),
+            Err(SecretError::Format)
+        );
         assert!(!format!("{:?}", SigningKey::parse(VECTORS[0].0).unwrap()).contains("MfKQ"));
     }
 

@@ -41,7 +41,11 @@ pub fn check_destination(raw: &str) -> Result<Url, UrlError> {
 }
 
 /// Checks a webhook target URL when a subscription is written.
-pub fn check_webhook_url(raw: &str, require_https: bool, allow_private: bool) -> Result<Url, UrlError> {
+pub fn check_webhook_url(
+    raw: &str,
+    require_https: bool,
+    allow_private: bool,
+) -> Result<Url, UrlError> {
     let url = parse_http_url(raw)?;
     if require_https && url.scheme() != "https" {
         return Err(UrlError::HttpsRequired);
@@ -84,13 +88,25 @@ fn parse_http_url(raw: &str) -> Result<Url, UrlError> {
 /// Names that always mean "this machine or this LAN".
 fn is_local_hostname(name: &str) -> bool {
     let name = name.trim_end_matches('.').to_ascii_lowercase();
-    const SUFFIXES: [&str; 5] = [".localhost", ".local", ".internal", ".home.arpa", ".localdomain"];
-    name == "localhost" || name == "localhost.localdomain" || SUFFIXES.iter().any(|s| name.ends_with(s))
+    const SUFFIXES: [&str; 5] = [
+        ".localhost",
+        ".local",
+        ".internal",
+        ".home.arpa",
+        ".localdomain",
+    ];
+    name == "localhost"
+        || name == "localhost.localdomain"
+        || SUFFIXES.iter().any(|s| name.ends_with(s))
 }
 
 /// Errors unless `ip` is a globally routable unicast address.
 pub fn check_public(ip: IpAddr) -> Result<(), UrlError> {
-    if is_public(ip) { Ok(()) } else { Err(UrlError::PrivateTarget(ip.to_string())) }
+    if is_public(ip) {
+        Ok(())
+    } else {
+        Err(UrlError::PrivateTarget(ip.to_string()))
+    }
 }
 
 /// True for globally routable unicast addresses only.
@@ -102,21 +118,21 @@ pub fn is_public(ip: IpAddr) -> bool {
 }
 
 const BLOCKED_V4: [&str; 15] = [
-    "0.0.0.0/8",          // "this network", unspecified
-    "10.0.0.0/8",         // private
-    "100.64.0.0/10",      // carrier-grade NAT
-    "127.0.0.0/8",        // loopback
-    "169.254.0.0/16",     // link-local (cloud metadata lives here)
-    "172.16.0.0/12",      // private
-    "192.0.0.0/24",       // IETF protocol assignments
-    "192.0.2.0/24",       // documentation
-    "192.88.99.0/24",     // 6to4 relay anycast
-    "192.168.0.0/16",     // private
-    "198.18.0.0/15",      // benchmarking
-    "198.51.100.0/24",    // documentation
-    "203.0.113.0/24",     // documentation
-    "224.0.0.0/4",        // multicast
-    "240.0.0.0/4",        // reserved and broadcast
+    "0.0.0.0/8",       // "this network", unspecified
+    "10.0.0.0/8",      // private
+    "100.64.0.0/10",   // carrier-grade NAT
+    "127.0.0.0/8",     // loopback
+    "169.254.0.0/16",  // link-local (cloud metadata lives here)
+    "172.16.0.0/12",   // private
+    "192.0.0.0/24",    // IETF protocol assignments
+    "192.0.2.0/24",    // documentation
+    "192.88.99.0/24",  // 6to4 relay anycast
+    "192.168.0.0/16",  // private
+    "198.18.0.0/15",   // benchmarking
+    "198.51.100.0/24", // documentation
+    "203.0.113.0/24",  // documentation
+    "224.0.0.0/4",     // multicast
+    "240.0.0.0/4",     // reserved and broadcast
 ];
 
 const BLOCKED_V6: [&str; 9] = [
@@ -132,7 +148,9 @@ const BLOCKED_V6: [&str; 9] = [
 ];
 
 fn is_public_v4(ip: Ipv4Addr) -> bool {
-    !BLOCKED_V4.iter().any(|net| net.parse::<Ipv4Net>().is_ok_and(|n| n.contains(&ip)))
+    !BLOCKED_V4
+        .iter()
+        .any(|net| net.parse::<Ipv4Net>().is_ok_and(|n| n.contains(&ip)))
 }
 
 fn is_public_v6(ip: Ipv6Addr) -> bool {
@@ -141,7 +159,8 @@ fn is_public_v6(ip: Ipv6Addr) -> bool {
         return is_public_v4(v4);
     }
     let seg = ip.segments();
-    let embedded = |hi: u16, lo: u16| Ipv4Addr::new((hi >> 8) as u8, hi as u8, (lo >> 8) as u8, lo as u8);
+    let embedded =
+        |hi: u16, lo: u16| Ipv4Addr::new((hi >> 8) as u8, hi as u8, (lo >> 8) as u8, lo as u8);
     if seg[..6] == [0, 0, 0, 0, 0, 0] {
         return false; // IPv4-compatible (deprecated) and ::/96
     }
@@ -151,7 +170,9 @@ fn is_public_v6(ip: Ipv6Addr) -> bool {
     if seg[0] == 0x2002 {
         return is_public_v4(embedded(seg[1], seg[2])); // 6to4
     }
-    !BLOCKED_V6.iter().any(|net| net.parse::<Ipv6Net>().is_ok_and(|n| n.contains(&ip)))
+    !BLOCKED_V6
+        .iter()
+        .any(|net| net.parse::<Ipv6Net>().is_ok_and(|n| n.contains(&ip)))
 }
 
 #[cfg(test)]
@@ -163,19 +184,40 @@ mod tests {
         assert!(check_destination("https://acme.com/sale?x=1#top").is_ok());
         assert!(check_destination("http://acme.com").is_ok());
         assert_eq!(check_destination(""), Err(UrlError::Empty));
-        assert!(matches!(check_destination("acme.com/sale"), Err(UrlError::Unparsable(_))));
-        assert_eq!(check_destination("ftp://acme.com/x"), Err(UrlError::Scheme("ftp".into())));
-        assert_eq!(check_destination("javascript:alert(1)"), Err(UrlError::Scheme("javascript".into())));
-        assert_eq!(check_destination("https://bob:pw@acme.com/"), Err(UrlError::Credentials));
-        assert_eq!(check_destination("https://bob@acme.com/"), Err(UrlError::Credentials));
+        assert!(matches!(
+            check_destination("acme.com/sale"),
+            Err(UrlError::Unparsable(_))
+        ));
+        assert_eq!(
+            check_destination("ftp://acme.com/x"),
+            Err(UrlError::Scheme("ftp".into()))
+        );
+        assert_eq!(
+            check_destination("javascript:alert(1)"),
+            Err(UrlError::Scheme("javascript".into()))
+        );
+        assert_eq!(
+            check_destination("https://bob:pw@acme.com/"),
+            Err(UrlError::Credentials)
+        );
+        assert_eq!(
+            check_destination("https://bob@acme.com/"),
+            Err(UrlError::Credentials)
+        );
         let long = format!("https://acme.com/{}", "a".repeat(MAX_URL_LEN));
-        assert!(matches!(check_destination(&long), Err(UrlError::TooLong(_))));
+        assert!(matches!(
+            check_destination(&long),
+            Err(UrlError::TooLong(_))
+        ));
     }
 
     #[test]
     fn webhook_urls() {
         assert!(check_webhook_url("https://hooks.example.com/in", true, false).is_ok());
-        assert_eq!(check_webhook_url("http://hooks.example.com/in", true, false), Err(UrlError::HttpsRequired));
+        assert_eq!(
+            check_webhook_url("http://hooks.example.com/in", true, false),
+            Err(UrlError::HttpsRequired)
+        );
         assert!(check_webhook_url("http://hooks.example.com/in", false, false).is_ok());
         for bad in [
             "https://localhost/x",
@@ -194,24 +236,55 @@ mod tests {
             "https://224.0.0.1/x",
         ] {
             assert!(
-                matches!(check_webhook_url(bad, true, false), Err(UrlError::PrivateTarget(_))),
+                matches!(
+                    check_webhook_url(bad, true, false),
+                    Err(UrlError::PrivateTarget(_))
+                ),
                 "{bad} should be refused"
             );
-            assert!(check_webhook_url(bad, true, true).is_ok(), "{bad} allowed when private targets are");
+            assert!(
+                check_webhook_url(bad, true, true).is_ok(),
+                "{bad} allowed when private targets are"
+            );
         }
     }
 
     #[test]
     fn public_and_private_addresses() {
-        let public = ["8.8.8.8", "1.1.1.1", "2606:4700:4700::1111", "::ffff:8.8.8.8", "64:ff9b::808:808"];
+        let public = [
+            "8.8.8.8",
+            "1.1.1.1",
+            "2606:4700:4700::1111",
+            "::ffff:8.8.8.8",
+            "64:ff9b::808:808",
+        ];
         for ip in public {
             assert!(is_public(ip.parse().unwrap()), "{ip} is public");
         }
         let private = [
-            "127.0.0.1", "127.255.255.254", "10.0.0.1", "172.16.0.1", "172.31.255.255", "192.168.1.1",
-            "169.254.169.254", "100.64.0.1", "0.0.0.0", "255.255.255.255", "239.1.1.1", "::", "::1",
-            "fc00::1", "fd12:3456::1", "fe80::1", "ff02::1", "::ffff:10.0.0.1", "::ffff:169.254.169.254",
-            "64:ff9b::a00:1", "2002:7f00:1::1", "::127.0.0.1", "2001:db8::1",
+            "127.0.0.1",
+            "127.255.255.254",
+            "10.0.0.1",
+            "172.16.0.1",
+            "172.31.255.255",
+            "192.168.1.1",
+            "169.254.169.254",
+            "100.64.0.1",
+            "0.0.0.0",
+            "255.255.255.255",
+            "239.1.1.1",
+            "::",
+            "::1",
+            "fc00::1",
+            "fd12:3456::1",
+            "fe80::1",
+            "ff02::1",
+            "::ffff:10.0.0.1",
+            "::ffff:169.254.169.254",
+            "64:ff9b::a00:1",
+            "2002:7f00:1::1",
+            "::127.0.0.1",
+            "2001:db8::1",
         ];
         for ip in private {
             assert!(!is_public(ip.parse().unwrap()), "{ip} is not public");

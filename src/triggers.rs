@@ -15,8 +15,8 @@ use crate::guc;
 use crate::links::{self, LinkError, MAX_HEADER_LEN, truncate};
 use crate::linkstore::{self, Claim, LinkRow};
 use crate::payload::{
-    self, CampaignData, CampaignPayload, Click, ConversionData, ConversionPayload, EventType, IpMode, LinkChangeData,
-    LinkExpiredData, LinkPayload,
+    self, CampaignData, CampaignPayload, Click, ConversionData, ConversionPayload, EventType,
+    IpMode, LinkChangeData, LinkExpiredData, LinkPayload,
 };
 use crate::plans::{self, INT8, TEXT};
 use crate::shared;
@@ -33,12 +33,14 @@ fn col<'t, T>(row: &'t PgHeapTuple<'_, impl WhoAllocated>, name: &str) -> Result
 where
     T: FromDatum + IntoDatum + UnboxDatum<As<'t> = T> + 't,
 {
-    row.get_by_name(name).map_err(|e| Error::Column(format!("{name}: {e}")))
+    row.get_by_name(name)
+        .map_err(|e| Error::Column(format!("{name}: {e}")))
 }
 
 /// A text[] column as strings (NULL elements dropped).
 fn text_array(row: &PgHeapTuple<'_, impl WhoAllocated>, name: &str) -> Result<Option<Vec<String>>> {
-    Ok(col::<pgrx::Array<&str>>(row, name)?.map(|a| a.iter().flatten().map(str::to_string).collect()))
+    Ok(col::<pgrx::Array<&str>>(row, name)?
+        .map(|a| a.iter().flatten().map(str::to_string).collect()))
 }
 
 /// A column of the row being inserted, in its text form (for types pgrx cannot unbox, like inet).
@@ -52,12 +54,17 @@ fn inserted_text(trigger: &PgTrigger<'_>, name: &std::ffi::CStr) -> Option<Strin
             return None;
         }
         let text = pg_sys::SPI_getvalue(data.tg_trigtuple, tupdesc, attnum);
-        (!text.is_null()).then(|| std::ffi::CStr::from_ptr(text).to_string_lossy().into_owned())
+        (!text.is_null()).then(|| {
+            std::ffi::CStr::from_ptr(text)
+                .to_string_lossy()
+                .into_owned()
+        })
     }
 }
 
 fn set<T: IntoDatum>(row: &mut Row<'_>, name: &str, value: T) -> Result<()> {
-    row.set_by_name(name, value).map_err(|e| Error::Column(format!("{name}: {e}")))
+    row.set_by_name(name, value)
+        .map_err(|e| Error::Column(format!("{name}: {e}")))
 }
 
 fn unix_micros(ts: TimestampWithTimeZone) -> i64 {
@@ -75,18 +82,35 @@ fn new_event_id() -> String {
 }
 
 fn new_row<'a>(trigger: &'a PgTrigger<'a>) -> Result<Row<'a>> {
-    trigger.new().map(|r| r.into_owned()).ok_or_else(|| Error::Column("NEW".into()))
+    trigger
+        .new()
+        .map(|r| r.into_owned())
+        .ok_or_else(|| Error::Column("NEW".into()))
 }
 
 fn old_row<'a>(trigger: &'a PgTrigger<'a>) -> Result<Row<'a>> {
-    trigger.old().map(|r| r.into_owned()).ok_or_else(|| Error::Column("OLD".into()))
+    trigger
+        .old()
+        .map(|r| r.into_owned())
+        .ok_or_else(|| Error::Column("OLD".into()))
 }
 
 // ---------------------------------------------------------------- links
 
 /// Columns users set; a change to any other column (counters) is internal and emits nothing.
-const LINK_FIELDS: [&str; 11] =
-    ["domain", "slug", "destination", "campaign", "tags", "utm", "expires_at", "max_clicks", "expired_url", "disabled", "metadata"];
+const LINK_FIELDS: [&str; 11] = [
+    "domain",
+    "slug",
+    "destination",
+    "campaign",
+    "tags",
+    "utm",
+    "expires_at",
+    "max_clicks",
+    "expired_url",
+    "disabled",
+    "metadata",
+];
 
 #[pg_trigger]
 fn links_trigger<'a>(trigger: &'a PgTrigger<'a>) -> Result<Option<Row<'a>>, Error> {
@@ -109,7 +133,10 @@ fn on_link<'a>(trigger: &'a PgTrigger<'a>) -> Result<Row<'a>> {
                 return Ok(new);
             }
             check_link(&mut new, Some(&old))?;
-            if changed.iter().any(|f| *f == "max_clicks" || *f == "expires_at") {
+            if changed
+                .iter()
+                .any(|f| *f == "max_clicks" || *f == "expires_at")
+            {
                 // A new limit may make the link active again: let link.expired fire anew.
                 set(&mut new, "expired_at", None::<TimestampWithTimeZone>)?;
             }
@@ -122,12 +149,19 @@ fn on_link<'a>(trigger: &'a PgTrigger<'a>) -> Result<Row<'a>> {
             emit_link_event(EventType::LinkDeleted, &link_payload(&old)?, None)?;
             Ok(old)
         }
-        PgTriggerOperation::Truncate => Err(Error::invalid("operation", "TRUNCATE is not handled by this trigger")),
+        PgTriggerOperation::Truncate => Err(Error::invalid(
+            "operation",
+            "TRUNCATE is not handled by this trigger",
+        )),
     }
 }
 
 /// The fields whose values differ between OLD and NEW (typed comparison).
-fn changed_fields(old: &Row<'_>, new: &Row<'_>, fields: &[&'static str]) -> Result<Vec<&'static str>> {
+fn changed_fields(
+    old: &Row<'_>,
+    new: &Row<'_>,
+    fields: &[&'static str],
+) -> Result<Vec<&'static str>> {
     fn differs<T>(old: &Row<'_>, new: &Row<'_>, f: &str) -> Result<bool>
     where
         T: FromDatum + IntoDatum + for<'t> UnboxDatum<As<'t> = T> + PartialEq,
@@ -138,8 +172,12 @@ fn changed_fields(old: &Row<'_>, new: &Row<'_>, fields: &[&'static str]) -> Resu
     for &f in fields {
         let different = match f {
             "tags" => text_array(old, f)? != text_array(new, f)?,
-            "utm" | "metadata" => col::<JsonB>(old, f)?.map(|j| j.0) != col::<JsonB>(new, f)?.map(|j| j.0),
-            "expires_at" | "ends_at" | "completed_at" => differs::<TimestampWithTimeZone>(old, new, f)?,
+            "utm" | "metadata" => {
+                col::<JsonB>(old, f)?.map(|j| j.0) != col::<JsonB>(new, f)?.map(|j| j.0)
+            }
+            "expires_at" | "ends_at" | "completed_at" => {
+                differs::<TimestampWithTimeZone>(old, new, f)?
+            }
             "max_clicks" | "click_goal" => differs::<i64>(old, new, f)?,
             "disabled" => differs::<bool>(old, new, f)?,
             _ => differs::<String>(old, new, f)?,
@@ -155,8 +193,15 @@ fn check_link(new: &mut Row<'_>, old: Option<&Row<'_>>) -> Result<()> {
     let slug: String = col(new, "slug")?.unwrap_or_default();
     links::check_slug(&slug)?;
     let domain: String = col(new, "domain")?.unwrap_or_default();
-    if domain.len() > 253 || !domain.chars().all(|c| c.is_ascii_alphanumeric() || c == '.' || c == '-') {
-        return Err(Error::invalid("domain", "must be '' (the default domain) or a host name such as go.acme.co"));
+    if domain.len() > 253
+        || !domain
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || c == '.' || c == '-')
+    {
+        return Err(Error::invalid(
+            "domain",
+            "must be '' (the default domain) or a host name such as go.acme.co",
+        ));
     }
     let destination: String = col(new, "destination")?.unwrap_or_default();
     target::check_destination(&destination).map_err(LinkError::Destination)?;
@@ -171,7 +216,11 @@ fn check_link(new: &mut Row<'_>, old: Option<&Row<'_>>) -> Result<()> {
         Some(JsonB(v)) if !v.is_null() => links::normalize_utm(&v)?,
         _ => Map::new(),
     };
-    set(new, "redirect_url", links::redirect_url(&destination, &utm)?)?;
+    set(
+        new,
+        "redirect_url",
+        links::redirect_url(&destination, &utm)?,
+    )?;
 
     let id: i64 = col(new, "id")?.unwrap_or_default();
     let key_changed = match old {
@@ -227,8 +276,16 @@ fn link_payload(row: &Row<'_>) -> Result<LinkPayload> {
     })
 }
 
-fn emit_link_event(kind: EventType, link: &LinkPayload, changed: Option<Vec<&'static str>>) -> Result<()> {
-    let facts = Facts { campaign: link.campaign.as_deref(), tags: &link.tags, click: None };
+fn emit_link_event(
+    kind: EventType,
+    link: &LinkPayload,
+    changed: Option<Vec<&'static str>>,
+) -> Result<()> {
+    let facts = Facts {
+        campaign: link.campaign.as_deref(),
+        tags: &link.tags,
+        click: None,
+    };
     let id = new_event_id();
     let at = unix_now_micros();
     let body = payload::envelope(&id, kind, at, LinkChangeData { link, changed });
@@ -238,11 +295,23 @@ fn emit_link_event(kind: EventType, link: &LinkPayload, changed: Option<Vec<&'st
 
 /// link.expired for a link whose time or click limit ran out.
 pub fn emit_link_expired(link: &LinkPayload, reason: &'static str) -> Result<()> {
-    let facts = Facts { campaign: link.campaign.as_deref(), tags: &link.tags, click: None };
+    let facts = Facts {
+        campaign: link.campaign.as_deref(),
+        tags: &link.tags,
+        click: None,
+    };
     let id = new_event_id();
     let at = unix_now_micros();
-    let body =
-        payload::envelope(&id, EventType::LinkExpired, at, LinkExpiredData { link, reason, expired_at: payload::format_timestamp(at) });
+    let body = payload::envelope(
+        &id,
+        EventType::LinkExpired,
+        at,
+        LinkExpiredData {
+            link,
+            reason,
+            expired_at: payload::format_timestamp(at),
+        },
+    );
     events::emit(EventType::LinkExpired, &id, &facts, |_| body.clone())?;
     Ok(())
 }
@@ -256,18 +325,25 @@ fn clicks_trigger<'a>(trigger: &'a PgTrigger<'a>) -> Result<Option<Row<'a>>, Err
 
 fn on_click<'a>(trigger: &'a PgTrigger<'a>) -> Result<Row<'a>> {
     let mut row = new_row(trigger)?;
-    let link_id: i64 = col(&row, "link_id")?.ok_or_else(|| Error::invalid("link_id", "must not be null"))?;
+    let link_id: i64 =
+        col(&row, "link_id")?.ok_or_else(|| Error::invalid("link_id", "must not be null"))?;
     let source: String = col(&row, "source")?.unwrap_or_else(|| "link".into());
     let kind = match source.as_str() {
         "link" => EventType::LinkClicked,
         "qr" => EventType::QrScanned,
-        other => return Err(Error::invalid("source", format!("must be 'link' or 'qr' (got '{other}')"))),
+        other => {
+            return Err(Error::invalid(
+                "source",
+                format!("must be 'link' or 'qr' (got '{other}')"),
+            ));
+        }
     };
     let (link, reached_limit) = match linkstore::take_preclaimed(link_id) {
         Some(found) => found,
         None => {
-            let link = LinkRow::by_id(link_id)?
-                .ok_or_else(|| Error::NotFound(format!("invalid link_id: link {link_id} does not exist")))?;
+            let link = LinkRow::by_id(link_id)?.ok_or_else(|| {
+                Error::NotFound(format!("invalid link_id: link {link_id} does not exist"))
+            })?;
             let reached = match link.max_clicks {
                 None => false,
                 Some(max) => match linkstore::claim_click(link_id)? {
@@ -287,15 +363,25 @@ fn on_click<'a>(trigger: &'a PgTrigger<'a>) -> Result<Row<'a>> {
     let click = enrich_click(trigger, &mut row)?;
     let utm = match col::<JsonB>(&row, "utm")? {
         Some(JsonB(Value::Object(m))) => m,
-        _ => link.utm.as_ref().and_then(|u| links::normalize_utm(u).ok()).unwrap_or_default(),
+        _ => link
+            .utm
+            .as_ref()
+            .and_then(|u| links::normalize_utm(u).ok())
+            .unwrap_or_default(),
     };
     let link_payload = link.payload();
     let facts = Facts {
         campaign: link.campaign.as_deref(),
         tags: &link.tags,
-        click: Some(ClickFacts { country: click.country.as_deref(), device: click.device.as_deref(), is_bot: click.is_bot }),
+        click: Some(ClickFacts {
+            country: click.country.as_deref(),
+            device: click.device.as_deref(),
+            is_bot: click.is_bot,
+        }),
     };
-    events::emit(kind, &click.event_id, &facts, |mode: IpMode| payload::click_body(kind, &link_payload, &click, &utm, mode))?;
+    events::emit(kind, &click.event_id, &facts, |mode: IpMode| {
+        payload::click_body(kind, &link_payload, &click, &utm, mode)
+    })?;
 
     if reached_limit {
         emit_link_expired(&link_payload, "max_clicks")?;
@@ -353,10 +439,14 @@ fn enrich_click(trigger: &PgTrigger<'_>, row: &mut Row<'_>) -> Result<Click> {
         set(row, "utm", JsonB(Value::Object(utm)))?;
     }
 
-    let ip = inserted_text(trigger, c"ip").and_then(|inet| inet.split('/').next().and_then(|s| s.parse().ok()));
-    let clicked_at = col::<TimestampWithTimeZone>(row, "clicked_at")?.map_or_else(unix_now_micros, unix_micros);
+    let ip = inserted_text(trigger, c"ip")
+        .and_then(|inet| inet.split('/').next().and_then(|s| s.parse().ok()));
+    let clicked_at =
+        col::<TimestampWithTimeZone>(row, "clicked_at")?.map_or_else(unix_now_micros, unix_micros);
     Ok(Click {
-        event_id: col::<pgrx::Uuid>(row, "event_id")?.map(|u| u.to_string()).unwrap_or_else(new_event_id),
+        event_id: col::<pgrx::Uuid>(row, "event_id")?
+            .map(|u| u.to_string())
+            .unwrap_or_else(new_event_id),
         clicked_at_micros: clicked_at,
         ip,
         user_agent,
@@ -386,7 +476,9 @@ fn count_campaign_click(campaign: &str) -> Result<()> {
             &[TEXT],
             &[campaign.into()],
         )?;
-        let Some(row) = rows.into_iter().next() else { return Ok(None) };
+        let Some(row) = rows.into_iter().next() else {
+            return Ok(None);
+        };
         if !row.get::<bool>(1)?.unwrap_or(false) {
             return Ok(None);
         }
@@ -408,8 +500,17 @@ fn count_campaign_click(campaign: &str) -> Result<()> {
 pub fn emit_campaign_completed(campaign: CampaignPayload) -> Result<()> {
     let id = new_event_id();
     let name = campaign.name.clone();
-    let body = payload::envelope(&id, EventType::CampaignCompleted, unix_now_micros(), CampaignData { campaign });
-    let facts = Facts { campaign: Some(&name), tags: &[], click: None };
+    let body = payload::envelope(
+        &id,
+        EventType::CampaignCompleted,
+        unix_now_micros(),
+        CampaignData { campaign },
+    );
+    let facts = Facts {
+        campaign: Some(&name),
+        tags: &[],
+        click: None,
+    };
     events::emit(EventType::CampaignCompleted, &id, &facts, |_| body.clone())?;
     Ok(())
 }
@@ -431,7 +532,10 @@ fn on_conversion<'a>(trigger: &'a PgTrigger<'a>) -> Result<Row<'a>> {
     if let Some(c) = &currency
         && !(c.len() == 3 && c.chars().all(|ch| ch.is_ascii_uppercase()))
     {
-        return Err(Error::invalid("currency", format!("must be a three-letter ISO 4217 code such as USD (got '{c}')")));
+        return Err(Error::invalid(
+            "currency",
+            format!("must be a three-letter ISO 4217 code such as USD (got '{c}')"),
+        ));
     }
     let click_id: Option<i64> = col(&row, "click_id")?;
     let mut link_id: Option<i64> = col(&row, "link_id")?;
@@ -440,39 +544,59 @@ fn on_conversion<'a>(trigger: &'a PgTrigger<'a>) -> Result<Row<'a>> {
             "SELECT link_id FROM linkhooks.clicks WHERE id = $1",
             &[click_id.into()],
         )?
-        .ok_or_else(|| Error::NotFound(format!("invalid click_id: click {click_id} does not exist")))?;
+        .ok_or_else(|| {
+            Error::NotFound(format!("invalid click_id: click {click_id} does not exist"))
+        })?;
         match link_id {
             Some(given) if given != clicked_link => {
-                return Err(Error::invalid("link_id", format!("must match the click's link ({clicked_link}), got {given}")));
+                return Err(Error::invalid(
+                    "link_id",
+                    format!("must match the click's link ({clicked_link}), got {given}"),
+                ));
             }
             _ => link_id = Some(clicked_link),
         }
         set(&mut row, "link_id", clicked_link)?;
     }
-    let link_id = link_id.ok_or_else(|| Error::invalid("link_id", "a conversion needs link_id or click_id"))?;
-    let link = LinkRow::by_id(link_id)?
-        .ok_or_else(|| Error::NotFound(format!("invalid link_id: link {link_id} does not exist")))?;
+    let link_id = link_id
+        .ok_or_else(|| Error::invalid("link_id", "a conversion needs link_id or click_id"))?;
+    let link = LinkRow::by_id(link_id)?.ok_or_else(|| {
+        Error::NotFound(format!("invalid link_id: link {link_id} does not exist"))
+    })?;
 
-    let event_id = col::<pgrx::Uuid>(&row, "event_id")?.map(|u| u.to_string()).unwrap_or_else(new_event_id);
-    let occurred_at = col::<TimestampWithTimeZone>(&row, "occurred_at")?.map_or_else(unix_now_micros, unix_micros);
+    let event_id = col::<pgrx::Uuid>(&row, "event_id")?
+        .map(|u| u.to_string())
+        .unwrap_or_else(new_event_id);
+    let occurred_at = col::<TimestampWithTimeZone>(&row, "occurred_at")?
+        .map_or_else(unix_now_micros, unix_micros);
     let conversion = ConversionPayload {
         id: event_id.clone(),
         click_id,
         name,
-        amount: col::<AnyNumeric>(&row, "amount")?.and_then(|n| ConversionPayload::amount_from_numeric(&n.to_string())),
+        amount: col::<AnyNumeric>(&row, "amount")?
+            .and_then(|n| ConversionPayload::amount_from_numeric(&n.to_string())),
         currency,
         occurred_at: payload::format_timestamp(occurred_at),
         metadata: col::<JsonB>(&row, "metadata")?.map_or(Value::Object(Map::new()), |j| j.0),
     };
     let link_payload = link.payload();
-    let facts = Facts { campaign: link.campaign.as_deref(), tags: &link.tags, click: None };
+    let facts = Facts {
+        campaign: link.campaign.as_deref(),
+        tags: &link.tags,
+        click: None,
+    };
     let body = payload::envelope(
         &event_id,
         EventType::LinkConverted,
         occurred_at,
-        ConversionData { link: Some(&link_payload), conversion },
+        ConversionData {
+            link: Some(&link_payload),
+            conversion,
+        },
     );
-    events::emit(EventType::LinkConverted, &event_id, &facts, |_| body.clone())?;
+    events::emit(EventType::LinkConverted, &event_id, &facts, |_| {
+        body.clone()
+    })?;
     Ok(row)
 }
 
@@ -496,12 +620,19 @@ fn on_campaign<'a>(trigger: &'a PgTrigger<'a>) -> Result<Row<'a>> {
     }
     let goal: Option<i64> = col(&new, "click_goal")?;
     if let Some(g) = goal.filter(|g| *g <= 0) {
-        return Err(Error::invalid("click_goal", format!("must be greater than 0 (got {g})")));
+        return Err(Error::invalid(
+            "click_goal",
+            format!("must be greater than 0 (got {g})"),
+        ));
     }
     let goal_changed = match op {
         PgTriggerOperation::Update => {
             let old = old_row(trigger)?;
-            let changed = changed_fields(&old, &new, &["name", "click_goal", "ends_at", "completed_at"])?;
+            let changed = changed_fields(
+                &old,
+                &new,
+                &["name", "click_goal", "ends_at", "completed_at"],
+            )?;
             if changed.is_empty() {
                 return Ok(new); // a click counted toward the goal
             }
@@ -535,7 +666,11 @@ fn on_subscription<'a>(trigger: &'a PgTrigger<'a>) -> Result<Row<'a>> {
         return old_row(trigger);
     }
     let mut new = new_row(trigger)?;
-    let old = if matches!(op, PgTriggerOperation::Update) { Some(old_row(trigger)?) } else { None };
+    let old = if matches!(op, PgTriggerOperation::Update) {
+        Some(old_row(trigger)?)
+    } else {
+        None
+    };
     let name: String = col(&new, "name")?.unwrap_or_default();
     if name.trim().is_empty() {
         return Err(Error::invalid("name", "must not be empty"));
@@ -546,17 +681,27 @@ fn on_subscription<'a>(trigger: &'a PgTrigger<'a>) -> Result<Row<'a>> {
         None => true,
     };
     if url_changed {
-        target::check_webhook_url(&url, guc::REQUIRE_HTTPS.get(), guc::ALLOW_PRIVATE_TARGETS.get()).map_err(Error::Url)?;
+        target::check_webhook_url(
+            &url,
+            guc::REQUIRE_HTTPS.get(),
+            guc::ALLOW_PRIVATE_TARGETS.get(),
+        )
+        .map_err(Error::Url)?;
     }
     SigningKey::parse(&col::<String>(&new, "secret")?.unwrap_or_default())?;
     if let Some(prev) = col::<String>(&new, "previous_secret")? {
-        SigningKey::parse(&prev).map_err(|_| Error::invalid("previous_secret", "must be 'whsec_' followed by base64"))?;
+        SigningKey::parse(&prev).map_err(|_| {
+            Error::invalid("previous_secret", "must be 'whsec_' followed by base64")
+        })?;
     }
     if let Some(types) = text_array(&new, "event_types")? {
         for t in types {
             if EventType::parse(&t).is_none() {
                 let known: Vec<&str> = EventType::ALL.iter().map(|t| t.as_str()).collect();
-                return Err(Error::invalid("event_types", format!("'{t}' is not an event type (known: {})", known.join(", "))));
+                return Err(Error::invalid(
+                    "event_types",
+                    format!("'{t}' is not an event type (known: {})", known.join(", ")),
+                ));
             }
         }
     }
@@ -564,17 +709,29 @@ fn on_subscription<'a>(trigger: &'a PgTrigger<'a>) -> Result<Row<'a>> {
     Filters::parse(&filters)?;
     let ip_mode: String = col(&new, "ip_mode")?.unwrap_or_default();
     if IpMode::parse(&ip_mode).is_none() {
-        return Err(Error::invalid("ip_mode", format!("must be 'full', 'anonymized' or 'omit' (got '{ip_mode}')")));
+        return Err(Error::invalid(
+            "ip_mode",
+            format!("must be 'full', 'anonymized' or 'omit' (got '{ip_mode}')"),
+        ));
     }
     let scheme: String = col(&new, "signature_scheme")?.unwrap_or_default();
     if scheme != "standard" && scheme != "hex" {
-        return Err(Error::invalid("signature_scheme", format!("must be 'standard' or 'hex' (got '{scheme}')")));
+        return Err(Error::invalid(
+            "signature_scheme",
+            format!("must be 'standard' or 'hex' (got '{scheme}')"),
+        ));
     }
     if let Some(t) = col::<i32>(&new, "timeout_ms")?.filter(|t| !(100..=300_000).contains(t)) {
-        return Err(Error::invalid("timeout_ms", format!("must be between 100 and 300000 (got {t})")));
+        return Err(Error::invalid(
+            "timeout_ms",
+            format!("must be between 100 and 300000 (got {t})"),
+        ));
     }
     if let Some(m) = col::<i32>(&new, "max_attempts")?.filter(|m| !(1..=1000).contains(m)) {
-        return Err(Error::invalid("max_attempts", format!("must be between 1 and 1000 (got {m})")));
+        return Err(Error::invalid(
+            "max_attempts",
+            format!("must be between 1 and 1000 (got {m})"),
+        ));
     }
     if let Some(old) = &old {
         let was_enabled = col::<bool>(old, "enabled")?.unwrap_or(true);

@@ -52,7 +52,12 @@ thread_local! {
 pub fn classify(user_agent: Option<&str>) -> UserAgentInfo {
     let ua = user_agent.map(str::trim).unwrap_or("");
     if ua.is_empty() {
-        return UserAgentInfo { device: "bot", browser: None, os: None, is_bot: true };
+        return UserAgentInfo {
+            device: "bot",
+            browser: None,
+            os: None,
+            is_bot: true,
+        };
     }
     if let Some(hit) = MEMO.with(|m| m.borrow().get(ua).cloned()) {
         return hit;
@@ -73,8 +78,14 @@ fn classify_uncached(ua: &str) -> UserAgentInfo {
     let category = parsed.as_ref().map_or("UNKNOWN", |p| p.category);
     let is_bot = category == "crawler" || BOTS.is_bot(ua);
     let known = |s: &str| (!s.is_empty() && s != "UNKNOWN").then(|| s.to_string());
-    let browser = parsed.as_ref().and_then(|p| known(p.name)).filter(|_| category != "crawler");
-    let os = parsed.as_ref().and_then(|p| known(p.os)).map(|os| normalize_os(&os));
+    let browser = parsed
+        .as_ref()
+        .and_then(|p| known(p.name))
+        .filter(|_| category != "crawler");
+    let os = parsed
+        .as_ref()
+        .and_then(|p| known(p.os))
+        .map(|os| normalize_os(&os));
     let device = if is_bot {
         "bot"
     } else {
@@ -86,11 +97,18 @@ fn classify_uncached(ua: &str) -> UserAgentInfo {
             _ => "unknown",
         }
     };
-    UserAgentInfo { device, browser, os, is_bot }
+    UserAgentInfo {
+        device,
+        browser,
+        os,
+        is_bot,
+    }
 }
 
 fn is_tablet(ua: &str) -> bool {
-    ua.contains("iPad") || ua.contains("Tablet") || (ua.contains("Android") && !ua.contains("Mobile"))
+    ua.contains("iPad")
+        || ua.contains("Tablet")
+        || (ua.contains("Android") && !ua.contains("Mobile"))
 }
 
 fn normalize_os(os: &str) -> String {
@@ -123,31 +141,52 @@ mod tests {
     fn real_browsers() {
         check(
             "Mozilla/5.0 (iPhone; CPU iPhone OS 17_2 like Mac OS X) AppleWebKit/605.1.15 (KHTML, like Gecko) Version/17.2 Mobile/15E148 Safari/604.1",
-            "mobile", Some("Safari"), Some("iOS"), false,
+            "mobile",
+            Some("Safari"),
+            Some("iOS"),
+            false,
         );
         check(
             "Mozilla/5.0 (iPad; CPU OS 16_6 like Mac OS X) AppleWebKit/605.1.15 (KHTML, like Gecko) Version/16.6 Mobile/15E148 Safari/604.1",
-            "tablet", Some("Safari"), Some("iOS"), false,
+            "tablet",
+            Some("Safari"),
+            Some("iOS"),
+            false,
         );
         check(
             "Mozilla/5.0 (Linux; Android 14; Pixel 8) AppleWebKit/537.36 (KHTML, like Gecko) Chrome/120.0.6099.144 Mobile Safari/537.36",
-            "mobile", Some("Chrome"), Some("Android"), false,
+            "mobile",
+            Some("Chrome"),
+            Some("Android"),
+            false,
         );
         check(
             "Mozilla/5.0 (Linux; Android 13; SM-X710) AppleWebKit/537.36 (KHTML, like Gecko) Chrome/120.0.0.0 Safari/537.36",
-            "tablet", Some("Chrome"), Some("Android"), false,
+            "tablet",
+            Some("Chrome"),
+            Some("Android"),
+            false,
         );
         check(
             "Mozilla/5.0 (Windows NT 10.0; Win64; x64) AppleWebKit/537.36 (KHTML, like Gecko) Chrome/120.0.0.0 Safari/537.36",
-            "desktop", Some("Chrome"), Some("Windows"), false,
+            "desktop",
+            Some("Chrome"),
+            Some("Windows"),
+            false,
         );
         check(
             "Mozilla/5.0 (Macintosh; Intel Mac OS X 10_15_7) AppleWebKit/605.1.15 (KHTML, like Gecko) Version/17.1 Safari/605.1.15",
-            "desktop", Some("Safari"), Some("macOS"), false,
+            "desktop",
+            Some("Safari"),
+            Some("macOS"),
+            false,
         );
         check(
             "Mozilla/5.0 (X11; Linux x86_64; rv:121.0) Gecko/20100101 Firefox/121.0",
-            "desktop", Some("Firefox"), Some("Linux"), false,
+            "desktop",
+            Some("Firefox"),
+            Some("Linux"),
+            false,
         );
     }
 

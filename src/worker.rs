@@ -49,7 +49,11 @@ pub extern "C-unwind" fn linkhooks_worker_main(_arg: pg_sys::Datum) {
 
     let allow_private = Arc::new(AtomicBool::new(guc::ALLOW_PRIVATE_TARGETS.get()));
     let user_agent = format!("pg_linkhooks/{}", env!("CARGO_PKG_VERSION"));
-    let pool = match Pool::start(Settings::read().concurrency, allow_private.clone(), &user_agent) {
+    let pool = match Pool::start(
+        Settings::read().concurrency,
+        allow_private.clone(),
+        &user_agent,
+    ) {
         Ok(pool) => pool,
         Err(e) => {
             warning!("pg_linkhooks worker could not start its HTTP threads: {e}");
@@ -78,7 +82,10 @@ struct Settings {
 impl Settings {
     fn read() -> Settings {
         let schedule = Schedule::parse(&guc::string(&guc::RETRY_SCHEDULE)).unwrap_or_else(|e| {
-            warning!("{e}; using the default schedule {}", retry::DEFAULT_SCHEDULE);
+            warning!(
+                "{e}; using the default schedule {}",
+                retry::DEFAULT_SCHEDULE
+            );
             Schedule::default()
         });
         let max_attempts = match guc::MAX_ATTEMPTS.get() {
@@ -140,9 +147,27 @@ impl Worker {
         // descriptors (our latch, the pool's socket) outlive it.
         let wait_set = unsafe {
             let set = pg_sys::CreateWaitEventSet(pg_sys::TopMemoryContext, 3);
-            pg_sys::AddWaitEventToSet(set, pg_sys::WL_LATCH_SET as u32, -1, pg_sys::MyLatch, std::ptr::null_mut());
-            pg_sys::AddWaitEventToSet(set, pg_sys::WL_EXIT_ON_PM_DEATH as u32, -1, std::ptr::null_mut(), std::ptr::null_mut());
-            pg_sys::AddWaitEventToSet(set, pg_sys::WL_SOCKET_READABLE as u32, pool.wake_fd(), std::ptr::null_mut(), std::ptr::null_mut());
+            pg_sys::AddWaitEventToSet(
+                set,
+                pg_sys::WL_LATCH_SET as u32,
+                -1,
+                pg_sys::MyLatch,
+                std::ptr::null_mut(),
+            );
+            pg_sys::AddWaitEventToSet(
+                set,
+                pg_sys::WL_EXIT_ON_PM_DEATH as u32,
+                -1,
+                std::ptr::null_mut(),
+                std::ptr::null_mut(),
+            );
+            pg_sys::AddWaitEventToSet(
+                set,
+                pg_sys::WL_SOCKET_READABLE as u32,
+                pool.wake_fd(),
+                std::ptr::null_mut(),
+                std::ptr::null_mut(),
+            );
             set
         };
         Worker {
@@ -179,7 +204,8 @@ impl Worker {
                     unsafe { pg_sys::proc_exit(1) };
                 }
                 self.settings = Settings::read();
-                self.allow_private.store(guc::ALLOW_PRIVATE_TARGETS.get(), Ordering::Relaxed);
+                self.allow_private
+                    .store(guc::ALLOW_PRIVATE_TARGETS.get(), Ordering::Relaxed);
                 self.pool.resize(self.settings.concurrency);
                 woken = true;
             }
@@ -196,7 +222,8 @@ impl Worker {
                 // An error aborts the transaction (so no claim is half-done) and
                 // restarts the worker, which then releases the rows it held.
                 let jobs = BackgroundWorker::transaction(AssertUnwindSafe(|| {
-                    self.tick(want_claim, maintenance_due, &mut released).or_report()
+                    self.tick(want_claim, maintenance_due, &mut released)
+                        .or_report()
                 }));
                 self.enqueue(jobs);
                 if maintenance_due {
@@ -214,7 +241,8 @@ impl Worker {
     fn tick(&mut self, claim: bool, maintain: bool, released: &mut bool) -> Result<Vec<Job>> {
         if !self.extension_ready {
             self.extension_ready =
-                Spi::get_one::<bool>("SELECT to_regclass('linkhooks.deliveries') IS NOT NULL")?.unwrap_or(false);
+                Spi::get_one::<bool>("SELECT to_regclass('linkhooks.deliveries') IS NOT NULL")?
+                    .unwrap_or(false);
             if !self.extension_ready {
                 self.next_due = Some(Instant::now() + IDLE_POLL);
                 return Ok(Vec::new());
@@ -223,7 +251,9 @@ impl Worker {
         if !*released {
             // Rows a previous worker claimed but never finished are due now.
             Spi::run("SET synchronous_commit = off")?; // safe: a lost worker commit only means a resend
-            Spi::run("UPDATE linkhooks.deliveries SET next_attempt_at = now() WHERE status = 'delivering'")?;
+            Spi::run(
+                "UPDATE linkhooks.deliveries SET next_attempt_at = now() WHERE status = 'delivering'",
+            )?;
             *released = true;
         }
         self.refresh_endpoints()?;
@@ -252,7 +282,9 @@ impl Worker {
             for row in rows {
                 let secret: String = row.get(3)?.unwrap_or_default();
                 let previous: Option<String> = row.get(4)?;
-                let Ok(keys) = KeyRing::new(&secret, previous.as_deref(), row.get(5)?) else { continue };
+                let Ok(keys) = KeyRing::new(&secret, previous.as_deref(), row.get(5)?) else {
+                    continue;
+                };
                 let hex = row.get::<String>(6)?.as_deref() == Some("hex");
                 endpoints.insert(
                     row.get::<i64>(1)?.unwrap_or_default(),
@@ -260,7 +292,9 @@ impl Worker {
                         url: row.get::<String>(2)?.unwrap_or_default().into(),
                         hex_secret: hex.then(|| secret.clone().into()),
                         keys,
-                        timeout: row.get::<i32>(7)?.map(|ms| Duration::from_millis(ms.max(1) as u64)),
+                        timeout: row
+                            .get::<i32>(7)?
+                            .map(|ms| Duration::from_millis(ms.max(1) as u64)),
                         max_attempts: row.get(8)?,
                     },
                 );
@@ -273,8 +307,11 @@ impl Worker {
     }
 
     fn claim(&mut self) -> Result<Vec<Job>> {
-        let outstanding: usize = self.in_flight.values().sum::<usize>() + self.queued.values().map(VecDeque::len).sum::<usize>();
-        let room = (self.settings.concurrency * 2).saturating_sub(outstanding).min(self.settings.batch_size);
+        let outstanding: usize = self.in_flight.values().sum::<usize>()
+            + self.queued.values().map(VecDeque::len).sum::<usize>();
+        let room = (self.settings.concurrency * 2)
+            .saturating_sub(outstanding)
+            .min(self.settings.batch_size);
         let cap = self.settings.per_subscription_cap();
         let saturated: Vec<i64> = self
             .in_flight
@@ -310,7 +347,9 @@ impl Worker {
             )?;
             for row in rows {
                 let subscription_id: i64 = row.get(2)?.unwrap_or_default();
-                let Some(endpoint) = self.endpoints.get(&subscription_id) else { continue };
+                let Some(endpoint) = self.endpoints.get(&subscription_id) else {
+                    continue;
+                };
                 jobs.push(Job {
                     delivery_id: row.get(1)?.unwrap_or_default(),
                     subscription_id,
@@ -326,7 +365,11 @@ impl Worker {
             Ok(())
         })?;
         self.more_due = jobs.len() >= room || !saturated.is_empty();
-        self.next_due = if self.more_due { None } else { self.next_due_time()? };
+        self.next_due = if self.more_due {
+            None
+        } else {
+            self.next_due_time()?
+        };
         Ok(jobs)
     }
 
@@ -337,16 +380,23 @@ impl Worker {
               WHERE d.status IN ('pending', 'delivering')
                 AND EXISTS (SELECT 1 FROM linkhooks.subscriptions s WHERE s.id = d.subscription_id AND s.enabled)",
         )?;
-        Ok(ms.map(|ms| Instant::now() + Duration::from_millis(ms.clamp(1.0, IDLE_POLL.as_millis() as f64) as u64)))
+        Ok(ms.map(|ms| {
+            Instant::now()
+                + Duration::from_millis(ms.clamp(1.0, IDLE_POLL.as_millis() as f64) as u64)
+        }))
     }
 
     fn outstanding(&self, sub: i64) -> usize {
-        self.in_flight.get(&sub).copied().unwrap_or(0) + self.queued.get(&sub).map_or(0, VecDeque::len)
+        self.in_flight.get(&sub).copied().unwrap_or(0)
+            + self.queued.get(&sub).map_or(0, VecDeque::len)
     }
 
     fn enqueue(&mut self, jobs: Vec<Job>) {
         for job in jobs {
-            self.queued.entry(job.subscription_id).or_default().push_back(job);
+            self.queued
+                .entry(job.subscription_id)
+                .or_default()
+                .push_back(job);
         }
     }
 
@@ -381,16 +431,33 @@ impl Worker {
         }
         let outcomes = std::mem::take(&mut self.outcomes);
         let n = outcomes.len();
-        let (mut ids, mut statuses, mut delays, mut codes, mut errors, mut finished) =
-            (Vec::with_capacity(n), Vec::with_capacity(n), Vec::with_capacity(n), Vec::with_capacity(n), Vec::with_capacity(n), Vec::with_capacity(n));
+        let (mut ids, mut statuses, mut delays, mut codes, mut errors, mut finished) = (
+            Vec::with_capacity(n),
+            Vec::with_capacity(n),
+            Vec::with_capacity(n),
+            Vec::with_capacity(n),
+            Vec::with_capacity(n),
+            Vec::with_capacity(n),
+        );
         let mut dead: HashMap<i64, i64> = HashMap::new();
         let mut delivered_subs = Vec::new();
         let mut gone_subs = Vec::new();
         let mut soonest_retry: Option<Duration> = None;
         let mut attempts = Vec::with_capacity(n);
         for o in &outcomes {
-            let max_attempts = self.endpoints.get(&o.subscription_id).and_then(|e| e.max_attempts).unwrap_or(self.settings.max_attempts);
-            let verdict = retry::judge(o.status, o.retry_after, o.attempt, max_attempts, &self.settings.schedule, rand::random::<f64>());
+            let max_attempts = self
+                .endpoints
+                .get(&o.subscription_id)
+                .and_then(|e| e.max_attempts)
+                .unwrap_or(self.settings.max_attempts);
+            let verdict = retry::judge(
+                o.status,
+                o.retry_after,
+                o.attempt,
+                max_attempts,
+                &self.settings.schedule,
+                rand::random::<f64>(),
+            );
             let (status, delay) = match verdict {
                 Verdict::Delivered => {
                     delivered_subs.push(o.subscription_id);
@@ -411,7 +478,11 @@ impl Worker {
                 }
             };
             let finished_micros = o.started_unix_micros + (o.duration_ms * 1000.0) as i64;
-            attempts.push(health::Attempt { subscription_id: o.subscription_id, succeeded: status == "delivered", finished_micros });
+            attempts.push(health::Attempt {
+                subscription_id: o.subscription_id,
+                succeeded: status == "delivered",
+                finished_micros,
+            });
             ids.push(o.delivery_id);
             statuses.push(status);
             delays.push(delay);
@@ -424,9 +495,17 @@ impl Worker {
             let due = Instant::now() + delay;
             self.next_due = Some(self.next_due.map_or(due, |t| t.min(due)));
         }
-        let dead_ids: Vec<i64> = ids.iter().zip(&statuses).filter(|(_, s)| **s == "dead").map(|(id, _)| *id).collect();
+        let dead_ids: Vec<i64> = ids
+            .iter()
+            .zip(&statuses)
+            .filter(|(_, s)| **s == "dead")
+            .map(|(id, _)| *id)
+            .collect();
         let attempt_numbers: Vec<i32> = outcomes.iter().map(|o| o.attempt).collect();
-        let started: Vec<f64> = outcomes.iter().map(|o| o.started_unix_micros as f64 / 1e6).collect();
+        let started: Vec<f64> = outcomes
+            .iter()
+            .map(|o| o.started_unix_micros as f64 / 1e6)
+            .collect();
         let durations: Vec<f64> = outcomes.iter().map(|o| o.duration_ms).collect();
         let excerpts: Vec<Option<String>> = outcomes.iter().map(|o| o.excerpt.clone()).collect();
         let subscriptions: Vec<i64> = outcomes.iter().map(|o| o.subscription_id).collect();
@@ -481,15 +560,32 @@ impl Worker {
             }
             Ok(())
         })?;
-        self.update_health(&delivered_subs, &dead, &gone_subs, health::summarize(attempts))
+        self.update_health(
+            &delivered_subs,
+            &dead,
+            &gone_subs,
+            health::summarize(attempts),
+        )
     }
 
-    fn update_health(&self, delivered: &[i64], dead: &HashMap<i64, i64>, gone: &[i64], changes: Vec<HealthChange>) -> Result<()> {
+    fn update_health(
+        &self,
+        delivered: &[i64],
+        dead: &HashMap<i64, i64>,
+        gone: &[i64],
+        changes: Vec<HealthChange>,
+    ) -> Result<()> {
         // subscription_state, not subscriptions: writing subscriptions would refresh every backend's cache.
         let micros_to_secs = |t: Option<i64>| t.map(|t| t as f64 / 1e6);
         let ids: Vec<i64> = changes.iter().map(|c| c.subscription_id).collect();
-        let successes: Vec<Option<f64>> = changes.iter().map(|c| micros_to_secs(c.last_success_micros)).collect();
-        let failures: Vec<Option<f64>> = changes.iter().map(|c| micros_to_secs(c.last_failure_micros)).collect();
+        let successes: Vec<Option<f64>> = changes
+            .iter()
+            .map(|c| micros_to_secs(c.last_success_micros))
+            .collect();
+        let failures: Vec<Option<f64>> = changes
+            .iter()
+            .map(|c| micros_to_secs(c.last_failure_micros))
+            .collect();
         let runs: Vec<i32> = changes.iter().map(|c| c.trailing_failures).collect();
         Spi::connect_mut(|client| {
             plans::execute(
@@ -546,13 +642,26 @@ impl Worker {
         let timeout = if self.more_due && in_flight < self.settings.concurrency {
             Duration::ZERO
         } else {
-            let until_due = self.next_due.map_or(IDLE_POLL, |t| t.saturating_duration_since(Instant::now()));
-            until_due.min(self.next_maintenance.saturating_duration_since(Instant::now())).min(IDLE_POLL)
+            let until_due = self
+                .next_due
+                .map_or(IDLE_POLL, |t| t.saturating_duration_since(Instant::now()));
+            until_due
+                .min(
+                    self.next_maintenance
+                        .saturating_duration_since(Instant::now()),
+                )
+                .min(IDLE_POLL)
         };
         let mut event = pg_sys::WaitEvent::default();
         // SAFETY: the wait set was built in `new` and lives for the process.
         let latch_set = unsafe {
-            let n = pg_sys::WaitEventSetWait(self.wait_set, timeout.as_millis() as i64, &mut event, 1, pg_sys::PG_WAIT_EXTENSION);
+            let n = pg_sys::WaitEventSetWait(
+                self.wait_set,
+                timeout.as_millis() as i64,
+                &mut event,
+                1,
+                pg_sys::PG_WAIT_EXTENSION,
+            );
             pg_sys::ResetLatch(pg_sys::MyLatch);
             n > 0 && event.events & pg_sys::WL_LATCH_SET as u32 != 0
         };
@@ -565,7 +674,10 @@ impl Worker {
         let deadline = Instant::now() + Duration::from_secs(2);
         let mut in_flight: usize = self.in_flight.values().sum();
         while in_flight > 0 && Instant::now() < deadline {
-            if let Some(outcome) = self.pool.wait_one(deadline.saturating_duration_since(Instant::now())) {
+            if let Some(outcome) = self
+                .pool
+                .wait_one(deadline.saturating_duration_since(Instant::now()))
+            {
                 self.finish(outcome);
                 in_flight -= 1;
             }
