@@ -14,6 +14,9 @@ ALTER FUNCTION subscriptions_trigger() SECURITY DEFINER;
 -- Validates links, keeps redirect_url, emits link.created/updated/deleted.
 CREATE TRIGGER links_events BEFORE INSERT OR UPDATE OR DELETE ON links
     FOR EACH ROW EXECUTE FUNCTION links_trigger();
+-- Makes every session drop its cached links when links is truncated.
+CREATE TRIGGER links_truncated AFTER TRUNCATE ON links
+    FOR EACH STATEMENT EXECUTE FUNCTION links_trigger();
 -- Enriches clicks, enforces max_clicks, emits link.clicked/qr.scanned (+ link.expired, campaign.completed).
 CREATE TRIGGER clicks_events BEFORE INSERT ON clicks
     FOR EACH ROW EXECUTE FUNCTION clicks_trigger();

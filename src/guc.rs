@@ -19,6 +19,7 @@ pub static ALLOW_PRIVATE_TARGETS: GucSetting<bool> = GucSetting::<bool>::new(fal
 pub static RETENTION: GucSetting<Option<CString>> = GucSetting::<Option<CString>>::new(Some(c"7d"));
 pub static NOTIFY_CHANNEL: GucSetting<Option<CString>> = GucSetting::<Option<CString>>::new(None);
 pub static DISABLE_AFTER_DEAD_LETTERS: GucSetting<i32> = GucSetting::<i32>::new(20);
+pub static LINK_CACHE_SIZE: GucSetting<i32> = GucSetting::<i32>::new(10_000);
 pub static MAINTENANCE_INTERVAL: GucSetting<Option<CString>> =
     GucSetting::<Option<CString>>::new(Some(c"30s"));
 
@@ -107,6 +108,15 @@ pub fn register() {
         0,
         1_000_000,
         Sighup,
+    );
+
+    i(
+        c"linkhooks.link_cache_size",
+        c"Links each session keeps in memory for resolve and clicks (0 = no cache).",
+        &LINK_CACHE_SIZE,
+        0,
+        10_000_000,
+        GucContext::Userset,
     );
 
     GucRegistry::define_bool_guc(

@@ -1,6 +1,14 @@
 //! Reading links for redirects and clicks, and the click-limit claim.
+//!
+//! Links are cached per backend, by id and by (domain, slug), so a redirect or
+//! a click does not query `links`. The cache is valid while the shared links
+//! generation is unchanged (a committed change to a link's user-visible columns
+//! bumps it); entries are read with a snapshot taken after the generation, so
+//! a change cannot slip in between.
 
 use std::cell::RefCell;
+use std::collections::HashMap;
+use std::rc::Rc;
 
 use pgrx::prelude::*;
 use pgrx::spi::SpiHeapTupleData;
@@ -10,6 +18,7 @@ use crate::error::Result;
 use crate::guc;
 use crate::payload::LinkPayload;
 use crate::plans::{self, INT8, TEXT};
+use crate::shared;
 
 /// A link as the redirect and click paths see it.
 #[derive(Debug, Clone)]
@@ -26,15 +35,15 @@ pub struct LinkRow {
     pub disabled: bool,
     pub redirect_url: Option<String>,
     pub click_count: i64,
-    /// expires_at has passed (as of the transaction's start).
-    pub time_expired: bool,
+    /// expires_at in Postgres microseconds.
+    pub expires_at: Option<i64>,
 }
 
 macro_rules! select_link {
     ($where:literal) => {
         concat!(
             "SELECT id, domain, slug, destination, campaign, tags, utm, max_clicks, expired_url, disabled,
-                    redirect_url, click_count, coalesce(expires_at <= now(), false)
+                    redirect_url, click_count, expires_at
              FROM linkhooks.links ",
             $where
         )
@@ -61,37 +70,48 @@ impl LinkRow {
             disabled: row.get(10)?.unwrap_or(false),
             redirect_url: row.get(11)?,
             click_count: row.get(12)?.unwrap_or_default(),
-            time_expired: row.get(13)?.unwrap_or(false),
+            expires_at: row
+                .get::<pgrx::datum::TimestampWithTimeZone>(13)?
+                .map(|t| t.into_inner()),
         })
     }
 
-    pub fn by_id(id: i64) -> Result<Option<Self>> {
-        Spi::connect(|client| {
-            let rows = plans::query(client, select_link!("WHERE id = $1"), &[INT8], &[id.into()])?;
-            rows.into_iter()
-                .next()
-                .map(|r| Self::from_tuple(&r))
-                .transpose()
-        })
+    pub fn by_id(id: i64) -> Result<Option<Rc<Self>>> {
+        if let Some(hit) = with_cache(|c| c.by_id.get(&id).cloned()) {
+            return Ok(Some(hit));
+        }
+        load(select_link!("WHERE id = $1"), &[INT8], &[id.into()])
     }
 
-    pub fn by_slug(domain: &str, slug: &str) -> Result<Option<Self>> {
-        Spi::connect(|client| {
-            let rows = plans::query(
-                client,
-                select_link!("WHERE domain = $1 AND slug = $2"),
-                &[TEXT, TEXT],
-                &[domain.into(), slug.into()],
-            )?;
-            rows.into_iter()
-                .next()
-                .map(|r| Self::from_tuple(&r))
-                .transpose()
-        })
+    pub fn by_slug(domain: &str, slug: &str) -> Result<Option<Rc<Self>>> {
+        let cached = with_cache(|c| {
+            c.by_slug
+                .get(domain)
+                .and_then(|s| s.get(slug))
+                .and_then(|id| c.by_id.get(id))
+                .cloned()
+        });
+        if let Some(hit) = cached {
+            return Ok(Some(hit));
+        }
+        load(
+            select_link!("WHERE domain = $1 AND slug = $2"),
+            &[TEXT, TEXT],
+            &[domain.into(), slug.into()],
+        )
+    }
+
+    /// expires_at has passed, as of the transaction's start (like now()).
+    fn time_expired(&self) -> bool {
+        // SAFETY: plain read of the transaction start time.
+        self.expires_at
+            .is_some_and(|at| at <= unsafe { pg_sys::GetCurrentTransactionStartTimestamp() })
     }
 
     pub fn is_active(&self) -> bool {
-        !self.disabled && !self.time_expired && self.max_clicks.is_none_or(|m| self.click_count < m)
+        !self.disabled
+            && !self.time_expired()
+            && self.max_clicks.is_none_or(|m| self.click_count < m)
     }
 
     /// What a redirect answers: the destination (with UTM) while active, else expired_url or NULL.
@@ -122,6 +142,88 @@ impl LinkRow {
             tags: self.tags.clone(),
         }
     }
+}
+
+#[derive(Default)]
+struct LinkCache {
+    generation: u64,
+    by_id: HashMap<i64, Rc<LinkRow>>,
+    by_slug: HashMap<String, HashMap<String, i64>>,
+}
+
+thread_local! {
+    static CACHE: RefCell<LinkCache> = RefCell::new(LinkCache::default());
+}
+
+/// Whether this lookup may use the cache: never without shared memory, in a
+/// transaction that changed links itself, or one that reads from a single
+/// snapshot (REPEATABLE READ, SERIALIZABLE), which the cache cannot honour.
+fn cache_usable() -> bool {
+    // SAFETY: plain read of the session's isolation level.
+    let per_statement_snapshots =
+        unsafe { pg_sys::XactIsoLevel } < pg_sys::XACT_REPEATABLE_READ as i32;
+    shared::preloaded()
+        && per_statement_snapshots
+        && !shared::links_changed_in_transaction()
+        && guc::LINK_CACHE_SIZE.get() > 0
+}
+
+/// Runs `f` on the cache if it may be used, after dropping it when stale.
+fn with_cache<T>(f: impl FnOnce(&LinkCache) -> Option<T>) -> Option<T> {
+    if !cache_usable() {
+        return None;
+    }
+    CACHE.with(|c| {
+        let mut cache = c.borrow_mut();
+        let generation = shared::links_generation();
+        if cache.generation != generation {
+            *cache = LinkCache {
+                generation,
+                ..Default::default()
+            };
+        }
+        f(&cache)
+    })
+}
+
+/// Reads one link and caches it. The read takes a fresh snapshot (a mutating
+/// SPI call does), after `with_cache` read the generation: a change committed
+/// before that snapshot is in the row, one committed after it bumps the
+/// generation past the entry's.
+fn load(
+    sql: &'static str,
+    types: &[pgrx::pg_sys::PgOid],
+    args: &[pgrx::datum::DatumWithOid<'_>],
+) -> Result<Option<Rc<LinkRow>>> {
+    let usable = cache_usable();
+    let row = Spi::connect_mut(|client| {
+        let rows = plans::execute(client, sql, types, args)?;
+        rows.into_iter()
+            .next()
+            .map(|r| LinkRow::from_tuple(&r))
+            .transpose()
+    })?
+    .map(Rc::new);
+    // A limited link's click_count moves with every click without a generation bump.
+    if let Some(link) = row.as_ref().filter(|l| usable && l.max_clicks.is_none()) {
+        CACHE.with(|c| {
+            let mut cache = c.borrow_mut();
+            if cache.by_id.len() >= guc::LINK_CACHE_SIZE.get() as usize {
+                let generation = cache.generation;
+                *cache = LinkCache {
+                    generation,
+                    ..Default::default()
+                };
+            }
+            cache.by_id.insert(link.id, link.clone());
+            cache
+                .by_slug
+                .entry(link.domain.clone())
+                .or_default()
+                .insert(link.slug.clone(), link.id);
+        });
+    }
+    Ok(row)
 }
 
 /// Outcome of taking one of a limited link's clicks.
@@ -158,12 +260,12 @@ pub fn claim_click(link_id: i64) -> Result<Claim> {
 
 thread_local! {
     /// A link record_click already looked up and claimed, for the click trigger it is about to fire.
-    static PRECLAIMED: RefCell<Option<(LinkRow, bool)>> = const { RefCell::new(None) };
+    static PRECLAIMED: RefCell<Option<(Rc<LinkRow>, bool)>> = const { RefCell::new(None) };
 }
 
 /// Hands a looked-up (and, if limited, claimed) link to the click trigger
 /// until the returned guard is dropped.
-pub fn stash_preclaimed(link: LinkRow, reached_limit: bool) -> StashGuard {
+pub fn stash_preclaimed(link: Rc<LinkRow>, reached_limit: bool) -> StashGuard {
     PRECLAIMED.with(|p| *p.borrow_mut() = Some((link, reached_limit)));
     StashGuard
 }
@@ -178,7 +280,7 @@ impl Drop for StashGuard {
 }
 
 /// The stashed link, if it is the one this click is for.
-pub fn take_preclaimed(link_id: i64) -> Option<(LinkRow, bool)> {
+pub fn take_preclaimed(link_id: i64) -> Option<(Rc<LinkRow>, bool)> {
     PRECLAIMED
         .with(|p| p.borrow_mut().take())
         .filter(|(l, _)| l.id == link_id)

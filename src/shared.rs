@@ -1,7 +1,7 @@
 //! State shared between backends and the worker through shared memory, and
 //! the per-transaction hooks that use it: wake the worker when a transaction
 //! that queued deliveries commits (never before, never on rollback), and tell
-//! every backend that subscriptions or campaign goals changed.
+//! every backend that subscriptions, campaign goals or links changed.
 
 use std::cell::Cell;
 use std::sync::atomic::{AtomicBool, AtomicI32, AtomicI64, AtomicU64, AtomicUsize, Ordering};
@@ -17,6 +17,8 @@ static WORKER_LAST_LOOP_MS: PgAtomic<AtomicI64> =
     unsafe { PgAtomic::new(c"linkhooks_worker_last_loop") };
 static CONFIG_GENERATION: PgAtomic<AtomicU64> =
     unsafe { PgAtomic::new(c"linkhooks_config_generation") };
+static LINKS_GENERATION: PgAtomic<AtomicU64> =
+    unsafe { PgAtomic::new(c"linkhooks_links_generation") };
 
 /// Set in the postmaster's `_PG_init` when loaded through shared_preload_libraries;
 /// inherited by every backend it forks.
@@ -28,6 +30,7 @@ pub fn init() {
     pg_shmem_init!(WORKER_IN_FLIGHT);
     pg_shmem_init!(WORKER_LAST_LOOP_MS);
     pg_shmem_init!(CONFIG_GENERATION);
+    pg_shmem_init!(LINKS_GENERATION);
     PRELOADED.store(true, Ordering::Relaxed);
 }
 
@@ -39,6 +42,15 @@ pub fn preloaded() -> bool {
 pub fn config_generation() -> u64 {
     if preloaded() {
         CONFIG_GENERATION.get().load(Ordering::Acquire)
+    } else {
+        0
+    }
+}
+
+/// Generation of the links' user-visible columns; bumped when a change commits.
+pub fn links_generation() -> u64 {
+    if preloaded() {
+        LINKS_GENERATION.get().load(Ordering::Acquire)
     } else {
         0
     }
@@ -96,6 +108,7 @@ thread_local! {
     static HOOK_REGISTERED: Cell<bool> = const { Cell::new(false) };
     static WAKE_ON_COMMIT: Cell<bool> = const { Cell::new(false) };
     static CONFIG_CHANGED: Cell<bool> = const { Cell::new(false) };
+    static LINKS_CHANGED: Cell<bool> = const { Cell::new(false) };
 }
 
 /// Wake the worker when this transaction commits.
@@ -111,6 +124,17 @@ pub fn config_changed() {
     register_hook();
     CONFIG_CHANGED.set(true);
     crate::events::invalidate_cache();
+}
+
+/// This transaction changed a link: this backend bypasses its link cache until
+/// the transaction ends, and every backend's cache goes stale when it commits.
+pub fn links_changed() {
+    register_hook();
+    LINKS_CHANGED.set(true);
+}
+
+pub fn links_changed_in_transaction() -> bool {
+    LINKS_CHANGED.get()
 }
 
 fn register_hook() {
@@ -136,9 +160,20 @@ unsafe extern "C-unwind" fn on_xact_event(
                 }
                 crate::events::invalidate_cache();
             }
+            // After the commit is visible to new snapshots, so a reload sees it.
+            if LINKS_CHANGED.replace(false) && preloaded() {
+                LINKS_GENERATION.get().fetch_add(1, Ordering::AcqRel);
+            }
+        }
+        // COMMIT PREPARED runs in whichever backend, without this one's flags.
+        XACT_EVENT_PRE_PREPARE if LINKS_CHANGED.get() || CONFIG_CHANGED.get() => {
+            pgrx::error!(
+                "pg_linkhooks: PREPARE TRANSACTION is not supported after changing links, campaigns or subscriptions"
+            )
         }
         XACT_EVENT_ABORT | XACT_EVENT_PARALLEL_ABORT | XACT_EVENT_PREPARE => {
             WAKE_ON_COMMIT.set(false);
+            LINKS_CHANGED.set(false);
             if CONFIG_CHANGED.replace(false) {
                 crate::events::invalidate_cache();
             }

@@ -114,23 +114,23 @@ const LINK_FIELDS: [&str; 11] = [
 
 #[pg_trigger]
 fn links_trigger<'a>(trigger: &'a PgTrigger<'a>) -> Result<Option<Row<'a>>, Error> {
-    Ok(Some(on_link(trigger).or_report()))
+    Ok(on_link(trigger).or_report())
 }
 
-fn on_link<'a>(trigger: &'a PgTrigger<'a>) -> Result<Row<'a>> {
-    match trigger.op().map_err(|e| Error::Column(e.to_string()))? {
+fn on_link<'a>(trigger: &'a PgTrigger<'a>) -> Result<Option<Row<'a>>> {
+    let row = match trigger.op().map_err(|e| Error::Column(e.to_string()))? {
         PgTriggerOperation::Insert => {
             let mut new = new_row(trigger)?;
             check_link(&mut new, None)?;
             emit_link_event(EventType::LinkCreated, &link_payload(&new)?, None)?;
-            Ok(new)
+            Some(new)
         }
         PgTriggerOperation::Update => {
             let old = old_row(trigger)?;
             let mut new = new_row(trigger)?;
             let changed = changed_fields(&old, &new, &LINK_FIELDS)?;
             if changed.is_empty() {
-                return Ok(new);
+                return Ok(Some(new)); // counters: invisible to redirects' cache
             }
             check_link(&mut new, Some(&old))?;
             if changed
@@ -142,18 +142,18 @@ fn on_link<'a>(trigger: &'a PgTrigger<'a>) -> Result<Row<'a>> {
             }
             set(&mut new, "updated_at", transaction_now())?;
             emit_link_event(EventType::LinkUpdated, &link_payload(&new)?, Some(changed))?;
-            Ok(new)
+            Some(new)
         }
         PgTriggerOperation::Delete => {
             let old = old_row(trigger)?;
             emit_link_event(EventType::LinkDeleted, &link_payload(&old)?, None)?;
-            Ok(old)
+            Some(old)
         }
-        PgTriggerOperation::Truncate => Err(Error::invalid(
-            "operation",
-            "TRUNCATE is not handled by this trigger",
-        )),
-    }
+        // The statement-level links_truncated trigger: no row, no event.
+        PgTriggerOperation::Truncate => None,
+    };
+    shared::links_changed();
+    Ok(row)
 }
 
 /// The fields whose values differ between OLD and NEW (typed comparison).

@@ -28,6 +28,9 @@ use crate::signing::KeyRing;
 const LEASE_SECS: f64 = 600.0;
 /// Longest sleep when nothing is due: the fallback poll.
 const IDLE_POLL: Duration = Duration::from_secs(5);
+/// Outcomes are written in batches: when this many wait, or the oldest has waited `RECORD_DELAY`.
+const RECORD_BATCH: usize = 200;
+const RECORD_DELAY: Duration = Duration::from_millis(5);
 
 pub fn register() {
     BackgroundWorkerBuilder::new("pg_linkhooks delivery worker")
@@ -133,8 +136,13 @@ struct Worker {
     queued: HashMap<i64, VecDeque<Job>>,
     in_flight: HashMap<i64, usize>,
     outcomes: Vec<Outcome>,
-    /// The last claim filled its limit or skipped saturated subscriptions: claim again soon.
+    /// When the oldest unrecorded outcome arrived.
+    outcomes_since: Option<Instant>,
+    /// The last claim filled its limit: more rows are probably due.
     more_due: bool,
+    /// The last claim skipped saturated subscriptions: claim again as their queues shrink.
+    skipped_saturated: bool,
+    /// When to claim again even if nothing wakes us (a retry comes due, the fallback poll).
     next_due: Option<Instant>,
     next_maintenance: Instant,
     extension_ready: bool,
@@ -180,7 +188,9 @@ impl Worker {
             queued: HashMap::new(),
             in_flight: HashMap::new(),
             outcomes: Vec::new(),
+            outcomes_since: None,
             more_due: true,
+            skipped_saturated: false,
             next_due: None,
             next_maintenance: Instant::now(),
             extension_ready: false,
@@ -215,14 +225,23 @@ impl Worker {
                 self.finish(outcome);
             }
             let now = Instant::now();
-            let timer_due = self.next_due.is_none_or(|t| t <= now);
-            let want_claim = woken || timer_due || (self.more_due && got_outcomes);
+            let timer_due = self.next_due.is_some_and(|t| t <= now);
+            // New work was committed: claim it as soon as the threads want more.
+            self.more_due |= woken;
+            let want_claim = timer_due
+                || (self.hungry() && (self.more_due || (self.skipped_saturated && got_outcomes)));
             let maintenance_due = now >= self.next_maintenance;
-            if want_claim || !self.outcomes.is_empty() || maintenance_due {
+            // Few, larger transactions: outcomes wait for a batch, a claim or a short delay.
+            let record_due = !self.outcomes.is_empty()
+                && (want_claim
+                    || self.outcomes.len() >= RECORD_BATCH
+                    || self.outcomes_since.is_some_and(|t| now >= t + RECORD_DELAY)
+                    || self.in_flight.is_empty());
+            if want_claim || record_due || maintenance_due {
                 // An error aborts the transaction (so no claim is half-done) and
                 // restarts the worker, which then releases the rows it held.
                 let jobs = BackgroundWorker::transaction(AssertUnwindSafe(|| {
-                    self.tick(want_claim, maintenance_due, &mut released)
+                    self.tick(want_claim, record_due, maintenance_due, &mut released)
                         .or_report()
                 }));
                 self.enqueue(jobs);
@@ -233,17 +252,24 @@ impl Worker {
             self.dispatch();
             let in_flight: usize = self.in_flight.values().sum();
             shared::record_loop(in_flight as i64, unix_now_micros() / 1000);
-            woken = self.wait(in_flight);
+            woken = self.wait();
         }
     }
 
     /// One short transaction: record outcomes, claim due rows, maybe maintain.
-    fn tick(&mut self, claim: bool, maintain: bool, released: &mut bool) -> Result<Vec<Job>> {
+    fn tick(
+        &mut self,
+        claim: bool,
+        record: bool,
+        maintain: bool,
+        released: &mut bool,
+    ) -> Result<Vec<Job>> {
         if !self.extension_ready {
             self.extension_ready =
                 Spi::get_one::<bool>("SELECT to_regclass('linkhooks.deliveries') IS NOT NULL")?
                     .unwrap_or(false);
             if !self.extension_ready {
+                self.more_due = false;
                 self.next_due = Some(Instant::now() + IDLE_POLL);
                 return Ok(Vec::new());
             }
@@ -251,13 +277,21 @@ impl Worker {
         if !*released {
             // Rows a previous worker claimed but never finished are due now.
             Spi::run("SET synchronous_commit = off")?; // safe: a lost worker commit only means a resend
+            // The claim must walk deliveries_due in order and stop at its limit. Its generic
+            // plan, costed from an estimate of one due row, otherwise picks a sequential
+            // scan and a sort of the whole backlog (120 ms instead of 2 ms at 50k rows).
+            // Every other statement here is a lookup by key, which these settings favour too.
+            Spi::run("SET enable_seqscan = off")?;
+            Spi::run("SET enable_sort = off")?;
             Spi::run(
                 "UPDATE linkhooks.deliveries SET next_attempt_at = now() WHERE status = 'delivering'",
             )?;
             *released = true;
         }
         self.refresh_endpoints()?;
-        self.record_outcomes()?;
+        if record {
+            self.record_outcomes()?;
+        }
         let jobs = if claim { self.claim()? } else { Vec::new() };
         if maintain {
             Spi::run("SELECT linkhooks.run_maintenance()")?;
@@ -306,20 +340,35 @@ impl Worker {
         Ok(())
     }
 
-    fn claim(&mut self) -> Result<Vec<Job>> {
-        let outstanding: usize = self.in_flight.values().sum::<usize>()
-            + self.queued.values().map(VecDeque::len).sum::<usize>();
-        let room = (self.settings.concurrency * 2)
-            .saturating_sub(outstanding)
-            .min(self.settings.batch_size);
+    /// A subscription with a full round of requests already waiting to be sent:
+    /// claiming more for it would only hold rows.
+    fn saturated(&self) -> Vec<i64> {
         let cap = self.settings.per_subscription_cap();
-        let saturated: Vec<i64> = self
-            .in_flight
-            .keys()
-            .chain(self.queued.keys())
-            .copied()
-            .filter(|sub| self.outstanding(*sub) >= cap * 2)
-            .collect();
+        self.queued
+            .iter()
+            .filter(|(_, q)| q.len() >= cap)
+            .map(|(sub, _)| *sub)
+            .collect()
+    }
+
+    /// Jobs waiting for subscriptions that are not saturated.
+    fn waiting(&self) -> usize {
+        let cap = self.settings.per_subscription_cap();
+        self.queued
+            .values()
+            .map(VecDeque::len)
+            .filter(|n| *n < cap)
+            .sum()
+    }
+
+    /// Too little is waiting to keep the threads busy: claim if more is due.
+    fn hungry(&self) -> bool {
+        self.waiting() < self.settings.concurrency
+    }
+
+    fn claim(&mut self) -> Result<Vec<Job>> {
+        let saturated = self.saturated();
+        let room = self.settings.batch_size.saturating_sub(self.waiting());
         if room == 0 {
             self.more_due = true;
             return Ok(Vec::new());
@@ -364,31 +413,30 @@ impl Worker {
             }
             Ok(())
         })?;
-        self.more_due = jobs.len() >= room || !saturated.is_empty();
+        self.more_due = jobs.len() >= room;
+        self.skipped_saturated = !saturated.is_empty();
         self.next_due = if self.more_due {
             None
         } else {
-            self.next_due_time()?
+            Some(self.next_due_time(&saturated)?)
         };
         Ok(jobs)
     }
 
-    /// When the earliest pending retry comes due (None = nothing pending).
-    fn next_due_time(&self) -> Result<Option<Instant>> {
-        let ms = Spi::get_one::<f64>(
+    /// When the earliest pending row of a subscription that is not saturated
+    /// comes due, at the latest the fallback poll. Saturated subscriptions are
+    /// claimed for again as their outcomes arrive.
+    fn next_due_time(&self, saturated: &[i64]) -> Result<Instant> {
+        let ms = Spi::get_one_with_args::<f64>(
             "SELECT (extract(epoch FROM min(d.next_attempt_at) - now()) * 1000)::float8 FROM linkhooks.deliveries d
-              WHERE d.status IN ('pending', 'delivering')
+              WHERE d.status IN ('pending', 'delivering') AND d.subscription_id <> ALL ($1)
                 AND EXISTS (SELECT 1 FROM linkhooks.subscriptions s WHERE s.id = d.subscription_id AND s.enabled)",
+            &[saturated.to_vec().into()],
         )?;
-        Ok(ms.map(|ms| {
-            Instant::now()
-                + Duration::from_millis(ms.clamp(1.0, IDLE_POLL.as_millis() as f64) as u64)
-        }))
-    }
-
-    fn outstanding(&self, sub: i64) -> usize {
-        self.in_flight.get(&sub).copied().unwrap_or(0)
-            + self.queued.get(&sub).map_or(0, VecDeque::len)
+        let wait = ms.map_or(IDLE_POLL, |ms| {
+            Duration::from_millis(ms.clamp(1.0, IDLE_POLL.as_millis() as f64) as u64)
+        });
+        Ok(Instant::now() + wait)
     }
 
     fn enqueue(&mut self, jobs: Vec<Job>) {
@@ -421,6 +469,7 @@ impl Worker {
                 self.in_flight.remove(&outcome.subscription_id);
             }
         }
+        self.outcomes_since.get_or_insert_with(Instant::now);
         self.outcomes.push(outcome);
     }
 
@@ -430,6 +479,7 @@ impl Worker {
             return Ok(());
         }
         let outcomes = std::mem::take(&mut self.outcomes);
+        self.outcomes_since = None;
         let n = outcomes.len();
         let (mut ids, mut statuses, mut delays, mut codes, mut errors, mut finished) = (
             Vec::with_capacity(n),
@@ -638,19 +688,21 @@ impl Worker {
 
     /// Sleeps until the latch is set (new work committed, signal), an outcome
     /// arrives, or the next retry is due. Returns whether the latch woke us.
-    fn wait(&self, in_flight: usize) -> bool {
-        let timeout = if self.more_due && in_flight < self.settings.concurrency {
+    fn wait(&self) -> bool {
+        let now = Instant::now();
+        let timeout = if self.more_due && self.hungry() {
             Duration::ZERO
         } else {
-            let until_due = self
+            let until = |t: Instant| t.saturating_duration_since(now);
+            let mut timeout = self
                 .next_due
-                .map_or(IDLE_POLL, |t| t.saturating_duration_since(Instant::now()));
-            until_due
-                .min(
-                    self.next_maintenance
-                        .saturating_duration_since(Instant::now()),
-                )
-                .min(IDLE_POLL)
+                .map_or(IDLE_POLL, until)
+                .min(until(self.next_maintenance))
+                .min(IDLE_POLL);
+            if let Some(since) = self.outcomes_since {
+                timeout = timeout.min(until(since + RECORD_DELAY));
+            }
+            timeout
         };
         let mut event = pg_sys::WaitEvent::default();
         // SAFETY: the wait set was built in `new` and lives for the process.

@@ -1,7 +1,8 @@
 """Moving an installation: ALTER EXTENSION UPDATE from the previous release
-gives exactly what a fresh install gives, and pg_dump/pg_restore keep every
-row (issue 5). The whole suite also runs against an upgraded install:
-LINKHOOKS_UPGRADE_FROM=0.1.0 (scripts/test.sh does both)."""
+gives exactly what a fresh install gives, from each earlier release, and
+pg_dump/pg_restore keep every row (issue 5). The whole suite also runs against
+an install updated from the first release: LINKHOOKS_UPGRADE_FROM=0.1.0
+(scripts/test.sh does both)."""
 
 import os
 import subprocess
@@ -12,7 +13,8 @@ from psycopg import sql
 from harness import BIN
 from test_links import IPHONE
 
-PREVIOUS = "0.1.0"
+# Earlier releases; scripts/test.sh installs their install scripts from tests/upgrade/.
+PREVIOUS = ["0.1.0", "0.2.0"]
 
 # Everything about the extension's objects a user can observe, one line each.
 CATALOG = """
@@ -81,25 +83,32 @@ def fill(conn):
                  "SELECT id, 'purchase', 12.50 FROM linkhooks.links WHERE slug = 'up'")
 
 
-@pytest.fixture
-def previous_release(cluster):
+@pytest.fixture(params=PREVIOUS)
+def previous_release(cluster, request):
     with cluster.connect() as c:
         versions = [r[0] for r in c.execute(
             "SELECT version FROM pg_available_extension_versions WHERE name = 'pg_linkhooks'").fetchall()]
-    assert PREVIOUS in versions, (f"pg_linkhooks {PREVIOUS} is not installed; scripts/test.sh installs "
-                                  f"tests/upgrade/pg_linkhooks--{PREVIOUS}.sql into the extension directory")
+    assert request.param in versions, (f"pg_linkhooks {request.param} is not installed; scripts/test.sh installs "
+                                       f"tests/upgrade/pg_linkhooks--{request.param}.sql into the extension directory")
+    return request.param
 
 
 def test_update_from_previous_release_equals_fresh_install(cluster, previous_release):
     try:
         with database(cluster, "lh_fresh") as fresh, database(cluster, "lh_upgraded") as upgraded:
             fresh.execute("CREATE EXTENSION pg_linkhooks")
-            upgraded.execute(sql.SQL("CREATE EXTENSION pg_linkhooks VERSION {}").format(sql.Literal(PREVIOUS)))
+            upgraded.execute(sql.SQL("CREATE EXTENSION pg_linkhooks VERSION {}").format(sql.Literal(previous_release)))
             fill(upgraded)
             secret = upgraded.execute("SELECT secret FROM linkhooks.subscriptions").fetchone()[0]
-            # An attempt as the 0.1.0 worker wrote it (no worker serves this database).
-            upgraded.execute("INSERT INTO linkhooks.delivery_attempts (delivery_id, attempt, started_at, duration_ms, status_code) "
-                             "SELECT id, 1, now(), 3.5, 500 FROM linkhooks.deliveries WHERE event_type = 'link.clicked'")
+            # An attempt as that release's worker wrote it (no worker serves this database).
+            if previous_release == "0.1.0":  # it did not record the subscription
+                upgraded.execute("INSERT INTO linkhooks.delivery_attempts (delivery_id, attempt, started_at, duration_ms, status_code) "
+                                 "SELECT id, 1, now(), 3.5, 500 FROM linkhooks.deliveries WHERE event_type = 'link.clicked'")
+            else:
+                upgraded.execute("INSERT INTO linkhooks.delivery_attempts "
+                                 "(delivery_id, attempt, started_at, duration_ms, status_code, subscription_id) "
+                                 "SELECT id, 1, now(), 3.5, 500, subscription_id FROM linkhooks.deliveries "
+                                 "WHERE event_type = 'link.clicked'")
             upgraded.execute("ALTER EXTENSION pg_linkhooks UPDATE")
 
             assert upgraded.execute("SELECT extversion FROM pg_extension WHERE extname = 'pg_linkhooks'").fetchone()[0] == \
@@ -114,7 +123,7 @@ def test_update_from_previous_release_equals_fresh_install(cluster, previous_rel
             assert upgraded.execute("SELECT clicks, human_clicks, conversions FROM linkhooks.link_stats").fetchone() == (1, 1, 1)
             assert upgraded.execute("SELECT count(*) FROM linkhooks.subscription_health").fetchone()[0] == 2
             assert upgraded.execute("SELECT failed_attempts FROM linkhooks.subscription_health WHERE period = '1h'").fetchone()[0] == 1, \
-                "attempts from 0.1.0 are attributed to their subscription"
+                "attempts from the earlier release are attributed to their subscription"
             assert upgraded.execute("SELECT linkhooks.record_click('up', user_agent => %s)", [IPHONE]).fetchone()[0] == "https://acme.com/up?utm_source=mail"
             assert upgraded.execute("SELECT count(*) FROM linkhooks.delivery_log WHERE event_type = 'link.clicked'").fetchone()[0] == 2
             assert upgraded.execute("SELECT running FROM linkhooks.worker_status()").fetchone()[0] is True

@@ -1,0 +1,10 @@
+-- pg_linkhooks 0.2.0 → 0.3.0: sessions cache links for resolve and clicks.
+-- Every object here matches what a fresh 0.3.0 install creates; the system
+-- test tests/system/test_upgrade.py compares the two catalogs.
+
+-- Only the extension writes deliveries.status; the CHECK cost every click's insert a re-parse.
+ALTER TABLE deliveries DROP CONSTRAINT deliveries_status_check;
+
+-- Makes every session drop its cached links when links is truncated.
+CREATE TRIGGER links_truncated AFTER TRUNCATE ON links
+    FOR EACH STATEMENT EXECUTE FUNCTION links_trigger();
