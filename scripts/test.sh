@@ -21,3 +21,6 @@ echo "==> system tests on a fresh install"
 
 echo "==> system tests on an install updated from 0.1.0"
 LINKHOOKS_UPGRADE_FROM=0.1.0 "$VENV/bin/pytest" -q -p no:cacheprovider tests/system "$@"
+
+echo "==> benchmark suite, smoke size (keeps it runnable; its numbers are not checked)"
+scripts/bench.sh --smoke

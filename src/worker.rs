@@ -31,6 +31,8 @@ const IDLE_POLL: Duration = Duration::from_secs(5);
 /// Outcomes are written in batches: when this many wait, or the oldest has waited `RECORD_DELAY`.
 const RECORD_BATCH: usize = 200;
 const RECORD_DELAY: Duration = Duration::from_millis(5);
+/// How often to look for other due rows while some subscriptions are saturated.
+const SATURATED_RECHECK: Duration = Duration::from_secs(1);
 
 pub fn register() {
     BackgroundWorkerBuilder::new("pg_linkhooks delivery worker")
@@ -140,8 +142,8 @@ struct Worker {
     outcomes_since: Option<Instant>,
     /// The last claim filled its limit: more rows are probably due.
     more_due: bool,
-    /// The last claim skipped saturated subscriptions: claim again as their queues shrink.
-    skipped_saturated: bool,
+    /// Subscriptions the last claim skipped; claim again when one of them has room.
+    skipped: Vec<i64>,
     /// When to claim again even if nothing wakes us (a retry comes due, the fallback poll).
     next_due: Option<Instant>,
     next_maintenance: Instant,
@@ -190,7 +192,7 @@ impl Worker {
             outcomes: Vec::new(),
             outcomes_since: None,
             more_due: true,
-            skipped_saturated: false,
+            skipped: Vec::new(),
             next_due: None,
             next_maintenance: Instant::now(),
             extension_ready: false,
@@ -229,7 +231,8 @@ impl Worker {
             // New work was committed: claim it as soon as the threads want more.
             self.more_due |= woken;
             let want_claim = timer_due
-                || (self.hungry() && (self.more_due || (self.skipped_saturated && got_outcomes)));
+                || (self.hungry()
+                    && (self.more_due || (got_outcomes && self.saturated() != self.skipped)));
             let maintenance_due = now >= self.next_maintenance;
             // Few, larger transactions: outcomes wait for a batch, a claim or a short delay.
             let record_due = !self.outcomes.is_empty()
@@ -340,15 +343,18 @@ impl Worker {
         Ok(())
     }
 
-    /// A subscription with a full round of requests already waiting to be sent:
-    /// claiming more for it would only hold rows.
+    /// Subscriptions with a full round of requests already waiting to be sent
+    /// (claiming more for them would only hold rows), in id order.
     fn saturated(&self) -> Vec<i64> {
         let cap = self.settings.per_subscription_cap();
-        self.queued
+        let mut subs: Vec<i64> = self
+            .queued
             .iter()
             .filter(|(_, q)| q.len() >= cap)
             .map(|(sub, _)| *sub)
-            .collect()
+            .collect();
+        subs.sort_unstable();
+        subs
     }
 
     /// Jobs waiting for subscriptions that are not saturated.
@@ -414,24 +420,22 @@ impl Worker {
             Ok(())
         })?;
         self.more_due = jobs.len() >= room;
-        self.skipped_saturated = !saturated.is_empty();
-        self.next_due = if self.more_due {
-            None
-        } else {
-            Some(self.next_due_time(&saturated)?)
+        self.next_due = match (self.more_due, saturated.is_empty()) {
+            (true, _) => None,
+            (false, true) => Some(self.next_due_time()?),
+            // Skipped rows are due already; finding the next other one would scan past them all.
+            (false, false) => Some(Instant::now() + SATURATED_RECHECK),
         };
+        self.skipped = saturated;
         Ok(jobs)
     }
 
-    /// When the earliest pending row of a subscription that is not saturated
-    /// comes due, at the latest the fallback poll. Saturated subscriptions are
-    /// claimed for again as their outcomes arrive.
-    fn next_due_time(&self, saturated: &[i64]) -> Result<Instant> {
-        let ms = Spi::get_one_with_args::<f64>(
+    /// When the earliest pending row comes due, at the latest the fallback poll.
+    fn next_due_time(&self) -> Result<Instant> {
+        let ms = Spi::get_one::<f64>(
             "SELECT (extract(epoch FROM min(d.next_attempt_at) - now()) * 1000)::float8 FROM linkhooks.deliveries d
-              WHERE d.status IN ('pending', 'delivering') AND d.subscription_id <> ALL ($1)
+              WHERE d.status IN ('pending', 'delivering')
                 AND EXISTS (SELECT 1 FROM linkhooks.subscriptions s WHERE s.id = d.subscription_id AND s.enabled)",
-            &[saturated.to_vec().into()],
         )?;
         let wait = ms.map_or(IDLE_POLL, |ms| {
             Duration::from_millis(ms.clamp(1.0, IDLE_POLL.as_millis() as f64) as u64)
