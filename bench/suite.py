@@ -19,6 +19,8 @@ import tempfile
 import threading
 import time
 
+import psycopg
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.join(ROOT, "tests", "system"))
 from harness import BIN, Cluster, free_port, wait_for  # noqa: E402
@@ -202,8 +204,14 @@ class Bench:
         return float(re.search(r"^tps = ([\d.]+)", out.stdout, re.M).group(1))
 
     def reset_clicks(self):
-        self.sql("TRUNCATE linkhooks.clicks, linkhooks.deliveries, linkhooks.delivery_attempts, linkhooks.dead_letters, "
-                 "linkhooks.subscription_state, bench_plain_clicks, bench_outbox_clicks, bench_outbox")
+        for attempt in range(5):  # a busy worker may lock these tables in the other order
+            try:
+                self.sql("TRUNCATE linkhooks.clicks, linkhooks.deliveries, linkhooks.delivery_attempts, linkhooks.dead_letters, "
+                         "linkhooks.subscription_state, bench_plain_clicks, bench_outbox_clicks, bench_outbox")
+                return
+            except psycopg.errors.DeadlockDetected:
+                if attempt == 4:
+                    raise
 
     def subscriptions(self, urls):
         """Exactly these subscriptions (every event, bots included); returns their ids."""
@@ -315,8 +323,8 @@ class Bench:
                     target=5000, note="pg_net: about 200/s")
 
     def latency(self):
-        self.worker_in("bench")
         self.reset_clicks()
+        self.worker_in("bench")
         self.subscriptions([self.nginx.url()])
         seconds = self.size["latency_seconds"]
         self.pgbench(f"\\set n random(1, {self.size['links']})\n"
