@@ -156,14 +156,20 @@ thread_local! {
 }
 
 /// Whether this lookup may use the cache: never without shared memory, in a
-/// transaction that changed links itself, or one that reads from a single
-/// snapshot (REPEATABLE READ, SERIALIZABLE), which the cache cannot honour.
+/// transaction that changed links itself, one that reads from a single
+/// snapshot (REPEATABLE READ, SERIALIZABLE), which the cache cannot honour,
+/// or in a parallel worker, which cannot take the fresh snapshot a load needs.
 fn cache_usable() -> bool {
-    // SAFETY: plain read of the session's isolation level.
-    let per_statement_snapshots =
-        unsafe { pg_sys::XactIsoLevel } < pg_sys::XACT_REPEATABLE_READ as i32;
+    // SAFETY: plain reads of the session's isolation level and parallel mode.
+    let (per_statement_snapshots, parallel) = unsafe {
+        (
+            pg_sys::XactIsoLevel < pg_sys::XACT_REPEATABLE_READ as i32,
+            pg_sys::IsInParallelMode(),
+        )
+    };
     shared::preloaded()
         && per_statement_snapshots
+        && !parallel
         && !shared::links_changed_in_transaction()
         && guc::LINK_CACHE_SIZE.get() > 0
 }
@@ -186,7 +192,7 @@ fn with_cache<T>(f: impl FnOnce(&LinkCache) -> Option<T>) -> Option<T> {
     })
 }
 
-/// Reads one link and caches it. The read takes a fresh snapshot (a mutating
+/// Reads one link and caches it when the cache may be used. The read takes a fresh snapshot (a mutating
 /// SPI call does), after `with_cache` read the generation: a change committed
 /// before that snapshot is in the row, one committed after it bumps the
 /// generation past the entry's.
@@ -197,7 +203,13 @@ fn load(
 ) -> Result<Option<Rc<LinkRow>>> {
     let usable = cache_usable();
     let row = Spi::connect_mut(|client| {
-        let rows = plans::execute(client, sql, types, args)?;
+        // Only a row about to be cached needs the fresh snapshot of a mutating SPI call;
+        // otherwise read like any query (a parallel worker may do no more).
+        let rows = if usable {
+            plans::execute(client, sql, types, args)?
+        } else {
+            plans::query(client, sql, types, args)?
+        };
         rows.into_iter()
             .next()
             .map(|r| LinkRow::from_tuple(&r))

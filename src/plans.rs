@@ -11,8 +11,10 @@ use pgrx::spi::{OwnedPreparedStatement, SpiClient, SpiTupleTable};
 use crate::error::Result;
 
 thread_local! {
-    // Keyed by the statement's address: statement texts are 'static.
-    static PLANS: RefCell<HashMap<usize, OwnedPreparedStatement>> = RefCell::new(HashMap::new());
+    // Keyed by the statement's address (statement texts are 'static) and whether it
+    // runs as mutating: a mutating plan takes a fresh snapshot each time, a read-only
+    // one uses the caller's.
+    static PLANS: RefCell<HashMap<(usize, bool), OwnedPreparedStatement>> = RefCell::new(HashMap::new());
 }
 
 fn take(
@@ -21,15 +23,18 @@ fn take(
     types: &[PgOid],
     mutating: bool,
 ) -> Result<OwnedPreparedStatement> {
-    match PLANS.with(|p| p.borrow_mut().remove(&(sql.as_ptr() as usize))) {
+    match PLANS.with(|p| p.borrow_mut().remove(&(sql.as_ptr() as usize, mutating))) {
         Some(plan) => Ok(plan),
         None if mutating => Ok(client.prepare_mut(sql, types)?.keep()),
         None => Ok(client.prepare(sql, types)?.keep()),
     }
 }
 
-fn put_back(sql: &'static str, plan: OwnedPreparedStatement) {
-    PLANS.with(|p| p.borrow_mut().insert(sql.as_ptr() as usize, plan));
+fn put_back(sql: &'static str, mutating: bool, plan: OwnedPreparedStatement) {
+    PLANS.with(|p| {
+        p.borrow_mut()
+            .insert((sql.as_ptr() as usize, mutating), plan)
+    });
 }
 
 /// Runs a read-only statement with a saved plan.
@@ -41,7 +46,7 @@ pub fn query<'c>(
 ) -> Result<SpiTupleTable<'c>> {
     let plan = take(client, sql, types, false)?;
     let result = client.select(&plan, None, args);
-    put_back(sql, plan);
+    put_back(sql, false, plan);
     Ok(result?)
 }
 
@@ -54,7 +59,7 @@ pub fn execute<'c>(
 ) -> Result<SpiTupleTable<'c>> {
     let plan = take(client, sql, types, true)?;
     let result = client.update(&plan, None, args);
-    put_back(sql, plan);
+    put_back(sql, true, plan);
     Ok(result?)
 }
 

@@ -115,3 +115,12 @@ def test_no_cache_gives_the_same_answers(db, other):
     assert resolve(other, "go") == "https://acme.com/old"
     db.execute("UPDATE linkhooks.links SET destination = 'https://acme.com/new' WHERE id = %s", [link_id])
     assert resolve(other, "go") == "https://acme.com/new"
+
+
+def test_resolve_in_a_parallel_worker_reads_the_table(db, other):
+    link_id = link(db, "go", "https://acme.com/old")
+    other.execute("SET force_parallel_mode = on")  # the call runs in a parallel worker
+    assert "Gather" in other.execute("EXPLAIN SELECT linkhooks.resolve('go')").fetchone()[0]
+    assert resolve(other, "go") == "https://acme.com/old"
+    db.execute("UPDATE linkhooks.links SET destination = 'https://acme.com/new' WHERE id = %s", [link_id])
+    assert resolve(other, "go") == "https://acme.com/new"
