@@ -151,6 +151,16 @@ struct LinkCache {
     by_slug: HashMap<String, HashMap<String, i64>>,
 }
 
+impl LinkCache {
+    /// Drops every entry; the cache is then valid for `generation`.
+    fn clear(&mut self, generation: u64) {
+        *self = LinkCache {
+            generation,
+            ..Default::default()
+        };
+    }
+}
+
 thread_local! {
     static CACHE: RefCell<LinkCache> = RefCell::new(LinkCache::default());
 }
@@ -183,19 +193,16 @@ fn with_cache<T>(f: impl FnOnce(&LinkCache) -> Option<T>) -> Option<T> {
         let mut cache = c.borrow_mut();
         let generation = shared::links_generation();
         if cache.generation != generation {
-            *cache = LinkCache {
-                generation,
-                ..Default::default()
-            };
+            cache.clear(generation);
         }
         f(&cache)
     })
 }
 
-/// Reads one link and caches it when the cache may be used. The read takes a fresh snapshot (a mutating
-/// SPI call does), after `with_cache` read the generation: a change committed
-/// before that snapshot is in the row, one committed after it bumps the
-/// generation past the entry's.
+/// Reads one link and caches it when the cache may be used. Then the read
+/// takes a fresh snapshot (a mutating SPI call does) after `with_cache` read
+/// the generation: a change committed before that snapshot is in the row, one
+/// committed after it bumps the generation past the entry's.
 fn load(
     sql: &'static str,
     types: &[pgrx::pg_sys::PgOid],
@@ -222,10 +229,7 @@ fn load(
             let mut cache = c.borrow_mut();
             if cache.by_id.len() >= guc::LINK_CACHE_SIZE.get() as usize {
                 let generation = cache.generation;
-                *cache = LinkCache {
-                    generation,
-                    ..Default::default()
-                };
+                cache.clear(generation);
             }
             cache.by_id.insert(link.id, link.clone());
             cache
