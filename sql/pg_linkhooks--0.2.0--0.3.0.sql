@@ -8,3 +8,7 @@ ALTER TABLE deliveries DROP CONSTRAINT deliveries_status_check;
 -- Makes every session drop its cached links when links is truncated.
 CREATE TRIGGER links_truncated AFTER TRUNCATE ON links
     FOR EACH STATEMENT EXECUTE FUNCTION links_trigger();
+
+-- The worker claims per subscription, so a saturated subscription's backlog is never walked.
+DROP INDEX deliveries_due;
+CREATE INDEX deliveries_due ON deliveries (subscription_id, next_attempt_at) WHERE status IN ('pending', 'delivering');

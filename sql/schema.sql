@@ -114,8 +114,8 @@ CREATE TABLE deliveries (
     last_status_code integer,
     last_error       text
 );
--- The worker's claim: due rows in order, small because finished rows leave it.
-CREATE INDEX deliveries_due ON deliveries (next_attempt_at) WHERE status IN ('pending', 'delivering');
+-- The worker's claim: each subscription's due rows in order, small because finished rows leave it.
+CREATE INDEX deliveries_due ON deliveries (subscription_id, next_attempt_at) WHERE status IN ('pending', 'delivering');
 -- "Did event X arrive?"
 CREATE INDEX deliveries_event ON deliveries (event_id);
 

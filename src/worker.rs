@@ -31,8 +31,6 @@ const IDLE_POLL: Duration = Duration::from_secs(5);
 /// Outcomes are written in batches: when this many wait, or the oldest has waited `RECORD_DELAY`.
 const RECORD_BATCH: usize = 200;
 const RECORD_DELAY: Duration = Duration::from_millis(5);
-/// How often to look for other due rows while some subscriptions are saturated.
-const SATURATED_RECHECK: Duration = Duration::from_secs(1);
 
 pub fn register() {
     BackgroundWorkerBuilder::new("pg_linkhooks delivery worker")
@@ -247,6 +245,9 @@ impl Worker {
                     self.tick(want_claim, record_due, maintenance_due, &mut released)
                         .or_report()
                 }));
+                // A background worker must send its table statistics itself (at most once a
+                // second); without them autovacuum never sees the dead rows it leaves.
+                unsafe { pg_sys::pgstat_report_stat(false) };
                 self.enqueue(jobs);
                 if maintenance_due {
                     self.next_maintenance = Instant::now() + self.settings.maintenance_every;
@@ -286,6 +287,9 @@ impl Worker {
             // Every other statement here is a lookup by key, which these settings favour too.
             Spi::run("SET enable_seqscan = off")?;
             Spi::run("SET enable_sort = off")?;
+            // Compiling a short statement would cost it 100 ms (the settings above make every
+            // plan look expensive enough to qualify).
+            Spi::run("SET jit = off")?;
             Spi::run(
                 "UPDATE linkhooks.deliveries SET next_attempt_at = now() WHERE status = 'delivering'",
             )?;
@@ -384,21 +388,35 @@ impl Worker {
         Spi::connect_mut(|client| -> Result<()> {
             let rows = plans::execute(
                 client,
+                // Each enabled, unsaturated subscription's earliest due rows (an index range
+                // each, so a saturated subscription's backlog is never walked), merged in
+                // due order; only the rows chosen are locked.
                 "WITH due AS (
-                    SELECT d.id FROM linkhooks.deliveries d
+                    SELECT c.id FROM linkhooks.subscriptions s
+                     CROSS JOIN LATERAL (
+                           SELECT d.id, d.next_attempt_at FROM linkhooks.deliveries d
+                            WHERE d.subscription_id = s.id AND d.status IN ('pending', 'delivering')
+                              AND d.next_attempt_at <= now()
+                            ORDER BY d.next_attempt_at
+                            LIMIT $1) c
+                     WHERE s.enabled AND s.id <> ALL ($2)
+                     ORDER BY c.next_attempt_at
+                     LIMIT $1),
+                 locked AS (
+                    SELECT d.id FROM linkhooks.deliveries d JOIN due USING (id)
                      WHERE d.status IN ('pending', 'delivering') AND d.next_attempt_at <= now()
-                       AND d.subscription_id <> ALL ($2)
-                       AND EXISTS (SELECT 1 FROM linkhooks.subscriptions s WHERE s.id = d.subscription_id AND s.enabled)
-                     ORDER BY d.next_attempt_at
-                     LIMIT $1
                        FOR UPDATE OF d SKIP LOCKED)
                  UPDATE linkhooks.deliveries d
                     SET status = 'delivering', attempts = d.attempts + 1,
                         next_attempt_at = now() + make_interval(secs => $3)
-                   FROM due WHERE d.id = due.id
+                   FROM locked WHERE d.id = locked.id
                RETURNING d.id, d.subscription_id, d.event_id::text, d.body, d.attempts",
                 &[INT8, INT8_ARRAY, FLOAT8],
-                &[(room as i64).into(), saturated.clone().into(), LEASE_SECS.into()],
+                &[
+                    (room as i64).into(),
+                    saturated.clone().into(),
+                    LEASE_SECS.into(),
+                ],
             )?;
             for row in rows {
                 let subscription_id: i64 = row.get(2)?.unwrap_or_default();
@@ -420,23 +438,36 @@ impl Worker {
             Ok(())
         })?;
         self.more_due = jobs.len() >= room;
-        self.next_due = match (self.more_due, saturated.is_empty()) {
-            (true, _) => None,
-            (false, true) => Some(self.next_due_time()?),
-            // Skipped rows are due already; finding the next other one would scan past them all.
-            (false, false) => Some(Instant::now() + SATURATED_RECHECK),
+        self.next_due = if self.more_due {
+            None
+        } else {
+            Some(self.next_due_time(&saturated)?)
         };
         self.skipped = saturated;
         Ok(jobs)
     }
 
-    /// When the earliest pending row comes due, at the latest the fallback poll.
-    fn next_due_time(&self) -> Result<Instant> {
-        let ms = Spi::get_one::<f64>(
-            "SELECT (extract(epoch FROM min(d.next_attempt_at) - now()) * 1000)::float8 FROM linkhooks.deliveries d
-              WHERE d.status IN ('pending', 'delivering')
-                AND EXISTS (SELECT 1 FROM linkhooks.subscriptions s WHERE s.id = d.subscription_id AND s.enabled)",
-        )?;
+    /// When the earliest pending row of a subscription we would claim for comes
+    /// due, at the latest the fallback poll. Skipped subscriptions get a claim
+    /// when they have room again.
+    fn next_due_time(&self, skipped: &[i64]) -> Result<Instant> {
+        // Run as a mutating statement so it sees the rows this transaction just claimed.
+        let ms = Spi::connect_mut(|client| -> Result<Option<f64>> {
+            let rows = plans::execute(
+                client,
+                "SELECT (extract(epoch FROM min(c.next_attempt_at) - now()) * 1000)::float8
+                   FROM linkhooks.subscriptions s
+                  CROSS JOIN LATERAL (
+                        SELECT d.next_attempt_at FROM linkhooks.deliveries d
+                         WHERE d.subscription_id = s.id AND d.status IN ('pending', 'delivering')
+                         ORDER BY d.next_attempt_at
+                         LIMIT 1) c
+                  WHERE s.enabled AND s.id <> ALL ($1)",
+                &[INT8_ARRAY],
+                &[skipped.to_vec().into()],
+            )?;
+            Ok(rows.first().get(1)?)
+        })?;
         let wait = ms.map_or(IDLE_POLL, |ms| {
             Duration::from_millis(ms.clamp(1.0, IDLE_POLL.as_millis() as f64) as u64)
         });

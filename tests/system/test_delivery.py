@@ -213,3 +213,17 @@ def test_crash_during_a_burst_loses_no_event(cluster, db, receiver):
     duplicates = len(ids) - len(set(ids))
     print(f"\ncrash test: {total} events, {len(ids)} requests, {duplicates} duplicates")
     assert all(r["verified_with"] for r in receiver.received("/burst"))
+
+
+def test_worker_reports_table_statistics_for_autovacuum(db, receiver):
+    # The worker's updates leave dead rows; autovacuum only learns of them from its statistics.
+    def updates():
+        return db.execute("SELECT n_tup_upd FROM pg_stat_user_tables WHERE relid = 'linkhooks.deliveries'::regclass").fetchone()[0]
+
+    before = updates()
+    subscribe(db, receiver, "/stats")
+    link(db, "stats")
+    wait_for(lambda: status_of(db, db.execute("SELECT max(id) FROM linkhooks.deliveries").fetchone()[0]) == "delivered",
+             message="delivered")
+    # Claim and outcome are two updates of the row.
+    wait_for(lambda: updates() >= before + 2, message="the worker's updates in pg_stat_user_tables")
