@@ -401,7 +401,8 @@ class Bench:
                     small_rates, [large_rate / statistics.median(small_rates)], 0.8)
         private = [r[0] / 1024 for r in rss]
         self.record(f"worker private memory (RssAnon) at the end of draining {large:,}", [private[-1]], "MiB",
-                    note=f"first sample {private[0]:.1f} MiB, max {max(private):.1f} MiB over {len(rss)} samples (1/s); "
+                    note=f"first sample {private[0]:.1f} MiB, after 10 s {private[min(10, len(private) - 1)]:.1f} MiB, "
+                         f"max {max(private):.1f} MiB over {len(rss)} samples (1/s); "
                          f"shared buffers touched: {rss[-1][1] / 1024:.0f} MiB")
         self.worker_in("idle")
 
