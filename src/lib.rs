@@ -24,6 +24,7 @@ mod maintenance;
 mod plans;
 mod shared;
 mod triggers;
+mod tuple;
 mod worker;
 
 pgrx::pg_module_magic!();

@@ -10,15 +10,17 @@ use std::cell::RefCell;
 use std::collections::HashMap;
 use std::rc::Rc;
 
+use pgrx::heap_tuple::PgHeapTuple;
 use pgrx::prelude::*;
-use pgrx::spi::SpiHeapTupleData;
+use pgrx::{AllocatedByPostgres, PgTupleDesc};
 use serde_json::Value;
 
-use crate::error::Result;
+use crate::error::{Error, Result};
 use crate::guc;
 use crate::payload::LinkPayload;
-use crate::plans::{self, INT8, TEXT};
+use crate::plans::{self, INT8};
 use crate::shared;
+use crate::tuple::{col, text_array};
 
 /// A link as the redirect and click paths see it.
 #[derive(Debug, Clone)]
@@ -39,39 +41,22 @@ pub struct LinkRow {
     pub expires_at: Option<i64>,
 }
 
-macro_rules! select_link {
-    ($where:literal) => {
-        concat!(
-            "SELECT id, domain, slug, destination, campaign, tags, utm, max_clicks, expired_url, disabled,
-                    redirect_url, click_count, expires_at
-             FROM linkhooks.links ",
-            $where
-        )
-    };
-}
-
 impl LinkRow {
-    fn from_tuple(row: &SpiHeapTupleData) -> Result<Self> {
+    fn from_heap(row: &PgHeapTuple<'_, AllocatedByPostgres>) -> Result<Self> {
         Ok(LinkRow {
-            id: row.get(1)?.unwrap_or_default(),
-            domain: row.get(2)?.unwrap_or_default(),
-            slug: row.get(3)?.unwrap_or_default(),
-            destination: row.get(4)?.unwrap_or_default(),
-            campaign: row.get(5)?,
-            tags: row
-                .get::<Vec<Option<String>>>(6)?
-                .unwrap_or_default()
-                .into_iter()
-                .flatten()
-                .collect(),
-            utm: row.get::<pgrx::JsonB>(7)?.map(|j| j.0),
-            max_clicks: row.get(8)?,
-            expired_url: row.get(9)?,
-            disabled: row.get(10)?.unwrap_or(false),
-            redirect_url: row.get(11)?,
-            click_count: row.get(12)?.unwrap_or_default(),
-            expires_at: row
-                .get::<pgrx::datum::TimestampWithTimeZone>(13)?
+            id: col(row, "id")?.unwrap_or_default(),
+            domain: col(row, "domain")?.unwrap_or_default(),
+            slug: col(row, "slug")?.unwrap_or_default(),
+            destination: col(row, "destination")?.unwrap_or_default(),
+            campaign: col(row, "campaign")?,
+            tags: text_array(row, "tags")?.unwrap_or_default(),
+            utm: col::<pgrx::JsonB>(row, "utm")?.map(|j| j.0),
+            max_clicks: col(row, "max_clicks")?,
+            expired_url: col(row, "expired_url")?,
+            disabled: col(row, "disabled")?.unwrap_or(false),
+            redirect_url: col(row, "redirect_url")?,
+            click_count: col(row, "click_count")?.unwrap_or_default(),
+            expires_at: col::<pgrx::datum::TimestampWithTimeZone>(row, "expires_at")?
                 .map(|t| t.into_inner()),
         })
     }
@@ -80,7 +65,7 @@ impl LinkRow {
         if let Some(hit) = with_cache(|c| c.by_id.get(&id).cloned()) {
             return Ok(Some(hit));
         }
-        load(select_link!("WHERE id = $1"), &[INT8], &[id.into()])
+        load(Key::Id(id))
     }
 
     pub fn by_slug(domain: &str, slug: &str) -> Result<Option<Rc<Self>>> {
@@ -94,11 +79,7 @@ impl LinkRow {
         if let Some(hit) = cached {
             return Ok(Some(hit));
         }
-        load(
-            select_link!("WHERE domain = $1 AND slug = $2"),
-            &[TEXT, TEXT],
-            &[domain.into(), slug.into()],
-        )
+        load(Key::Slug(domain, slug))
     }
 
     /// expires_at has passed, as of the transaction's start (like now()).
@@ -200,29 +181,14 @@ fn with_cache<T>(f: impl FnOnce(&LinkCache) -> Option<T>) -> Option<T> {
 }
 
 /// Reads one link and caches it when the cache may be used. Then the read
-/// takes a fresh snapshot (a mutating SPI call does) after `with_cache` read
-/// the generation: a change committed before that snapshot is in the row, one
-/// committed after it bumps the generation past the entry's.
-fn load(
-    sql: &'static str,
-    types: &[pgrx::pg_sys::PgOid],
-    args: &[pgrx::datum::DatumWithOid<'_>],
-) -> Result<Option<Rc<LinkRow>>> {
+/// takes a fresh snapshot after `with_cache` read the generation: a change
+/// committed before that snapshot is in the row, one committed after it bumps
+/// the generation past the entry's.
+fn load(key: Key<'_>) -> Result<Option<Rc<LinkRow>>> {
     let usable = cache_usable();
-    let row = Spi::connect_mut(|client| {
-        // Only a row about to be cached needs the fresh snapshot of a mutating SPI call;
-        // otherwise read like any query (a parallel worker may do no more).
-        let rows = if usable {
-            plans::execute(client, sql, types, args)?
-        } else {
-            plans::query(client, sql, types, args)?
-        };
-        rows.into_iter()
-            .next()
-            .map(|r| LinkRow::from_tuple(&r))
-            .transpose()
-    })?
-    .map(Rc::new);
+    // Only a row about to be cached needs the fresh snapshot; otherwise read like
+    // any query (a parallel worker may do no more).
+    let row = read(&key, usable)?.map(Rc::new);
     // A limited link's click_count moves with every click without a generation bump.
     if let Some(link) = row.as_ref().filter(|l| usable && l.max_clicks.is_none()) {
         CACHE.with(|c| {
@@ -240,6 +206,97 @@ fn load(
         });
     }
     Ok(row)
+}
+
+/// How a link is looked up, and the unique index that finds it.
+enum Key<'a> {
+    Id(i64),
+    Slug(&'a str, &'a str),
+}
+
+/// Reads one link with a single index probe. A cache miss through SPI cost
+/// 44k instructions of executor start-up, as much as the rest of a redirect.
+/// With `fresh`, it reads with the latest snapshot; otherwise with the
+/// statement's, as a query in the calling function would.
+fn read(key: &Key<'_>, fresh: bool) -> Result<Option<LinkRow>> {
+    let index_name = match key {
+        Key::Id(_) => c"links_pkey",
+        Key::Slug(..) => c"links_slug_unique_per_domain",
+    };
+    // SAFETY: relations are opened and locked like a query would (AccessShareLock,
+    // kept to the end of the transaction), and the scan, slot and snapshot are
+    // released before return. A Postgres error on the way releases them at abort.
+    unsafe {
+        let namespace = pg_sys::get_namespace_oid(c"linkhooks".as_ptr(), false);
+        let table_oid = pg_sys::get_relname_relid(c"links".as_ptr(), namespace);
+        let index_oid = pg_sys::get_relname_relid(index_name.as_ptr(), namespace);
+        if table_oid == pg_sys::InvalidOid || index_oid == pg_sys::InvalidOid {
+            return Err(Error::Column(format!(
+                "linkhooks.links or its index {} is missing; reinstall the extension",
+                index_name.to_string_lossy()
+            )));
+        }
+        let lock = pg_sys::AccessShareLock as pg_sys::LOCKMODE;
+        let table = pg_sys::table_open(table_oid, lock);
+        let index = pg_sys::index_open(index_oid, lock);
+        let mut keys: [pg_sys::ScanKeyData; 2] = std::mem::zeroed();
+        let mut key_on = |n: usize, procedure: u32, value: Option<pg_sys::Datum>| {
+            pg_sys::ScanKeyEntryInitialize(
+                &mut keys[n],
+                0,
+                (n + 1) as pg_sys::AttrNumber,
+                pg_sys::BTEqualStrategyNumber as pg_sys::StrategyNumber,
+                pg_sys::InvalidOid,
+                *(*index).rd_indcollation.add(n), // compare as the index is sorted
+                pg_sys::Oid::from(procedure),
+                value.unwrap_or(pg_sys::Datum::from(0)),
+            );
+        };
+        let nkeys = match key {
+            Key::Id(id) => {
+                key_on(0, pg_sys::F_INT8EQ, id.into_datum());
+                1
+            }
+            Key::Slug(domain, slug) => {
+                key_on(0, pg_sys::F_TEXTEQ, domain.into_datum());
+                key_on(1, pg_sys::F_TEXTEQ, slug.into_datum());
+                2
+            }
+        };
+        let snapshot = if fresh {
+            pg_sys::RegisterSnapshot(pg_sys::GetLatestSnapshot())
+        } else if pg_sys::ActiveSnapshotSet() {
+            pg_sys::GetActiveSnapshot()
+        } else {
+            pg_sys::GetTransactionSnapshot()
+        };
+        let scan = pg_sys::index_beginscan(table, index, snapshot, nkeys, 0);
+        pg_sys::index_rescan(scan, keys.as_mut_ptr(), nkeys, std::ptr::null_mut(), 0);
+        let slot = pg_sys::table_slot_create(table, std::ptr::null_mut());
+        let row = if pg_sys::index_getnext_slot(
+            scan,
+            pg_sys::ScanDirection::ForwardScanDirection,
+            slot,
+        ) {
+            let mut should_free = false;
+            let tuple = pg_sys::ExecFetchSlotHeapTuple(slot, false, &mut should_free);
+            let heap = PgHeapTuple::from_heap_tuple(
+                PgTupleDesc::from_pg_unchecked((*table).rd_att),
+                tuple,
+            );
+            Some(LinkRow::from_heap(&heap))
+        } else {
+            None
+        };
+        pg_sys::ExecDropSingleTupleTableSlot(slot);
+        pg_sys::index_endscan(scan);
+        if fresh {
+            pg_sys::UnregisterSnapshot(snapshot);
+        }
+        pg_sys::index_close(index, pg_sys::NoLock as pg_sys::LOCKMODE);
+        pg_sys::table_close(table, pg_sys::NoLock as pg_sys::LOCKMODE);
+        row.transpose()
+    }
 }
 
 /// Outcome of taking one of a limited link's clicks.

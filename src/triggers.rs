@@ -2,12 +2,10 @@
 //! activity into events in the same transaction. Each trigger reads the row,
 //! calls the pure rules, and reports the first broken rule as an SQL error.
 
-use std::num::NonZeroUsize;
-
 use pgrx::datum::{AnyNumeric, FromDatum, IntoDatum, TimestampWithTimeZone, UnboxDatum};
 use pgrx::heap_tuple::PgHeapTuple;
 use pgrx::prelude::*;
-use pgrx::{AllocatedByRust, JsonB, WhoAllocated};
+use pgrx::{AllocatedByRust, JsonB};
 use serde_json::{Map, Value};
 
 use crate::error::{Error, OrReport, Result};
@@ -24,43 +22,13 @@ use crate::plans::{self, INT8, TEXT};
 use crate::shared;
 use crate::signing::SigningKey;
 use crate::target;
+use crate::tuple::{attnum, col, text_array};
 use crate::useragent;
 
 type Row<'a> = PgHeapTuple<'a, AllocatedByRust>;
 
 /// Microseconds between the Unix and Postgres epochs.
 pub const PG_EPOCH_OFFSET_MICROS: i64 = 946_684_800_000_000;
-
-/// A column's attribute number. Names are compared as bytes: pgrx's by-name
-/// access converts every attribute name to UTF-8 on each call, which was a
-/// tenth of a click's instructions.
-fn attnum(row: &PgHeapTuple<'_, impl WhoAllocated>, name: &str) -> Result<NonZeroUsize> {
-    let wanted = name.as_bytes();
-    row.attributes()
-        .find(|(_, att)| {
-            let stored = &att.attname.data;
-            !att.attisdropped
-                && stored.len() > wanted.len()
-                && stored[wanted.len()] == 0
-                && stored.iter().zip(wanted).all(|(a, b)| *a as u8 == *b)
-        })
-        .map(|(n, _)| n)
-        .ok_or_else(|| Error::Column(format!("{name}: no such column")))
-}
-
-fn col<'t, T>(row: &'t PgHeapTuple<'_, impl WhoAllocated>, name: &str) -> Result<Option<T>>
-where
-    T: FromDatum + IntoDatum + UnboxDatum<As<'t> = T> + 't,
-{
-    row.get_by_index(attnum(row, name)?)
-        .map_err(|e| Error::Column(format!("{name}: {e}")))
-}
-
-/// A text[] column as strings (NULL elements dropped).
-fn text_array(row: &PgHeapTuple<'_, impl WhoAllocated>, name: &str) -> Result<Option<Vec<String>>> {
-    Ok(col::<pgrx::Array<&str>>(row, name)?
-        .map(|a| a.iter().flatten().map(str::to_string).collect()))
-}
 
 /// A column of the row being inserted, in its text form (for types pgrx cannot unbox, like inet).
 fn inserted_text(trigger: &PgTrigger<'_>, name: &std::ffi::CStr) -> Option<String> {
