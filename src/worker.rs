@@ -247,6 +247,7 @@ impl Worker {
                 }));
                 // A background worker must send its table statistics itself (at most once a
                 // second); without them autovacuum never sees the dead rows it leaves.
+                // SAFETY: called between transactions, as Postgres requires.
                 unsafe { pg_sys::pgstat_report_stat(false) };
                 self.enqueue(jobs);
                 if maintenance_due {

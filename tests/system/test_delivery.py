@@ -227,3 +227,20 @@ def test_worker_reports_table_statistics_for_autovacuum(db, receiver):
              message="delivered")
     # Claim and outcome are two updates of the row.
     wait_for(lambda: updates() >= before + 2, message="the worker's updates in pg_stat_user_tables")
+
+
+def test_an_endpoint_with_no_free_slot_does_not_hold_up_another(db, receiver):
+    # /busy gets every thread it may use (¾ of linkhooks.http_concurrency) busy for 2 s, with more
+    # of its rows due behind them; the claim must still find /free's event at once.
+    subscribe(db, receiver, "/busy", event_types=["link.clicked"], filters={"exclude_bots": False})
+    receiver.expect("/busy", receiver.paths["/busy"]["secrets"], script=[(200, {}, 2.0)] * 100)
+    link_id = link(db, "busy")
+    db.execute("INSERT INTO linkhooks.clicks (link_id) SELECT %s FROM generate_series(1, 100)", [link_id])
+    busy = "SELECT count(*) FROM linkhooks.deliveries d JOIN linkhooks.subscriptions s ON s.id = d.subscription_id " \
+           "WHERE s.name = 'busy' AND d.status = 'delivering'"
+    wait_for(lambda: db.execute(busy).fetchone()[0] >= 24, message="/busy holds its share of the threads")
+    subscribe(db, receiver, "/free", event_types=["link.created"])
+    link(db, "free")
+    wait_for(lambda: receiver.received("/free"), timeout=1.5, message="/free's event beside the busy endpoint")
+    delivered = busy.replace("'delivering'", "'delivered'")
+    assert db.execute(delivered).fetchone()[0] == 0, "/busy's first requests are still being answered"
