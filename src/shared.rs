@@ -4,13 +4,17 @@
 //! every backend that subscriptions, campaign goals or links changed.
 
 use std::cell::Cell;
-use std::sync::atomic::{AtomicBool, AtomicI32, AtomicI64, AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{
+    AtomicBool, AtomicI32, AtomicI64, AtomicU32, AtomicU64, AtomicUsize, Ordering,
+};
 
 use pgrx::prelude::*;
 use pgrx::{PgAtomic, pg_shmem_init};
 
 static WORKER_LATCH: PgAtomic<AtomicUsize> = unsafe { PgAtomic::new(c"linkhooks_worker_latch") };
 static WORKER_PID: PgAtomic<AtomicI32> = unsafe { PgAtomic::new(c"linkhooks_worker_pid") };
+static WORKER_DATABASE: PgAtomic<AtomicU32> =
+    unsafe { PgAtomic::new(c"linkhooks_worker_database") };
 static WORKER_IN_FLIGHT: PgAtomic<AtomicI64> =
     unsafe { PgAtomic::new(c"linkhooks_worker_in_flight") };
 static WORKER_LAST_LOOP_MS: PgAtomic<AtomicI64> =
@@ -27,6 +31,7 @@ static PRELOADED: AtomicBool = AtomicBool::new(false);
 pub fn init() {
     pg_shmem_init!(WORKER_LATCH);
     pg_shmem_init!(WORKER_PID);
+    pg_shmem_init!(WORKER_DATABASE);
     pg_shmem_init!(WORKER_IN_FLIGHT);
     pg_shmem_init!(WORKER_LAST_LOOP_MS);
     pg_shmem_init!(CONFIG_GENERATION);
@@ -56,11 +61,15 @@ pub fn links_generation() -> u64 {
     }
 }
 
-/// Called by the worker when it starts (Some) and stops (None).
-pub fn set_worker(latch: Option<*mut pg_sys::Latch>, pid: i32) {
+/// Called by the worker when it starts (Some) and stops (None), with the database it serves.
+pub fn set_worker(latch: Option<*mut pg_sys::Latch>, pid: i32, database: pg_sys::Oid) {
     if !preloaded() {
         return;
     }
+    // Before the latch: a backend that sees the latch also sees its database.
+    WORKER_DATABASE
+        .get()
+        .store(database.to_u32(), Ordering::Relaxed);
     WORKER_LATCH
         .get()
         .store(latch.map_or(0, |l| l as usize), Ordering::Release);
@@ -96,7 +105,12 @@ fn wake_worker() {
         return;
     }
     let latch = WORKER_LATCH.get().load(Ordering::Acquire);
-    if latch != 0 {
+    // Only the worker's own database has deliveries it will claim; waking it for
+    // another's costs a signal per commit and a pointless transaction in the worker.
+    // SAFETY: MyDatabaseId is this backend's database, set once at connection.
+    let ours =
+        WORKER_DATABASE.get().load(Ordering::Relaxed) == unsafe { pg_sys::MyDatabaseId }.to_u32();
+    if latch != 0 && ours {
         // SAFETY: the latch lives in the worker's PGPROC in shared memory, mapped
         // at the same address in every backend; SetLatch on another process's
         // latch is how Postgres itself wakes processes.

@@ -63,11 +63,17 @@ pub extern "C-unwind" fn linkhooks_worker_main(_arg: pg_sys::Datum) {
             return;
         }
     };
-    // SAFETY: MyLatch and MyProcPid are this process's own, valid while it runs.
-    unsafe { shared::set_worker(Some(pg_sys::MyLatch), pg_sys::MyProcPid) };
+    // SAFETY: MyLatch, MyProcPid and MyDatabaseId are this process's own, valid while it runs.
+    unsafe {
+        shared::set_worker(
+            Some(pg_sys::MyLatch),
+            pg_sys::MyProcPid,
+            pg_sys::MyDatabaseId,
+        )
+    };
     let mut worker = Worker::new(pool, allow_private, database);
     worker.run();
-    shared::set_worker(None, 0);
+    shared::set_worker(None, 0, pg_sys::InvalidOid);
     log!("pg_linkhooks worker stopped");
 }
 

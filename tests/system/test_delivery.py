@@ -244,3 +244,34 @@ def test_an_endpoint_with_no_free_slot_does_not_hold_up_another(db, receiver):
     wait_for(lambda: receiver.received("/free"), timeout=1.5, message="/free's event beside the busy endpoint")
     delivered = busy.replace("'delivering'", "'delivered'")
     assert db.execute(delivered).fetchone()[0] == 0, "/busy's first requests are still being answered"
+
+
+def test_commits_in_another_database_do_not_wake_the_worker(cluster, receiver):
+    # The worker serves one database (linkhooks.database = postgres here). Deliveries queued in
+    # another must not wake it: each wake costs the committing backend a signal and the worker a
+    # transaction, which shows as commits in its own database.
+    with cluster.connect() as admin:
+        admin.execute("DROP DATABASE IF EXISTS other WITH (FORCE)")
+        admin.execute("CREATE DATABASE other")
+    try:
+        with cluster.connect(dbname="other") as other:
+            other.execute("CREATE EXTENSION pg_linkhooks")
+            subscribe(other, receiver, "/other", event_types=["link.clicked"], filters={"exclude_bots": False})
+            link_id = link(other, "other")
+
+            def worker_commits():
+                other.execute("SELECT pg_stat_clear_snapshot()")
+                return other.execute("SELECT xact_commit FROM pg_stat_database WHERE datname = 'postgres'").fetchone()[0]
+
+            before = worker_commits()
+            clicks, deadline = 0, time.monotonic() + 3  # the worker sends its statistics at most once a second
+            while time.monotonic() < deadline:
+                other.execute("INSERT INTO linkhooks.clicks (link_id) VALUES (%s)", [link_id])
+                clicks += 1
+            queued = other.execute("SELECT count(*) FROM linkhooks.deliveries WHERE status = 'pending'").fetchone()[0]
+            assert queued == clicks >= 100
+            # Maintenance (every second here) and idle polls commit a few times; a wake per click would be hundreds.
+            assert worker_commits() - before < 30
+    finally:
+        with cluster.connect() as admin:
+            admin.execute("DROP DATABASE other WITH (FORCE)")
