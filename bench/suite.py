@@ -20,6 +20,7 @@ import threading
 import time
 
 import psycopg
+from psycopg import sql
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.join(ROOT, "tests", "system"))
@@ -78,6 +79,8 @@ BEGIN
     RETURN NEW;
 END
 $$;
+-- Floor: what storing a click and its delivery costs with no logic at all (see click_inserts).
+CREATE TABLE bench_floor_deliveries (LIKE linkhooks.deliveries INCLUDING ALL);
 CREATE TRIGGER bench_outbox BEFORE INSERT ON bench_outbox_clicks FOR EACH ROW EXECUTE FUNCTION bench_outbox_trigger();
 INSERT INTO bench_outbox_subscriptions VALUES (1, gen_random_bytes(32));
 """
@@ -207,7 +210,8 @@ class Bench:
         for attempt in range(5):  # a busy worker may lock these tables in the other order
             try:
                 self.sql("TRUNCATE linkhooks.clicks, linkhooks.deliveries, linkhooks.delivery_attempts, linkhooks.dead_letters, "
-                         "linkhooks.subscription_state, bench_plain_clicks, bench_outbox_clicks, bench_outbox")
+                         "linkhooks.subscription_state, bench_plain_clicks, bench_outbox_clicks, bench_outbox, "
+                         "bench_floor_deliveries")
                 return
             except psycopg.errors.DeadlockDetected:
                 if attempt == 4:
@@ -275,6 +279,21 @@ class Bench:
             self.compare(f"click INSERT, {n} subscription{'s' if n != 1 else ''}", ours, plain,
                          "INSERT into the same table without triggers", target, before_each=self.reset_clicks)
         self.subscriptions([self.nginx.url()])
+        # The floor of any outbox: one plain statement writes the click row and a delivery row of the same
+        # size into a copy of deliveries (same indexes), with the body and signature given as constants.
+        self.reset_clicks()
+        self.sql(ours.split("\n", 1)[1].replace(":n", "1"))
+        body, signature = self.db.execute("SELECT body, signature FROM linkhooks.deliveries").fetchone()
+        for name, value in [("bench_floor_body", body), ("bench_floor_signature", signature)]:
+            self.sql(sql.SQL("CREATE OR REPLACE FUNCTION {}() RETURNS text IMMUTABLE LANGUAGE sql AS {}").format(
+                sql.Identifier(name), sql.Literal("SELECT " + sql.Literal(value).as_string(self.db))))
+        floor = insert.replace("{table}", "bench_plain_clicks").replace(
+            "INSERT", "WITH c AS (INSERT").replace(");\n", ") RETURNING event_id) INSERT INTO bench_floor_deliveries "
+            "(event_id, event_type, signed_at, subscription_id, body, signature) SELECT event_id, 'link.clicked', "
+            "extract(epoch FROM now())::bigint, 1, bench_floor_body(), bench_floor_signature() FROM c;\n")
+        self.compare("click INSERT, 1 subscription", ours, floor,
+                     "floor: the click and a same-size delivery row written by one plain statement", None,
+                     before_each=self.reset_clicks)
         self.compare("click INSERT, 1 subscription", ours, outbox, "PL/pgSQL + pgcrypto outbox trigger", 1.25,
                      before_each=self.reset_clicks)
         record = (f"\\set n random(1, {links})\n"

@@ -22,7 +22,7 @@ use crate::plans::{self, INT8, TEXT};
 use crate::shared;
 use crate::signing::SigningKey;
 use crate::target;
-use crate::tuple::{attnum, col, text_array};
+use crate::tuple::{Edits, attnum, col, text_array};
 use crate::useragent;
 
 type Row<'a> = PgHeapTuple<'a, AllocatedByRust>;
@@ -311,7 +311,7 @@ fn clicks_trigger<'a>(trigger: &'a PgTrigger<'a>) -> Result<Option<Row<'a>>, Err
 }
 
 fn on_click<'a>(trigger: &'a PgTrigger<'a>) -> Result<Row<'a>> {
-    let mut row = new_row(trigger)?;
+    let row = new_row(trigger)?;
     let link_id: i64 =
         col(&row, "link_id")?.ok_or_else(|| Error::invalid("link_id", "must not be null"))?;
     let source: String = col(&row, "source")?.unwrap_or_else(|| "link".into());
@@ -347,7 +347,7 @@ fn on_click<'a>(trigger: &'a PgTrigger<'a>) -> Result<Row<'a>> {
         }
     };
 
-    let click = enrich_click(trigger, &mut row)?;
+    let (row, click) = enrich_click(trigger, row)?;
     let utm = match col::<JsonB>(&row, "utm")? {
         Some(JsonB(Value::Object(m))) => m,
         _ => link
@@ -381,14 +381,16 @@ fn on_click<'a>(trigger: &'a PgTrigger<'a>) -> Result<Row<'a>> {
     Ok(row)
 }
 
-/// Fills derived columns left NULL and caps oversized headers; returns the click as the payload sees it.
-fn enrich_click(trigger: &PgTrigger<'_>, row: &mut Row<'_>) -> Result<Click> {
+/// Fills derived columns left NULL and caps oversized headers; returns the row
+/// and the click as the payload sees it.
+fn enrich_click<'a>(trigger: &PgTrigger<'_>, row: Row<'a>) -> Result<(Row<'a>, Click)> {
+    let mut edits = Edits::default();
     let mut capped = |name: &str| -> Result<Option<String>> {
-        let value: Option<String> = col(row, name)?;
+        let value: Option<String> = col(&row, name)?;
         match value {
             Some(v) if v.chars().count() > MAX_HEADER_LEN => {
                 let cut = truncate(&v, MAX_HEADER_LEN).to_string();
-                set(row, name, cut.as_str())?;
+                edits.set(&row, name, cut.as_str())?;
                 Ok(Some(cut))
             }
             other => Ok(other),
@@ -399,11 +401,11 @@ fn enrich_click(trigger: &PgTrigger<'_>, row: &mut Row<'_>) -> Result<Click> {
 
     let info = useragent::classify(user_agent.as_deref());
     let mut fill = |name: &str, derived: Option<String>| -> Result<Option<String>> {
-        match col::<String>(row, name)? {
+        match col::<String>(&row, name)? {
             Some(given) => Ok(Some(given)),
             None => {
                 if let Some(d) = &derived {
-                    set(row, name, d.as_str())?;
+                    edits.set(&row, name, d.as_str())?;
                 }
                 Ok(derived)
             }
@@ -412,40 +414,43 @@ fn enrich_click(trigger: &PgTrigger<'_>, row: &mut Row<'_>) -> Result<Click> {
     let device = fill("device", Some(info.device.to_string()))?;
     let browser = fill("browser", info.browser.clone())?;
     let os = fill("os", info.os.clone())?;
-    let is_bot = match col::<bool>(row, "is_bot")? {
+    let is_bot = match col::<bool>(&row, "is_bot")? {
         Some(b) => b,
         None => {
-            set(row, "is_bot", info.is_bot)?;
+            edits.set(&row, "is_bot", info.is_bot)?;
             info.is_bot
         }
     };
-    if col::<JsonB>(row, "utm")?.is_none()
-        && let Some(landing) = col::<String>(row, "landing_url")?
+    if col::<JsonB>(&row, "utm")?.is_none()
+        && let Some(landing) = col::<String>(&row, "landing_url")?
         && let Some(utm) = links::utm_from_landing_url(&landing)
     {
-        set(row, "utm", JsonB(Value::Object(utm)))?;
+        edits.set(&row, "utm", JsonB(Value::Object(utm)))?;
     }
 
     let ip = inserted_text(trigger, c"ip")
         .and_then(|inet| inet.split('/').next().and_then(|s| s.parse().ok()));
     let clicked_at =
-        col::<TimestampWithTimeZone>(row, "clicked_at")?.map_or_else(unix_now_micros, unix_micros);
-    Ok(Click {
-        event_id: col::<pgrx::Uuid>(row, "event_id")?
+        col::<TimestampWithTimeZone>(&row, "clicked_at")?.map_or_else(unix_now_micros, unix_micros);
+    let click = Click {
+        event_id: col::<pgrx::Uuid>(&row, "event_id")?
             .map(|u| u.to_string())
             .unwrap_or_else(new_event_id),
         clicked_at_micros: clicked_at,
         ip,
         user_agent,
         referer,
-        country: col(row, "country")?,
-        city: col(row, "city")?,
+        country: col(&row, "country")?,
+        city: col(&row, "city")?,
         device,
         browser,
         os,
         is_bot,
-        source: col(row, "source")?.unwrap_or_else(|| "link".into()),
-    })
+        source: col(&row, "source")?.unwrap_or_else(|| "link".into()),
+    };
+    // SAFETY: in a row trigger, tg_relation is the open relation the row belongs to.
+    let tupdesc = unsafe { (*trigger.trigger_data().tg_relation).rd_att };
+    Ok((edits.apply(row, tupdesc), click))
 }
 
 /// Counts a click toward its campaign's goal; the click that reaches it emits
