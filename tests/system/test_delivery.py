@@ -275,3 +275,20 @@ def test_commits_in_another_database_do_not_wake_the_worker(cluster, receiver):
     finally:
         with cluster.connect() as admin:
             admin.execute("DROP DATABASE other WITH (FORCE)")
+
+
+def test_deliveries_of_a_deleted_subscription_are_marked_dead(db, receiver):
+    # Due rows of two deleted subscriptions (ids 1001 and 1003) around a kept one; maintenance
+    # steps from subscription to subscription through the due index and must find both.
+    kept = subscribe(db, receiver, "/kept", event_types=["link.clicked"])[0]
+    db.execute("INSERT INTO linkhooks.deliveries (event_id, subscription_id, event_type, body, signed_at, signature, next_attempt_at) "
+               "SELECT gen_random_uuid(), s, 'link.clicked', '{}', 0, 'v1,x', now() + interval '1 hour' "
+               "FROM unnest(ARRAY[1001, %s, 1003]) s, generate_series(1, 3)", [kept])
+    assert kept < 1001
+
+    def statuses():
+        return dict(db.execute("SELECT subscription_id, string_agg(DISTINCT status || ':' || coalesce(last_error, ''), ',') "
+                               "FROM linkhooks.deliveries GROUP BY 1").fetchall())
+
+    wait_for(lambda: statuses().get(1003) == "dead:subscription deleted", message="maintenance marks the orphans dead")
+    assert statuses() == {1001: "dead:subscription deleted", kept: "pending:", 1003: "dead:subscription deleted"}
