@@ -136,6 +136,7 @@ fn kill_orphans() -> Result<i64> {
     .unwrap_or(0))
 }
 
+/// Deletes delivered deliveries (and their attempts) older than linkhooks.retention.
 fn prune() -> Result<i64> {
     let Some(retention) = retry::parse_duration(&guc::string(&guc::RETENTION)) else {
         warning!("invalid linkhooks.retention; nothing pruned (use e.g. '7d')");
