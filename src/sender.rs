@@ -41,6 +41,8 @@ pub struct Job {
 #[derive(Debug, Clone)]
 pub struct Outcome {
     pub delivery_id: i64,
+    /// With `attempt`, identifies the claim this attempt was made for.
+    pub event_id: String,
     pub subscription_id: i64,
     pub attempt: i32,
     pub started_unix_micros: i64,
@@ -49,6 +51,12 @@ pub struct Outcome {
     pub error: Option<String>,
     pub retry_after: Option<Duration>,
     pub excerpt: Option<String>,
+}
+
+impl Outcome {
+    pub fn finished_micros(&self) -> i64 {
+        self.started_unix_micros + (self.duration_ms * 1000.0) as i64
+    }
 }
 
 /// Resolves host names and keeps only public addresses (unless allowed), so
@@ -243,6 +251,7 @@ fn deliver(agent: &ureq::Agent, job: Job) -> Outcome {
     };
     Outcome {
         delivery_id: job.delivery_id,
+        event_id: job.event_id,
         subscription_id: job.subscription_id,
         attempt: job.attempt,
         started_unix_micros: started

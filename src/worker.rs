@@ -4,7 +4,7 @@
 //! committing transactions that queued deliveries) and on the pool's wake
 //! socket, so idle it costs nothing and busy it never waits for a batch.
 
-use std::collections::{HashMap, VecDeque};
+use std::collections::{HashMap, HashSet, VecDeque};
 use std::panic::AssertUnwindSafe;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -522,122 +522,33 @@ impl Worker {
         }
         let outcomes = std::mem::take(&mut self.outcomes);
         self.outcomes_since = None;
-        let n = outcomes.len();
-        let (mut ids, mut statuses, mut delays, mut codes, mut errors, mut finished) = (
-            Vec::with_capacity(n),
-            Vec::with_capacity(n),
-            Vec::with_capacity(n),
-            Vec::with_capacity(n),
-            Vec::with_capacity(n),
-            Vec::with_capacity(n),
-        );
-        let mut dead: HashMap<i64, i64> = HashMap::new();
-        let mut delivered_subs = Vec::new();
-        let mut gone_subs = Vec::new();
-        let mut soonest_retry: Option<Duration> = None;
-        let mut attempts = Vec::with_capacity(n);
-        for o in &outcomes {
-            let max_attempts = self
-                .endpoints
-                .get(&o.subscription_id)
-                .and_then(|e| e.max_attempts)
-                .unwrap_or(self.settings.max_attempts);
-            let verdict = retry::judge(
-                o.status,
-                o.retry_after,
-                o.attempt,
-                max_attempts,
-                &self.settings.schedule,
-                rand::random::<f64>(),
-            );
-            let (status, delay) = match verdict {
-                Verdict::Delivered => {
-                    delivered_subs.push(o.subscription_id);
-                    ("delivered", None)
-                }
-                Verdict::Retry(d) => {
-                    soonest_retry = Some(soonest_retry.map_or(d, |s| s.min(d)));
-                    ("pending", Some(d.as_secs_f64() * 1000.0))
-                }
-                Verdict::Dead => {
-                    *dead.entry(o.subscription_id).or_default() += 1;
-                    ("dead", None)
-                }
-                Verdict::Gone => {
-                    gone_subs.push(o.subscription_id);
-                    *dead.entry(o.subscription_id).or_default() += 1;
-                    ("dead", None)
-                }
-            };
-            let finished_micros = o.started_unix_micros + (o.duration_ms * 1000.0) as i64;
-            attempts.push(health::Attempt {
-                subscription_id: o.subscription_id,
-                succeeded: status == "delivered",
-                finished_micros,
-            });
-            ids.push(o.delivery_id);
-            statuses.push(status);
-            delays.push(delay);
-            codes.push(o.status.map(i32::from));
-            errors.push(o.error.clone());
-            finished.push(finished_micros as f64 / 1e6);
-        }
+        let verdicts: Vec<Verdict> = outcomes.iter().map(|o| self.judge(o)).collect();
+        let soonest_retry = verdicts
+            .iter()
+            .filter_map(|v| match v {
+                Verdict::Retry(d) => Some(*d),
+                _ => None,
+            })
+            .min();
         if let Some(delay) = soonest_retry {
             // Wake for the earliest retry rather than the fallback poll.
             let due = Instant::now() + delay;
             self.next_due = Some(self.next_due.map_or(due, |t| t.min(due)));
         }
-        let dead_ids: Vec<i64> = ids
-            .iter()
-            .zip(&statuses)
-            .filter(|(_, s)| **s == "dead")
-            .map(|(id, _)| *id)
-            .collect();
-        let attempt_numbers: Vec<i32> = outcomes.iter().map(|o| o.attempt).collect();
-        let started: Vec<f64> = outcomes
-            .iter()
-            .map(|o| o.started_unix_micros as f64 / 1e6)
-            .collect();
-        let durations: Vec<f64> = outcomes.iter().map(|o| o.duration_ms).collect();
-        let excerpts: Vec<Option<String>> = outcomes.iter().map(|o| o.excerpt.clone()).collect();
-        let subscriptions: Vec<i64> = outcomes.iter().map(|o| o.subscription_id).collect();
 
-        Spi::connect_mut(|client| -> Result<()> {
-            plans::execute(
-                client,
-                "UPDATE linkhooks.deliveries d
-                    SET status = u.status,
-                        next_attempt_at = CASE WHEN u.status = 'pending'
-                                               THEN now() + u.delay_ms * interval '1 millisecond'
-                                               ELSE d.next_attempt_at END,
-                        delivered_at = CASE WHEN u.status = 'delivered' THEN to_timestamp(u.finished) END,
-                        last_status_code = u.code,
-                        last_error = u.error
-                   FROM unnest($1::bigint[], $2::text[], $3::float8[], $4::int[], $5::text[], $6::float8[])
-                        AS u(id, status, delay_ms, code, error, finished)
-                  WHERE d.id = u.id",
-                &[INT8_ARRAY, TEXT_ARRAY, FLOAT8_ARRAY, INT4_ARRAY, TEXT_ARRAY, FLOAT8_ARRAY],
-                &[ids.clone().into(), statuses.into(), delays.into(), codes.clone().into(), errors.clone().into(), finished.into()],
-            )?;
-            plans::execute(
-                client,
-                "INSERT INTO linkhooks.delivery_attempts
-                        (delivery_id, attempt, started_at, duration_ms, status_code, error, response_excerpt, subscription_id)
-                 SELECT id, n, to_timestamp(s), ms, code, err, ex, sub
-                   FROM unnest($1::bigint[], $2::int[], $3::float8[], $4::float8[], $5::int[], $6::text[], $7::text[], $8::bigint[])
-                        AS u(id, n, s, ms, code, err, ex, sub)",
-                &[INT8_ARRAY, INT4_ARRAY, FLOAT8_ARRAY, FLOAT8_ARRAY, INT4_ARRAY, TEXT_ARRAY, TEXT_ARRAY, INT8_ARRAY],
-                &[
-                    ids.into(),
-                    attempt_numbers.into(),
-                    started.into(),
-                    durations.into(),
-                    codes.into(),
-                    errors.into(),
-                    excerpts.into(),
-                    subscriptions.into(),
-                ],
-            )?;
+        let kept = Spi::connect_mut(|client| -> Result<_> {
+            let kept = set_delivery_status(client, &outcomes, &verdicts)?;
+            let kept: Vec<(&Outcome, &Verdict)> = outcomes
+                .iter()
+                .zip(&verdicts)
+                .filter(|(o, _)| kept.contains(&o.delivery_id))
+                .collect();
+            log_attempts(client, &kept)?;
+            let dead_ids: Vec<i64> = kept
+                .iter()
+                .filter(|(_, v)| matches!(v, Verdict::Dead | Verdict::Gone))
+                .map(|(o, _)| o.delivery_id)
+                .collect();
             if !dead_ids.is_empty() {
                 plans::execute(
                     client,
@@ -650,13 +561,49 @@ impl Worker {
                     &[dead_ids.into()],
                 )?;
             }
-            Ok(())
+            Ok(kept)
         })?;
+
+        let mut dead: HashMap<i64, i64> = HashMap::new();
+        let mut delivered_subs = Vec::new();
+        let mut gone_subs = Vec::new();
+        for (o, verdict) in &kept {
+            match verdict {
+                Verdict::Delivered => delivered_subs.push(o.subscription_id),
+                Verdict::Retry(_) => {}
+                Verdict::Dead => *dead.entry(o.subscription_id).or_default() += 1,
+                Verdict::Gone => {
+                    gone_subs.push(o.subscription_id);
+                    *dead.entry(o.subscription_id).or_default() += 1;
+                }
+            }
+        }
+        let attempts = kept.iter().map(|(o, v)| health::Attempt {
+            subscription_id: o.subscription_id,
+            succeeded: matches!(v, Verdict::Delivered),
+            finished_micros: o.finished_micros(),
+        });
         self.update_health(
             &delivered_subs,
             &dead,
             &gone_subs,
             health::summarize(attempts),
+        )
+    }
+
+    fn judge(&self, o: &Outcome) -> Verdict {
+        let max_attempts = self
+            .endpoints
+            .get(&o.subscription_id)
+            .and_then(|e| e.max_attempts)
+            .unwrap_or(self.settings.max_attempts);
+        retry::judge(
+            o.status,
+            o.retry_after,
+            o.attempt,
+            max_attempts,
+            &self.settings.schedule,
+            rand::random::<f64>(),
         )
     }
 
@@ -780,4 +727,102 @@ impl Worker {
             BackgroundWorker::transaction(AssertUnwindSafe(|| self.record_outcomes().or_report()));
         }
     }
+}
+
+/// Sets each delivery's status from its attempt's verdict, but only where the
+/// row is still the claim the attempt was made for (same event, same attempt,
+/// still delivering): a row marked dead by maintenance meanwhile, or a new row
+/// that took a truncated one's id, is left alone. Returns the ids updated.
+fn set_delivery_status(
+    client: &mut pgrx::spi::SpiClient<'_>,
+    outcomes: &[Outcome],
+    verdicts: &[Verdict],
+) -> Result<HashSet<i64>> {
+    let ids: Vec<i64> = outcomes.iter().map(|o| o.delivery_id).collect();
+    let events: Vec<&str> = outcomes.iter().map(|o| o.event_id.as_str()).collect();
+    let attempts: Vec<i32> = outcomes.iter().map(|o| o.attempt).collect();
+    let (statuses, delays): (Vec<&str>, Vec<Option<f64>>) = verdicts
+        .iter()
+        .map(|v| match v {
+            Verdict::Delivered => ("delivered", None),
+            Verdict::Retry(d) => ("pending", Some(d.as_secs_f64() * 1000.0)),
+            Verdict::Dead | Verdict::Gone => ("dead", None),
+        })
+        .unzip();
+    let codes: Vec<Option<i32>> = outcomes.iter().map(|o| o.status.map(i32::from)).collect();
+    let errors: Vec<Option<&str>> = outcomes.iter().map(|o| o.error.as_deref()).collect();
+    let finished: Vec<f64> = outcomes
+        .iter()
+        .map(|o| o.finished_micros() as f64 / 1e6)
+        .collect();
+    let rows = plans::execute(
+        client,
+        "UPDATE linkhooks.deliveries d
+            SET status = u.status,
+                next_attempt_at = CASE WHEN u.status = 'pending'
+                                       THEN now() + u.delay_ms * interval '1 millisecond'
+                                       ELSE d.next_attempt_at END,
+                delivered_at = CASE WHEN u.status = 'delivered' THEN to_timestamp(u.finished) END,
+                last_status_code = u.code,
+                last_error = u.error
+           FROM unnest($1::bigint[], $2::text[], $3::int[], $4::text[], $5::float8[], $6::int[], $7::text[], $8::float8[])
+                AS u(id, event_id, attempt, status, delay_ms, code, error, finished)
+          WHERE d.id = u.id AND d.event_id = u.event_id::uuid AND d.attempts = u.attempt
+            AND d.status = 'delivering'
+      RETURNING d.id",
+        &[INT8_ARRAY, TEXT_ARRAY, INT4_ARRAY, TEXT_ARRAY, FLOAT8_ARRAY, INT4_ARRAY, TEXT_ARRAY, FLOAT8_ARRAY],
+        &[
+            ids.into(),
+            events.into(),
+            attempts.into(),
+            statuses.into(),
+            delays.into(),
+            codes.into(),
+            errors.into(),
+            finished.into(),
+        ],
+    )?;
+    let mut kept = HashSet::with_capacity(rows.len());
+    for row in rows {
+        kept.extend(row.get::<i64>(1)?);
+    }
+    Ok(kept)
+}
+
+/// Appends the attempts to the delivery log.
+fn log_attempts(
+    client: &mut pgrx::spi::SpiClient<'_>,
+    kept: &[(&Outcome, &Verdict)],
+) -> Result<()> {
+    let ids: Vec<i64> = kept.iter().map(|(o, _)| o.delivery_id).collect();
+    let subscriptions: Vec<i64> = kept.iter().map(|(o, _)| o.subscription_id).collect();
+    let attempts: Vec<i32> = kept.iter().map(|(o, _)| o.attempt).collect();
+    let started: Vec<f64> = kept
+        .iter()
+        .map(|(o, _)| o.started_unix_micros as f64 / 1e6)
+        .collect();
+    let durations: Vec<f64> = kept.iter().map(|(o, _)| o.duration_ms).collect();
+    let codes: Vec<Option<i32>> = kept.iter().map(|(o, _)| o.status.map(i32::from)).collect();
+    let errors: Vec<Option<&str>> = kept.iter().map(|(o, _)| o.error.as_deref()).collect();
+    let excerpts: Vec<Option<&str>> = kept.iter().map(|(o, _)| o.excerpt.as_deref()).collect();
+    plans::execute(
+        client,
+        "INSERT INTO linkhooks.delivery_attempts
+                (delivery_id, attempt, started_at, duration_ms, status_code, error, response_excerpt, subscription_id)
+         SELECT id, n, to_timestamp(s), ms, code, err, ex, sub
+           FROM unnest($1::bigint[], $2::int[], $3::float8[], $4::float8[], $5::int[], $6::text[], $7::text[], $8::bigint[])
+                AS u(id, n, s, ms, code, err, ex, sub)",
+        &[INT8_ARRAY, INT4_ARRAY, FLOAT8_ARRAY, FLOAT8_ARRAY, INT4_ARRAY, TEXT_ARRAY, TEXT_ARRAY, INT8_ARRAY],
+        &[
+            ids.into(),
+            attempts.into(),
+            started.into(),
+            durations.into(),
+            codes.into(),
+            errors.into(),
+            excerpts.into(),
+            subscriptions.into(),
+        ],
+    )?;
+    Ok(())
 }

@@ -97,9 +97,10 @@ class Receiver:
     """HTTP receiver on 127.0.0.1. Each path has secrets to verify with and a
     script of responses (status, headers, delay seconds); after the script it answers 200."""
 
-    def __init__(self, port=0):
+    def __init__(self, port=0, expect=None):
+        """`expect` maps paths to secrets before the first request can arrive."""
         self.lock = threading.Lock()
-        self.paths = {}
+        self.paths = {path: {"secrets": list(secrets), "script": [], "hex": None} for path, secrets in (expect or {}).items()}
         self.requests = []
         receiver = self
 

@@ -52,6 +52,24 @@ def test_receiver_errors_then_success_are_retried(db, receiver):
     assert stamps == sorted(stamps)
 
 
+def test_a_late_answer_applies_only_to_the_delivery_it_was_for(db, receiver):
+    """An answer that arrives after its row was truncated must not touch the new row that reused the id."""
+    subscribe(db, receiver, "/old", max_attempts=1)
+    receiver.expect("/old", receiver.paths["/old"]["secrets"], script=[(500, {}, 1)])
+    link(db, "old")
+    wait_for(lambda: receiver.received("/old"), message="the old delivery in flight")
+    db.execute("DELETE FROM linkhooks.subscriptions WHERE name = 'old'")
+    db.execute("TRUNCATE linkhooks.deliveries RESTART IDENTITY")
+    subscribe(db, receiver, "/new", timeout_ms=5000)
+    receiver.expect("/new", receiver.paths["/new"]["secrets"], script=[(200, {}, 2.5)])
+    link(db, "new")
+    wait_for(lambda: db.execute("SELECT status FROM linkhooks.deliveries WHERE id = 1").fetchone()[0] == "delivered",
+             message="the new delivery delivered")
+    codes = [r[0] for r in db.execute("SELECT status_code FROM linkhooks.delivery_attempts WHERE delivery_id = 1").fetchall()]
+    assert codes == [200], "the old row's 500 is not logged against the new row"
+    assert db.execute("SELECT count(*) FROM linkhooks.dead_letters").fetchone()[0] == 0
+
+
 def test_receiver_down_then_up(cluster, db):
     port = free_port()
     secret = db.execute("INSERT INTO linkhooks.subscriptions (name, url, max_attempts) VALUES ('late', %s, 50) RETURNING secret",
@@ -60,9 +78,8 @@ def test_receiver_down_then_up(cluster, db):
         link(db, f"d{i}")
     wait_for(lambda: db.execute("SELECT count(*) FROM linkhooks.delivery_attempts WHERE error IS NOT NULL").fetchone()[0] >= 20,
              message="failed attempts while the receiver is down")
-    late = Receiver(port)
+    late = Receiver(port, expect={"/late": [secret]})
     try:
-        late.expect("/late", [secret])
         wait_for(lambda: db.execute("SELECT count(*) FROM linkhooks.deliveries WHERE status = 'delivered'").fetchone()[0] == 20,
                  timeout=30, message="all delivered after recovery")
         assert len({r["json"]["id"] for r in late.received()}) == 20
