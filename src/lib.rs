@@ -4,6 +4,7 @@
 use pgrx::prelude::*;
 
 // Pure logic: no Postgres inside, plain unit tests.
+mod doorkeeper;
 mod filters;
 mod health;
 mod links;

@@ -6,21 +6,22 @@
 //! bumps it); entries are read with a snapshot taken after the generation, so
 //! a change cannot slip in between.
 
-use std::cell::RefCell;
+use std::cell::{Cell, RefCell};
 use std::collections::HashMap;
+use std::ffi::CStr;
+use std::hash::{DefaultHasher, Hash, Hasher};
 use std::rc::Rc;
 
-use pgrx::heap_tuple::PgHeapTuple;
 use pgrx::prelude::*;
-use pgrx::{AllocatedByPostgres, PgTupleDesc};
 use serde_json::Value;
 
+use crate::doorkeeper::Doorkeeper;
 use crate::error::{Error, Result};
 use crate::guc;
 use crate::payload::LinkPayload;
 use crate::plans::{self, INT8};
 use crate::shared;
-use crate::tuple::{col, text_array};
+use crate::tuple::SlotColumns;
 
 /// A link as the redirect and click paths see it.
 #[derive(Debug, Clone)]
@@ -42,21 +43,22 @@ pub struct LinkRow {
 }
 
 impl LinkRow {
-    fn from_heap(row: &PgHeapTuple<'_, AllocatedByPostgres>) -> Result<Self> {
+    fn from_columns(row: &SlotColumns) -> Result<Self> {
         Ok(LinkRow {
-            id: col(row, "id")?.unwrap_or_default(),
-            domain: col(row, "domain")?.unwrap_or_default(),
-            slug: col(row, "slug")?.unwrap_or_default(),
-            destination: col(row, "destination")?.unwrap_or_default(),
-            campaign: col(row, "campaign")?,
-            tags: text_array(row, "tags")?.unwrap_or_default(),
-            utm: col::<pgrx::JsonB>(row, "utm")?.map(|j| j.0),
-            max_clicks: col(row, "max_clicks")?,
-            expired_url: col(row, "expired_url")?,
-            disabled: col(row, "disabled")?.unwrap_or(false),
-            redirect_url: col(row, "redirect_url")?,
-            click_count: col(row, "click_count")?.unwrap_or_default(),
-            expires_at: col::<pgrx::datum::TimestampWithTimeZone>(row, "expires_at")?
+            id: row.get("id")?.unwrap_or_default(),
+            domain: row.get("domain")?.unwrap_or_default(),
+            slug: row.get("slug")?.unwrap_or_default(),
+            destination: row.get("destination")?.unwrap_or_default(),
+            campaign: row.get("campaign")?,
+            tags: row.text_array("tags")?.unwrap_or_default(),
+            utm: row.get::<pgrx::JsonB>("utm")?.map(|j| j.0),
+            max_clicks: row.get("max_clicks")?,
+            expired_url: row.get("expired_url")?,
+            disabled: row.get("disabled")?.unwrap_or(false),
+            redirect_url: row.get("redirect_url")?,
+            click_count: row.get("click_count")?.unwrap_or_default(),
+            expires_at: row
+                .get::<pgrx::datum::TimestampWithTimeZone>("expires_at")?
                 .map(|t| t.into_inner()),
         })
     }
@@ -130,15 +132,15 @@ struct LinkCache {
     generation: u64,
     by_id: HashMap<i64, Rc<LinkRow>>,
     by_slug: HashMap<String, HashMap<String, i64>>,
+    doorkeeper: Doorkeeper,
 }
 
 impl LinkCache {
     /// Drops every entry; the cache is then valid for `generation`.
     fn clear(&mut self, generation: u64) {
-        *self = LinkCache {
-            generation,
-            ..Default::default()
-        };
+        self.generation = generation;
+        self.by_id.clear();
+        self.by_slug.clear();
     }
 }
 
@@ -180,12 +182,14 @@ fn with_cache<T>(f: impl FnOnce(&LinkCache) -> Option<T>) -> Option<T> {
     })
 }
 
-/// Reads one link and caches it when the cache may be used. Then the read
+/// Reads one link and caches it when the cache may be used and the
+/// doorkeeper admits it (its second miss). Then the read
 /// takes a fresh snapshot after `with_cache` read the generation: a change
 /// committed before that snapshot is in the row, one committed after it bumps
 /// the generation past the entry's.
 fn load(key: Key<'_>) -> Result<Option<Rc<LinkRow>>> {
-    let usable = cache_usable();
+    let usable =
+        cache_usable() && CACHE.with(|c| c.borrow_mut().doorkeeper.admit(key.fingerprint()));
     // Only a row about to be cached needs the fresh snapshot; otherwise read like
     // any query (a parallel worker may do no more).
     let row = read(&key, usable)?.map(Rc::new);
@@ -209,9 +213,18 @@ fn load(key: Key<'_>) -> Result<Option<Rc<LinkRow>>> {
 }
 
 /// How a link is looked up, and the unique index that finds it.
+#[derive(Hash)]
 enum Key<'a> {
     Id(i64),
     Slug(&'a str, &'a str),
+}
+
+impl Key<'_> {
+    fn fingerprint(&self) -> u64 {
+        let mut hasher = DefaultHasher::new();
+        Hash::hash(self, &mut hasher);
+        hasher.finish()
+    }
 }
 
 /// Reads one link with a single index probe. A cache miss through SPI cost
@@ -219,25 +232,17 @@ enum Key<'a> {
 /// With `fresh`, it reads with the latest snapshot; otherwise with the
 /// statement's, as a query in the calling function would.
 fn read(key: &Key<'_>, fresh: bool) -> Result<Option<LinkRow>> {
-    let index_name = match key {
-        Key::Id(_) => c"links_pkey",
-        Key::Slug(..) => c"links_slug_unique_per_domain",
+    let relations = relations()?;
+    let index_oid = match key {
+        Key::Id(_) => relations.pkey,
+        Key::Slug(..) => relations.slug_index,
     };
     // SAFETY: relations are opened and locked like a query would (AccessShareLock,
     // kept to the end of the transaction), and the scan, slot and snapshot are
     // released before return. A Postgres error on the way releases them at abort.
     unsafe {
-        let namespace = pg_sys::get_namespace_oid(c"linkhooks".as_ptr(), false);
-        let table_oid = pg_sys::get_relname_relid(c"links".as_ptr(), namespace);
-        let index_oid = pg_sys::get_relname_relid(index_name.as_ptr(), namespace);
-        if table_oid == pg_sys::InvalidOid || index_oid == pg_sys::InvalidOid {
-            return Err(Error::Column(format!(
-                "linkhooks.links or its index {} is missing; reinstall the extension",
-                index_name.to_string_lossy()
-            )));
-        }
         let lock = pg_sys::AccessShareLock as pg_sys::LOCKMODE;
-        let table = pg_sys::table_open(table_oid, lock);
+        let table = pg_sys::table_open(relations.table, lock);
         let index = pg_sys::index_open(index_oid, lock);
         let mut keys: [pg_sys::ScanKeyData; 2] = std::mem::zeroed();
         let mut key_on = |n: usize, procedure: u32, value: Option<pg_sys::Datum>| {
@@ -278,13 +283,7 @@ fn read(key: &Key<'_>, fresh: bool) -> Result<Option<LinkRow>> {
             pg_sys::ScanDirection::ForwardScanDirection,
             slot,
         ) {
-            let mut should_free = false;
-            let tuple = pg_sys::ExecFetchSlotHeapTuple(slot, false, &mut should_free);
-            let heap = PgHeapTuple::from_heap_tuple(
-                PgTupleDesc::from_pg_unchecked((*table).rd_att),
-                tuple,
-            );
-            Some(LinkRow::from_heap(&heap))
+            Some(LinkRow::from_columns(&SlotColumns::new(slot)))
         } else {
             None
         };
@@ -297,6 +296,64 @@ fn read(key: &Key<'_>, fresh: bool) -> Result<Option<LinkRow>> {
         pg_sys::table_close(table, pg_sys::NoLock as pg_sys::LOCKMODE);
         row.transpose()
     }
+}
+
+/// The OIDs `read` opens: links and its two unique indexes.
+#[derive(Clone, Copy)]
+struct Relations {
+    table: pg_sys::Oid,
+    pkey: pg_sys::Oid,
+    slug_index: pg_sys::Oid,
+}
+
+thread_local! {
+    /// Looked up once: three catalog lookups were a tenth of a cache miss.
+    /// Forgotten whenever a relation or schema is created, renamed or dropped.
+    static RELATIONS: Cell<Option<Relations>> = const { Cell::new(None) };
+    static FORGET_REGISTERED: Cell<bool> = const { Cell::new(false) };
+}
+
+fn relations() -> Result<Relations> {
+    if let Some(known) = RELATIONS.get() {
+        return Ok(known);
+    }
+    if !FORGET_REGISTERED.replace(true) {
+        // SAFETY: registering a callback for this backend's life; it only clears a Cell.
+        unsafe {
+            for cache in [
+                pg_sys::SysCacheIdentifier::RELNAMENSP,
+                pg_sys::SysCacheIdentifier::NAMESPACENAME,
+            ] {
+                pg_sys::CacheRegisterSyscacheCallback(
+                    cache as i32,
+                    Some(forget_relations),
+                    pg_sys::Datum::from(0),
+                );
+            }
+        }
+    }
+    // SAFETY: catalog lookups by name; missing objects come back as InvalidOid.
+    let relations = unsafe {
+        let namespace = pg_sys::get_namespace_oid(c"linkhooks".as_ptr(), false);
+        let oid = |name: &CStr| pg_sys::get_relname_relid(name.as_ptr(), namespace);
+        Relations {
+            table: oid(c"links"),
+            pkey: oid(c"links_pkey"),
+            slug_index: oid(c"links_slug_unique_per_domain"),
+        }
+    };
+    if [relations.table, relations.pkey, relations.slug_index].contains(&pg_sys::InvalidOid) {
+        return Err(Error::Column(
+            "linkhooks.links or one of its unique indexes is missing; reinstall the extension"
+                .into(),
+        ));
+    }
+    RELATIONS.set(Some(relations));
+    Ok(relations)
+}
+
+unsafe extern "C-unwind" fn forget_relations(_: pg_sys::Datum, _: i32, _: u32) {
+    RELATIONS.set(None);
 }
 
 /// Outcome of taking one of a limited link's clicks.

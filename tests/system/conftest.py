@@ -72,3 +72,16 @@ def subscribe(db, receiver, path, **cols):
                      list(cols.values())).fetchone()
     receiver.expect(path, [row[1]], hex_secret=row[1] if cols.get("signature_scheme") == "hex" else None)
     return row
+
+
+def database(cluster, name):
+    """A new, empty database; returns a connection to it."""
+    with cluster.connect() as c:
+        c.execute(f"DROP DATABASE IF EXISTS {name} WITH (FORCE)")
+        c.execute(f"CREATE DATABASE {name}")
+    return cluster.connect(dbname=name)
+
+
+def drop_database(cluster, name):
+    with cluster.connect() as c:
+        c.execute(f"DROP DATABASE IF EXISTS {name} WITH (FORCE)")

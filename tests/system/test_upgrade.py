@@ -10,6 +10,7 @@ import subprocess
 import pytest
 from psycopg import sql
 
+from conftest import database, drop_database
 from harness import BIN
 from test_links import IPHONE
 
@@ -53,19 +54,6 @@ UNION ALL
 SELECT 'schema linkhooks acl=' || nspacl::text FROM pg_namespace WHERE nspname = 'linkhooks'
 ORDER BY 1
 """
-
-
-def database(cluster, name):
-    """A new, empty database; returns a connection to it."""
-    with cluster.connect() as c:
-        c.execute(f"DROP DATABASE IF EXISTS {name} WITH (FORCE)")
-        c.execute(f"CREATE DATABASE {name}")
-    return cluster.connect(dbname=name)
-
-
-def drop_database(cluster, name):
-    with cluster.connect() as c:
-        c.execute(f"DROP DATABASE IF EXISTS {name} WITH (FORCE)")
 
 
 def catalog(conn):
