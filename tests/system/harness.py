@@ -168,4 +168,7 @@ class Receiver:
             return [r for r in self.requests if path is None or r["path"] == path]
 
     def close(self):
+        """Stops serving and closes the port, so later requests are refused at once
+        rather than left hanging in the accept queue until the worker's timeout."""
         self.server.shutdown()
+        self.server.server_close()

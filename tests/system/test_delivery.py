@@ -263,10 +263,13 @@ def test_an_endpoint_with_no_free_slot_does_not_hold_up_another(db, receiver):
     assert db.execute(delivered).fetchone()[0] == 0, "/busy's first requests are still being answered"
 
 
-def test_commits_in_another_database_do_not_wake_the_worker(cluster, receiver):
+def test_commits_in_another_database_do_not_wake_the_worker(cluster, db, receiver):
     # The worker serves one database (linkhooks.database = postgres here). Deliveries queued in
     # another must not wake it: each wake costs the committing backend a signal and the worker a
     # transaction, which shows as commits in its own database.
+    # Idle first: earlier tests' retries would commit in the worker's database too.
+    wait_for(lambda: db.execute("SELECT in_flight = 0 AND queue_depth = 0 FROM linkhooks.worker_status()").fetchone()[0],
+             message="the worker idle")
     with cluster.connect() as admin:
         admin.execute("DROP DATABASE IF EXISTS other WITH (FORCE)")
         admin.execute("CREATE DATABASE other")
