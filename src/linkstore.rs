@@ -182,11 +182,10 @@ fn with_cache<T>(f: impl FnOnce(&LinkCache) -> Option<T>) -> Option<T> {
     })
 }
 
-/// Reads one link and caches it when the cache may be used and the
-/// doorkeeper admits it (its second miss). Then the read
-/// takes a fresh snapshot after `with_cache` read the generation: a change
-/// committed before that snapshot is in the row, one committed after it bumps
-/// the generation past the entry's.
+/// Reads one link and caches it when the cache may be used and the doorkeeper
+/// admits it (its second miss). Then the read takes a fresh snapshot after
+/// `with_cache` read the generation: a change committed before that snapshot
+/// is in the row, one committed after it bumps the generation past the entry's.
 fn load(key: Key<'_>) -> Result<Option<Rc<LinkRow>>> {
     let usable =
         cache_usable() && CACHE.with(|c| c.borrow_mut().doorkeeper.admit(key.fingerprint()));

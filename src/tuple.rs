@@ -44,8 +44,12 @@ pub fn text_array(
     row: &PgHeapTuple<'_, impl WhoAllocated>,
     name: &str,
 ) -> Result<Option<Vec<String>>> {
-    Ok(col::<pgrx::Array<&str>>(row, name)?
-        .map(|a| a.iter().flatten().map(str::to_string).collect()))
+    Ok(col::<pgrx::Array<&str>>(row, name)?.map(strings))
+}
+
+/// A text[] value's elements as strings, NULL elements dropped.
+fn strings(array: pgrx::Array<&str>) -> Vec<String> {
+    array.iter().flatten().map(str::to_string).collect()
 }
 
 /// The columns of the tuple in a slot, deformed once and read by name. A
@@ -96,9 +100,7 @@ impl SlotColumns {
 
     /// A text[] column as strings (NULL elements dropped).
     pub fn text_array(&self, name: &str) -> Result<Option<Vec<String>>> {
-        Ok(self
-            .get::<pgrx::Array<&str>>(name)?
-            .map(|a| a.iter().flatten().map(str::to_string).collect()))
+        Ok(self.get::<pgrx::Array<&str>>(name)?.map(strings))
     }
 }
 
@@ -120,7 +122,7 @@ impl Edits {
         let type_oid = row
             .get_attribute_by_index(attnum)
             .map(|att| att.atttypid)
-            .ok_or_else(|| Error::Column(format!("{name}: no such column")))?;
+            .ok_or_else(|| no_such_column(name))?;
         if !T::is_compatible_with(type_oid) {
             return Err(Error::Column(format!(
                 "{name}: a {} cannot be stored in it",

@@ -523,60 +523,38 @@ impl Worker {
         let outcomes = std::mem::take(&mut self.outcomes);
         self.outcomes_since = None;
         let verdicts: Vec<Verdict> = outcomes.iter().map(|o| self.judge(o)).collect();
-        let soonest_retry = verdicts
-            .iter()
-            .filter_map(|v| match v {
-                Verdict::Retry(d) => Some(*d),
-                _ => None,
-            })
-            .min();
-        if let Some(delay) = soonest_retry {
-            // Wake for the earliest retry rather than the fallback poll.
-            let due = Instant::now() + delay;
-            self.next_due = Some(self.next_due.map_or(due, |t| t.min(due)));
-        }
-
-        let kept = Spi::connect_mut(|client| -> Result<_> {
-            let kept = set_delivery_status(client, &outcomes, &verdicts)?;
-            let kept: Vec<(&Outcome, &Verdict)> = outcomes
+        // Only outcomes whose claim still stands count from here on.
+        let kept = Spi::connect_mut(|client| -> Result<Vec<(&Outcome, &Verdict)>> {
+            let updated = set_delivery_status(client, &outcomes, &verdicts)?;
+            let kept: Vec<_> = outcomes
                 .iter()
                 .zip(&verdicts)
-                .filter(|(o, _)| kept.contains(&o.delivery_id))
+                .filter(|(o, _)| updated.contains(&o.delivery_id))
                 .collect();
             log_attempts(client, &kept)?;
-            let dead_ids: Vec<i64> = kept
-                .iter()
-                .filter(|(_, v)| matches!(v, Verdict::Dead | Verdict::Gone))
-                .map(|(o, _)| o.delivery_id)
-                .collect();
-            if !dead_ids.is_empty() {
-                plans::execute(
-                    client,
-                    "INSERT INTO linkhooks.dead_letters
-                            (delivery_id, event_id, subscription_id, event_type, attempts, last_status_code, last_error)
-                     SELECT id, event_id, subscription_id, event_type, attempts, last_status_code, last_error
-                       FROM linkhooks.deliveries WHERE id = ANY ($1)
-                     ON CONFLICT (delivery_id) DO NOTHING",
-                    &[INT8_ARRAY],
-                    &[dead_ids.into()],
-                )?;
-            }
+            add_dead_letters(client, &kept)?;
             Ok(kept)
         })?;
 
         let mut dead: HashMap<i64, i64> = HashMap::new();
         let mut delivered_subs = Vec::new();
         let mut gone_subs = Vec::new();
+        let mut soonest_retry: Option<Duration> = None;
         for (o, verdict) in &kept {
             match verdict {
                 Verdict::Delivered => delivered_subs.push(o.subscription_id),
-                Verdict::Retry(_) => {}
+                Verdict::Retry(d) => soonest_retry = Some(soonest_retry.map_or(*d, |s| s.min(*d))),
                 Verdict::Dead => *dead.entry(o.subscription_id).or_default() += 1,
                 Verdict::Gone => {
                     gone_subs.push(o.subscription_id);
                     *dead.entry(o.subscription_id).or_default() += 1;
                 }
             }
+        }
+        if let Some(delay) = soonest_retry {
+            // Wake for the earliest retry rather than the fallback poll.
+            let due = Instant::now() + delay;
+            self.next_due = Some(self.next_due.map_or(due, |t| t.min(due)));
         }
         let attempts = kept.iter().map(|(o, v)| health::Attempt {
             subscription_id: o.subscription_id,
@@ -787,6 +765,31 @@ fn set_delivery_status(
         kept.extend(row.get::<i64>(1)?);
     }
     Ok(kept)
+}
+
+/// Copies the deliveries that ran out of attempts (or were answered 410) to dead_letters.
+fn add_dead_letters(
+    client: &mut pgrx::spi::SpiClient<'_>,
+    kept: &[(&Outcome, &Verdict)],
+) -> Result<()> {
+    let dead_ids: Vec<i64> = kept
+        .iter()
+        .filter(|(_, v)| matches!(v, Verdict::Dead | Verdict::Gone))
+        .map(|(o, _)| o.delivery_id)
+        .collect();
+    if !dead_ids.is_empty() {
+        plans::execute(
+            client,
+            "INSERT INTO linkhooks.dead_letters
+                    (delivery_id, event_id, subscription_id, event_type, attempts, last_status_code, last_error)
+             SELECT id, event_id, subscription_id, event_type, attempts, last_status_code, last_error
+               FROM linkhooks.deliveries WHERE id = ANY ($1)
+             ON CONFLICT (delivery_id) DO NOTHING",
+            &[INT8_ARRAY],
+            &[dead_ids.into()],
+        )?;
+    }
+    Ok(())
 }
 
 /// Appends the attempts to the delivery log.

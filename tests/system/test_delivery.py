@@ -5,7 +5,7 @@ import time
 
 import pytest
 
-from conftest import subscribe
+from conftest import database, drop_database, subscribe
 from harness import Receiver, free_port, wait_for
 from test_links import IPHONE, link
 
@@ -270,11 +270,8 @@ def test_commits_in_another_database_do_not_wake_the_worker(cluster, db, receive
     # Idle first: earlier tests' retries would commit in the worker's database too.
     wait_for(lambda: db.execute("SELECT in_flight = 0 AND queue_depth = 0 FROM linkhooks.worker_status()").fetchone()[0],
              message="the worker idle")
-    with cluster.connect() as admin:
-        admin.execute("DROP DATABASE IF EXISTS other WITH (FORCE)")
-        admin.execute("CREATE DATABASE other")
     try:
-        with cluster.connect(dbname="other") as other:
+        with database(cluster, "other") as other:
             other.execute("CREATE EXTENSION pg_linkhooks")
             subscribe(other, receiver, "/other", event_types=["link.clicked"], filters={"exclude_bots": False})
             link_id = link(other, "other")
@@ -293,8 +290,7 @@ def test_commits_in_another_database_do_not_wake_the_worker(cluster, db, receive
             # Maintenance (every second here) and idle polls commit a few times; a wake per click would be hundreds.
             assert worker_commits() - before < 30
     finally:
-        with cluster.connect() as admin:
-            admin.execute("DROP DATABASE other WITH (FORCE)")
+        drop_database(cluster, "other")
 
 
 def test_deliveries_of_a_deleted_subscription_are_marked_dead(db, receiver):
