@@ -17,6 +17,8 @@ use crate::filters::{Facts, Filters};
 use crate::guc;
 use crate::payload::{EventType, IpMode};
 use crate::plans::{self, INT8, INT8_ARRAY, TEXT, TEXT_ARRAY};
+use crate::queue;
+pub use crate::queue::Queued;
 use crate::shared;
 use crate::signing::{KeyRing, signature_header};
 
@@ -134,13 +136,6 @@ pub fn unix_now_micros() -> i64 {
         .map_or(0, |d| d.as_micros() as i64)
 }
 
-/// A signed delivery ready to insert.
-pub struct Queued {
-    pub subscription_id: i64,
-    pub body: Rc<str>,
-    pub signature: String,
-}
-
 /// Queues `kind` for every enabled subscription that wants it and whose
 /// filters match. `build` makes the body for one IP mode; it is called at
 /// most once per mode. Returns how many deliveries were queued.
@@ -183,7 +178,22 @@ pub fn insert_deliveries(
     if queued.is_empty() {
         return Ok(Vec::new());
     }
-    let inserted = Spi::connect_mut(|client| -> Result<Vec<i64>> {
+    let inserted = match queue::insert(event_id, kind.as_str(), signed_at, queued)? {
+        Some(ids) => ids,
+        None => insert_with_sql(kind, event_id, signed_at, queued)?,
+    };
+    shared::wake_on_commit();
+    Ok(inserted)
+}
+
+/// The same insert as plain SQL, for a deliveries table with columns `queue` does not know.
+fn insert_with_sql(
+    kind: EventType,
+    event_id: &str,
+    signed_at: i64,
+    queued: &[Queued],
+) -> Result<Vec<i64>> {
+    Spi::connect_mut(|client| -> Result<Vec<i64>> {
         let rows = match queued {
             // Most events have one subscriber: a plain VALUES row costs far less to execute than unnest().
             [one] => plans::execute(
@@ -217,9 +227,7 @@ pub fn insert_deliveries(
         rows.into_iter()
             .map(|r| Ok(r.get::<i64>(1)?.unwrap_or_default()))
             .collect()
-    })?;
-    shared::wake_on_commit();
-    Ok(inserted)
+    })
 }
 
 /// NOTIFY on `linkhooks.notify_channel` (transactional: delivered at commit).

@@ -23,6 +23,7 @@ mod guc;
 mod linkstore;
 mod maintenance;
 mod plans;
+mod queue;
 mod shared;
 mod triggers;
 mod tuple;

@@ -238,13 +238,16 @@ impl Worker {
                 || (self.hungry()
                     && (self.more_due || (got_outcomes && self.saturated() != self.skipped)));
             let maintenance_due = now >= self.next_maintenance;
+            // Subscriptions changed: learn which before sending anything more (see refresh_endpoints).
+            let subscriptions_changed = self.extension_ready
+                && self.endpoints_generation != Some(shared::config_generation());
             // Few, larger transactions: outcomes wait for a batch, a claim or a short delay.
             let record_due = !self.outcomes.is_empty()
                 && (want_claim
                     || self.outcomes.len() >= RECORD_BATCH
                     || self.outcomes_since.is_some_and(|t| now >= t + RECORD_DELAY)
                     || self.in_flight.is_empty());
-            if want_claim || record_due || maintenance_due {
+            if want_claim || record_due || maintenance_due || subscriptions_changed {
                 // An error aborts the transaction (so no claim is half-done) and
                 // restarts the worker, which then releases the rows it held.
                 let jobs = BackgroundWorker::transaction(AssertUnwindSafe(|| {
@@ -349,6 +352,10 @@ impl Worker {
             }
             Ok(())
         })?;
+        // Jobs claimed for a subscription since deleted or disabled are not sent. Their rows
+        // stay claimed until the lease ends; then maintenance dead-letters a deleted
+        // subscription's rows, and a disabled one's wait for it to be enabled again.
+        self.queued.retain(|sub, _| endpoints.contains_key(sub));
         self.endpoints = endpoints;
         self.endpoints_generation = Some(generation);
         Ok(())

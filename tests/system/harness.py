@@ -125,6 +125,8 @@ class Receiver:
                 self.wfile.write(payload)
 
         class Server(ThreadingHTTPServer):
+            request_queue_size = 128  # the worker opens up to 24 connections at once; the default backlog is 5
+
             def handle_error(self, request, client_address):
                 pass  # clients that vanish mid-request (a crashed worker) are expected
 

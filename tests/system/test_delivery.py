@@ -308,3 +308,22 @@ def test_deliveries_of_a_deleted_subscription_are_marked_dead(db, receiver):
 
     wait_for(lambda: statuses().get(1003) == "dead:subscription deleted", message="maintenance marks the orphans dead")
     assert statuses() == {1001: "dead:subscription deleted", kept: "pending:", 1003: "dead:subscription deleted"}
+
+
+def test_claimed_jobs_of_a_deleted_subscription_are_not_sent(db, receiver):
+    """The worker claims more than one round of requests; once the subscription is deleted, the jobs still
+    waiting for a free slot are dropped instead of sent."""
+    sid, _ = subscribe(db, receiver, "/gone")
+    events = 80  # one claim (batch_size 500); at most 24 in flight (three quarters of 32 threads)
+    receiver.expect("/gone", receiver.paths["/gone"]["secrets"], script=[(200, {}, 1.0)] * events)
+    db.execute("SELECT linkhooks.send_test(%s) FROM generate_series(1, %s)", [sid, events])
+
+    def worker():
+        return db.execute("SELECT in_flight, queue_depth FROM linkhooks.worker_status()").fetchone()
+
+    wait_for(lambda: worker()[0] > 0, message="a first round in flight")
+    first_round = worker()[0]
+    db.execute("DELETE FROM linkhooks.subscriptions WHERE id = %s", [sid])
+    wait_for(lambda: worker() == (0, 0), timeout=20, message="an idle worker")
+    assert 0 < first_round < events
+    assert len(receiver.received("/gone")) == first_round

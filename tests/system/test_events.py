@@ -7,7 +7,7 @@ import psycopg
 import pytest
 from standardwebhooks.webhooks import Webhook
 
-from conftest import subscribe
+from conftest import database, drop_database, subscribe
 from test_links import IPHONE, link
 
 
@@ -242,3 +242,54 @@ def test_notify_channel_announces_committed_events(cluster, db, sub):
             c.execute("INSERT INTO linkhooks.links (slug, destination) VALUES ('n', 'https://acme.com/')")
         note = next(listener.notifies(timeout=5))
         assert json.loads(note.payload)["type"] == "link.created"
+
+
+def test_click_deliveries_follow_what_a_dba_changes_on_the_table(cluster):
+    """Clicks write delivery rows without SQL. A session that already wrote rows must still apply a column's default
+    once a column is added, skip a dropped column, fire the DBA's triggers, and find the table again after the
+    extension is recreated."""
+    try:
+        with database(cluster, "lh_queue") as admin, cluster.connect(dbname="lh_queue") as session:
+            def install():
+                admin.execute("CREATE EXTENSION pg_linkhooks")
+                admin.execute("INSERT INTO linkhooks.subscriptions (name, url) VALUES ('s', %s)", [CLOSED])
+                return link(admin, "go")
+
+            def click(link_id):
+                return session.execute("INSERT INTO linkhooks.clicks (link_id, user_agent) VALUES (%s, %s) "
+                                       "RETURNING event_id::text", [link_id, IPHONE]).fetchone()[0]
+
+            def delivery(event, columns):
+                return admin.execute(f"SELECT {columns} FROM linkhooks.deliveries WHERE event_id = %s",
+                                     [event]).fetchall()
+
+            link_id = install()
+            event = click(link_id)
+            # ids: 1 is the link's link.created
+            assert delivery(event, "id, event_type, status, attempts, next_attempt_at = created_at, last_error") == \
+                [(2, "link.clicked", "pending", 0, True, None)]
+
+            admin.execute("ALTER TABLE linkhooks.deliveries ADD COLUMN region text NOT NULL DEFAULT 'eu'")
+            event = click(link_id)
+            assert delivery(event, "id, region") == [(3, "eu")]
+
+            admin.execute("ALTER TABLE linkhooks.deliveries DROP COLUMN region")
+            admin.execute("CREATE TABLE audit (delivery_id bigint, event_id uuid)")
+            admin.execute("CREATE FUNCTION mark() RETURNS trigger LANGUAGE plpgsql AS "
+                          "$$ BEGIN NEW.last_error := 'seen before insert'; RETURN NEW; END $$")
+            admin.execute("CREATE FUNCTION audit() RETURNS trigger LANGUAGE plpgsql AS "
+                          "$$ BEGIN INSERT INTO public.audit VALUES (NEW.id, NEW.event_id); RETURN NULL; END $$")
+            admin.execute("CREATE TRIGGER mark BEFORE INSERT ON linkhooks.deliveries "
+                          "FOR EACH ROW EXECUTE FUNCTION mark()")
+            admin.execute("CREATE TRIGGER audit AFTER INSERT ON linkhooks.deliveries "
+                          "FOR EACH ROW EXECUTE FUNCTION audit()")
+            event = click(link_id)
+            assert delivery(event, "id, status, last_error") == [(4, "pending", "seen before insert")]
+            assert admin.execute("SELECT delivery_id, event_id::text FROM audit").fetchall() == [(4, event)]
+
+            admin.execute("DROP EXTENSION pg_linkhooks CASCADE")
+            link_id = install()
+            event = click(link_id)
+            assert delivery(event, "id, status") == [(2, "pending")]
+    finally:
+        drop_database(cluster, "lh_queue")
