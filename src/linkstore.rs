@@ -297,12 +297,14 @@ fn read(key: &Key<'_>, fresh: bool) -> Result<Option<LinkRow>> {
     }
 }
 
-/// The OIDs `read` opens: links and its two unique indexes.
+/// The OIDs of the relations the hot paths open: links and its two unique
+/// indexes (`read`), and deliveries (`queue`).
 #[derive(Clone, Copy)]
-struct Relations {
+pub struct Relations {
     table: pg_sys::Oid,
     pkey: pg_sys::Oid,
     slug_index: pg_sys::Oid,
+    pub deliveries: pg_sys::Oid,
 }
 
 thread_local! {
@@ -312,7 +314,7 @@ thread_local! {
     static FORGET_REGISTERED: Cell<bool> = const { Cell::new(false) };
 }
 
-fn relations() -> Result<Relations> {
+pub fn relations() -> Result<Relations> {
     if let Some(known) = RELATIONS.get() {
         return Ok(known);
     }
@@ -339,11 +341,19 @@ fn relations() -> Result<Relations> {
             table: oid(c"links"),
             pkey: oid(c"links_pkey"),
             slug_index: oid(c"links_slug_unique_per_domain"),
+            deliveries: oid(c"deliveries"),
         }
     };
-    if [relations.table, relations.pkey, relations.slug_index].contains(&pg_sys::InvalidOid) {
+    if [
+        relations.table,
+        relations.pkey,
+        relations.slug_index,
+        relations.deliveries,
+    ]
+    .contains(&pg_sys::InvalidOid)
+    {
         return Err(Error::Column(
-            "linkhooks.links or one of its unique indexes is missing; reinstall the extension"
+            "linkhooks.links, one of its unique indexes or linkhooks.deliveries is missing; reinstall the extension"
                 .into(),
         ));
     }

@@ -18,6 +18,7 @@ use pgrx::prelude::*;
 use pgrx::{FromDatum, IntoDatum, PgBox};
 
 use crate::error::{Error, Result};
+use crate::linkstore;
 
 mod c {
     use pgrx::pg_sys::{Datum, FunctionCallInfo};
@@ -112,16 +113,9 @@ fn layout() -> Result<Rc<Layout>> {
 }
 
 fn read_layout() -> Result<Layout> {
-    // SAFETY: catalog lookups by name, then the open relation's descriptor, read
-    // while the relation is open and locked.
+    let table = linkstore::relations()?.deliveries;
+    // SAFETY: the relation's descriptor is read while the relation is open and locked.
     unsafe {
-        let namespace = pg_sys::get_namespace_oid(c"linkhooks".as_ptr(), false);
-        let table = pg_sys::get_relname_relid(c"deliveries".as_ptr(), namespace);
-        if table == pg_sys::InvalidOid {
-            return Err(Error::Column(
-                "linkhooks.deliveries is missing; reinstall the extension".into(),
-            ));
-        }
         let rel = pg_sys::table_open(table, pg_sys::AccessShareLock as pg_sys::LOCKMODE);
         let desc = (*rel).rd_att;
         let attrs = (*desc).attrs.as_slice((*desc).natts as usize);
