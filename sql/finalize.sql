@@ -2,6 +2,9 @@
 
 -- A fresh whsec_ secret for every subscription that does not bring one.
 ALTER TABLE subscriptions ALTER COLUMN secret SET DEFAULT generate_secret();
+-- Time-ordered event ids, so the deliveries index on event_id grows at its right edge.
+ALTER TABLE clicks ALTER COLUMN event_id SET DEFAULT uuidv7();
+ALTER TABLE conversions ALTER COLUMN event_id SET DEFAULT uuidv7();
 
 -- Triggers run as the extension owner: they read subscription secrets and queue
 -- deliveries, which the roles that insert clicks must not touch themselves.
@@ -50,5 +53,5 @@ $$;
 REVOKE ALL ON ALL TABLES IN SCHEMA @extschema@ FROM PUBLIC;
 REVOKE ALL ON ALL FUNCTIONS IN SCHEMA @extschema@ FROM PUBLIC;
 -- Pure helpers anyone may call.
-GRANT EXECUTE ON FUNCTION sign(text, text, bigint, text), verify(text, text, bigint, text, text) TO PUBLIC;
+GRANT EXECUTE ON FUNCTION sign(text, text, bigint, text), verify(text, text, bigint, text, text), uuidv7() TO PUBLIC;
 GRANT USAGE ON SCHEMA @extschema@ TO PUBLIC;

@@ -89,7 +89,7 @@ fn subscription_keys(subscription_id: i64) -> Result<(Vec<SigningKey>, bool)> {
         let previous: Option<String> = row.get(2)?;
         let keys = KeyRing::new(&secret, previous.as_deref(), row.get(3)?)?;
         Ok((
-            keys.keys_at(unix_now()),
+            keys.keys_at(unix_now()).cloned().collect(),
             row.get::<bool>(4)?.unwrap_or(false),
         ))
     })
@@ -115,6 +115,13 @@ fn queue_for(subscription_id: i64, kind: EventType, event_id: &str, body: String
         .ok_or_else(|| Error::NotFound("the delivery was not queued".into()))
 }
 
+/// A time-ordered UUID (version 7), the default of clicks' and conversions'
+/// event ids; PostgreSQL 18 has the same as `uuidv7()`.
+#[pg_extern(volatile, parallel_safe)]
+fn uuidv7() -> pgrx::Uuid {
+    pgrx::Uuid::from_bytes(*events::new_event_id().as_bytes())
+}
+
 /// Queues a `webhook.test` event for one subscription; returns its event id.
 #[pg_extern(volatile, security_definer)]
 fn send_test(subscription_id: i64) -> pgrx::Uuid {
@@ -126,7 +133,7 @@ fn send_test(subscription_id: i64) -> pgrx::Uuid {
                 format!("subscription {subscription_id} is disabled; enable it first"),
             ));
         }
-        let id = uuid::Uuid::new_v4();
+        let id = events::new_event_id();
         let data = TestData {
             subscription_id,
             message: "This is a test event from pg_linkhooks.",

@@ -124,6 +124,13 @@ fn event_mask(types: Option<&[Option<String>]>) -> u16 {
     }
 }
 
+/// A new event id: a UUIDv7 (Unix milliseconds, then random bits). Ids that
+/// grow with time append to the deliveries index on event_id at its right
+/// edge instead of landing on a random page of it.
+pub fn new_event_id() -> uuid::Uuid {
+    uuid::Uuid::now_v7()
+}
+
 pub fn unix_now() -> i64 {
     SystemTime::now()
         .duration_since(UNIX_EPOCH)
@@ -157,7 +164,7 @@ pub fn emit(
         let body = bodies[sub.ip_mode as usize]
             .get_or_insert_with(|| build(sub.ip_mode).into())
             .clone();
-        let signature = signature_header(&sub.keys.keys_at(now), event_id, now, &body);
+        let signature = signature_header(sub.keys.keys_at(now), event_id, now, &body);
         queued.push(Queued {
             subscription_id: sub.id,
             body,

@@ -15,17 +15,18 @@ use std::cell::{Cell, RefCell};
 use std::rc::Rc;
 
 use pgrx::prelude::*;
-use pgrx::{FromDatum, IntoDatum, PgBox};
+use pgrx::{IntoDatum, PgBox, PgMemoryContexts};
 
 use crate::error::{Error, Result};
 use crate::linkstore;
 
 mod c {
-    use pgrx::pg_sys::{Datum, FunctionCallInfo};
+    use pgrx::pg_sys::Oid;
     unsafe extern "C-unwind" {
-        /// The SQL function nextval(regclass), called through DirectFunctionCall1Coll
-        /// (pgrx binds only a Rust wrapper, which cannot be passed as a PGFunction).
-        pub fn nextval_oid(fcinfo: FunctionCallInfo) -> Datum;
+        /// What an identity column's default evaluates (commands/sequence.h): the
+        /// next value, without the privilege check that SQL's nextval() makes.
+        /// pgrx does not bind it; call it through `pg_guard_ffi_boundary`.
+        pub fn nextval_internal(relid: Oid, check_permissions: bool) -> i64;
     }
 }
 
@@ -78,20 +79,51 @@ struct Layout {
     /// One entry per attribute (dropped ones are `Null`); `None` when the
     /// table has columns this module does not know.
     values: Option<Vec<Value>>,
+    /// `None` when an index needs what `ExecOpenIndices` builds afresh.
+    indexes: Option<Indexes>,
+}
+
+/// The table's indexes and their `IndexInfo`s, partial-index predicates
+/// compiled: what `ExecOpenIndices` and the first index insert would build on
+/// every click (a tenth of the delivery row's cost). Only plain b-tree
+/// indexes: other access methods and expression indexes keep per-query state
+/// in the `IndexInfo`.
+struct Indexes {
+    /// Holds the `IndexInfo`s; deleted with this.
+    context: pg_sys::MemoryContext,
+    oids: Vec<pg_sys::Oid>,
+    /// `oids.len()` pointers, allocated in `context`.
+    infos: *mut *mut pg_sys::IndexInfo,
+}
+
+impl Drop for Indexes {
+    fn drop(&mut self) {
+        // SAFETY: the context is ours; nothing points into it once its Layout is gone.
+        unsafe { pg_sys::MemoryContextDelete(self.context) };
+    }
 }
 
 thread_local! {
     /// Forgotten on any relcache invalidation of the table (ALTER TABLE, DROP).
     static LAYOUT: RefCell<Option<Rc<Layout>>> = const { RefCell::new(None) };
     static FORGET_REGISTERED: Cell<bool> = const { Cell::new(false) };
+    /// Relcache invalidations seen, of any relation: one arriving while a
+    /// layout is read (an index's flags changing) makes that layout stale.
+    static INVALIDATIONS: Cell<u64> = const { Cell::new(0) };
 }
 
 unsafe extern "C-unwind" fn forget_layout(_: pg_sys::Datum, relid: pg_sys::Oid) {
+    INVALIDATIONS.set(INVALIDATIONS.get().wrapping_add(1));
     LAYOUT.with(|l| {
         let mut l = l.borrow_mut();
-        if l.as_ref()
-            .is_some_and(|known| relid == pg_sys::InvalidOid || relid == known.table)
-        {
+        if l.as_ref().is_some_and(|known| {
+            relid == pg_sys::InvalidOid
+                || relid == known.table
+                || known
+                    .indexes
+                    .as_ref()
+                    .is_some_and(|i| i.oids.contains(&relid))
+        }) {
             *l = None;
         }
     });
@@ -107,8 +139,11 @@ fn layout() -> Result<Rc<Layout>> {
             pg_sys::CacheRegisterRelcacheCallback(Some(forget_layout), pg_sys::Datum::from(0))
         };
     }
+    let seen = INVALIDATIONS.get();
     let fresh = Rc::new(read_layout()?);
-    LAYOUT.with(|l| *l.borrow_mut() = Some(fresh.clone()));
+    if INVALIDATIONS.get() == seen {
+        LAYOUT.with(|l| *l.borrow_mut() = Some(fresh.clone()));
+    }
     Ok(fresh)
 }
 
@@ -135,6 +170,7 @@ fn read_layout() -> Result<Layout> {
             }
         }
         pg_sys::table_close(rel, pg_sys::AccessShareLock as pg_sys::LOCKMODE);
+        let indexes = read_indexes(rel);
         let complete = !unknown_column && COLUMNS.iter().all(|(_, _, want)| values.contains(want));
         let id_sequence = match values.iter().position(|v| *v == Value::Id) {
             Some(n) if complete => pg_sys::getIdentitySequence(table, n as i16 + 1, true),
@@ -144,7 +180,70 @@ fn read_layout() -> Result<Layout> {
             table,
             id_sequence,
             values: (complete && id_sequence != pg_sys::InvalidOid).then_some(values),
+            indexes,
         })
+    }
+}
+
+/// The open table's indexes, built once; `None` if any is not a plain b-tree.
+///
+/// # Safety
+/// `rel` is open and locked.
+unsafe fn read_indexes(rel: pg_sys::Relation) -> Option<Indexes> {
+    unsafe {
+        let context = pg_sys::AllocSetContextCreateInternal(
+            pg_sys::CacheMemoryContext,
+            c"pg_linkhooks deliveries indexes".as_ptr(),
+            0,
+            1024,
+            8192,
+        );
+        let mut indexes = Indexes {
+            context,
+            oids: oids(pg_sys::RelationGetIndexList(rel)),
+            infos: std::ptr::null_mut(),
+        };
+        let oids = &indexes.oids;
+        let infos = PgMemoryContexts::For(context).switch_to(|_| {
+            let lock = pg_sys::AccessShareLock as pg_sys::LOCKMODE;
+            let infos = pg_sys::palloc(oids.len().max(1) * size_of::<*mut pg_sys::IndexInfo>())
+                .cast::<*mut pg_sys::IndexInfo>();
+            for (n, oid) in oids.iter().enumerate() {
+                let index = pg_sys::index_open(*oid, lock);
+                let info = pg_sys::BuildIndexInfo(index);
+                let plain_btree = (*(*index).rd_rel).relam == pg_sys::BTREE_AM_OID
+                    && (*info).ii_Expressions.is_null()
+                    && (*info).ii_ExclusionOps.is_null();
+                pg_sys::index_close(index, lock);
+                if !plain_btree {
+                    return None;
+                }
+                if !(*info).ii_Predicate.is_null() {
+                    // What ExecPrepareQual does, in a context that outlives the query.
+                    let predicate = pg_sys::expression_planner((*info).ii_Predicate.cast());
+                    (*info).ii_PredicateState =
+                        pg_sys::ExecInitQual(predicate.cast(), std::ptr::null_mut());
+                }
+                *infos.add(n) = info;
+            }
+            Some(infos)
+        })?; // dropping `indexes` deletes the context
+        indexes.infos = infos;
+        Some(indexes)
+    }
+}
+
+/// The OIDs of an OID list.
+///
+/// # Safety
+/// `list` is NIL or an OID list.
+unsafe fn oids(list: *mut pg_sys::List) -> Vec<pg_sys::Oid> {
+    if list.is_null() {
+        return Vec::new();
+    }
+    unsafe {
+        let cells = std::slice::from_raw_parts((*list).elements, (*list).length as usize);
+        cells.iter().map(|cell| cell.oid_value).collect()
     }
 }
 
@@ -156,19 +255,28 @@ pub fn insert(
     signed_at: i64,
     rows: &[Queued],
 ) -> Result<Option<Vec<i64>>> {
-    let layout = layout()?;
-    let Some(values) = &layout.values else {
-        return Ok(None);
-    };
     let event_uuid = uuid::Uuid::parse_str(event_id)
         .map_err(|e| Error::invalid("event_id", format!("must be a UUID ({e})")))?;
+    let table = linkstore::relations()?.deliveries;
+    let lock = pg_sys::RowExclusiveLock as pg_sys::LOCKMODE;
+    // Locking the table first takes in any change to it or its indexes, so the
+    // layout read next is current for as long as the lock is held.
+    // SAFETY: opened and locked like a query's result relation; closed below or on error.
+    let rel = unsafe { pg_sys::table_open(table, lock) };
+    let layout = match layout() {
+        Ok(layout) if layout.values.is_some() && layout.table == table => layout,
+        other => {
+            // SAFETY: the relation opened above; the lock stays to the end of the transaction.
+            unsafe { pg_sys::table_close(rel, pg_sys::NoLock as pg_sys::LOCKMODE) };
+            return other.map(|_| None);
+        }
+    };
+    let values = layout.values.as_deref().unwrap_or_default();
     let mut ids = Vec::with_capacity(rows.len());
     // SAFETY: the executor state, slot and relation are set up, used and torn
     // down here, in the current memory context, as execReplication.c's callers
     // do; every datum matches its attribute's type (checked in `read_layout`).
     unsafe {
-        let lock = pg_sys::RowExclusiveLock as pg_sys::LOCKMODE;
-        let rel = pg_sys::table_open(layout.table, lock);
         let estate = pg_sys::CreateExecutorState();
         let mut rte = PgBox::<pg_sys::RangeTblEntry>::alloc_node(pg_sys::NodeTag::T_RangeTblEntry);
         rte.rtekind = pg_sys::RTEKind::RTE_RELATION;
@@ -183,7 +291,7 @@ pub fn insert(
             PgBox::<pg_sys::ResultRelInfo>::alloc_node(pg_sys::NodeTag::T_ResultRelInfo).into_pg();
         pg_sys::InitResultRelInfo(result_rel, rel, 1, std::ptr::null_mut(), 0);
         (*estate).es_output_cid = pg_sys::GetCurrentCommandId(true);
-        pg_sys::ExecOpenIndices(result_rel, false);
+        open_indexes(result_rel, layout.indexes.as_ref());
         pg_sys::AfterTriggerBeginQuery();
         let slot = pg_sys::table_slot_create(rel, &mut (*estate).es_tupleTable);
         let now = pg_sys::Datum::from(pg_sys::GetCurrentTransactionStartTimestamp());
@@ -191,15 +299,9 @@ pub fn insert(
         let type_datum = event_type.into_datum();
         let pending = "pending".into_datum();
         for row in rows {
-            let id = i64::from_datum(
-                pg_sys::DirectFunctionCall1Coll(
-                    Some(c::nextval_oid),
-                    pg_sys::InvalidOid,
-                    layout.id_sequence.into(),
-                ),
-                false,
-            )
-            .unwrap_or_default();
+            let id = pg_sys::ffi::pg_guard_ffi_boundary(|| {
+                c::nextval_internal(layout.id_sequence, false)
+            });
             pg_sys::ExecClearTuple(slot);
             for (n, value) in values.iter().enumerate() {
                 let datum = match value {
@@ -223,10 +325,48 @@ pub fn insert(
             ids.push(id);
         }
         pg_sys::AfterTriggerEndQuery(estate);
-        pg_sys::ExecCloseIndices(result_rel);
+        close_indexes(result_rel);
         pg_sys::ExecResetTupleTable((*estate).es_tupleTable, false);
         pg_sys::FreeExecutorState(estate);
         pg_sys::table_close(rel, pg_sys::NoLock as pg_sys::LOCKMODE);
     }
     Ok(Some(ids))
+}
+
+/// Opens the table's indexes into `result_rel`, with their cached `IndexInfo`s when there are.
+///
+/// # Safety
+/// `result_rel` is initialized for the open deliveries table, whose layout `indexes` belongs to.
+unsafe fn open_indexes(result_rel: *mut pg_sys::ResultRelInfo, indexes: Option<&Indexes>) {
+    unsafe {
+        let Some(indexes) = indexes else {
+            return pg_sys::ExecOpenIndices(result_rel, false);
+        };
+        let n = indexes.oids.len();
+        let descs =
+            pg_sys::palloc(n.max(1) * size_of::<pg_sys::Relation>()).cast::<pg_sys::Relation>();
+        for (i, oid) in indexes.oids.iter().enumerate() {
+            *descs.add(i) = pg_sys::index_open(*oid, pg_sys::RowExclusiveLock as pg_sys::LOCKMODE);
+        }
+        (*result_rel).ri_NumIndices = n as i32;
+        (*result_rel).ri_IndexRelationDescs = descs;
+        (*result_rel).ri_IndexRelationInfo = indexes.infos;
+    }
+}
+
+/// Closes what `open_indexes` opened. The index locks, like the table's, are
+/// kept to the end of the transaction: releasing them cost every click a
+/// lock-table update.
+///
+/// # Safety
+/// `result_rel`'s indexes were opened by `open_indexes`.
+unsafe fn close_indexes(result_rel: *mut pg_sys::ResultRelInfo) {
+    unsafe {
+        for i in 0..(*result_rel).ri_NumIndices as usize {
+            let index = *(*result_rel).ri_IndexRelationDescs.add(i);
+            if !index.is_null() {
+                pg_sys::index_close(index, pg_sys::NoLock as pg_sys::LOCKMODE);
+            }
+        }
+    }
 }

@@ -22,32 +22,13 @@ use crate::plans::{self, INT8, TEXT};
 use crate::shared;
 use crate::signing::SigningKey;
 use crate::target;
-use crate::tuple::{Edits, attnum, col, text_array};
+use crate::tuple::{Edits, SlotColumns, attnum, col, text_array};
 use crate::useragent;
 
 type Row<'a> = PgHeapTuple<'a, AllocatedByRust>;
 
 /// Microseconds between the Unix and Postgres epochs.
 pub const PG_EPOCH_OFFSET_MICROS: i64 = 946_684_800_000_000;
-
-/// A column of the row being inserted, in its text form (for types pgrx cannot unbox, like inet).
-fn inserted_text(trigger: &PgTrigger<'_>, name: &std::ffi::CStr) -> Option<String> {
-    // SAFETY: in a row trigger on INSERT, tg_trigtuple is the new row of tg_relation.
-    unsafe {
-        let data = trigger.trigger_data();
-        let tupdesc = (*data.tg_relation).rd_att;
-        let attnum = pg_sys::SPI_fnumber(tupdesc, name.as_ptr());
-        if attnum <= 0 {
-            return None;
-        }
-        let text = pg_sys::SPI_getvalue(data.tg_trigtuple, tupdesc, attnum);
-        (!text.is_null()).then(|| {
-            std::ffi::CStr::from_ptr(text)
-                .to_string_lossy()
-                .into_owned()
-        })
-    }
-}
 
 fn set<T: IntoDatum>(row: &mut Row<'_>, name: &str, value: T) -> Result<()> {
     row.set_by_index(attnum(row, name)?, value)
@@ -65,7 +46,14 @@ fn transaction_now() -> TimestampWithTimeZone {
 }
 
 fn new_event_id() -> String {
-    uuid::Uuid::new_v4().to_string()
+    events::new_event_id().to_string()
+}
+
+/// A uuid column's canonical text (pgrx's `Display` formats it byte by byte).
+fn uuid_text(id: &pgrx::Uuid) -> String {
+    uuid::Uuid::from_bytes(*id.as_bytes())
+        .hyphenated()
+        .to_string()
 }
 
 fn new_row<'a>(trigger: &'a PgTrigger<'a>) -> Result<Row<'a>> {
@@ -311,10 +299,13 @@ fn clicks_trigger<'a>(trigger: &'a PgTrigger<'a>) -> Result<Option<Row<'a>>, Err
 }
 
 fn on_click<'a>(trigger: &'a PgTrigger<'a>) -> Result<Row<'a>> {
-    let row = new_row(trigger)?;
-    let link_id: i64 =
-        col(&row, "link_id")?.ok_or_else(|| Error::invalid("link_id", "must not be null"))?;
-    let source: String = col(&row, "source")?.unwrap_or_else(|| "link".into());
+    // SAFETY: in a BEFORE INSERT row trigger, tg_trigslot holds the new row (tg_trigtuple),
+    // and nothing changes it while this trigger runs. Deformed once, read by name below.
+    let new = unsafe { SlotColumns::new(trigger.trigger_data().tg_trigslot) };
+    let link_id: i64 = new
+        .get("link_id")?
+        .ok_or_else(|| Error::invalid("link_id", "must not be null"))?;
+    let source: String = new.get("source")?.unwrap_or_else(|| "link".into());
     let kind = match source.as_str() {
         "link" => EventType::LinkClicked,
         "qr" => EventType::QrScanned,
@@ -347,9 +338,10 @@ fn on_click<'a>(trigger: &'a PgTrigger<'a>) -> Result<Row<'a>> {
         }
     };
 
-    let (row, click) = enrich_click(trigger, row)?;
-    let utm = match col::<JsonB>(&row, "utm")? {
-        Some(JsonB(Value::Object(m))) => m,
+    let mut edits = Edits::default();
+    let (click, utm) = enrich_click(&new, source, &mut edits)?;
+    let utm = match utm {
+        Some(Value::Object(m)) => m,
         _ => link
             .utm
             .as_ref()
@@ -378,19 +370,24 @@ fn on_click<'a>(trigger: &'a PgTrigger<'a>) -> Result<Row<'a>> {
     {
         count_campaign_click(campaign)?;
     }
-    Ok(row)
+    // SAFETY: in a row trigger, tg_relation is the open relation the row belongs to.
+    let tupdesc = unsafe { (*trigger.trigger_data().tg_relation).rd_att };
+    Ok(edits.apply(new_row(trigger)?, tupdesc))
 }
 
-/// Fills derived columns left NULL and caps oversized headers; returns the row
-/// and the click as the payload sees it.
-fn enrich_click<'a>(trigger: &PgTrigger<'_>, row: Row<'a>) -> Result<(Row<'a>, Click)> {
-    let mut edits = Edits::default();
+/// Fills derived columns left NULL and caps oversized headers (as `edits`);
+/// returns the click as the payload sees it, and its UTM values.
+fn enrich_click(
+    new: &SlotColumns,
+    source: String,
+    edits: &mut Edits,
+) -> Result<(Click, Option<Value>)> {
     let mut capped = |name: &str| -> Result<Option<String>> {
-        let value: Option<String> = col(&row, name)?;
+        let value: Option<String> = new.get(name)?;
         match value {
             Some(v) if v.chars().count() > MAX_HEADER_LEN => {
                 let cut = truncate(&v, MAX_HEADER_LEN).to_string();
-                edits.set(&row, name, cut.as_str())?;
+                edits.set(new, name, cut.as_str())?;
                 Ok(Some(cut))
             }
             other => Ok(other),
@@ -401,11 +398,11 @@ fn enrich_click<'a>(trigger: &PgTrigger<'_>, row: Row<'a>) -> Result<(Row<'a>, C
 
     let info = useragent::classify(user_agent.as_deref());
     let mut fill = |name: &str, derived: Option<String>| -> Result<Option<String>> {
-        match col::<String>(&row, name)? {
+        match new.get::<String>(name)? {
             Some(given) => Ok(Some(given)),
             None => {
                 if let Some(d) = &derived {
-                    edits.set(&row, name, d.as_str())?;
+                    edits.set(new, name, d.as_str())?;
                 }
                 Ok(derived)
             }
@@ -414,43 +411,46 @@ fn enrich_click<'a>(trigger: &PgTrigger<'_>, row: Row<'a>) -> Result<(Row<'a>, C
     let device = fill("device", Some(info.device.to_string()))?;
     let browser = fill("browser", info.browser.clone())?;
     let os = fill("os", info.os.clone())?;
-    let is_bot = match col::<bool>(&row, "is_bot")? {
+    let is_bot = match new.get::<bool>("is_bot")? {
         Some(b) => b,
         None => {
-            edits.set(&row, "is_bot", info.is_bot)?;
+            edits.set(new, "is_bot", info.is_bot)?;
             info.is_bot
         }
     };
-    if col::<JsonB>(&row, "utm")?.is_none()
-        && let Some(landing) = col::<String>(&row, "landing_url")?
-        && let Some(utm) = links::utm_from_landing_url(&landing)
+    let mut utm = new.get::<JsonB>("utm")?.map(|j| j.0);
+    if utm.is_none()
+        && let Some(landing) = new.get::<String>("landing_url")?
+        && let Some(from_landing) = links::utm_from_landing_url(&landing)
     {
-        edits.set(&row, "utm", JsonB(Value::Object(utm)))?;
+        edits.set(new, "utm", JsonB(Value::Object(from_landing.clone())))?;
+        utm = Some(Value::Object(from_landing));
     }
 
-    let ip = inserted_text(trigger, c"ip")
+    let ip = new
+        .text("ip")?
         .and_then(|inet| inet.split('/').next().and_then(|s| s.parse().ok()));
-    let clicked_at =
-        col::<TimestampWithTimeZone>(&row, "clicked_at")?.map_or_else(unix_now_micros, unix_micros);
+    let clicked_at = new
+        .get::<TimestampWithTimeZone>("clicked_at")?
+        .map_or_else(unix_now_micros, unix_micros);
     let click = Click {
-        event_id: col::<pgrx::Uuid>(&row, "event_id")?
-            .map(|u| u.to_string())
+        event_id: new
+            .get::<pgrx::Uuid>("event_id")?
+            .map(|u| uuid_text(&u))
             .unwrap_or_else(new_event_id),
         clicked_at_micros: clicked_at,
         ip,
         user_agent,
         referer,
-        country: col(&row, "country")?,
-        city: col(&row, "city")?,
+        country: new.get("country")?,
+        city: new.get("city")?,
         device,
         browser,
         os,
         is_bot,
-        source: col(&row, "source")?.unwrap_or_else(|| "link".into()),
+        source,
     };
-    // SAFETY: in a row trigger, tg_relation is the open relation the row belongs to.
-    let tupdesc = unsafe { (*trigger.trigger_data().tg_relation).rd_att };
-    Ok((edits.apply(row, tupdesc), click))
+    Ok((click, utm))
 }
 
 /// Counts a click toward its campaign's goal; the click that reaches it emits
@@ -557,7 +557,7 @@ fn on_conversion<'a>(trigger: &'a PgTrigger<'a>) -> Result<Row<'a>> {
     })?;
 
     let event_id = col::<pgrx::Uuid>(&row, "event_id")?
-        .map(|u| u.to_string())
+        .map(|u| uuid_text(&u))
         .unwrap_or_else(new_event_id);
     let occurred_at = col::<TimestampWithTimeZone>(&row, "occurred_at")?
         .map_or_else(unix_now_micros, unix_micros);

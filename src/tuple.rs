@@ -73,29 +73,59 @@ impl SlotColumns {
         SlotColumns { slot }
     }
 
-    pub fn get<T: FromDatum + IntoDatum>(&self, name: &str) -> Result<Option<T>> {
-        // SAFETY: `new`'s contract keeps the slot, its descriptor and its deformed values alive.
-        unsafe {
+    /// A column's position (0-based) and attribute.
+    fn attribute(&self, name: &str) -> Result<(usize, &pg_sys::FormData_pg_attribute)> {
+        // SAFETY: `new`'s contract keeps the slot and its descriptor alive.
+        let attrs = unsafe {
             let desc = (*self.slot).tts_tupleDescriptor;
-            let attrs = (*desc).attrs.as_slice((*desc).natts as usize);
-            let n = attrs
-                .iter()
-                .position(|att| is_named(att, name))
-                .ok_or_else(|| no_such_column(name))?;
-            let type_oid = attrs[n].atttypid;
-            if type_oid != T::type_oid() {
-                return Err(Error::Column(format!(
-                    "{name}: its type (oid {}) is not the expected one (oid {})",
-                    type_oid.to_u32(),
-                    T::type_oid().to_u32()
-                )));
-            }
-            Ok(T::from_polymorphic_datum(
+            (*desc).attrs.as_slice((*desc).natts as usize)
+        };
+        attrs
+            .iter()
+            .enumerate()
+            .find(|(_, att)| is_named(att, name))
+            .ok_or_else(|| no_such_column(name))
+    }
+
+    /// A column's value and null flag, as deformed in the slot.
+    fn datum(&self, n: usize) -> (pg_sys::Datum, bool) {
+        // SAFETY: `new` deformed every attribute, and `n` is one of them.
+        unsafe {
+            (
                 *(*self.slot).tts_values.add(n),
                 *(*self.slot).tts_isnull.add(n),
-                type_oid,
-            ))
+            )
         }
+    }
+
+    pub fn get<T: FromDatum + IntoDatum>(&self, name: &str) -> Result<Option<T>> {
+        let (n, att) = self.attribute(name)?;
+        if att.atttypid != T::type_oid() {
+            return Err(Error::Column(format!(
+                "{name}: its type (oid {}) is not the expected one (oid {})",
+                att.atttypid.to_u32(),
+                T::type_oid().to_u32()
+            )));
+        }
+        let (datum, is_null) = self.datum(n);
+        // SAFETY: the datum is of type T (checked above) and lives as long as the slot.
+        Ok(unsafe { T::from_polymorphic_datum(datum, is_null, att.atttypid) })
+    }
+
+    /// A column of any type in its text form (for types pgrx cannot unbox, like inet).
+    pub fn text(&self, name: &str) -> Result<Option<String>> {
+        let (n, att) = self.attribute(name)?;
+        let (datum, is_null) = self.datum(n);
+        if is_null {
+            return Ok(None);
+        }
+        // SAFETY: the type's own output function reads a datum of that type.
+        let text = unsafe {
+            let (mut output, mut varlena) = (pg_sys::Oid::INVALID, false);
+            pg_sys::getTypeOutputInfo(att.atttypid, &mut output, &mut varlena);
+            std::ffi::CStr::from_ptr(pg_sys::OidOutputFunctionCall(output, datum))
+        };
+        Ok(Some(text.to_string_lossy().into_owned()))
     }
 
     /// A text[] column as strings (NULL elements dropped).
@@ -112,23 +142,16 @@ pub struct Edits {
 }
 
 impl Edits {
-    pub fn set<T: IntoDatum>(
-        &mut self,
-        row: &PgHeapTuple<'_, impl WhoAllocated>,
-        name: &str,
-        value: T,
-    ) -> Result<()> {
-        let attnum = attnum(row, name)?;
-        let type_oid = row
-            .get_attribute_by_index(attnum)
-            .map(|att| att.atttypid)
-            .ok_or_else(|| no_such_column(name))?;
-        if !T::is_compatible_with(type_oid) {
+    /// Sets column `name` of the row that `columns` reads.
+    pub fn set<T: IntoDatum>(&mut self, columns: &SlotColumns, name: &str, value: T) -> Result<()> {
+        let (n, att) = columns.attribute(name)?;
+        if !T::is_compatible_with(att.atttypid) {
             return Err(Error::Column(format!(
                 "{name}: a {} cannot be stored in it",
                 std::any::type_name::<T>()
             )));
         }
+        let attnum = NonZeroUsize::new(n + 1).expect("attribute numbers start at 1");
         self.columns.push((attnum, value.into_datum()));
         Ok(())
     }

@@ -444,7 +444,7 @@ impl Worker {
                     url: endpoint.url.clone(),
                     event_id: row.get(3)?.unwrap_or_default(),
                     body: row.get(4)?.unwrap_or_default(),
-                    keys: endpoint.keys.keys_at(now),
+                    keys: endpoint.keys.keys_at(now).cloned().collect(),
                     hex_secret: endpoint.hex_secret.clone(),
                     timeout: endpoint.timeout.unwrap_or(self.settings.default_timeout),
                 });
