@@ -388,11 +388,12 @@ class Bench:
             self.reset_clicks()
             [sub] = self.subscriptions([self.nginx.url()])
             # A real signed body once, then copies (the worker signs each attempt with the row's own event id),
-            # due one after another as events arriving at 1,000/s would be.
+            # due one after another as events arriving at 1,000/s would be, with time-ordered event ids as the
+            # triggers make them.
             self.queue_clicks(1)
             body = self.one("SELECT body FROM linkhooks.deliveries LIMIT 1")
             self.sql("INSERT INTO linkhooks.deliveries (event_id, subscription_id, event_type, body, signed_at, signature, next_attempt_at) "
-                     "SELECT gen_random_uuid(), %s, 'link.clicked', %s, 0, '', now() - (%s - g) * interval '1 millisecond' "
+                     "SELECT linkhooks.uuidv7(), %s, 'link.clicked', %s, 0, '', now() - (%s - g) * interval '1 millisecond' "
                      "FROM generate_series(2, %s) g", [sub, body, n, n])
             self.sql("VACUUM ANALYZE linkhooks.deliveries")
 

@@ -7,6 +7,10 @@
 //! NOT NULL checks, every index entry (partial predicates included) and any
 //! row triggers a DBA put on the table all still happen.
 //!
+//! Each backend also builds the index insert state once (the `IndexInfo`s,
+//! partial-index predicates compiled), which the executor would build for every
+//! statement, and builds it again when the table or any of its indexes changes.
+//!
 //! Only the table's own columns are known here. If someone added a column
 //! (with a default this code would not apply) or changed a type, `insert`
 //! returns `None` and the caller falls back to a plain SQL INSERT.
@@ -169,8 +173,8 @@ fn read_layout() -> Result<Layout> {
                 None => unknown_column = true,
             }
         }
-        pg_sys::table_close(rel, pg_sys::AccessShareLock as pg_sys::LOCKMODE);
         let indexes = read_indexes(rel);
+        pg_sys::table_close(rel, pg_sys::AccessShareLock as pg_sys::LOCKMODE);
         let complete = !unknown_column && COLUMNS.iter().all(|(_, _, want)| values.contains(want));
         let id_sequence = match values.iter().position(|v| *v == Value::Id) {
             Some(n) if complete => pg_sys::getIdentitySequence(table, n as i16 + 1, true),

@@ -102,7 +102,7 @@ impl KeyRing {
     }
 
     /// Keys that sign a message at `now` (Unix seconds).
-    pub fn keys_at(&self, now: i64) -> impl Iterator<Item = &SigningKey> + Clone {
+    pub fn keys_at(&self, now: i64) -> impl Iterator<Item = &SigningKey> {
         let previous = self
             .previous
             .as_ref()
