@@ -118,32 +118,27 @@ pub fn format_timestamp(unix_micros: i64) -> String {
     let day = doy - (153 * mp + 2) / 5 + 1;
     let month = if mp < 10 { mp + 3 } else { mp - 9 };
     let year = yoe + era * 400 + i64::from(month <= 2);
-    if !(0..=9999).contains(&year) {
-        // Outside RFC 3339's four-digit years: written out in full rather than cut.
-        return format!(
-            "{year:04}-{month:02}-{day:02}T{:02}:{:02}:{:02}.{:03}Z",
-            sod / 3600,
-            sod % 3600 / 60,
-            sod % 60,
-            millis.rem_euclid(1000)
-        );
-    }
     // Digits written directly: `format!` was most of this function's cost on every click.
-    let mut out = String::with_capacity(24);
-    let mut digits = |value: i64, width: u32, then: char| {
+    fn digits(out: &mut String, value: i64, width: u32, then: char) {
         for place in (0..width).rev() {
             let digit = (value / 10_i64.pow(place)).rem_euclid(10) as u8;
             out.push(char::from(b'0' + digit));
         }
         out.push(then);
-    };
-    digits(year, 4, '-');
-    digits(month, 2, '-');
-    digits(day, 2, 'T');
-    digits(sod / 3600, 2, ':');
-    digits(sod % 3600 / 60, 2, ':');
-    digits(sod % 60, 2, '.');
-    digits(millis.rem_euclid(1000), 3, 'Z');
+    }
+    let mut out = String::with_capacity(24);
+    if (0..=9999).contains(&year) {
+        digits(&mut out, year, 4, '-');
+    } else {
+        // Outside RFC 3339's four-digit years: written out in full rather than cut.
+        out.push_str(&format!("{year:04}-"));
+    }
+    digits(&mut out, month, 2, '-');
+    digits(&mut out, day, 2, 'T');
+    digits(&mut out, sod / 3600, 2, ':');
+    digits(&mut out, sod % 3600 / 60, 2, ':');
+    digits(&mut out, sod % 60, 2, '.');
+    digits(&mut out, millis.rem_euclid(1000), 3, 'Z');
     out
 }
 
