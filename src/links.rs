@@ -112,6 +112,9 @@ pub fn utm_from_landing_url(landing_url: &str) -> Option<Map<String, Value>> {
 
 /// Cuts `s` to at most `max` characters, on a character boundary.
 pub fn truncate(s: &str, max: usize) -> &str {
+    if s.len() <= max {
+        return s; // no more bytes than `max`, so no more characters: skip counting them
+    }
     match s.char_indices().nth(max) {
         Some((idx, _)) => &s[..idx],
         None => s,

@@ -190,25 +190,32 @@ struct Envelope<'a, D: Serialize> {
     id: &'a str,
     #[serde(rename = "type")]
     kind: &'static str,
-    timestamp: String,
+    timestamp: &'a str,
     data: D,
 }
 
 /// The complete body: `{"id","type","timestamp","data"}`.
 pub fn envelope<D: Serialize>(id: &str, kind: EventType, at_micros: i64, data: D) -> String {
+    envelope_at(id, kind, &format_timestamp(at_micros), data)
+}
+
+fn envelope_at<D: Serialize>(id: &str, kind: EventType, timestamp: &str, data: D) -> String {
     let env = Envelope {
         id,
         kind: kind.as_str(),
-        timestamp: format_timestamp(at_micros),
+        timestamp,
         data,
     };
-    serde_json::to_string(&env).expect("event payloads always serialize")
+    // Sized for a click's body (about 650 bytes), so it is not regrown three times.
+    let mut body = Vec::with_capacity(1024);
+    serde_json::to_writer(&mut body, &env).expect("event payloads always serialize");
+    String::from_utf8(body).expect("serde_json writes UTF-8")
 }
 
 #[derive(Serialize)]
 struct ClickPayload<'a> {
     id: &'a str,
-    timestamp: String,
+    timestamp: &'a str,
     ip_address: Option<String>,
     user_agent: Option<&'a str>,
     referer: Option<&'a str>,
@@ -236,11 +243,13 @@ pub fn click_body(
     utm: &Map<String, Value>,
     ip_mode: IpMode,
 ) -> String {
+    // The event is the click: one timestamp for both.
+    let timestamp = format_timestamp(click.clicked_at_micros);
     let data = ClickData {
         link,
         click: ClickPayload {
             id: &click.event_id,
-            timestamp: format_timestamp(click.clicked_at_micros),
+            timestamp: &timestamp,
             ip_address: ip_mode.apply(click.ip),
             user_agent: capped(&click.user_agent),
             referer: capped(&click.referer),
@@ -254,7 +263,7 @@ pub fn click_body(
         },
         utm,
     };
-    envelope(&click.event_id, kind, click.clicked_at_micros, data)
+    envelope_at(&click.event_id, kind, &timestamp, data)
 }
 
 fn capped(s: &Option<String>) -> Option<&str> {

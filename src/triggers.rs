@@ -5,7 +5,7 @@
 use pgrx::datum::{AnyNumeric, FromDatum, IntoDatum, TimestampWithTimeZone, UnboxDatum};
 use pgrx::heap_tuple::PgHeapTuple;
 use pgrx::prelude::*;
-use pgrx::{AllocatedByRust, JsonB};
+use pgrx::{AllocatedByPostgres, AllocatedByRust, JsonB, PgTupleDesc};
 use serde_json::{Map, Value};
 
 use crate::error::{Error, OrReport, Result};
@@ -294,11 +294,13 @@ pub fn emit_link_expired(link: &LinkPayload, reason: &'static str) -> Result<()>
 // ---------------------------------------------------------------- clicks
 
 #[pg_trigger]
-fn clicks_trigger<'a>(trigger: &'a PgTrigger<'a>) -> Result<Option<Row<'a>>, Error> {
+fn clicks_trigger<'a>(
+    trigger: &'a PgTrigger<'a>,
+) -> Result<Option<PgHeapTuple<'a, AllocatedByPostgres>>, Error> {
     Ok(Some(on_click(trigger).or_report()))
 }
 
-fn on_click<'a>(trigger: &'a PgTrigger<'a>) -> Result<Row<'a>> {
+fn on_click<'a>(trigger: &'a PgTrigger<'a>) -> Result<PgHeapTuple<'a, AllocatedByPostgres>> {
     // SAFETY: in a BEFORE INSERT row trigger, tg_trigslot holds the new row (tg_trigtuple),
     // and nothing changes it while this trigger runs. Deformed once, read by name below.
     let new = unsafe { SlotColumns::new(trigger.trigger_data().tg_trigslot) };
@@ -370,9 +372,17 @@ fn on_click<'a>(trigger: &'a PgTrigger<'a>) -> Result<Row<'a>> {
     {
         count_campaign_click(campaign)?;
     }
-    // SAFETY: in a row trigger, tg_relation is the open relation the row belongs to.
-    let tupdesc = unsafe { (*trigger.trigger_data().tg_relation).rd_att };
-    Ok(edits.apply(new_row(trigger)?, tupdesc))
+    // SAFETY: in a BEFORE INSERT row trigger, tg_trigtuple is the tuple in tg_trigslot
+    // (which `new` reads) and tg_relation the open relation it belongs to. The executor
+    // stores the returned tuple in place of the row, whether it is new or the same one.
+    unsafe {
+        let data = trigger.trigger_data();
+        let row = edits.apply(&new, data.tg_trigtuple);
+        Ok(PgHeapTuple::from_heap_tuple(
+            PgTupleDesc::from_pg_unchecked((*data.tg_relation).rd_att),
+            row,
+        ))
+    }
 }
 
 /// Fills derived columns left NULL and caps oversized headers (as `edits`);
@@ -385,7 +395,7 @@ fn enrich_click(
     let mut capped = |name: &str| -> Result<Option<String>> {
         let value: Option<String> = new.get(name)?;
         match value {
-            Some(v) if v.chars().count() > MAX_HEADER_LEN => {
+            Some(v) if truncate(&v, MAX_HEADER_LEN).len() < v.len() => {
                 let cut = truncate(&v, MAX_HEADER_LEN).to_string();
                 edits.set(new, name, cut.as_str())?;
                 Ok(Some(cut))
@@ -427,9 +437,7 @@ fn enrich_click(
         utm = Some(Value::Object(from_landing));
     }
 
-    let ip = new
-        .text("ip")?
-        .and_then(|inet| inet.split('/').next().and_then(|s| s.parse().ok()));
+    let ip = new.ip("ip")?;
     let clicked_at = new
         .get::<TimestampWithTimeZone>("clicked_at")?
         .map_or_else(unix_now_micros, unix_micros);

@@ -27,14 +27,15 @@ def free_port():
 
 
 def wait_for(predicate, timeout=20.0, interval=0.02, message="condition"):
-    """Polls `predicate` until it returns a truthy value or the deadline passes."""
+    """Polls `predicate` until it returns a truthy value or the deadline passes.
+    `message` may be a callable, called only on timeout (to describe the state then)."""
     deadline = time.monotonic() + timeout
     while True:
         value = predicate()
         if value:
             return value
         if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout}s waiting for {message}")
+            raise AssertionError(f"timed out after {timeout}s waiting for {message() if callable(message) else message}")
         time.sleep(interval)
 
 

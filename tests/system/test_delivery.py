@@ -14,6 +14,15 @@ def status_of(db, delivery_id):
     return db.execute("SELECT status FROM linkhooks.deliveries WHERE id = %s", [delivery_id]).fetchone()[0]
 
 
+def delivery_state(db):
+    """Deliveries, their attempts and the worker's view, for a timeout's message."""
+    rows = db.execute("SELECT d.id, d.status, d.attempts, d.next_attempt_at - now(), d.last_error, "
+                      "array_agg(array[a.attempt::text, a.status_code::text, a.error, a.started_at::text] ORDER BY a.attempt) "
+                      "FROM linkhooks.deliveries d LEFT JOIN linkhooks.delivery_attempts a ON a.delivery_id = d.id "
+                      "GROUP BY d.id ORDER BY d.id").fetchall()
+    return f"deliveries {rows}; worker {db.execute('SELECT * FROM linkhooks.worker_status()').fetchall()}"
+
+
 def test_every_event_type_arrives_signed(db, receiver):
     sid, secret = subscribe(db, receiver, "/all", filters={"exclude_bots": False})
     db.execute("INSERT INTO linkhooks.campaigns (name, click_goal) VALUES ('goal', 2)")
@@ -103,7 +112,8 @@ def test_retry_after_is_honoured(cluster, db, receiver):
         subscribe(db, receiver, "/busy")
         receiver.expect("/busy", receiver.paths["/busy"]["secrets"], script=[(429, {"Retry-After": "1"}, 0)])
         link(db, "b")
-        wait_for(lambda: len(receiver.received("/busy")) == 2, timeout=10, message="the retry")
+        wait_for(lambda: len(receiver.received("/busy")) == 2, timeout=10,
+                 message=lambda: f"the retry; {delivery_state(db)}; received at {[r['at'] for r in receiver.received('/busy')]}")
         first, second = receiver.received("/busy")
         assert 0.9 <= second["at"] - first["at"] < 3.0
     finally:

@@ -100,12 +100,16 @@ def test_plain_insert_gets_the_same_enrichment_as_record_click(db):
     db.execute("INSERT INTO linkhooks.clicks (link_id, user_agent) VALUES (%s, 'Twitterbot/1.0')", [link_id])
     db.execute("INSERT INTO linkhooks.clicks (link_id) VALUES (%s)", [link_id])
     db.execute("INSERT INTO linkhooks.clicks (link_id, user_agent, device) VALUES (%s, %s, 'tablet')", [link_id, IPHONE])
+    # Every derived column given: the trigger changes nothing and the row goes in as written.
+    db.execute("INSERT INTO linkhooks.clicks (link_id, ip, user_agent, device, browser, os, is_bot) "
+               "VALUES (%s, '198.51.100.7/24', %s, 'desktop', 'Lynx', 'Plan 9', true)", [link_id, IPHONE])
     rows = db.execute("SELECT device, browser, os, is_bot, utm, source FROM linkhooks.clicks ORDER BY id").fetchall()
     assert rows[0] == ("mobile", "Safari", "iOS", False, {"source": "tw", "campaign": "launch"}, "link")
     assert rows[1] == ("mobile", "Safari", "iOS", False, None, "qr")
     assert rows[2][0] == "bot" and rows[2][3] is True
     assert rows[3][0] == "bot" and rows[3][3] is True, "an empty user agent is a bot"
     assert rows[4][0] == "tablet", "a value the caller gives is kept"
+    assert rows[5] == ("desktop", "Lynx", "Plan 9", True, None, "link")
 
 
 def test_oversized_user_agent_and_referer_are_truncated_not_refused(db):
