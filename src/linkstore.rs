@@ -43,6 +43,7 @@ pub struct LinkRow {
 }
 
 impl LinkRow {
+    /// Read in table order, which `SlotColumns` finds fastest.
     fn from_columns(row: &SlotColumns) -> Result<Self> {
         Ok(LinkRow {
             id: row.get("id")?.unwrap_or_default(),
@@ -52,14 +53,14 @@ impl LinkRow {
             campaign: row.get("campaign")?,
             tags: row.text_array("tags")?.unwrap_or_default(),
             utm: row.get::<pgrx::JsonB>("utm")?.map(|j| j.0),
+            expires_at: row
+                .get::<pgrx::datum::TimestampWithTimeZone>("expires_at")?
+                .map(|t| t.into_inner()),
             max_clicks: row.get("max_clicks")?,
             expired_url: row.get("expired_url")?,
             disabled: row.get("disabled")?.unwrap_or(false),
             redirect_url: row.get("redirect_url")?,
             click_count: row.get("click_count")?.unwrap_or_default(),
-            expires_at: row
-                .get::<pgrx::datum::TimestampWithTimeZone>("expires_at")?
-                .map(|t| t.into_inner()),
         })
     }
 

@@ -403,8 +403,19 @@ fn enrich_click(
             other => Ok(other),
         }
     };
+    // Columns are read in table order, which `SlotColumns` finds fastest.
+    let event_id = new
+        .get::<pgrx::Uuid>("event_id")?
+        .map(|u| uuid_text(&u))
+        .unwrap_or_else(new_event_id);
+    let clicked_at = new
+        .get::<TimestampWithTimeZone>("clicked_at")?
+        .map_or_else(unix_now_micros, unix_micros);
+    let ip = new.ip("ip")?;
     let user_agent = capped("user_agent")?;
     let referer = capped("referer")?;
+    let country = new.get("country")?;
+    let city = new.get("city")?;
 
     let info = useragent::classify(user_agent.as_deref());
     let mut fill = |name: &str, derived: Option<String>| -> Result<Option<String>> {
@@ -437,21 +448,14 @@ fn enrich_click(
         utm = Some(Value::Object(from_landing));
     }
 
-    let ip = new.ip("ip")?;
-    let clicked_at = new
-        .get::<TimestampWithTimeZone>("clicked_at")?
-        .map_or_else(unix_now_micros, unix_micros);
     let click = Click {
-        event_id: new
-            .get::<pgrx::Uuid>("event_id")?
-            .map(|u| uuid_text(&u))
-            .unwrap_or_else(new_event_id),
+        event_id,
         clicked_at_micros: clicked_at,
         ip,
         user_agent,
         referer,
-        country: new.get("country")?,
-        city: new.get("city")?,
+        country,
+        city,
         device,
         browser,
         os,
