@@ -32,6 +32,23 @@ const IDLE_POLL: Duration = Duration::from_secs(5);
 const RECORD_BATCH: usize = 200;
 const RECORD_DELAY: Duration = Duration::from_millis(5);
 
+/// Whether a commit (or a signal) set the latch since the last call; resets it.
+/// Called before the claim it triggers, never after a wait: the wait may return
+/// for an outcome on the pool's socket while a commit sets the latch, and
+/// resetting it then lost that commit's wake-up until the next idle poll (5 s).
+/// Reset here, a commit either happened before the reset (so the claim's
+/// snapshot, taken after it, sees the row) or sets the latch again.
+fn take_wakeup() -> bool {
+    // SAFETY: MyLatch is this process's own latch; only its owner resets it.
+    unsafe {
+        let set = std::ptr::read_volatile(&(*pg_sys::MyLatch).is_set) != 0;
+        if set {
+            pg_sys::ResetLatch(pg_sys::MyLatch);
+        }
+        set
+    }
+}
+
 pub fn register() {
     BackgroundWorkerBuilder::new("pg_linkhooks delivery worker")
         .set_type("pg_linkhooks")
@@ -266,7 +283,8 @@ impl Worker {
             self.dispatch();
             let in_flight: usize = self.in_flight.values().sum();
             shared::record_loop(in_flight as i64, unix_now_micros() / 1000);
-            woken = self.wait();
+            self.wait();
+            woken = take_wakeup();
         }
     }
 
@@ -661,8 +679,8 @@ impl Worker {
     }
 
     /// Sleeps until the latch is set (new work committed, signal), an outcome
-    /// arrives, or the next retry is due. Returns whether the latch woke us.
-    fn wait(&self) -> bool {
+    /// arrives, or the next retry is due. Leaves the latch as it is: see `take_wakeup`.
+    fn wait(&self) {
         let now = Instant::now();
         let timeout = if self.more_due && self.hungry() {
             Duration::ZERO
@@ -680,19 +698,16 @@ impl Worker {
         };
         let mut event = pg_sys::WaitEvent::default();
         // SAFETY: the wait set was built in `new` and lives for the process.
-        let latch_set = unsafe {
-            let n = pg_sys::WaitEventSetWait(
+        unsafe {
+            pg_sys::WaitEventSetWait(
                 self.wait_set,
                 timeout.as_millis() as i64,
                 &mut event,
                 1,
                 pg_sys::PG_WAIT_EXTENSION,
             );
-            pg_sys::ResetLatch(pg_sys::MyLatch);
-            n > 0 && event.events & pg_sys::WL_LATCH_SET as u32 != 0
-        };
+        }
         pgrx::check_for_interrupts!();
-        latch_set
     }
 
     /// Stops promptly: waits briefly for requests in flight and records them.

@@ -103,6 +103,7 @@ class Receiver:
         self.lock = threading.Lock()
         self.paths = {path: {"secrets": list(secrets), "script": [], "hex": None} for path, secrets in (expect or {}).items()}
         self.requests = []
+        self.after_answer = None  # called once each answer has been written
         receiver = self
 
         class Handler(BaseHTTPRequestHandler):
@@ -124,6 +125,8 @@ class Receiver:
                 self.send_header("content-length", str(len(payload)))
                 self.end_headers()
                 self.wfile.write(payload)
+                if receiver.after_answer:
+                    receiver.after_answer()
 
         class Server(ThreadingHTTPServer):
             request_queue_size = 128  # the worker opens up to 24 connections at once; the default backlog is 5

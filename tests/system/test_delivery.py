@@ -106,6 +106,33 @@ def test_timeout_counts_as_failure(db, receiver):
     assert code is None and ("timed out" in error.lower() or "timeout" in error.lower()), error
 
 
+def test_a_commit_while_the_worker_wakes_for_an_answer_is_claimed_at_once(cluster, db, receiver):
+    """The worker's wait can return for one request's answer just as a commit sets its latch. That commit
+    is claimed at once, not at the next idle poll 5 s later. Each round commits B right after A's answer
+    is written, when the worker is waking for it. The race is a matter of timing: with the latch reset
+    after the wait (the bug), 3 of 4 runs of this test failed; with it fixed none can."""
+    subscribe(db, receiver, "/race")
+    link_id = link(db, "race")
+    wait_for(lambda: len(receiver.received("/race")) == 1, message="link.created")
+    answered = threading.Event()
+    receiver.after_answer = answered.set
+    slowest = 0.0
+    with cluster.connect() as writer:
+        writer.autocommit = False
+        for round_ in range(100):
+            answered.clear()
+            writer.execute("INSERT INTO linkhooks.clicks (link_id, user_agent) VALUES (%s, %s)", [link_id, IPHONE])  # B, open
+            db.execute("INSERT INTO linkhooks.clicks (link_id, user_agent) VALUES (%s, %s)", [link_id, IPHONE])  # A
+            committed = time.monotonic()
+            assert answered.wait(10), "A's answer"
+            slowest = max(slowest, time.monotonic() - committed)
+            writer.commit()
+            committed = time.monotonic()
+            wait_for(lambda: len(receiver.received("/race")) == 3 + 2 * round_, timeout=10, message="B")
+            slowest = max(slowest, time.monotonic() - committed)
+    assert slowest < 2.0, f"a click waited {slowest:.1f} s for the worker"
+
+
 def test_retry_after_is_honoured(cluster, db, receiver):
     cluster.set("linkhooks.retry_schedule", "100ms,5s")
     try:
