@@ -4,26 +4,36 @@
 --   analyst — reads links, campaigns, clicks, conversions, delivery logs and views; no secrets, no writes.
 --   admin   — analyst, plus managing links, campaigns and subscriptions (secrets included) and replaying.
 -- The queue itself (deliveries, attempts, dead letters) is written only by the
--- extension's own SECURITY DEFINER functions and triggers.
+-- extension's own SECURITY DEFINER functions and triggers. Columns the extension
+-- keeps (ids, event ids, redirect_url, counters, signatures) are granted to no level.
+-- These functions pin search_path, so format() and friends are pg_catalog's.
 
 -- The privileges of one access level, each as "<privileges> ON <objects>".
 CREATE FUNCTION access_privileges(access text) RETURNS SETOF text
-LANGUAGE plpgsql STABLE AS $$
+LANGUAGE plpgsql STABLE SET search_path = pg_catalog, pg_temp AS $$
 BEGIN
     IF access = 'writer' THEN
         RETURN NEXT 'USAGE ON SCHEMA @extschema@';
         RETURN NEXT 'EXECUTE ON FUNCTION @extschema@.resolve(text, text), '
                     '@extschema@.record_click(text, inet, text, text, text, text, text, text, text)';
-        RETURN NEXT 'INSERT ON TABLE @extschema@.clicks, @extschema@.conversions';
+        -- Every click column but id and event_id, which the extension makes (unique per event).
+        RETURN NEXT 'INSERT (link_id, clicked_at, ip, user_agent, referer, country, city, source, landing_url, '
+                    'device, browser, os, is_bot, utm) ON TABLE @extschema@.clicks';
+        RETURN NEXT 'INSERT (click_id, link_id, name, amount, currency, occurred_at, metadata) '
+                    'ON TABLE @extschema@.conversions';
         -- Enough for INSERT ... RETURNING id, event_id (to attribute conversions), not to read clicks.
         RETURN NEXT 'SELECT (id, event_id) ON TABLE @extschema@.clicks, @extschema@.conversions';
     ELSIF access = 'analyst' THEN
         RETURN NEXT 'USAGE ON SCHEMA @extschema@';
         RETURN NEXT 'SELECT ON TABLE @extschema@.links, @extschema@.campaigns, @extschema@.clicks, '
-                    '@extschema@.conversions, @extschema@.deliveries, @extschema@.delivery_attempts, '
+                    '@extschema@.conversions, @extschema@.delivery_attempts, '
                     '@extschema@.dead_letters, @extschema@.delivery_log, @extschema@.subscription_health, '
                     '@extschema@.click_facts, @extschema@.link_stats, @extschema@.link_daily_clicks, '
                     '@extschema@.link_click_breakdown, @extschema@.campaign_stats';
+        -- Every delivery column but the signature (valid for replay for minutes).
+        RETURN NEXT 'SELECT (id, event_id, subscription_id, event_type, body, signed_at, status, attempts, '
+                    'next_attempt_at, created_at, delivered_at, last_status_code, last_error) '
+                    'ON TABLE @extschema@.deliveries';
         -- Every subscription column but the secrets and the URL (which may carry a token).
         RETURN NEXT 'SELECT (id, name, event_types, filters, ip_mode, signature_scheme, timeout_ms, max_attempts, '
                     'enabled, disabled_reason, consecutive_dead_letters, created_at, updated_at) '
@@ -31,8 +41,15 @@ BEGIN
         RETURN NEXT 'EXECUTE ON FUNCTION @extschema@.worker_status()';
     ELSIF access = 'admin' THEN
         RETURN QUERY SELECT @extschema@.access_privileges('analyst');
-        RETURN NEXT 'SELECT, INSERT, UPDATE, DELETE ON TABLE @extschema@.links, @extschema@.campaigns, '
-                    '@extschema@.subscriptions';
+        RETURN NEXT 'SELECT, INSERT, UPDATE, DELETE ON TABLE @extschema@.subscriptions';
+        RETURN NEXT 'SELECT, DELETE ON TABLE @extschema@.links, @extschema@.campaigns';
+        -- Links and campaigns minus what the extension keeps (redirect_url, counters, expired_at).
+        RETURN NEXT 'INSERT (id, domain, slug, destination, campaign, tags, utm, expires_at, max_clicks, '
+                    'expired_url, disabled, metadata, created_at) ON TABLE @extschema@.links';
+        RETURN NEXT 'UPDATE (domain, slug, destination, campaign, tags, utm, expires_at, max_clicks, '
+                    'expired_url, disabled, metadata) ON TABLE @extschema@.links';
+        RETURN NEXT 'INSERT (name, click_goal, ends_at, completed_at), UPDATE (name, click_goal, ends_at, completed_at) '
+                    'ON TABLE @extschema@.campaigns';
         RETURN NEXT 'EXECUTE ON FUNCTION @extschema@.resolve(text, text), @extschema@.send_test(bigint), '
                     '@extschema@.replay(bigint), @extschema@.replay_dead_letters(bigint, timestamptz), '
                     '@extschema@.rotate_secret(bigint, interval), @extschema@.run_maintenance(), '
@@ -47,7 +64,7 @@ COMMENT ON FUNCTION access_privileges(text) IS 'The privileges behind an access 
 
 -- Grants or revokes one access level; returns the statements it ran.
 CREATE FUNCTION apply_access(action text, role_name text, access text) RETURNS SETOF text
-LANGUAGE plpgsql AS $$
+LANGUAGE plpgsql SET search_path = pg_catalog, pg_temp AS $$
 DECLARE
     privilege text;
     statement text;
@@ -69,10 +86,10 @@ COMMENT ON FUNCTION apply_access(text, text, text) IS 'Shared body of grant_acce
 
 -- Gives a role an access level: writer, analyst or admin.
 CREATE FUNCTION grant_access(role_name text, access text) RETURNS SETOF text
-LANGUAGE sql AS $$ SELECT @extschema@.apply_access('grant', role_name, access) $$;
+LANGUAGE sql SET search_path = pg_catalog, pg_temp AS $$ SELECT @extschema@.apply_access('grant', role_name, access) $$;
 COMMENT ON FUNCTION grant_access(text, text) IS 'GRANTs an access level (writer, analyst, admin) to a role; returns the statements run.';
 
 -- Takes an access level away again.
 CREATE FUNCTION revoke_access(role_name text, access text) RETURNS SETOF text
-LANGUAGE sql AS $$ SELECT @extschema@.apply_access('revoke', role_name, access) $$;
+LANGUAGE sql SET search_path = pg_catalog, pg_temp AS $$ SELECT @extschema@.apply_access('revoke', role_name, access) $$;
 COMMENT ON FUNCTION revoke_access(text, text) IS 'REVOKEs an access level from a role; returns the statements run.';

@@ -8,11 +8,23 @@ ALTER TABLE conversions ALTER COLUMN event_id SET DEFAULT uuidv7();
 
 -- Triggers run as the extension owner: they read subscription secrets and queue
 -- deliveries, which the roles that insert clicks must not touch themselves.
-ALTER FUNCTION links_trigger() SECURITY DEFINER;
-ALTER FUNCTION clicks_trigger() SECURITY DEFINER;
-ALTER FUNCTION conversions_trigger() SECURITY DEFINER;
-ALTER FUNCTION campaigns_trigger() SECURITY DEFINER;
-ALTER FUNCTION subscriptions_trigger() SECURITY DEFINER;
+-- Everything that runs as the owner pins search_path, pg_temp last: a caller's
+-- own schemas or temporary objects (types, functions, operators) are never
+-- looked up, so they cannot run as the owner.
+ALTER FUNCTION links_trigger() SECURITY DEFINER SET search_path = pg_catalog, pg_temp;
+ALTER FUNCTION clicks_trigger() SECURITY DEFINER SET search_path = pg_catalog, pg_temp;
+ALTER FUNCTION conversions_trigger() SECURITY DEFINER SET search_path = pg_catalog, pg_temp;
+ALTER FUNCTION campaigns_trigger() SECURITY DEFINER SET search_path = pg_catalog, pg_temp;
+ALTER FUNCTION subscriptions_trigger() SECURITY DEFINER SET search_path = pg_catalog, pg_temp;
+-- The SECURITY DEFINER API (and worker_status, which counts the queue) likewise.
+ALTER FUNCTION resolve(text, text) SET search_path = pg_catalog, pg_temp;
+ALTER FUNCTION record_click(text, inet, text, text, text, text, text, text, text) SET search_path = pg_catalog, pg_temp;
+ALTER FUNCTION send_test(bigint) SET search_path = pg_catalog, pg_temp;
+ALTER FUNCTION replay(bigint) SET search_path = pg_catalog, pg_temp;
+ALTER FUNCTION replay_dead_letters(bigint, timestamptz) SET search_path = pg_catalog, pg_temp;
+ALTER FUNCTION rotate_secret(bigint, interval) SET search_path = pg_catalog, pg_temp;
+ALTER FUNCTION run_maintenance() SET search_path = pg_catalog, pg_temp;
+ALTER FUNCTION worker_status() SET search_path = pg_catalog, pg_temp;
 
 -- Validates links, keeps redirect_url, emits link.created/updated/deleted.
 CREATE TRIGGER links_events BEFORE INSERT OR UPDATE OR DELETE ON links

@@ -6,6 +6,7 @@ use pgrx::spi::SpiError;
 use thiserror::Error;
 
 use crate::filters::FilterError;
+use crate::limits::TooLarge;
 use crate::links::LinkError;
 use crate::retry::ScheduleError;
 use crate::signing::SecretError;
@@ -21,8 +22,13 @@ pub enum Error {
     Secret(#[from] SecretError),
     #[error("{0}")]
     Schedule(#[from] ScheduleError),
+    #[error("{0}")]
+    TooLarge(#[from] TooLarge),
     #[error("invalid {field}: {rule}")]
-    Invalid { field: &'static str, rule: String },
+    Invalid {
+        field: std::borrow::Cow<'static, str>,
+        rule: String,
+    },
     #[error("invalid url: {0}")]
     Url(UrlError),
     #[error("{0}")]
@@ -40,7 +46,15 @@ pub enum Error {
 impl Error {
     pub fn invalid(field: &'static str, rule: impl Into<String>) -> Self {
         Error::Invalid {
-            field,
+            field: field.into(),
+            rule: rule.into(),
+        }
+    }
+
+    /// `invalid` for a field named at run time (a column of the row).
+    pub fn invalid_field(field: String, rule: impl Into<String>) -> Self {
+        Error::Invalid {
+            field: field.into(),
             rule: rule.into(),
         }
     }

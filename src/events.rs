@@ -15,6 +15,7 @@ use serde_json::Value;
 use crate::error::Result;
 use crate::filters::{Facts, Filters};
 use crate::guc;
+use crate::limits;
 use crate::payload::{EventType, IpMode};
 use crate::plans::{self, INT8, INT8_ARRAY, TEXT, TEXT_ARRAY};
 use crate::queue;
@@ -156,6 +157,7 @@ pub fn emit(
     let now = unix_now();
     let mut bodies: [Option<Rc<str>>; 3] = [None, None, None];
     let mut queued = Vec::new();
+    let max_body = guc::MAX_BODY_BYTES.get().max(0) as usize;
     for sub in cache
         .subscriptions
         .iter()
@@ -164,6 +166,7 @@ pub fn emit(
         let body = bodies[sub.ip_mode as usize]
             .get_or_insert_with(|| build(sub.ip_mode).into())
             .clone();
+        limits::check_body(kind.as_str(), body.len(), max_body)?;
         let signature = signature_header(sub.keys.keys_at(now), event_id, now, &body);
         queued.push(Queued {
             subscription_id: sub.id,

@@ -19,6 +19,8 @@ pub static ALLOW_PRIVATE_TARGETS: GucSetting<bool> = GucSetting::<bool>::new(fal
 pub static RETENTION: GucSetting<Option<CString>> = GucSetting::<Option<CString>>::new(Some(c"7d"));
 pub static NOTIFY_CHANNEL: GucSetting<Option<CString>> = GucSetting::<Option<CString>>::new(None);
 pub static DISABLE_AFTER_DEAD_LETTERS: GucSetting<i32> = GucSetting::<i32>::new(20);
+pub static MAX_BODY_BYTES: GucSetting<i32> =
+    GucSetting::<i32>::new(crate::limits::DEFAULT_MAX_BODY_BYTES);
 pub static LINK_CACHE_SIZE: GucSetting<i32> = GucSetting::<i32>::new(10_000);
 pub static MAINTENANCE_INTERVAL: GucSetting<Option<CString>> =
     GucSetting::<Option<CString>>::new(Some(c"30s"));
@@ -108,6 +110,15 @@ pub fn register() {
         0,
         1_000_000,
         Sighup,
+    );
+
+    i(
+        c"linkhooks.max_body_bytes",
+        c"Largest event body queued; a write whose event would be larger is refused.",
+        &MAX_BODY_BYTES,
+        1024,
+        16 * 1024 * 1024,
+        GucContext::Suset,
     );
 
     i(

@@ -7,6 +7,7 @@ use pgrx::prelude::*;
 mod doorkeeper;
 mod filters;
 mod health;
+mod limits;
 mod links;
 mod payload;
 mod retry;

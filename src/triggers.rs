@@ -12,6 +12,7 @@ use crate::error::{Error, OrReport, Result};
 use crate::events::{self, unix_now_micros};
 use crate::filters::{ClickFacts, Facts, Filters};
 use crate::guc;
+use crate::limits::{self, MAX_JSON_BYTES, MAX_TEXT_CHARS, MAX_UTM_BYTES};
 use crate::links::{self, LinkError, MAX_HEADER_LEN, truncate};
 use crate::linkstore::{self, Claim, LinkRow};
 use crate::payload::{
@@ -22,7 +23,7 @@ use crate::plans::{self, INT8, TEXT};
 use crate::shared;
 use crate::signing::SigningKey;
 use crate::target;
-use crate::tuple::{Edits, SlotColumns, attnum, col, text_array};
+use crate::tuple::{Edits, SlotColumns, attnum, col, null_in_not_null_column, text_array};
 use crate::useragent;
 
 type Row<'a> = PgHeapTuple<'a, AllocatedByRust>;
@@ -105,6 +106,14 @@ fn on_link<'a>(trigger: &'a PgTrigger<'a>) -> Result<Option<Row<'a>>> {
             let mut new = new_row(trigger)?;
             let changed = changed_fields(&old, &new, &LINK_FIELDS)?;
             if changed.is_empty() {
+                // redirect_url is derived from destination and utm, which are checked;
+                // written directly, it would bypass those checks and every event.
+                if col::<String>(&old, "redirect_url")? != col::<String>(&new, "redirect_url")? {
+                    return Err(Error::invalid(
+                        "redirect_url",
+                        "is kept by the extension from destination and utm; set those instead",
+                    ));
+                }
                 return Ok(Some(new)); // counters: invisible to redirects' cache
             }
             check_link(&mut new, Some(&old))?;
@@ -182,6 +191,15 @@ fn check_link(new: &mut Row<'_>, old: Option<&Row<'_>>) -> Result<()> {
     target::check_destination(&destination).map_err(LinkError::Destination)?;
     if let Some(expired_url) = col::<String>(new, "expired_url")? {
         target::check_destination(&expired_url).map_err(LinkError::ExpiredUrl)?;
+    }
+    if let Some(campaign) = col::<String>(new, "campaign")? {
+        limits::check_text("campaign", &campaign, MAX_TEXT_CHARS)?;
+    }
+    if let Some(tags) = text_array(new, "tags")? {
+        limits::check_tags(&tags)?;
+    }
+    if let Some(JsonB(metadata)) = col::<JsonB>(new, "metadata")? {
+        limits::check_json("metadata", &metadata, MAX_JSON_BYTES)?;
     }
     let max_clicks: Option<i64> = col(new, "max_clicks")?;
     if let Some(m) = max_clicks.filter(|m| *m <= 0) {
@@ -392,11 +410,11 @@ fn enrich_click(
     source: String,
     edits: &mut Edits,
 ) -> Result<(Click, Option<Value>)> {
-    let mut capped = |name: &str| -> Result<Option<String>> {
+    let mut capped = |name: &str, max: usize| -> Result<Option<String>> {
         let value: Option<String> = new.get(name)?;
         match value {
-            Some(v) if truncate(&v, MAX_HEADER_LEN).len() < v.len() => {
-                let cut = truncate(&v, MAX_HEADER_LEN).to_string();
+            Some(v) if truncate(&v, max).len() < v.len() => {
+                let cut = truncate(&v, max).to_string();
                 edits.set(new, name, cut.as_str())?;
                 Ok(Some(cut))
             }
@@ -412,10 +430,17 @@ fn enrich_click(
         .get::<TimestampWithTimeZone>("clicked_at")?
         .map_or_else(unix_now_micros, unix_micros);
     let ip = new.ip("ip")?;
-    let user_agent = capped("user_agent")?;
-    let referer = capped("referer")?;
-    let country = new.get("country")?;
-    let city = new.get("city")?;
+    let user_agent = capped("user_agent", MAX_HEADER_LEN)?;
+    let referer = capped("referer", MAX_HEADER_LEN)?;
+    let country: Option<String> = new.get("country")?;
+    let city: Option<String> = new.get("city")?;
+    for (field, value) in [("country", &country), ("city", &city)] {
+        if let Some(v) = value {
+            limits::check_text(field, v, MAX_TEXT_CHARS)?;
+        }
+    }
+    // Comes from the request like the headers: stored capped, not refused.
+    let landing_url = capped("landing_url", target::MAX_URL_LEN)?;
 
     let info = useragent::classify(user_agent.as_deref());
     let mut fill = |name: &str, derived: Option<String>| -> Result<Option<String>> {
@@ -440,8 +465,11 @@ fn enrich_click(
         }
     };
     let mut utm = new.get::<JsonB>("utm")?.map(|j| j.0);
+    if let Some(given) = &utm {
+        limits::check_json("utm", given, MAX_UTM_BYTES)?;
+    }
     if utm.is_none()
-        && let Some(landing) = new.get::<String>("landing_url")?
+        && let Some(landing) = landing_url
         && let Some(from_landing) = links::utm_from_landing_url(&landing)
     {
         edits.set(new, "utm", JsonB(Value::Object(from_landing.clone())))?;
@@ -531,6 +559,9 @@ fn on_conversion<'a>(trigger: &'a PgTrigger<'a>) -> Result<Row<'a>> {
     let name: String = col(&row, "name")?.unwrap_or_default();
     if name.trim().is_empty() || name.chars().count() > 200 {
         return Err(Error::invalid("name", "must be 1 to 200 characters"));
+    }
+    if let Some(JsonB(metadata)) = col::<JsonB>(&row, "metadata")? {
+        limits::check_json("metadata", &metadata, MAX_JSON_BYTES)?;
     }
     let currency: Option<String> = col(&row, "currency")?;
     if let Some(c) = &currency
@@ -622,6 +653,7 @@ fn on_campaign<'a>(trigger: &'a PgTrigger<'a>) -> Result<Row<'a>> {
     if name.trim().is_empty() {
         return Err(Error::invalid("name", "must not be empty"));
     }
+    limits::check_text("name", &name, MAX_TEXT_CHARS)?;
     let goal: Option<i64> = col(&new, "click_goal")?;
     if let Some(g) = goal.filter(|g| *g <= 0) {
         return Err(Error::invalid(
@@ -669,16 +701,31 @@ fn on_subscription<'a>(trigger: &'a PgTrigger<'a>) -> Result<Row<'a>> {
     if matches!(op, PgTriggerOperation::Delete) {
         return old_row(trigger);
     }
-    let mut new = new_row(trigger)?;
     let old = if matches!(op, PgTriggerOperation::Update) {
         Some(old_row(trigger)?)
     } else {
         None
     };
+    // SAFETY: in a row trigger, tg_relation is the open relation and the new row
+    // (tg_trigtuple for INSERT, tg_newtuple for UPDATE) is one of its tuples.
+    let missing = unsafe {
+        let data = trigger.trigger_data();
+        let tuple = if old.is_some() {
+            data.tg_newtuple
+        } else {
+            data.tg_trigtuple
+        };
+        null_in_not_null_column(tuple, (*data.tg_relation).rd_att)
+    };
+    if let Some(column) = missing {
+        return Err(Error::invalid_field(column, "must not be null"));
+    }
+    let mut new = new_row(trigger)?;
     let name: String = col(&new, "name")?.unwrap_or_default();
     if name.trim().is_empty() {
         return Err(Error::invalid("name", "must not be empty"));
     }
+    limits::check_text("name", &name, MAX_TEXT_CHARS)?;
     let url: String = col(&new, "url")?.unwrap_or_default();
     let url_changed = match &old {
         Some(old) => col::<String>(old, "url")?.as_deref() != Some(url.as_str()),
@@ -710,6 +757,7 @@ fn on_subscription<'a>(trigger: &'a PgTrigger<'a>) -> Result<Row<'a>> {
         }
     }
     let filters = col::<JsonB>(&new, "filters")?.map_or(Value::Object(Map::new()), |j| j.0);
+    limits::check_json("filters", &filters, MAX_JSON_BYTES)?;
     Filters::parse(&filters)?;
     let ip_mode: String = col(&new, "ip_mode")?.unwrap_or_default();
     if IpMode::parse(&ip_mode).is_none() {

@@ -42,6 +42,28 @@ where
         .map_err(|e| Error::Column(format!("{name}: {e}")))
 }
 
+/// The first NOT NULL column that holds NULL. Checked before Postgres does: its
+/// own error prints the whole row ("Failing row contains ..."), secrets included.
+///
+/// # Safety
+/// `tuple` is a valid heap tuple of a relation whose descriptor is `desc`.
+pub unsafe fn null_in_not_null_column(
+    tuple: pg_sys::HeapTuple,
+    desc: pg_sys::TupleDesc,
+) -> Option<String> {
+    // SAFETY: the caller's contract; the descriptor outlives this call.
+    let attrs = unsafe { pgrx::PgTupleDesc::from_pg_unchecked(desc) };
+    attrs
+        .iter()
+        .find(|att| {
+            att.attnotnull
+                && !att.attisdropped
+                // SAFETY: the attribute number comes from the tuple's own descriptor.
+                && unsafe { pg_sys::heap_attisnull(tuple, att.attnum as i32, desc) }
+        })
+        .map(|att| att.name().to_string())
+}
+
 /// A text[] column as strings (NULL elements dropped).
 pub fn text_array(
     row: &PgHeapTuple<'_, impl WhoAllocated>,

@@ -15,7 +15,7 @@ from harness import BIN
 from test_links import IPHONE
 
 # Earlier releases; scripts/test.sh installs their install scripts from tests/upgrade/.
-PREVIOUS = ["0.1.0", "0.2.0", "0.3.0"]
+PREVIOUS = ["0.1.0", "0.2.0", "0.3.0", "0.4.0"]
 
 # Everything about the extension's objects a user can observe, one line each.
 CATALOG = """

@@ -1,0 +1,137 @@
+-- pg_linkhooks 0.4.0 → 0.5.0: nothing runs as the owner with a caller's search_path,
+-- and columns the extension keeps are granted to no access level.
+-- Every object here matches what a fresh 0.5.0 install creates; the system
+-- test tests/system/test_upgrade.py compares the two catalogs.
+
+-- Everything that runs as the owner pins search_path, pg_temp last.
+ALTER FUNCTION links_trigger() SET search_path = pg_catalog, pg_temp;
+ALTER FUNCTION clicks_trigger() SET search_path = pg_catalog, pg_temp;
+ALTER FUNCTION conversions_trigger() SET search_path = pg_catalog, pg_temp;
+ALTER FUNCTION campaigns_trigger() SET search_path = pg_catalog, pg_temp;
+ALTER FUNCTION subscriptions_trigger() SET search_path = pg_catalog, pg_temp;
+ALTER FUNCTION resolve(text, text) SET search_path = pg_catalog, pg_temp;
+ALTER FUNCTION record_click(text, inet, text, text, text, text, text, text, text) SET search_path = pg_catalog, pg_temp;
+ALTER FUNCTION send_test(bigint) SET search_path = pg_catalog, pg_temp;
+ALTER FUNCTION replay(bigint) SET search_path = pg_catalog, pg_temp;
+ALTER FUNCTION replay_dead_letters(bigint, timestamptz) SET search_path = pg_catalog, pg_temp;
+ALTER FUNCTION rotate_secret(bigint, interval) SET search_path = pg_catalog, pg_temp;
+ALTER FUNCTION run_maintenance() SET search_path = pg_catalog, pg_temp;
+ALTER FUNCTION worker_status() SET search_path = pg_catalog, pg_temp;
+
+-- Access levels: column lists instead of whole tables where the extension keeps columns.
+CREATE OR REPLACE FUNCTION access_privileges(access text) RETURNS SETOF text
+LANGUAGE plpgsql STABLE SET search_path = pg_catalog, pg_temp AS $$
+BEGIN
+    IF access = 'writer' THEN
+        RETURN NEXT 'USAGE ON SCHEMA linkhooks';
+        RETURN NEXT 'EXECUTE ON FUNCTION linkhooks.resolve(text, text), '
+                    'linkhooks.record_click(text, inet, text, text, text, text, text, text, text)';
+        -- Every click column but id and event_id, which the extension makes (unique per event).
+        RETURN NEXT 'INSERT (link_id, clicked_at, ip, user_agent, referer, country, city, source, landing_url, '
+                    'device, browser, os, is_bot, utm) ON TABLE linkhooks.clicks';
+        RETURN NEXT 'INSERT (click_id, link_id, name, amount, currency, occurred_at, metadata) '
+                    'ON TABLE linkhooks.conversions';
+        -- Enough for INSERT ... RETURNING id, event_id (to attribute conversions), not to read clicks.
+        RETURN NEXT 'SELECT (id, event_id) ON TABLE linkhooks.clicks, linkhooks.conversions';
+    ELSIF access = 'analyst' THEN
+        RETURN NEXT 'USAGE ON SCHEMA linkhooks';
+        RETURN NEXT 'SELECT ON TABLE linkhooks.links, linkhooks.campaigns, linkhooks.clicks, '
+                    'linkhooks.conversions, linkhooks.delivery_attempts, '
+                    'linkhooks.dead_letters, linkhooks.delivery_log, linkhooks.subscription_health, '
+                    'linkhooks.click_facts, linkhooks.link_stats, linkhooks.link_daily_clicks, '
+                    'linkhooks.link_click_breakdown, linkhooks.campaign_stats';
+        -- Every delivery column but the signature (valid for replay for minutes).
+        RETURN NEXT 'SELECT (id, event_id, subscription_id, event_type, body, signed_at, status, attempts, '
+                    'next_attempt_at, created_at, delivered_at, last_status_code, last_error) '
+                    'ON TABLE linkhooks.deliveries';
+        -- Every subscription column but the secrets and the URL (which may carry a token).
+        RETURN NEXT 'SELECT (id, name, event_types, filters, ip_mode, signature_scheme, timeout_ms, max_attempts, '
+                    'enabled, disabled_reason, consecutive_dead_letters, created_at, updated_at) '
+                    'ON TABLE linkhooks.subscriptions';
+        RETURN NEXT 'EXECUTE ON FUNCTION linkhooks.worker_status()';
+    ELSIF access = 'admin' THEN
+        RETURN QUERY SELECT linkhooks.access_privileges('analyst');
+        RETURN NEXT 'SELECT, INSERT, UPDATE, DELETE ON TABLE linkhooks.subscriptions';
+        RETURN NEXT 'SELECT, DELETE ON TABLE linkhooks.links, linkhooks.campaigns';
+        -- Links and campaigns minus what the extension keeps (redirect_url, counters, expired_at).
+        RETURN NEXT 'INSERT (id, domain, slug, destination, campaign, tags, utm, expires_at, max_clicks, '
+                    'expired_url, disabled, metadata, created_at) ON TABLE linkhooks.links';
+        RETURN NEXT 'UPDATE (domain, slug, destination, campaign, tags, utm, expires_at, max_clicks, '
+                    'expired_url, disabled, metadata) ON TABLE linkhooks.links';
+        RETURN NEXT 'INSERT (name, click_goal, ends_at, completed_at), UPDATE (name, click_goal, ends_at, completed_at) '
+                    'ON TABLE linkhooks.campaigns';
+        RETURN NEXT 'EXECUTE ON FUNCTION linkhooks.resolve(text, text), linkhooks.send_test(bigint), '
+                    'linkhooks.replay(bigint), linkhooks.replay_dead_letters(bigint, timestamptz), '
+                    'linkhooks.rotate_secret(bigint, interval), linkhooks.run_maintenance(), '
+                    'linkhooks.generate_secret()';
+    ELSE
+        RAISE EXCEPTION 'invalid access: must be ''writer'', ''analyst'' or ''admin'' (got %)', coalesce(quote_literal(access), 'NULL')
+            USING ERRCODE = 'invalid_parameter_value';
+    END IF;
+END
+$$;
+COMMENT ON FUNCTION access_privileges(text) IS 'The privileges behind an access level (writer, analyst, admin), as GRANT clauses.';
+
+-- Grants or revokes one access level; returns the statements it ran.
+CREATE OR REPLACE FUNCTION apply_access(action text, role_name text, access text) RETURNS SETOF text
+LANGUAGE plpgsql SET search_path = pg_catalog, pg_temp AS $$
+DECLARE
+    privilege text;
+    statement text;
+BEGIN
+    IF NOT EXISTS (SELECT FROM pg_catalog.pg_roles WHERE rolname = role_name) THEN
+        RAISE EXCEPTION 'invalid role_name: role % does not exist', coalesce(quote_ident(role_name), 'NULL')
+            USING ERRCODE = 'undefined_object';
+    END IF;
+    FOR privilege IN SELECT linkhooks.access_privileges(access) LOOP
+        -- The privilege text is ours; the role name is quoted as an identifier.
+        statement := CASE action WHEN 'grant' THEN format('GRANT %s TO %I', privilege, role_name)
+                                 ELSE format('REVOKE %s FROM %I', privilege, role_name) END;
+        EXECUTE statement;
+        RETURN NEXT statement;
+    END LOOP;
+END
+$$;
+COMMENT ON FUNCTION apply_access(text, text, text) IS 'Shared body of grant_access and revoke_access.';
+
+-- Gives a role an access level: writer, analyst or admin.
+CREATE OR REPLACE FUNCTION grant_access(role_name text, access text) RETURNS SETOF text
+LANGUAGE sql SET search_path = pg_catalog, pg_temp AS $$ SELECT linkhooks.apply_access('grant', role_name, access) $$;
+COMMENT ON FUNCTION grant_access(text, text) IS 'GRANTs an access level (writer, analyst, admin) to a role; returns the statements run.';
+
+-- Takes an access level away again.
+CREATE OR REPLACE FUNCTION revoke_access(role_name text, access text) RETURNS SETOF text
+LANGUAGE sql SET search_path = pg_catalog, pg_temp AS $$ SELECT linkhooks.apply_access('revoke', role_name, access) $$;
+COMMENT ON FUNCTION revoke_access(text, text) IS 'REVOKEs an access level from a role; returns the statements run.';
+
+-- Roles granted a level before 0.5.0 hold whole-table privileges: narrow them to
+-- the same columns a level grants now.
+DO $$
+DECLARE
+    g record;
+BEGIN
+    FOR g IN
+        SELECT c.relname, a.privilege_type, a.grantee::pg_catalog.regrole::text AS grantee, w.cols
+          FROM pg_catalog.pg_class c
+         CROSS JOIN LATERAL pg_catalog.aclexplode(c.relacl) a
+          JOIN (VALUES
+                ('clicks', 'INSERT', 'link_id, clicked_at, ip, user_agent, referer, country, city, source, landing_url, '
+                                     'device, browser, os, is_bot, utm'),
+                ('conversions', 'INSERT', 'click_id, link_id, name, amount, currency, occurred_at, metadata'),
+                ('deliveries', 'SELECT', 'id, event_id, subscription_id, event_type, body, signed_at, status, attempts, '
+                                         'next_attempt_at, created_at, delivered_at, last_status_code, last_error'),
+                ('links', 'INSERT', 'id, domain, slug, destination, campaign, tags, utm, expires_at, max_clicks, '
+                                    'expired_url, disabled, metadata, created_at'),
+                ('links', 'UPDATE', 'domain, slug, destination, campaign, tags, utm, expires_at, max_clicks, '
+                                    'expired_url, disabled, metadata'),
+                ('campaigns', 'INSERT', 'name, click_goal, ends_at, completed_at'),
+                ('campaigns', 'UPDATE', 'name, click_goal, ends_at, completed_at')
+               ) AS w (relname, privilege, cols) ON w.relname = c.relname AND w.privilege = a.privilege_type
+         WHERE c.relnamespace = 'linkhooks'::pg_catalog.regnamespace
+           AND a.grantee <> c.relowner AND a.grantee <> 0
+    LOOP
+        EXECUTE pg_catalog.format('REVOKE %s ON TABLE linkhooks.%I FROM %s', g.privilege_type, g.relname, g.grantee);
+        EXECUTE pg_catalog.format('GRANT %s (%s) ON TABLE linkhooks.%I TO %s', g.privilege_type, g.cols, g.relname, g.grantee);
+    END LOOP;
+END
+$$;
