@@ -103,7 +103,8 @@ def test_update_from_previous_release_equals_fresh_install(cluster, previous_rel
                 fresh.execute("SELECT extversion FROM pg_extension WHERE extname = 'pg_linkhooks'").fetchone()[0]
             before, after = catalog(fresh), catalog(upgraded)
             missing, extra = sorted(set(before) - set(after)), sorted(set(after) - set(before))
-            assert (missing, extra) == ([], []), "an upgraded install differs from a fresh one"
+            assert (missing, extra) == ([], []), \
+                "an upgraded install differs from a fresh one:\n" + "\n".join([f"- {m}" for m in missing] + [f"+ {e}" for e in extra])
             assert len(before) > 100, "the catalog snapshot covers the extension's objects"
 
             # Rows written by the previous release work with the new surface.
