@@ -9,6 +9,7 @@ mod filters;
 mod health;
 mod links;
 mod payload;
+mod resolve;
 mod retry;
 mod sender;
 mod signing;
