@@ -10,6 +10,7 @@ mod health;
 mod limits;
 mod links;
 mod payload;
+mod resolve;
 mod retry;
 mod sender;
 mod signing;

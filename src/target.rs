@@ -135,16 +135,11 @@ const BLOCKED_V4: [&str; 15] = [
     "240.0.0.0/4",     // reserved and broadcast
 ];
 
-const BLOCKED_V6: [&str; 9] = [
-    "::/128",        // unspecified
-    "::1/128",       // loopback
-    "100::/64",      // discard
-    "2001::/32",     // Teredo
+/// Inside 2000::/3, the only IPv6 space allotted for global unicast.
+const BLOCKED_V6: [&str; 3] = [
+    "2001::/23",     // IETF protocol assignments: Teredo 2001::/32, benchmarking, ORCHID
     "2001:db8::/32", // documentation
-    "fc00::/7",      // unique local
-    "fe80::/10",     // link-local
-    "fec0::/10",     // site-local (deprecated)
-    "ff00::/8",      // multicast
+    "3fff::/20",     // documentation (RFC 9637)
 ];
 
 fn is_public_v4(ip: Ipv4Addr) -> bool {
@@ -154,21 +149,26 @@ fn is_public_v4(ip: Ipv4Addr) -> bool {
 }
 
 fn is_public_v6(ip: Ipv6Addr) -> bool {
-    // Addresses that embed an IPv4 address are judged by that address.
-    if let Some(v4) = ip.to_ipv4_mapped() {
-        return is_public_v4(v4);
-    }
     let seg = ip.segments();
     let embedded =
         |hi: u16, lo: u16| Ipv4Addr::new((hi >> 8) as u8, hi as u8, (lo >> 8) as u8, lo as u8);
-    if seg[..6] == [0, 0, 0, 0, 0, 0] {
-        return false; // IPv4-compatible (deprecated) and ::/96
-    }
-    if seg[..6] == [0x64, 0xff9b, 0, 0, 0, 0] {
-        return is_public_v4(embedded(seg[6], seg[7])); // NAT64
+    // Addresses that carry an IPv4 address to a gateway or the local stack
+    // are judged by that address.
+    if seg[..6] == [0, 0, 0, 0, 0, 0xffff] // ::ffff:0:0/96, IPv4-mapped
+        || seg[..6] == [0, 0, 0, 0, 0xffff, 0] // ::ffff:0:0:0/96, IPv4-translated
+        || seg[..6] == [0x64, 0xff9b, 0, 0, 0, 0]
+    // 64:ff9b::/96, well-known NAT64
+    {
+        return is_public_v4(embedded(seg[6], seg[7]));
     }
     if seg[0] == 0x2002 {
         return is_public_v4(embedded(seg[1], seg[2])); // 6to4
+    }
+    // Everything outside 2000::/3 is not global unicast: ::/128, ::1,
+    // IPv4-compatible ::/96, 64:ff9b:1::/48 (local-use NAT64), 100::/64,
+    // 5f00::/16 (SRv6), fc00::/7, fe80::/10, fec0::/10, ff00::/8, ...
+    if seg[0] & 0xe000 != 0x2000 {
+        return false;
     }
     !BLOCKED_V6
         .iter()
@@ -230,6 +230,8 @@ mod tests {
             "https://169.254.169.254/latest/meta-data",
             "https://[::1]/x",
             "https://[::ffff:127.0.0.1]/x",
+            "https://[64:ff9b:1::a00:1]/x",
+            "https://[64:ff9b::7f00:1]/x",
             "https://[fe80::1]/x",
             "https://0.0.0.0/x",
             "https://100.64.0.1/x",
@@ -256,7 +258,15 @@ mod tests {
             "1.1.1.1",
             "2606:4700:4700::1111",
             "::ffff:8.8.8.8",
-            "64:ff9b::808:808",
+            "::ffff:0:808:808",   // IPv4-translated, public inside
+            "64:ff9b::808:808",   // well-known NAT64, public inside
+            "2002:808:808::1",    // 6to4, public inside
+            "2a00:1450:4001::1",
+            "2001:4860:4860::8888", // outside 2001::/23
+            "9.9.9.9",
+            "100.128.0.1",        // just past 100.64/10
+            "198.20.0.1",         // just past 198.18/15
+            "192.0.1.1",          // just past 192.0.0/24
         ];
         for ip in public {
             assert!(is_public(ip.parse().unwrap()), "{ip} is public");
@@ -285,6 +295,43 @@ mod tests {
             "2002:7f00:1::1",
             "::127.0.0.1",
             "2001:db8::1",
+            // local-use NAT64 (RFC 8215) translates into the operator's own network
+            "64:ff9b:1::a00:1",
+            "64:ff9b:1::808:808",
+            // IPv4-mapped and -translated: judged by the embedded address
+            "::ffff:127.0.0.1",
+            "::ffff:0:0",
+            "::ffff:0:7f00:1",
+            "::ffff:0:a9fe:a9fe",
+            "64:ff9b::7f00:1",
+            "64:ff9b::a9fe:a9fe",
+            // 6to4 with a private address inside
+            "2002:a00:1::1",
+            "2002:c0a8:101::1",
+            // Teredo, benchmarking, ORCHID, documentation
+            "2001::1",
+            "2001:0:4136:e378:8000:63bf:3fff:fdd2",
+            "2001:2::1",
+            "2001:20::1",
+            "3fff::1",
+            // discard, SRv6, site-local, IPv4-compatible, multicast
+            "100::1",
+            "5f00::1",
+            "fec0::1",
+            "::8.8.8.8",
+            "ff0e::1",
+            // IPv4 special ranges
+            "100.127.255.255",
+            "192.0.0.8",
+            "192.0.0.170",
+            "192.0.2.1",
+            "192.88.99.1",
+            "198.18.0.1",
+            "198.19.255.255",
+            "198.51.100.1",
+            "203.0.113.1",
+            "224.0.0.251",
+            "240.0.0.1",
         ];
         for ip in private {
             assert!(!is_public(ip.parse().unwrap()), "{ip} is not public");
