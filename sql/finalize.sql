@@ -32,6 +32,16 @@ CREATE TRIGGER links_events BEFORE INSERT OR UPDATE OR DELETE ON links
 -- Makes every session drop its cached links when links is truncated.
 CREATE TRIGGER links_truncated AFTER TRUNCATE ON links
     FOR EACH STATEMENT EXECUTE FUNCTION links_trigger();
+-- Logical-replication apply runs in replica role, where the two triggers above do not fire:
+-- this one (REPLICA: it fires only there) makes every session on a subscriber drop its cached
+-- links when a replicated change or TRUNCATE commits. It validates and emits nothing; the publisher did.
+CREATE TRIGGER links_replicated BEFORE INSERT OR UPDATE OR DELETE ON links
+    FOR EACH ROW EXECUTE FUNCTION links_replicated_trigger();
+CREATE TRIGGER links_replicated_truncate AFTER TRUNCATE ON links
+    FOR EACH STATEMENT EXECUTE FUNCTION links_replicated_trigger();
+ALTER TABLE links ENABLE REPLICA TRIGGER links_replicated;
+ALTER TABLE links ENABLE REPLICA TRIGGER links_replicated_truncate;
+ALTER FUNCTION links_replicated_trigger() SET search_path = pg_catalog, pg_temp;
 -- Enriches clicks, enforces max_clicks, emits link.clicked/qr.scanned (+ link.expired, campaign.completed).
 CREATE TRIGGER clicks_events BEFORE INSERT ON clicks
     FOR EACH ROW EXECUTE FUNCTION clicks_trigger();

@@ -284,9 +284,18 @@ fn worker_status() -> TableIterator<
         name!(queue_depth, i64),
     ),
 > {
-    let queue_depth = Spi::get_one::<i64>(
-        "SELECT count(*) FROM linkhooks.deliveries WHERE status IN ('pending', 'delivering')",
-    )
+    // A read-only select: Spi::get_one runs as an update, which assigns a
+    // transaction id and so fails on a hot standby.
+    let queue_depth = Spi::connect(|client| {
+        client
+            .select(
+                "SELECT count(*) FROM linkhooks.deliveries WHERE status IN ('pending', 'delivering')",
+                Some(1),
+                &[],
+            )?
+            .first()
+            .get_one::<i64>()
+    })
     .map_err(Error::from)
     .or_report()
     .unwrap_or(0);

@@ -26,6 +26,7 @@ mod linkstore;
 mod maintenance;
 mod plans;
 mod queue;
+mod replication;
 mod shared;
 mod triggers;
 mod tuple;

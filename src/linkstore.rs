@@ -3,8 +3,11 @@
 //! Links are cached per backend, by id and by (domain, slug), so a redirect or
 //! a click does not query `links`. The cache is valid while the shared links
 //! generation is unchanged (a committed change to a link's user-visible columns
-//! bumps it); entries are read with a snapshot taken after the generation, so
-//! a change cannot slip in between.
+//! bumps it) and no relcache invalidation of `links` arrived since it was
+//! filled; entries are read with a snapshot taken after both were read, so a
+//! change cannot slip in between. The shared generation moves only on this
+//! server's commits; the invalidation also travels in the commit's WAL record,
+//! so a hot standby's sessions see changes replayed there.
 
 use std::cell::{Cell, RefCell};
 use std::collections::HashMap;
@@ -130,7 +133,8 @@ impl LinkRow {
 
 #[derive(Default)]
 struct LinkCache {
-    generation: u64,
+    /// (shared links generation, local invalidation count) the entries are valid for.
+    generation: (u64, u64),
     by_id: HashMap<i64, Rc<LinkRow>>,
     by_slug: HashMap<String, HashMap<String, i64>>,
     doorkeeper: Doorkeeper,
@@ -138,7 +142,7 @@ struct LinkCache {
 
 impl LinkCache {
     /// Drops every entry; the cache is then valid for `generation`.
-    fn clear(&mut self, generation: u64) {
+    fn clear(&mut self, generation: (u64, u64)) {
         self.generation = generation;
         self.by_id.clear();
         self.by_slug.clear();
@@ -173,9 +177,16 @@ fn with_cache<T>(f: impl FnOnce(&LinkCache) -> Option<T>) -> Option<T> {
     if !cache_usable() {
         return None;
     }
+    // A standby applies other servers' commits without running their hooks; their
+    // invalidations reach us only when we read the queue, which a cache hit (no lock
+    // taken) never does. On a primary this is one test of a local flag.
+    // SAFETY: reading the invalidation queue is what every lock acquisition does.
+    if unsafe { pg_sys::RecoveryInProgress() } {
+        unsafe { pg_sys::AcceptInvalidationMessages() };
+    }
     CACHE.with(|c| {
         let mut cache = c.borrow_mut();
-        let generation = shared::links_generation();
+        let generation = (shared::links_generation(), INVALIDATIONS.get());
         if cache.generation != generation {
             cache.clear(generation);
         }
@@ -313,6 +324,34 @@ thread_local! {
     /// forgotten whenever a relation or schema is created, renamed or dropped.
     static RELATIONS: Cell<Option<Relations>> = const { Cell::new(None) };
     static FORGET_REGISTERED: Cell<bool> = const { Cell::new(false) };
+    /// The links table cached entries come from; kept when RELATIONS is forgotten,
+    /// so unrelated DDL does not empty the cache.
+    static LINKS_OID: Cell<pg_sys::Oid> = const { Cell::new(pg_sys::InvalidOid) };
+    /// Relcache invalidations of links seen by this backend (from any server's commits).
+    static INVALIDATIONS: Cell<u64> = const { Cell::new(0) };
+}
+
+/// This transaction changed links (a row, or TRUNCATE). Every backend here
+/// drops its cached links at commit (the shared generation), and so does every
+/// backend of a hot standby when it replays the commit: the relcache
+/// invalidation rides in the commit record. Postgres keeps one per
+/// (sub)transaction, so calling this per row costs a lookup, not a message.
+pub fn links_changed(trigger: &PgTrigger<'_>) -> Result<()> {
+    let links = trigger
+        .relation()
+        .map_err(|e| Error::Column(e.to_string()))?;
+    shared::links_changed();
+    // SAFETY: queues an invalidation message for this transaction; no other effect.
+    unsafe { pg_sys::CacheInvalidateRelcache(links.as_ptr()) };
+    Ok(())
+}
+
+/// Counts invalidations of links, or of every relation (InvalidOid: the
+/// invalidation queue overflowed, or a reset).
+unsafe extern "C-unwind" fn links_invalidated(_: pg_sys::Datum, relid: pg_sys::Oid) {
+    if relid == pg_sys::InvalidOid || relid == LINKS_OID.get() {
+        INVALIDATIONS.set(INVALIDATIONS.get().wrapping_add(1));
+    }
 }
 
 pub fn relations() -> Result<Relations> {
@@ -320,8 +359,10 @@ pub fn relations() -> Result<Relations> {
         return Ok(known);
     }
     if !FORGET_REGISTERED.replace(true) {
-        // SAFETY: registering a callback for this backend's life; it only clears a Cell.
+        // SAFETY: registering callbacks for this backend's life; they only set Cells.
+        // Before anything is cached: `read` calls this first.
         unsafe {
+            pg_sys::CacheRegisterRelcacheCallback(Some(links_invalidated), pg_sys::Datum::from(0));
             for cache in [
                 pg_sys::SysCacheIdentifier::RELNAMENSP,
                 pg_sys::SysCacheIdentifier::NAMESPACENAME,
@@ -357,6 +398,10 @@ pub fn relations() -> Result<Relations> {
             "linkhooks.links, one of its unique indexes or linkhooks.deliveries is missing; reinstall the extension"
                 .into(),
         ));
+    }
+    if LINKS_OID.replace(relations.table) != relations.table {
+        // A new links table (the extension was recreated): nothing cached is from it.
+        INVALIDATIONS.set(INVALIDATIONS.get().wrapping_add(1));
     }
     RELATIONS.set(Some(relations));
     Ok(relations)

@@ -136,7 +136,7 @@ fn on_link<'a>(trigger: &'a PgTrigger<'a>) -> Result<Option<Row<'a>>> {
         // The statement-level links_truncated trigger: no row, no event.
         PgTriggerOperation::Truncate => None,
     };
-    shared::links_changed();
+    linkstore::links_changed(trigger)?;
     Ok(row)
 }
 

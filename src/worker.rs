@@ -306,6 +306,12 @@ impl Worker {
                 return Ok(Vec::new());
             }
         }
+        if crate::replication::receives_deliveries()? {
+            // A publisher's worker sends these rows; we must not send them again.
+            self.more_due = false;
+            self.next_due = Some(Instant::now() + IDLE_POLL);
+            return Ok(Vec::new());
+        }
         if !*released {
             // Rows a previous worker claimed but never finished are due now.
             Spi::run("SET synchronous_commit = off")?; // safe: a lost worker commit only means a resend

@@ -178,3 +178,31 @@ class Receiver:
         rather than left hanging in the accept queue until the worker's timeout."""
         self.server.shutdown()
         self.server.server_close()
+
+
+class Standby(Cluster):
+    """A streaming hot standby of `primary`, made with pg_basebackup (physical
+    replication: WAL replay, no triggers, no commit hooks run here)."""
+
+    def __init__(self, primary):
+        self.dir = tempfile.mkdtemp(prefix="linkhooks-standby-")
+        shutil.chown(self.dir, "postgres", "postgres")
+        self.port = free_port()
+        self._pg("pg_basebackup", "-D", self.dir, "-R", "-X", "stream", "-c", "fast",
+                 "-h", primary.dir, "-p", str(primary.port), "-U", "postgres")
+        # The copy brings the primary's settings and log; it listens elsewhere and logs afresh.
+        open(os.path.join(self.dir, "server.log"), "w").close()
+        shutil.chown(os.path.join(self.dir, "server.log"), "postgres", "postgres")
+        with open(os.path.join(self.dir, "postgresql.conf"), "a") as f:
+            f.write(f"port = {self.port}\nunix_socket_directories = '{self.dir}'\n")
+        self.primary = primary
+
+    def caught_up(self, timeout=20.0):
+        """Waits until this standby has replayed everything the primary has committed so far.
+        The insert position, not pg_current_wal_lsn(): the worker commits asynchronously,
+        and its commits may not be written yet."""
+        with self.primary.connect() as p:
+            target = p.execute("SELECT pg_current_wal_insert_lsn()").fetchone()[0]
+        with self.connect() as s:
+            wait_for(lambda: s.execute("SELECT pg_last_wal_replay_lsn() >= %s::pg_lsn", [target]).fetchone()[0],
+                     timeout=timeout, message=f"replay to reach {target}")

@@ -1,0 +1,94 @@
+//! Logical replication: what a subscriber must do that ordinary triggers
+//! cannot. Apply runs with `session_replication_role = replica`, where only
+//! ENABLE REPLICA (or ALWAYS) triggers fire.
+//!
+//! - Links applied from a publisher invalidate every session's link cache
+//!   here, as a local change would (`links_replicated`, a REPLICA trigger that
+//!   does nothing else: the publisher already validated the row and emitted
+//!   its event).
+//! - A database that receives `deliveries` from a publisher sends none of
+//!   them: the publisher's worker does. Its worker stays idle while any
+//!   subscription here carries that table, and starts delivering what is
+//!   pending once none does (the node took over).
+
+use std::cell::Cell;
+
+use pgrx::heap_tuple::PgHeapTuple;
+use pgrx::prelude::*;
+use pgrx::AllocatedByPostgres;
+
+use crate::error::{Error, OrReport, Result};
+use crate::linkstore;
+
+/// Fires only in replica role (logical-replication apply, a restore run that
+/// way): tells every session that links changed. Row and TRUNCATE.
+#[pg_trigger]
+fn links_replicated_trigger<'a>(
+    trigger: &'a PgTrigger<'a>,
+) -> Result<Option<PgHeapTuple<'a, AllocatedByPostgres>>, Error> {
+    let on = || -> Result<Option<PgHeapTuple<'a, AllocatedByPostgres>>> {
+        linkstore::links_changed(trigger)?;
+        let row = match trigger.op().map_err(|e| Error::Column(e.to_string()))? {
+            PgTriggerOperation::Delete => trigger.old(),
+            PgTriggerOperation::Truncate => None,
+            _ => trigger.new(),
+        };
+        Ok(row)
+    };
+    Ok(on().or_report())
+}
+
+thread_local! {
+    /// Whether a subscription here carries linkhooks.deliveries; None: look again.
+    static RECEIVES: Cell<Option<bool>> = const { Cell::new(None) };
+    static CALLBACK_REGISTERED: Cell<bool> = const { Cell::new(false) };
+    /// The last answer logged, so the log says when it changes, not on every look.
+    static ANNOUNCED: Cell<bool> = const { Cell::new(false) };
+}
+
+/// Whether this database receives `linkhooks.deliveries` by logical
+/// replication. Read from the catalog only after `pg_subscription_rel`
+/// changed (a syscache callback), so the worker's loop pays a Cell read.
+/// Call inside a transaction.
+pub fn receives_deliveries() -> Result<bool> {
+    if !CALLBACK_REGISTERED.replace(true) {
+        // SAFETY: a callback for this process's life; it only clears a Cell.
+        unsafe {
+            pg_sys::CacheRegisterSyscacheCallback(
+                pg_sys::SysCacheIdentifier::SUBSCRIPTIONRELMAP as i32,
+                Some(forget),
+                pg_sys::Datum::from(0),
+            )
+        };
+    }
+    if let Some(known) = RECEIVES.get() {
+        return Ok(known);
+    }
+    let receives = Spi::connect(|client| {
+        client
+            .select(
+                "SELECT EXISTS (SELECT FROM pg_catalog.pg_subscription_rel
+                                 WHERE srrelid = pg_catalog.to_regclass('linkhooks.deliveries'))",
+                Some(1),
+                &[],
+            )?
+            .first()
+            .get_one::<bool>()
+    })?
+    .unwrap_or(false);
+    if ANNOUNCED.replace(receives) != receives {
+        if receives {
+            log!(
+                "pg_linkhooks: linkhooks.deliveries is replicated into this database by a logical-replication subscription; the worker sends nothing while it is (the publisher's worker delivers)"
+            );
+        } else {
+            log!("pg_linkhooks: linkhooks.deliveries is no longer replicated into this database; the worker delivers what is pending");
+        }
+    }
+    RECEIVES.set(Some(receives));
+    Ok(receives)
+}
+
+unsafe extern "C-unwind" fn forget(_: pg_sys::Datum, _: i32, _: u32) {
+    RECEIVES.set(None);
+}
