@@ -135,3 +135,18 @@ BEGIN
     END LOOP;
 END
 $$;
+
+-- Logical-replication apply runs in replica role, where links' own triggers do not fire:
+-- this one (REPLICA: it fires only there) makes every session on a subscriber drop its cached
+-- links when a replicated change or TRUNCATE commits. It validates and emits nothing; the publisher did.
+CREATE FUNCTION links_replicated_trigger() RETURNS trigger
+LANGUAGE c
+AS 'MODULE_PATHNAME', 'links_replicated_trigger_wrapper';
+REVOKE ALL ON FUNCTION links_replicated_trigger() FROM PUBLIC;
+ALTER FUNCTION links_replicated_trigger() SET search_path = pg_catalog, pg_temp;
+CREATE TRIGGER links_replicated BEFORE INSERT OR UPDATE OR DELETE ON links
+    FOR EACH ROW EXECUTE FUNCTION links_replicated_trigger();
+CREATE TRIGGER links_replicated_truncate AFTER TRUNCATE ON links
+    FOR EACH STATEMENT EXECUTE FUNCTION links_replicated_trigger();
+ALTER TABLE links ENABLE REPLICA TRIGGER links_replicated;
+ALTER TABLE links ENABLE REPLICA TRIGGER links_replicated_truncate;
