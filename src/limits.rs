@@ -87,7 +87,7 @@ mod tests {
         let err = check_json("metadata", &big, 100).unwrap_err();
         assert_eq!(
             err.to_string(),
-            "invalid metadata: must be at most 100 bytes as JSON (got 210)"
+            "invalid metadata: must be at most 100 bytes as JSON (got 208)"
         );
     }
 

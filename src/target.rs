@@ -40,20 +40,29 @@ pub fn check_destination(raw: &str) -> Result<Url, UrlError> {
     parse_http_url(raw)
 }
 
-/// Checks a webhook target URL when a subscription is written.
+/// Checks a webhook target URL when a subscription is written. Unless private
+/// targets are allowed, an address literal must be public and not one of
+/// `own_addresses` (this host's: it may have a public one).
 pub fn check_webhook_url(
     raw: &str,
     require_https: bool,
     allow_private: bool,
+    own_addresses: &[IpAddr],
 ) -> Result<Url, UrlError> {
     let url = parse_http_url(raw)?;
     if require_https && url.scheme() != "https" {
         return Err(UrlError::HttpsRequired);
     }
     if !allow_private {
+        let literal = |ip: IpAddr| {
+            if own_addresses.contains(&ip) {
+                return Err(UrlError::PrivateTarget(format!("{ip}, an address of this host")));
+            }
+            check_public(ip)
+        };
         match url.host() {
-            Some(Host::Ipv4(ip)) => check_public(IpAddr::V4(ip))?,
-            Some(Host::Ipv6(ip)) => check_public(IpAddr::V6(ip))?,
+            Some(Host::Ipv4(ip)) => literal(IpAddr::V4(ip))?,
+            Some(Host::Ipv6(ip)) => literal(IpAddr::V6(ip))?,
             Some(Host::Domain(name)) if is_local_hostname(name) => {
                 return Err(UrlError::PrivateTarget(name.to_string()));
             }
@@ -213,12 +222,12 @@ mod tests {
 
     #[test]
     fn webhook_urls() {
-        assert!(check_webhook_url("https://hooks.example.com/in", true, false).is_ok());
+        assert!(check_webhook_url("https://hooks.example.com/in", true, false, &[]).is_ok());
         assert_eq!(
-            check_webhook_url("http://hooks.example.com/in", true, false),
+            check_webhook_url("http://hooks.example.com/in", true, false, &[]),
             Err(UrlError::HttpsRequired)
         );
-        assert!(check_webhook_url("http://hooks.example.com/in", false, false).is_ok());
+        assert!(check_webhook_url("http://hooks.example.com/in", false, false, &[]).is_ok());
         for bad in [
             "https://localhost/x",
             "https://LOCALHOST./x",
@@ -239,16 +248,27 @@ mod tests {
         ] {
             assert!(
                 matches!(
-                    check_webhook_url(bad, true, false),
+                    check_webhook_url(bad, true, false, &[]),
                     Err(UrlError::PrivateTarget(_))
                 ),
                 "{bad} should be refused"
             );
             assert!(
-                check_webhook_url(bad, true, true).is_ok(),
+                check_webhook_url(bad, true, true, &[]).is_ok(),
                 "{bad} allowed when private targets are"
             );
         }
+    }
+
+    #[test]
+    fn this_hosts_own_public_address_is_refused_unless_private_targets_are_allowed() {
+        let own: IpAddr = "1.2.3.4".parse().unwrap();
+        assert!(matches!(
+            check_webhook_url("https://1.2.3.4/in", true, false, &[own]),
+            Err(UrlError::PrivateTarget(shown)) if shown == "1.2.3.4, an address of this host"
+        ));
+        assert!(check_webhook_url("https://1.2.3.5/in", true, false, &[own]).is_ok());
+        assert!(check_webhook_url("https://1.2.3.4/in", true, true, &[own]).is_ok());
     }
 
     #[test]

@@ -20,6 +20,7 @@ use crate::payload::{
     IpMode, LinkChangeData, LinkExpiredData, LinkPayload,
 };
 use crate::plans::{self, INT8, TEXT};
+use crate::resolve;
 use crate::shared;
 use crate::signing::SigningKey;
 use crate::target;
@@ -732,11 +733,13 @@ fn on_subscription<'a>(trigger: &'a PgTrigger<'a>) -> Result<Row<'a>> {
         None => true,
     };
     if url_changed {
-        target::check_webhook_url(
-            &url,
-            guc::REQUIRE_HTTPS.get(),
-            guc::ALLOW_PRIVATE_TARGETS.get(),
-        )
+        let allow_private = guc::ALLOW_PRIVATE_TARGETS.get();
+        let own = if allow_private {
+            Vec::new()
+        } else {
+            resolve::own_addresses()
+        };
+        target::check_webhook_url(&url, guc::REQUIRE_HTTPS.get(), allow_private, &own)
         .map_err(Error::Url)?;
     }
     SigningKey::parse(&col::<String>(&new, "secret")?.unwrap_or_default())?;
