@@ -149,3 +149,45 @@ def test_dump_and_restore_keep_every_row_without_emitting_again(cluster):
     finally:
         drop_database(cluster, "lh_source")
         drop_database(cluster, "lh_restored")
+
+
+def test_update_to_0_5_0_narrows_grants_made_before_it(cluster):
+    """Roles given a level at 0.4.0 held whole tables: after the update a writer can no
+    longer choose an event id and an analyst can no longer read signatures."""
+    import psycopg
+    try:
+        with database(cluster, "lh_grants") as db:
+            db.execute("CREATE EXTENSION pg_linkhooks VERSION '0.4.0'")
+            for role, level in [("lh_up_writer", "writer"), ("lh_up_analyst", "analyst"), ("lh_up_admin", "admin")]:
+                db.execute(f"DROP ROLE IF EXISTS {role}")
+                db.execute(f"CREATE ROLE {role} LOGIN")
+                db.execute("SELECT linkhooks.grant_access(%s, %s)", [role, level])
+            db.execute("ALTER EXTENSION pg_linkhooks UPDATE TO '0.5.0'")
+            link_id = db.execute("INSERT INTO linkhooks.links (slug, destination) VALUES ('g', 'https://acme.com/') "
+                                 "RETURNING id").fetchone()[0]
+
+            def as_role(role):
+                return psycopg.connect(host="127.0.0.1", port=cluster.port, user=role, dbname="lh_grants", autocommit=True)
+
+            with as_role("lh_up_writer") as w:
+                assert w.execute("INSERT INTO linkhooks.clicks (link_id) VALUES (%s) RETURNING id", [link_id]).fetchone()
+                with pytest.raises(psycopg.errors.InsufficientPrivilege):
+                    w.execute("INSERT INTO linkhooks.clicks (link_id, event_id) VALUES (%s, gen_random_uuid())", [link_id])
+            with as_role("lh_up_analyst") as a:
+                assert a.execute("SELECT count(*) FROM linkhooks.deliveries").fetchone()[0] >= 0
+                with pytest.raises(psycopg.errors.InsufficientPrivilege):
+                    a.execute("SELECT signature FROM linkhooks.deliveries")
+            with as_role("lh_up_admin") as a:
+                a.execute("UPDATE linkhooks.links SET disabled = true WHERE id = %s", [link_id])
+                with pytest.raises(psycopg.errors.InsufficientPrivilege):
+                    a.execute("UPDATE linkhooks.links SET redirect_url = 'javascript:x' WHERE id = %s", [link_id])
+            # Revoking a level removes what the update left behind as well.
+            for role, level in [("lh_up_writer", "writer"), ("lh_up_analyst", "analyst"), ("lh_up_admin", "admin")]:
+                db.execute("SELECT linkhooks.revoke_access(%s, %s)", [role, level])
+                assert db.execute("SELECT count(*) FROM information_schema.column_privileges "
+                                  "WHERE grantee = %s AND table_schema = 'linkhooks'", [role]).fetchone()[0] == 0, role
+    finally:
+        drop_database(cluster, "lh_grants")
+        with cluster.connect() as c:
+            for role in ["lh_up_writer", "lh_up_analyst", "lh_up_admin"]:
+                c.execute(f"DROP ROLE IF EXISTS {role}")
