@@ -82,24 +82,22 @@ impl Flights {
         self.last.retain(|sub, _| keep(*sub));
     }
 
-    fn proven_fast(&self, sub: i64, now: Instant) -> bool {
-        self.last.get(&sub).is_some_and(|d| *d < SLOW)
-            && !self
-                .running
-                .values()
-                .any(|(s, started)| *s == sub && now.saturating_duration_since(*started) >= SLOW)
-    }
-
     pub fn plan(&self, limits: &Limits, now: Instant) -> Plan {
+        // One pass over the requests in flight: how many per subscription, and
+        // which have one running for `SLOW` or more.
         let mut per_sub: HashMap<i64, i32> = HashMap::new();
-        for (sub, _) in self.running.values() {
+        let mut running_long: Vec<i64> = Vec::new();
+        for (sub, started) in self.running.values() {
             *per_sub.entry(*sub).or_default() += 1;
+            if now.saturating_duration_since(*started) >= SLOW {
+                running_long.push(*sub);
+            }
         }
         let mut fast: Vec<i64> = self
             .last
-            .keys()
-            .copied()
-            .filter(|sub| self.proven_fast(*sub, now))
+            .iter()
+            .filter(|(sub, took)| **took < SLOW && !running_long.contains(sub))
+            .map(|(sub, _)| *sub)
             .collect();
         fast.sort_unstable();
         let unproven_in_flight: usize = per_sub

@@ -188,7 +188,7 @@ impl Worker {
                          ORDER BY d.next_attempt_at
                          LIMIT 1) c
                   WHERE s.enabled AND s.id <> ALL ($1)
-                    AND (NOT $3 OR s.id = ANY ($2))",
+                    AND (NOT $3 OR s.id IN (SELECT f.id FROM pg_catalog.unnest($2::bigint[]) AS f(id)))",
                 &[INT8_ARRAY, INT8_ARRAY, BOOL],
                 &[capped.into(), plan.fast.clone().into(), only_fast.into()],
             )?;
@@ -276,7 +276,9 @@ fn claim_rows(worker: &Worker, plan: &Plan, limit: usize, fast: bool) -> Result<
                           AND d.next_attempt_at <= pg_catalog.now()
                         ORDER BY d.next_attempt_at
                         LIMIT GREATEST($4 - COALESCE(f.n, 0), 0)) c
-                 WHERE s.enabled AND (s.id = ANY ($5)) = $6
+                 -- a hashed subplan: the fast list may be long
+                 WHERE s.enabled
+                   AND (s.id IN (SELECT f.id FROM pg_catalog.unnest($5::bigint[]) AS f(id))) = $6
                  ORDER BY c.next_attempt_at
                  LIMIT $1),
              locked AS (

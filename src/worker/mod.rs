@@ -307,6 +307,8 @@ impl Worker {
                 self.bookkeeping = saved_bookkeeping;
                 self.released = released;
                 self.more_due = false;
+                // Check the extension again first (DROP EXTENSION ends up here too).
+                self.extension_ready = false;
                 self.tick_hold_off = Some(Instant::now() + RETRY_AFTER_ERROR);
                 self.next_due = self.tick_hold_off;
             }
