@@ -253,3 +253,20 @@ def test_a_huge_duration_setting_does_not_crash_the_worker(cluster, db, receiver
             c.execute("ALTER SYSTEM RESET linkhooks.retry_schedule")
             c.execute("ALTER SYSTEM RESET linkhooks.maintenance_interval")
             c.execute("SELECT pg_reload_conf()")
+
+
+def test_a_subscription_the_worker_has_not_loaded_is_delivered_at_once(cluster, db, receiver):
+    """0.4.0: a claimed row whose subscription the worker did not know yet was dropped from memory and claimed
+    again only when its 600 s lease ran out, forever if it never learned of it. A subscription written without
+    triggers (as logical replication applies rows, or with session_replication_role = replica) does not signal
+    the worker; its first claimed row must make the worker reload subscriptions."""
+    wait_for(lambda: running_pid(db), message="a running worker")
+    with cluster.connect() as replica:
+        replica.execute("SET session_replication_role = replica")
+        sid, secret = replica.execute("INSERT INTO linkhooks.subscriptions (name, url) VALUES ('quiet', %s) RETURNING id, secret",
+                                      [receiver.url("/quiet")]).fetchone()
+    receiver.expect("/quiet", [secret])
+    with cluster.connect() as fresh:  # a new session reads subscriptions afresh and queues for the new one
+        link(fresh, "quiet")
+    wait_for(lambda: delivered(db, sid) == 1, timeout=10, message=lambda: f"delivery: {status(db)}")
+    assert receiver.received("/quiet")[0]["verified_with"] == [secret]
