@@ -39,6 +39,8 @@ pub struct Endpoint {
     pub hex_secret: Option<Arc<str>>,
     pub timeout: Option<Duration>,
     pub max_attempts: Option<i32>,
+    /// The row version (`xmin`) it was read from.
+    pub version: String,
 }
 
 /// A job the worker holds: in flight, or its outcome not yet recorded.
@@ -59,7 +61,7 @@ impl Worker {
             let rows = client.select(
                 "SELECT id, url, secret, previous_secret,
                         pg_catalog.date_part('epoch', previous_secret_expires_at)::bigint,
-                        signature_scheme, timeout_ms, max_attempts
+                        signature_scheme, timeout_ms, max_attempts, xmin::text
                  FROM linkhooks.subscriptions WHERE enabled",
                 None,
                 &[],
@@ -81,6 +83,7 @@ impl Worker {
                             .get::<i32>(7)?
                             .map(|ms| Duration::from_millis(ms.max(1) as u64)),
                         max_attempts: row.get(8)?,
+                        version: row.get::<String>(9)?.unwrap_or_default(),
                     },
                 );
             }
@@ -106,12 +109,15 @@ impl Worker {
             filled |= fast.len() >= fast_limit;
             rows.extend(fast);
         }
-        if rows
-            .iter()
-            .any(|r| !self.endpoints.contains_key(&r.subscription_id))
-        {
-            // A subscription committed after the last refresh (its change signal
-            // may not have arrived yet): learn it now rather than drop its rows.
+        if rows.iter().any(|r| {
+            self.endpoints
+                .get(&r.subscription_id)
+                .is_none_or(|e| e.version != r.subscription_version)
+        }) {
+            // A subscription committed after the last refresh, or written without
+            // its trigger (logical replication apply, TRUNCATE ... RESTART IDENTITY
+            // and a new row under an old id): learn it now rather than drop its
+            // rows or send them with what the worker knew before.
             self.refresh_endpoints(true)?;
         }
         let now = unix_now();
@@ -250,6 +256,8 @@ struct Claimed {
     event_id: String,
     body: String,
     attempt: i32,
+    /// `xmin` of the subscription row the claim saw.
+    subscription_version: String,
 }
 
 /// Claims up to `limit` due rows of enabled subscriptions that are (`fast`)
@@ -288,8 +296,9 @@ fn claim_rows(worker: &Worker, plan: &Plan, limit: usize, fast: bool) -> Result<
              UPDATE linkhooks.deliveries d
                 SET status = 'delivering', attempts = d.attempts + 1,
                     next_attempt_at = pg_catalog.now() + pg_catalog.make_interval(secs => $7)
-               FROM locked WHERE d.id = locked.id
-           RETURNING d.id, d.subscription_id, d.event_id::text, d.body, d.attempts",
+               FROM locked, linkhooks.subscriptions sub
+              WHERE d.id = locked.id AND sub.id = d.subscription_id
+           RETURNING d.id, d.subscription_id, d.event_id::text, d.body, d.attempts, sub.xmin::text",
             &[
                 INT8,
                 INT8_ARRAY,
@@ -317,6 +326,7 @@ fn claim_rows(worker: &Worker, plan: &Plan, limit: usize, fast: bool) -> Result<
                     event_id: row.get(3)?.unwrap_or_default(),
                     body: row.get(4)?.unwrap_or_default(),
                     attempt: row.get(5)?.unwrap_or(1),
+                    subscription_version: row.get(6)?.unwrap_or_default(),
                 })
             })
             .collect()

@@ -259,7 +259,9 @@ def test_a_subscription_the_worker_has_not_loaded_is_delivered_at_once(cluster, 
     """0.4.0: a claimed row whose subscription the worker did not know yet was dropped from memory and claimed
     again only when its 600 s lease ran out, forever if it never learned of it. A subscription written without
     triggers (as logical replication applies rows, or with session_replication_role = replica) does not signal
-    the worker; its first claimed row must make the worker reload subscriptions."""
+    the worker; its first claimed row must make the worker reload subscriptions. (After the fixture's
+    TRUNCATE ... RESTART IDENTITY the new row also reuses an id the worker knew with another URL: the claim
+    compares row versions, so the event goes to the new URL, not the old one.)"""
     wait_for(lambda: running_pid(db), message="a running worker")
     with cluster.connect() as replica:
         replica.execute("SET session_replication_role = replica")
