@@ -16,7 +16,6 @@ ALTER FUNCTION replay(bigint) SET search_path = pg_catalog, pg_temp;
 ALTER FUNCTION replay_dead_letters(bigint, timestamptz) SET search_path = pg_catalog, pg_temp;
 ALTER FUNCTION rotate_secret(bigint, interval) SET search_path = pg_catalog, pg_temp;
 ALTER FUNCTION run_maintenance() SET search_path = pg_catalog, pg_temp;
-ALTER FUNCTION worker_status() SET search_path = pg_catalog, pg_temp;
 
 -- Access levels: column lists instead of whole tables where the extension keeps columns.
 CREATE OR REPLACE FUNCTION access_privileges(access text) RETURNS SETOF text
@@ -150,3 +149,27 @@ CREATE TRIGGER links_replicated_truncate AFTER TRUNCATE ON links
     FOR EACH STATEMENT EXECUTE FUNCTION links_replicated_trigger();
 ALTER TABLE links ENABLE REPLICA TRIGGER links_replicated;
 ALTER TABLE links ENABLE REPLICA TRIGGER links_replicated_truncate;
+
+-- worker_status() gains a state column: recreate it, keeping who may call it.
+CREATE TEMP TABLE linkhooks_worker_status_grants AS
+    SELECT a.grantee FROM pg_catalog.pg_proc p, pg_catalog.aclexplode(p.proacl) a
+     WHERE p.oid = 'linkhooks.worker_status()'::pg_catalog.regprocedure
+       AND a.privilege_type = 'EXECUTE' AND a.grantee <> p.proowner;
+DROP FUNCTION worker_status();
+CREATE FUNCTION worker_status() RETURNS TABLE (
+    running bool, pid int, database text, in_flight bigint,
+    last_loop timestamptz, queue_depth bigint, state text)
+STRICT VOLATILE LANGUAGE c AS 'MODULE_PATHNAME', 'worker_status_wrapper';
+REVOKE ALL ON FUNCTION worker_status() FROM PUBLIC;
+ALTER FUNCTION worker_status() SET search_path = pg_catalog, pg_temp;
+DO $$
+DECLARE
+    g pg_catalog.oid;
+BEGIN
+    FOR g IN SELECT grantee FROM pg_temp.linkhooks_worker_status_grants LOOP
+        EXECUTE pg_catalog.format('GRANT EXECUTE ON FUNCTION linkhooks.worker_status() TO %s',
+            CASE WHEN g = 0 THEN 'PUBLIC' ELSE g::pg_catalog.regrole::pg_catalog.text END);
+    END LOOP;
+END
+$$;
+DROP TABLE pg_temp.linkhooks_worker_status_grants;

@@ -271,54 +271,7 @@ fn verify(secret: &str, msg_id: &str, ts: i64, body: &str, signature: &str) -> b
     signing::verify(&key, msg_id, ts, body, signature)
 }
 
-/// Is the delivery worker running, and how busy is it? One row.
-#[pg_extern(volatile)]
-fn worker_status() -> TableIterator<
-    'static,
-    (
-        name!(running, bool),
-        name!(pid, Option<i32>),
-        name!(database, String),
-        name!(in_flight, Option<i64>),
-        name!(last_loop, Option<pgrx::datum::TimestampWithTimeZone>),
-        name!(queue_depth, i64),
-    ),
-> {
-    // A read-only select: Spi::get_one runs as an update, which assigns a
-    // transaction id and so fails on a hot standby.
-    let queue_depth = Spi::connect(|client| {
-        client
-            .select(
-                "SELECT count(*) FROM linkhooks.deliveries WHERE status IN ('pending', 'delivering')",
-                Some(1),
-                &[],
-            )?
-            .first()
-            .get_one::<i64>()
-    })
-    .map_err(Error::from)
-    .or_report()
-    .unwrap_or(0);
-    let database = crate::guc::string(&crate::guc::DATABASE);
-    let row = match crate::shared::worker_snapshot() {
-        Some((pid, in_flight, last_loop_ms)) => {
-            let last_loop = pgrx::datum::TimestampWithTimeZone::try_from(
-                last_loop_ms * 1000 - crate::triggers::PG_EPOCH_OFFSET_MICROS,
-            )
-            .ok();
-            (
-                true,
-                Some(pid),
-                database,
-                Some(in_flight),
-                last_loop,
-                queue_depth,
-            )
-        }
-        None => (false, None, database, None, None, queue_depth),
-    };
-    TableIterator::once(row)
-}
+// worker_status() lives in worker/status.rs, beside the worker it describes.
 
 #[cfg(any(test, feature = "pg_test"))]
 #[pg_schema]

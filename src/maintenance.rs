@@ -1,6 +1,10 @@
 //! Periodic work the worker runs (and anyone may run by hand): time-based
 //! link expiry, campaign completion by date or goal, orphaned deliveries,
 //! and retention pruning in bounded batches.
+//!
+//! Every statement qualifies its names (`linkhooks.`, `pg_catalog.`) and
+//! skips rows another transaction holds (they are handled by a later run), so
+//! a run started by the worker never waits on an admin's open transaction.
 
 use pgrx::prelude::*;
 use serde_json::json;
@@ -33,9 +37,9 @@ fn expire_links() -> Result<usize> {
     let base_url = guc::string(&guc::BASE_URL);
     let links: Vec<LinkPayload> = Spi::connect_mut(|client| -> Result<Vec<LinkPayload>> {
         let rows = client.update(
-            "UPDATE linkhooks.links SET expired_at = now()
+            "UPDATE linkhooks.links SET expired_at = pg_catalog.now()
               WHERE id IN (SELECT id FROM linkhooks.links
-                            WHERE expired_at IS NULL AND expires_at <= now()
+                            WHERE expired_at IS NULL AND expires_at <= pg_catalog.now()
                             LIMIT $1 FOR UPDATE SKIP LOCKED)
           RETURNING id, domain, slug, destination, campaign, tags",
             None,
@@ -71,13 +75,15 @@ fn expire_links() -> Result<usize> {
 fn complete_campaigns() -> Result<usize> {
     let done: Vec<CampaignPayload> = Spi::connect_mut(|client| -> Result<Vec<CampaignPayload>> {
         let rows = client.update(
-            "UPDATE linkhooks.campaigns c SET completed_at = now()
-              WHERE completed_at IS NULL
-                AND (ends_at <= now() OR (click_goal IS NOT NULL AND click_count >= click_goal))
+            "UPDATE linkhooks.campaigns c SET completed_at = pg_catalog.now()
+              WHERE c.name IN (SELECT name FROM linkhooks.campaigns
+                              WHERE completed_at IS NULL
+                                AND (ends_at <= pg_catalog.now() OR (click_goal IS NOT NULL AND click_count >= click_goal))
+                                FOR NO KEY UPDATE SKIP LOCKED)
           RETURNING name, click_goal,
-                    (SELECT count(*) FROM linkhooks.clicks k JOIN linkhooks.links l ON l.id = k.link_id
+                    (SELECT pg_catalog.count(*) FROM linkhooks.clicks k JOIN linkhooks.links l ON l.id = k.link_id
                       WHERE l.campaign = c.name),
-                    (extract(epoch FROM ends_at) * 1000000)::bigint,
+                    (pg_catalog.date_part('epoch', ends_at) * 1000000)::bigint,
                     click_goal IS NOT NULL AND click_count >= click_goal",
             None,
             &[],
@@ -128,9 +134,9 @@ fn kill_orphans() -> Result<i64> {
             UPDATE linkhooks.deliveries d SET status = 'dead', last_error = 'subscription deleted'
              WHERE d.id IN (SELECT x.id FROM orphaned o JOIN linkhooks.deliveries x ON x.subscription_id = o.subscription_id
                              WHERE x.status IN ('pending', 'delivering')
-                             LIMIT $1)
+                             LIMIT $1 FOR NO KEY UPDATE OF x SKIP LOCKED)
          RETURNING 1)
-         SELECT count(*) FROM gone",
+         SELECT pg_catalog.count(*) FROM gone",
         &[BATCH.into()],
     )?
     .unwrap_or(0))
@@ -146,11 +152,11 @@ fn prune() -> Result<i64> {
         "WITH old AS (
             DELETE FROM linkhooks.deliveries
              WHERE id IN (SELECT id FROM linkhooks.deliveries
-                           WHERE status = 'delivered' AND delivered_at < now() - $1 * interval '1 millisecond'
-                           LIMIT $2)
+                           WHERE status = 'delivered' AND delivered_at < pg_catalog.now() - $1 * interval '1 millisecond'
+                           LIMIT $2 FOR UPDATE SKIP LOCKED)
          RETURNING id),
          attempts AS (DELETE FROM linkhooks.delivery_attempts a USING old WHERE a.delivery_id = old.id)
-         SELECT count(*) FROM old",
+         SELECT pg_catalog.count(*) FROM old",
         &[(retention.as_millis() as f64).into(), BATCH.into()],
     )?
     .unwrap_or(0))

@@ -68,7 +68,13 @@ impl Default for Schedule {
     }
 }
 
-/// Parses "250ms", "30s", "5m", "2h", "1d" (a bare number is seconds).
+/// Longest duration any setting may name: 10 years. Longer ones are refused
+/// (as invalid) rather than clamped, so a typo is reported; within this bound
+/// `Instant + duration`, jitter and SQL intervals cannot overflow.
+pub const MAX_DURATION: Duration = Duration::from_secs(10 * 365 * 86_400);
+
+/// Parses "250ms", "30s", "5m", "2h", "1d" (a bare number is seconds); None
+/// when malformed or longer than `MAX_DURATION`.
 pub fn parse_duration(text: &str) -> Option<Duration> {
     let text = text.trim();
     let split = text
@@ -87,7 +93,9 @@ pub fn parse_duration(text: &str) -> Option<Duration> {
         "d" => 86_400_000.0,
         _ => return None,
     };
-    Some(Duration::from_secs_f64(value * millis / 1000.0))
+    let secs = value * millis / 1000.0;
+    // Compared as f64 first: from_secs_f64 panics on values beyond u64 seconds.
+    (secs <= MAX_DURATION.as_secs_f64()).then(|| Duration::from_secs_f64(secs))
 }
 
 /// A `Retry-After` header in seconds (the HTTP-date form is treated as absent).
@@ -163,6 +171,23 @@ mod tests {
             Err(ScheduleError::Step("nope".into()))
         );
         assert_eq!(Schedule::parse(" , "), Err(ScheduleError::Empty));
+    }
+
+    #[test]
+    fn huge_durations_are_refused_not_panicked_on() {
+        assert_eq!(parse_duration("100000000000d"), None);
+        assert_eq!(parse_duration("1e400"), None);
+        assert_eq!(parse_duration("99999999999999999999999999999s"), None);
+        assert_eq!(parse_duration("3650d"), Some(MAX_DURATION));
+        assert_eq!(parse_duration("3651d"), None);
+        assert!(matches!(
+            Schedule::parse("1m,100000000000d"),
+            Err(ScheduleError::Step(_))
+        ));
+        // The longest accepted schedule step, with the most jitter, still fits an Instant.
+        let s = Schedule::parse("3650d").unwrap();
+        let delay = s.delay(1, 0.999_999);
+        assert!(std::time::Instant::now().checked_add(delay).is_some());
     }
 
     #[test]

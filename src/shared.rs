@@ -19,6 +19,10 @@ static WORKER_IN_FLIGHT: PgAtomic<AtomicI64> =
     unsafe { PgAtomic::new(c"linkhooks_worker_in_flight") };
 static WORKER_LAST_LOOP_MS: PgAtomic<AtomicI64> =
     unsafe { PgAtomic::new(c"linkhooks_worker_last_loop") };
+static WORKER_STATE: PgAtomic<AtomicU32> = unsafe { PgAtomic::new(c"linkhooks_worker_state") };
+/// Set by a worker that found its database, for the restarted worker that connects to it.
+static DATABASE_CONFIRMED: PgAtomic<AtomicBool> =
+    unsafe { PgAtomic::new(c"linkhooks_worker_database_confirmed") };
 static CONFIG_GENERATION: PgAtomic<AtomicU64> =
     unsafe { PgAtomic::new(c"linkhooks_config_generation") };
 static LINKS_GENERATION: PgAtomic<AtomicU64> =
@@ -34,6 +38,8 @@ pub fn init() {
     pg_shmem_init!(WORKER_DATABASE);
     pg_shmem_init!(WORKER_IN_FLIGHT);
     pg_shmem_init!(WORKER_LAST_LOOP_MS);
+    pg_shmem_init!(WORKER_STATE);
+    pg_shmem_init!(DATABASE_CONFIRMED);
     pg_shmem_init!(CONFIG_GENERATION);
     pg_shmem_init!(LINKS_GENERATION);
     PRELOADED.store(true, Ordering::Relaxed);
@@ -85,19 +91,66 @@ pub fn record_loop(in_flight: i64, now_ms: i64) {
     }
 }
 
-/// (pid, requests in flight, last loop in Unix ms), when a worker runs.
-pub fn worker_snapshot() -> Option<(i32, i64, i64)> {
-    if !preloaded() {
-        return None;
+/// What the worker is doing, for `worker_status().state`.
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+#[repr(u32)]
+pub enum WorkerState {
+    Stopped = 0,
+    WaitingForDatabase = 1,
+    WaitingForExtension = 2,
+    Delivering = 3,
+}
+
+pub fn set_worker_state(state: WorkerState) {
+    if preloaded() {
+        WORKER_STATE.get().store(state as u32, Ordering::Relaxed);
     }
-    let pid = WORKER_PID.get().load(Ordering::Acquire);
-    (pid != 0).then(|| {
-        (
-            pid,
-            WORKER_IN_FLIGHT.get().load(Ordering::Relaxed),
-            WORKER_LAST_LOOP_MS.get().load(Ordering::Relaxed),
-        )
-    })
+}
+
+/// Marks (or takes, clearing it) "the database exists": see `worker::gate`.
+pub fn set_database_confirmed(confirmed: bool) {
+    if preloaded() {
+        DATABASE_CONFIRMED.get().store(confirmed, Ordering::Release);
+    }
+}
+
+pub fn take_database_confirmed() -> bool {
+    preloaded() && DATABASE_CONFIRMED.get().swap(false, Ordering::AcqRel)
+}
+
+/// The worker as shared memory shows it.
+pub struct WorkerSnapshot {
+    /// 0 when no worker is connected to a database.
+    pub pid: i32,
+    pub database: pg_sys::Oid,
+    pub in_flight: i64,
+    pub last_loop_ms: i64,
+    pub state: WorkerState,
+}
+
+pub fn worker_snapshot() -> WorkerSnapshot {
+    if !preloaded() {
+        return WorkerSnapshot {
+            pid: 0,
+            database: pg_sys::InvalidOid,
+            in_flight: 0,
+            last_loop_ms: 0,
+            state: WorkerState::Stopped,
+        };
+    }
+    let state = match WORKER_STATE.get().load(Ordering::Relaxed) {
+        1 => WorkerState::WaitingForDatabase,
+        2 => WorkerState::WaitingForExtension,
+        3 => WorkerState::Delivering,
+        _ => WorkerState::Stopped,
+    };
+    WorkerSnapshot {
+        pid: WORKER_PID.get().load(Ordering::Acquire),
+        database: pg_sys::Oid::from(WORKER_DATABASE.get().load(Ordering::Relaxed)),
+        in_flight: WORKER_IN_FLIGHT.get().load(Ordering::Relaxed),
+        last_loop_ms: WORKER_LAST_LOOP_MS.get().load(Ordering::Relaxed),
+        state,
+    }
 }
 
 fn wake_worker() {

@@ -1,0 +1,493 @@
+//! The delivery worker: claims due deliveries in short transactions, hands
+//! them to the HTTP pool, and records outcomes in batches. Postgres is
+//! touched only from this main thread. It sleeps on its latch (set by
+//! committing transactions that queued deliveries) and on the pool's wake
+//! socket, so idle it costs nothing and busy it never waits for a batch.
+//!
+//! - `gate`: reaching the database (no FATAL loop), the session's settings,
+//!   transactions whose errors are retried rather than fatal;
+//! - `admission`: how many rows a claim may take (pure logic);
+//! - `claim`: endpoints, the claim, leases;
+//! - `record`: outcomes, the attempt log, dead letters, subscription bookkeeping;
+//! - `status`: `linkhooks.worker_status()`.
+
+mod admission;
+mod claim;
+mod gate;
+mod record;
+mod settings;
+mod status;
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::{Duration, Instant};
+
+use pgrx::bgworkers::{BackgroundWorker, BackgroundWorkerBuilder, SignalWakeFlags};
+use pgrx::prelude::*;
+
+use crate::error::Result;
+use crate::events::unix_now_micros;
+use crate::guc;
+use crate::sender::{Job, Outcome, Pool};
+use crate::shared::{self, WorkerState};
+use admission::Flights;
+use claim::{Endpoint, Held};
+use record::Bookkeeping;
+use settings::Settings;
+
+/// Longest sleep when nothing is due: the fallback poll.
+const IDLE_POLL: Duration = Duration::from_secs(5);
+/// Outcomes are written in batches: when this many wait, or the oldest has waited `RECORD_DELAY`.
+const RECORD_BATCH: usize = 200;
+const RECORD_DELAY: Duration = Duration::from_millis(5);
+/// After a transaction failed (a lock timeout), wait this long before the next.
+const RETRY_AFTER_ERROR: Duration = Duration::from_secs(1);
+
+/// Whether a commit (or a signal) set the latch since the last call; resets it.
+/// Called before the claim it triggers, never after a wait: the wait may return
+/// for an outcome on the pool's socket while a commit sets the latch, and
+/// resetting it then lost that commit's wake-up until the next idle poll (5 s).
+/// Reset here, a commit either happened before the reset (so the claim's
+/// snapshot, taken after it, sees the row) or sets the latch again.
+fn take_wakeup() -> bool {
+    // SAFETY: MyLatch is this process's own latch; only its owner resets it.
+    unsafe {
+        let set = std::ptr::read_volatile(&(*pg_sys::MyLatch).is_set) != 0;
+        if set {
+            pg_sys::ResetLatch(pg_sys::MyLatch);
+        }
+        set
+    }
+}
+
+pub fn register() {
+    BackgroundWorkerBuilder::new("pg_linkhooks delivery worker")
+        .set_type("pg_linkhooks")
+        .set_library("pg_linkhooks")
+        .set_function("linkhooks_worker_main")
+        .enable_spi_access()
+        .set_restart_time(Some(Duration::from_secs(1)))
+        .load();
+}
+
+#[pg_guard]
+#[unsafe(no_mangle)]
+pub extern "C-unwind" fn linkhooks_worker_main(_arg: pg_sys::Datum) {
+    BackgroundWorker::attach_signal_handlers(SignalWakeFlags::SIGHUP | SignalWakeFlags::SIGTERM);
+    let database = gate::connect();
+    gate::set_up_session();
+    log!("pg_linkhooks worker started for database \"{database}\"");
+
+    let allow_private = Arc::new(AtomicBool::new(guc::ALLOW_PRIVATE_TARGETS.get()));
+    let user_agent = format!("pg_linkhooks/{}", env!("CARGO_PKG_VERSION"));
+    let settings = Settings::read();
+    let pool = match Pool::start(
+        settings.limits.concurrency,
+        allow_private.clone(),
+        &user_agent,
+    ) {
+        Ok(pool) => pool,
+        Err(e) => {
+            warning!("pg_linkhooks worker could not start its HTTP threads: {e}");
+            gate::exit_for_restart();
+        }
+    };
+    // SAFETY: MyLatch, MyProcPid and MyDatabaseId are this process's own, valid while it runs.
+    unsafe {
+        shared::set_worker(
+            Some(pg_sys::MyLatch),
+            pg_sys::MyProcPid,
+            pg_sys::MyDatabaseId,
+        )
+    };
+    shared::set_worker_state(WorkerState::WaitingForExtension);
+    let mut worker = Worker::new(pool, allow_private, database, settings);
+    worker.run();
+    shared::set_worker(None, 0, pg_sys::InvalidOid);
+    log!("pg_linkhooks worker stopped");
+    gate::exit_for_restart();
+}
+
+pub struct Worker {
+    settings: Settings,
+    pool: Pool,
+    allow_private: Arc<AtomicBool>,
+    database: String,
+    endpoints: HashMap<i64, Endpoint>,
+    endpoints_generation: Option<u64>,
+    /// Requests in flight, and how fast each subscription answered.
+    flights: Flights,
+    /// Jobs claimed and not yet recorded, by delivery id (for lease renewal).
+    held: HashMap<i64, Held>,
+    outcomes: Vec<Outcome>,
+    /// When the oldest unrecorded outcome arrived.
+    outcomes_since: Option<Instant>,
+    bookkeeping: Bookkeeping,
+    /// The last claim filled its limit: more rows are probably due.
+    more_due: bool,
+    /// When to claim again even if nothing wakes us (a retry comes due, the fallback poll).
+    next_due: Option<Instant>,
+    next_maintenance: Instant,
+    extension_ready: bool,
+    /// Poll interval while the extension is missing (grows to `gate::MAX_BACKOFF`).
+    extension_wait: Duration,
+    /// Rows a previous worker claimed but never finished were made due again.
+    released: bool,
+    /// After a failed transaction: no other before this.
+    tick_hold_off: Option<Instant>,
+    /// Outcomes whose rows another transaction held: not retried before this.
+    record_hold_off: Option<Instant>,
+    /// Last WARNING about a failed transaction, so a lasting failure logs once a minute.
+    last_failure_warning: Option<Instant>,
+    wait_set: *mut pg_sys::WaitEventSet,
+}
+
+impl Worker {
+    fn new(
+        pool: Pool,
+        allow_private: Arc<AtomicBool>,
+        database: String,
+        settings: Settings,
+    ) -> Worker {
+        // SAFETY: a wait set in TopMemoryContext lives as long as the process; the
+        // descriptors (our latch, the pool's socket) outlive it.
+        let wait_set = unsafe {
+            let set = pg_sys::CreateWaitEventSet(pg_sys::TopMemoryContext, 3);
+            pg_sys::AddWaitEventToSet(
+                set,
+                pg_sys::WL_LATCH_SET as u32,
+                -1,
+                pg_sys::MyLatch,
+                std::ptr::null_mut(),
+            );
+            pg_sys::AddWaitEventToSet(
+                set,
+                pg_sys::WL_EXIT_ON_PM_DEATH as u32,
+                -1,
+                std::ptr::null_mut(),
+                std::ptr::null_mut(),
+            );
+            pg_sys::AddWaitEventToSet(
+                set,
+                pg_sys::WL_SOCKET_READABLE as u32,
+                pool.wake_fd(),
+                std::ptr::null_mut(),
+                std::ptr::null_mut(),
+            );
+            set
+        };
+        Worker {
+            settings,
+            pool,
+            allow_private,
+            database,
+            endpoints: HashMap::new(),
+            endpoints_generation: None,
+            flights: Flights::default(),
+            held: HashMap::new(),
+            outcomes: Vec::new(),
+            outcomes_since: None,
+            bookkeeping: Bookkeeping::default(),
+            more_due: true,
+            next_due: None,
+            next_maintenance: Instant::now(),
+            extension_ready: false,
+            extension_wait: Duration::ZERO,
+            released: false,
+            last_failure_warning: None,
+            tick_hold_off: None,
+            record_hold_off: None,
+            wait_set,
+        }
+    }
+
+    fn run(&mut self) {
+        let mut woken = true;
+        loop {
+            if BackgroundWorker::sigterm_received() {
+                self.shutdown();
+                return;
+            }
+            if BackgroundWorker::sighup_received() {
+                // SAFETY: between transactions, as backends reload their configuration.
+                unsafe { pg_sys::ProcessConfigFile(pg_sys::GucContext::PGC_SIGHUP) };
+                if guc::string(&guc::DATABASE) != self.database {
+                    log!("pg_linkhooks: linkhooks.database changed; restarting the worker");
+                    self.shutdown();
+                    return;
+                }
+                self.settings = Settings::read();
+                self.allow_private
+                    .store(guc::ALLOW_PRIVATE_TARGETS.get(), Ordering::Relaxed);
+                self.pool.resize(self.settings.limits.concurrency);
+                woken = true;
+            }
+            let arrived = self.pool.drain();
+            let got_outcomes = !arrived.is_empty();
+            for outcome in arrived {
+                self.finish(outcome);
+            }
+            let now = Instant::now();
+            let plan = self.flights.plan(&self.settings.limits, now);
+            let timer_due = self.next_due.is_some_and(|t| t <= now);
+            // New work was committed: claim it as soon as a thread is free.
+            self.more_due |= woken;
+            let want_claim = if self.extension_ready {
+                plan.free > 0 && (timer_due || self.more_due || got_outcomes)
+            } else {
+                timer_due || woken
+            };
+            let maintenance_due = self.extension_ready && now >= self.next_maintenance;
+            // Subscriptions changed: learn which before sending anything more.
+            let subscriptions_changed = self.extension_ready
+                && self.endpoints_generation != Some(shared::config_generation());
+            // Few, larger transactions: outcomes wait for a batch, a claim or a short delay.
+            let record_due = !self.outcomes.is_empty()
+                && self.record_hold_off.is_none_or(|t| now >= t)
+                && (want_claim
+                    || self.outcomes.len() >= RECORD_BATCH
+                    || self.outcomes_since.is_some_and(|t| now >= t + RECORD_DELAY)
+                    || self.flights.total() == 0);
+            let other_due =
+                (!self.bookkeeping.is_empty() && timer_due) || self.lease_renewal_due(now);
+            let held_off = self.tick_hold_off.is_some_and(|t| now < t);
+            if !held_off && (want_claim || record_due || subscriptions_changed || other_due) {
+                self.tick(want_claim, record_due, &plan);
+                // A background worker must send its table statistics itself (at most once a
+                // second); without them autovacuum never sees the dead rows it leaves.
+                // SAFETY: called between transactions, as Postgres requires.
+                unsafe { pg_sys::pgstat_report_stat(false) };
+            }
+            if maintenance_due {
+                // Its own transaction: a maintenance error (a lock timeout) must not hold up delivery.
+                if let Err(e) = gate::try_transaction(|| {
+                    if crate::replication::receives_deliveries()? {
+                        return Ok(()); // the publisher maintains what it sends
+                    }
+                    Spi::run("SELECT linkhooks.run_maintenance()").map_err(Into::into)
+                }) {
+                    self.warn_failure("maintenance", &e);
+                }
+                self.next_maintenance = Instant::now()
+                    .checked_add(self.settings.maintenance_every)
+                    .unwrap_or(now + IDLE_POLL);
+            }
+            shared::record_loop(self.flights.total() as i64, unix_now_micros() / 1000);
+            self.wait();
+            woken = take_wakeup();
+        }
+    }
+
+    /// One short transaction: record outcomes, write bookkeeping, claim due
+    /// rows, send them. If it fails, nothing is lost: the outcomes and the
+    /// bookkeeping stay in memory, the claim is rolled back, and the next
+    /// transaction comes after `RETRY_AFTER_ERROR`.
+    fn tick(&mut self, claim: bool, record: bool, plan: &admission::Plan) {
+        let outcomes = if record {
+            self.outcomes_since = None;
+            std::mem::take(&mut self.outcomes)
+        } else {
+            Vec::new()
+        };
+        let saved_outcomes = outcomes.clone();
+        let saved_bookkeeping = self.bookkeeping.clone();
+        let released = self.released;
+        let result = gate::try_transaction(|| self.tick_body(claim, outcomes, plan));
+        match result {
+            Ok(jobs) => {
+                self.tick_hold_off = None;
+                self.dispatch(jobs)
+            }
+            Err(e) => {
+                self.warn_failure("delivery bookkeeping", &e);
+                let mut outcomes = saved_outcomes;
+                outcomes.append(&mut self.outcomes);
+                if !outcomes.is_empty() {
+                    self.outcomes_since.get_or_insert_with(Instant::now);
+                }
+                self.outcomes = outcomes;
+                self.bookkeeping = saved_bookkeeping;
+                self.released = released;
+                self.more_due = false;
+                // Check the extension again first (DROP EXTENSION ends up here too).
+                self.extension_ready = false;
+                self.tick_hold_off = Some(Instant::now() + RETRY_AFTER_ERROR);
+                self.next_due = self.tick_hold_off;
+            }
+        }
+    }
+
+    fn tick_body(
+        &mut self,
+        claim: bool,
+        outcomes: Vec<Outcome>,
+        plan: &admission::Plan,
+    ) -> Result<Vec<Job>> {
+        if !self.extension_ready && !self.check_extension()? {
+            return Ok(Vec::new());
+        }
+        if crate::replication::receives_deliveries()? {
+            // A publisher's worker sends these rows; we must not send them again.
+            self.more_due = false;
+            self.next_due = Some(Instant::now() + IDLE_POLL);
+            return Ok(Vec::new());
+        }
+        if !self.released {
+            // Rows a previous worker claimed but never finished are due now
+            // (a row someone holds keeps its lease).
+            Spi::run(
+                "UPDATE linkhooks.deliveries SET next_attempt_at = pg_catalog.now()
+                  WHERE id IN (SELECT id FROM linkhooks.deliveries WHERE status = 'delivering'
+                                 FOR NO KEY UPDATE SKIP LOCKED)",
+            )?;
+            self.released = true;
+        }
+        self.refresh_endpoints(false)?;
+        let recorded_any = !outcomes.is_empty();
+        let retained = self.record_outcomes(outcomes)?;
+        let mut again = !retained.is_empty();
+        if again {
+            // Their rows are held by another transaction: try again shortly.
+            self.outcomes_since.get_or_insert_with(Instant::now);
+            self.outcomes.extend(retained);
+            self.record_hold_off = Some(Instant::now() + RETRY_AFTER_ERROR);
+        } else if recorded_any {
+            self.record_hold_off = None;
+        }
+        self.write_bookkeeping()?;
+        again |= !self.bookkeeping.is_empty();
+        self.renew_leases()?;
+        let jobs = if claim { self.claim(plan)? } else { Vec::new() };
+        if again {
+            let at = Instant::now() + RETRY_AFTER_ERROR;
+            self.next_due = Some(self.next_due.map_or(at, |t| t.min(at)));
+        }
+        Ok(jobs)
+    }
+
+    /// Is the extension installed in our database? Says so once while it is
+    /// not, and polls with a growing interval (a commit that queues a
+    /// delivery wakes the worker at once anyway).
+    fn check_extension(&mut self) -> Result<bool> {
+        let ready = Spi::get_one::<bool>(
+            "SELECT pg_catalog.to_regclass('linkhooks.deliveries') IS NOT NULL",
+        )?
+        .unwrap_or(false);
+        if ready {
+            if !self.extension_wait.is_zero() {
+                log!(
+                    "pg_linkhooks: the extension is installed in database \"{}\" now; delivering",
+                    self.database
+                );
+            }
+            self.extension_ready = true;
+            self.extension_wait = Duration::ZERO;
+            shared::set_worker_state(WorkerState::Delivering);
+            return Ok(true);
+        }
+        if self.extension_wait.is_zero() {
+            warning!(
+                "pg_linkhooks: the extension is not installed in database \"{}\" (linkhooks.database); run CREATE EXTENSION pg_linkhooks there. Webhooks wait until then",
+                self.database
+            );
+        }
+        self.extension_wait = gate::backoff(self.extension_wait);
+        self.more_due = false;
+        self.next_due = Some(Instant::now() + self.extension_wait);
+        Ok(false)
+    }
+
+    /// Hands claimed jobs to the threads: a claim never takes more than are free.
+    fn dispatch(&mut self, jobs: Vec<Job>) {
+        let now = Instant::now();
+        for job in jobs {
+            self.flights
+                .start(job.delivery_id, job.subscription_id, now);
+            self.held.insert(job.delivery_id, Held { leased: now });
+            self.pool.submit(job);
+        }
+    }
+
+    fn finish(&mut self, outcome: Outcome) {
+        self.flights.finish(
+            outcome.delivery_id,
+            outcome.subscription_id,
+            Duration::from_secs_f64(outcome.duration_ms.max(0.0) / 1000.0),
+        );
+        self.outcomes_since.get_or_insert_with(Instant::now);
+        self.outcomes.push(outcome);
+    }
+
+    fn warn_failure(&mut self, what: &str, error: &str) {
+        let now = Instant::now();
+        if self
+            .last_failure_warning
+            .is_none_or(|t| now.saturating_duration_since(t) >= Duration::from_secs(60))
+        {
+            warning!("pg_linkhooks worker: {what} failed and will be retried: {error}");
+            self.last_failure_warning = Some(now);
+        }
+    }
+
+    /// Sleeps until the latch is set (new work committed, signal), an outcome
+    /// arrives, or the next retry is due. Leaves the latch as it is: see `take_wakeup`.
+    fn wait(&self) {
+        let now = Instant::now();
+        let free = self.flights.total() < self.settings.limits.concurrency;
+        let timeout = if self.more_due && free && self.extension_ready {
+            Duration::ZERO
+        } else {
+            let until = |t: Instant| t.saturating_duration_since(now);
+            let mut timeout = self.next_due.map_or(IDLE_POLL, until).min(IDLE_POLL);
+            if self.extension_ready {
+                timeout = timeout.min(until(self.next_maintenance));
+            }
+            if let Some(since) = self.outcomes_since {
+                let at = (since + RECORD_DELAY).max(self.record_hold_off.unwrap_or(since));
+                timeout = timeout.min(until(at));
+            }
+            match self.tick_hold_off {
+                Some(t) => timeout.max(until(t)),
+                None => timeout,
+            }
+        };
+        let mut event = pg_sys::WaitEvent::default();
+        // SAFETY: the wait set was built in `new` and lives for the process.
+        unsafe {
+            pg_sys::WaitEventSetWait(
+                self.wait_set,
+                timeout.as_millis() as i64,
+                &mut event,
+                1,
+                pg_sys::PG_WAIT_EXTENSION,
+            );
+        }
+        pgrx::check_for_interrupts!();
+    }
+
+    /// Stops promptly: waits briefly for requests in flight and records them.
+    fn shutdown(&mut self) {
+        let deadline = Instant::now() + Duration::from_secs(2);
+        while self.flights.total() > 0 && Instant::now() < deadline {
+            match self
+                .pool
+                .wait_one(deadline.saturating_duration_since(Instant::now()))
+            {
+                Some(outcome) => self.finish(outcome),
+                None => break,
+            }
+        }
+        if !self.outcomes.is_empty() && self.extension_ready {
+            let outcomes = std::mem::take(&mut self.outcomes);
+            if let Err(e) = gate::try_transaction(|| {
+                self.record_outcomes(outcomes)?;
+                self.write_bookkeeping()
+            }) {
+                warning!(
+                    "pg_linkhooks worker: outcomes not recorded at exit (their rows are sent again): {e}"
+                );
+            }
+        }
+    }
+}

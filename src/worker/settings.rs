@@ -1,0 +1,55 @@
+//! The worker's settings, read at start and on SIGHUP.
+
+use std::time::Duration;
+
+use pgrx::prelude::*;
+
+use super::admission::Limits;
+use crate::guc;
+use crate::retry::{self, Schedule};
+
+pub struct Settings {
+    pub schedule: Schedule,
+    pub max_attempts: i32,
+    pub limits: Limits,
+    /// Most rows one claim takes (it also never takes more than the free threads).
+    pub batch_size: usize,
+    pub default_timeout: Duration,
+    pub disable_after: i32,
+    pub maintenance_every: Duration,
+}
+
+impl Settings {
+    pub fn read() -> Settings {
+        let schedule = Schedule::parse(&guc::string(&guc::RETRY_SCHEDULE)).unwrap_or_else(|e| {
+            warning!(
+                "{e}; using the default schedule {}",
+                retry::DEFAULT_SCHEDULE
+            );
+            Schedule::default()
+        });
+        let max_attempts = match guc::MAX_ATTEMPTS.get() {
+            0 => schedule.default_max_attempts(),
+            n => n,
+        };
+        let interval = guc::string(&guc::MAINTENANCE_INTERVAL);
+        let maintenance_every = match retry::parse_duration(&interval) {
+            Some(d) if !d.is_zero() => d,
+            _ => {
+                warning!(
+                    "invalid linkhooks.maintenance_interval '{interval}': must be a positive duration up to 3650d like '30s'; using 30s"
+                );
+                Duration::from_secs(30)
+            }
+        };
+        Settings {
+            schedule,
+            max_attempts,
+            batch_size: guc::BATCH_SIZE.get().max(1) as usize,
+            limits: Limits::new(guc::HTTP_CONCURRENCY.get().max(1) as usize),
+            default_timeout: Duration::from_millis(guc::DEFAULT_TIMEOUT_MS.get().max(1) as u64),
+            disable_after: guc::DISABLE_AFTER_DEAD_LETTERS.get(),
+            maintenance_every,
+        }
+    }
+}
