@@ -1,0 +1,221 @@
+//! clicks: enriches, enforces max_clicks, emits link.clicked/qr.scanned and counts campaign goals.
+
+use super::*;
+
+#[pg_trigger]
+fn clicks_trigger<'a>(
+    trigger: &'a PgTrigger<'a>,
+) -> Result<Option<PgHeapTuple<'a, AllocatedByPostgres>>, Error> {
+    Ok(Some(on_click(trigger).or_report()))
+}
+
+fn on_click<'a>(trigger: &'a PgTrigger<'a>) -> Result<PgHeapTuple<'a, AllocatedByPostgres>> {
+    // SAFETY: in a BEFORE INSERT row trigger, tg_trigslot holds the new row (tg_trigtuple),
+    // and nothing changes it while this trigger runs. Deformed once, read by name below.
+    let new = unsafe { SlotColumns::new(trigger.trigger_data().tg_trigslot) };
+    let link_id: i64 = new
+        .get("link_id")?
+        .ok_or_else(|| Error::invalid("link_id", "must not be null"))?;
+    let source: String = new.get("source")?.unwrap_or_else(|| "link".into());
+    let kind = match source.as_str() {
+        "link" => EventType::LinkClicked,
+        "qr" => EventType::QrScanned,
+        other => {
+            return Err(Error::invalid(
+                "source",
+                format!("must be 'link' or 'qr' (got '{other}')"),
+            ));
+        }
+    };
+    let (link, reached_limit) = match linkstore::take_preclaimed(link_id) {
+        Some(found) => found,
+        None => {
+            let link = LinkRow::by_id(link_id)?.ok_or_else(|| {
+                Error::NotFound(format!("invalid link_id: link {link_id} does not exist"))
+            })?;
+            let reached = match link.max_clicks {
+                None => false,
+                Some(max) => match linkstore::claim_click(link_id)? {
+                    Claim::Taken { reached_limit } => reached_limit,
+                    Claim::Full => {
+                        return Err(Error::LimitReached(format!(
+                            "link {link_id} ('{}') has reached its max_clicks of {max}; the click was not recorded",
+                            link.slug
+                        )));
+                    }
+                },
+            };
+            (link, reached)
+        }
+    };
+
+    let mut edits = Edits::default();
+    let (click, utm) = enrich_click(&new, source, &mut edits)?;
+    let utm = match utm {
+        Some(Value::Object(m)) => m,
+        _ => link
+            .utm
+            .as_ref()
+            .and_then(|u| links::normalize_utm(u).ok())
+            .unwrap_or_default(),
+    };
+    let link_payload = link.payload();
+    let facts = Facts {
+        campaign: link.campaign.as_deref(),
+        tags: &link.tags,
+        click: Some(ClickFacts {
+            country: click.country.as_deref(),
+            device: click.device.as_deref(),
+            is_bot: click.is_bot,
+        }),
+    };
+    events::emit(kind, &click.event_id, &facts, |mode: IpMode| {
+        payload::click_body(kind, &link_payload, &click, &utm, mode)
+    })?;
+
+    if reached_limit {
+        emit_link_expired(&link_payload, "max_clicks")?;
+    }
+    if let Some(campaign) = &link.campaign
+        && events::cache()?.goal_campaigns.contains(campaign)
+    {
+        count_campaign_click(campaign)?;
+    }
+    // SAFETY: in a BEFORE INSERT row trigger, tg_trigtuple is the tuple in tg_trigslot
+    // (which `new` reads) and tg_relation the open relation it belongs to. The executor
+    // stores the returned tuple in place of the row, whether it is new or the same one.
+    unsafe {
+        let data = trigger.trigger_data();
+        let row = edits.apply(&new, data.tg_trigtuple);
+        Ok(PgHeapTuple::from_heap_tuple(
+            PgTupleDesc::from_pg_unchecked((*data.tg_relation).rd_att),
+            row,
+        ))
+    }
+}
+
+/// Fills derived columns left NULL and caps oversized headers (as `edits`);
+/// returns the click as the payload sees it, and its UTM values.
+fn enrich_click(
+    new: &SlotColumns,
+    source: String,
+    edits: &mut Edits,
+) -> Result<(Click, Option<Value>)> {
+    let mut capped = |name: &str, max: usize| -> Result<Option<String>> {
+        let value: Option<String> = new.get(name)?;
+        match value {
+            Some(v) if truncate(&v, max).len() < v.len() => {
+                let cut = truncate(&v, max).to_string();
+                edits.set(new, name, cut.as_str())?;
+                Ok(Some(cut))
+            }
+            other => Ok(other),
+        }
+    };
+    // Columns are read in table order, which `SlotColumns` finds fastest.
+    let event_id = new
+        .get::<pgrx::Uuid>("event_id")?
+        .map(|u| uuid_text(&u))
+        .unwrap_or_else(new_event_id);
+    let clicked_at = new
+        .get::<TimestampWithTimeZone>("clicked_at")?
+        .map_or_else(unix_now_micros, unix_micros);
+    let ip = new.ip("ip")?;
+    let user_agent = capped("user_agent", MAX_HEADER_LEN)?;
+    let referer = capped("referer", MAX_HEADER_LEN)?;
+    let country: Option<String> = new.get("country")?;
+    let city: Option<String> = new.get("city")?;
+    for (field, value) in [("country", &country), ("city", &city)] {
+        if let Some(v) = value {
+            limits::check_text(field, v, MAX_TEXT_CHARS)?;
+        }
+    }
+    // Comes from the request like the headers: stored capped, not refused.
+    let landing_url = capped("landing_url", target::MAX_URL_LEN)?;
+
+    let info = useragent::classify(user_agent.as_deref());
+    let mut fill = |name: &str, derived: Option<String>| -> Result<Option<String>> {
+        match new.get::<String>(name)? {
+            Some(given) => Ok(Some(given)),
+            None => {
+                if let Some(d) = &derived {
+                    edits.set(new, name, d.as_str())?;
+                }
+                Ok(derived)
+            }
+        }
+    };
+    let device = fill("device", Some(info.device.to_string()))?;
+    let browser = fill("browser", info.browser.clone())?;
+    let os = fill("os", info.os.clone())?;
+    let is_bot = match new.get::<bool>("is_bot")? {
+        Some(b) => b,
+        None => {
+            edits.set(new, "is_bot", info.is_bot)?;
+            info.is_bot
+        }
+    };
+    let mut utm = new.get::<JsonB>("utm")?.map(|j| j.0);
+    if let Some(given) = &utm {
+        limits::check_json("utm", given, MAX_UTM_BYTES)?;
+    }
+    if utm.is_none()
+        && let Some(landing) = landing_url
+        && let Some(from_landing) = links::utm_from_landing_url(&landing)
+    {
+        edits.set(new, "utm", JsonB(Value::Object(from_landing.clone())))?;
+        utm = Some(Value::Object(from_landing));
+    }
+
+    let click = Click {
+        event_id,
+        clicked_at_micros: clicked_at,
+        ip,
+        user_agent,
+        referer,
+        country,
+        city,
+        device,
+        browser,
+        os,
+        is_bot,
+        source,
+    };
+    Ok((click, utm))
+}
+
+/// Counts a click toward its campaign's goal; the click that reaches it emits
+/// campaign.completed (the row lock makes that exactly once).
+fn count_campaign_click(campaign: &str) -> Result<()> {
+    let done = Spi::connect_mut(|client| -> Result<Option<CampaignPayload>> {
+        let rows = plans::execute(
+            client,
+            "UPDATE linkhooks.campaigns
+                SET click_count = click_count + 1,
+                    completed_at = CASE WHEN click_count + 1 >= click_goal THEN now() END
+              WHERE name = $1 AND completed_at IS NULL AND click_goal IS NOT NULL
+          RETURNING completed_at IS NOT NULL, click_goal, click_count,
+                    (extract(epoch FROM ends_at) * 1000000)::bigint",
+            &[TEXT],
+            &[campaign.into()],
+        )?;
+        let Some(row) = rows.into_iter().next() else {
+            return Ok(None);
+        };
+        if !row.get::<bool>(1)?.unwrap_or(false) {
+            return Ok(None);
+        }
+        Ok(Some(CampaignPayload {
+            name: campaign.to_string(),
+            click_goal: row.get(2)?,
+            clicks: row.get(3)?.unwrap_or_default(),
+            ends_at: row.get::<i64>(4)?.map(payload::format_timestamp),
+            completed_at: payload::format_timestamp(unix_now_micros()),
+            reason: "click_goal",
+        }))
+    })?;
+    if let Some(campaign) = done {
+        emit_campaign_completed(campaign)?;
+    }
+    Ok(())
+}

@@ -1,0 +1,90 @@
+//! conversions: validates and emits link.converted.
+
+use super::*;
+
+#[pg_trigger]
+fn conversions_trigger<'a>(trigger: &'a PgTrigger<'a>) -> Result<Option<Row<'a>>, Error> {
+    Ok(Some(on_conversion(trigger).or_report()))
+}
+
+fn on_conversion<'a>(trigger: &'a PgTrigger<'a>) -> Result<Row<'a>> {
+    let mut row = new_row(trigger)?;
+    let name: String = col(&row, "name")?.unwrap_or_default();
+    if name.trim().is_empty() || name.chars().count() > 200 {
+        return Err(Error::invalid("name", "must be 1 to 200 characters"));
+    }
+    if let Some(JsonB(metadata)) = col::<JsonB>(&row, "metadata")? {
+        limits::check_json("metadata", &metadata, MAX_JSON_BYTES)?;
+    }
+    let currency: Option<String> = col(&row, "currency")?;
+    if let Some(c) = &currency
+        && !(c.len() == 3 && c.chars().all(|ch| ch.is_ascii_uppercase()))
+    {
+        return Err(Error::invalid(
+            "currency",
+            format!("must be a three-letter ISO 4217 code such as USD (got '{c}')"),
+        ));
+    }
+    let click_id: Option<i64> = col(&row, "click_id")?;
+    let mut link_id: Option<i64> = col(&row, "link_id")?;
+    if let Some(click_id) = click_id {
+        let clicked_link = Spi::get_one_with_args::<i64>(
+            "SELECT link_id FROM linkhooks.clicks WHERE id = $1",
+            &[click_id.into()],
+        )?
+        .ok_or_else(|| {
+            Error::NotFound(format!("invalid click_id: click {click_id} does not exist"))
+        })?;
+        match link_id {
+            Some(given) if given != clicked_link => {
+                return Err(Error::invalid(
+                    "link_id",
+                    format!("must match the click's link ({clicked_link}), got {given}"),
+                ));
+            }
+            _ => link_id = Some(clicked_link),
+        }
+        set(&mut row, "link_id", clicked_link)?;
+    }
+    let link_id = link_id
+        .ok_or_else(|| Error::invalid("link_id", "a conversion needs link_id or click_id"))?;
+    let link = LinkRow::by_id(link_id)?.ok_or_else(|| {
+        Error::NotFound(format!("invalid link_id: link {link_id} does not exist"))
+    })?;
+
+    let event_id = col::<pgrx::Uuid>(&row, "event_id")?
+        .map(|u| uuid_text(&u))
+        .unwrap_or_else(new_event_id);
+    let occurred_at = col::<TimestampWithTimeZone>(&row, "occurred_at")?
+        .map_or_else(unix_now_micros, unix_micros);
+    let conversion = ConversionPayload {
+        id: event_id.clone(),
+        click_id,
+        name,
+        amount: col::<AnyNumeric>(&row, "amount")?
+            .and_then(|n| ConversionPayload::amount_from_numeric(&n.to_string())),
+        currency,
+        occurred_at: payload::format_timestamp(occurred_at),
+        metadata: col::<JsonB>(&row, "metadata")?.map_or(Value::Object(Map::new()), |j| j.0),
+    };
+    let link_payload = link.payload();
+    let facts = Facts {
+        campaign: link.campaign.as_deref(),
+        tags: &link.tags,
+        click: None,
+    };
+    let body = payload::envelope(
+        &event_id,
+        EventType::LinkConverted,
+        occurred_at,
+        ConversionData {
+            link: Some(&link_payload),
+            conversion,
+        },
+    );
+    events::emit(EventType::LinkConverted, &event_id, &facts, |_| {
+        body.clone()
+    })?;
+    Ok(row)
+}
+

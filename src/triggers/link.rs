@@ -1,0 +1,207 @@
+//! links: validates, keeps redirect_url, emits link.created/updated/deleted (and link.expired).
+
+use super::*;
+
+/// Columns users set; a change to any other column (counters) is internal and emits nothing.
+const LINK_FIELDS: [&str; 11] = [
+    "domain",
+    "slug",
+    "destination",
+    "campaign",
+    "tags",
+    "utm",
+    "expires_at",
+    "max_clicks",
+    "expired_url",
+    "disabled",
+    "metadata",
+];
+
+#[pg_trigger]
+fn links_trigger<'a>(trigger: &'a PgTrigger<'a>) -> Result<Option<Row<'a>>, Error> {
+    Ok(on_link(trigger).or_report())
+}
+
+fn on_link<'a>(trigger: &'a PgTrigger<'a>) -> Result<Option<Row<'a>>> {
+    let row = match trigger.op().map_err(|e| Error::Column(e.to_string()))? {
+        PgTriggerOperation::Insert => {
+            let mut new = new_row(trigger)?;
+            check_link(&mut new, None)?;
+            emit_link_event(EventType::LinkCreated, &link_payload(&new)?, None)?;
+            Some(new)
+        }
+        PgTriggerOperation::Update => {
+            let old = old_row(trigger)?;
+            let mut new = new_row(trigger)?;
+            let changed = changed_fields(&old, &new, &LINK_FIELDS)?;
+            if changed.is_empty() {
+                // redirect_url is derived from destination and utm, which are checked;
+                // written directly, it would bypass those checks and every event.
+                if col::<String>(&old, "redirect_url")? != col::<String>(&new, "redirect_url")? {
+                    return Err(Error::invalid(
+                        "redirect_url",
+                        "is kept by the extension from destination and utm; set those instead",
+                    ));
+                }
+                return Ok(Some(new)); // counters: invisible to redirects' cache
+            }
+            check_link(&mut new, Some(&old))?;
+            if changed
+                .iter()
+                .any(|f| *f == "max_clicks" || *f == "expires_at")
+            {
+                // A new limit may make the link active again: let link.expired fire anew.
+                set(&mut new, "expired_at", None::<TimestampWithTimeZone>)?;
+            }
+            set(&mut new, "updated_at", transaction_now())?;
+            emit_link_event(EventType::LinkUpdated, &link_payload(&new)?, Some(changed))?;
+            Some(new)
+        }
+        PgTriggerOperation::Delete => {
+            let old = old_row(trigger)?;
+            emit_link_event(EventType::LinkDeleted, &link_payload(&old)?, None)?;
+            Some(old)
+        }
+        // The statement-level links_truncated trigger: no row, no event.
+        PgTriggerOperation::Truncate => None,
+    };
+    linkstore::links_changed(trigger)?;
+    Ok(row)
+}
+
+fn check_link(new: &mut Row<'_>, old: Option<&Row<'_>>) -> Result<()> {
+    let slug: String = col(new, "slug")?.unwrap_or_default();
+    links::check_slug(&slug)?;
+    let domain: String = col(new, "domain")?.unwrap_or_default();
+    if domain.len() > 253
+        || !domain
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || c == '.' || c == '-')
+    {
+        return Err(Error::invalid(
+            "domain",
+            "must be '' (the default domain) or a host name such as go.acme.co",
+        ));
+    }
+    let destination: String = col(new, "destination")?.unwrap_or_default();
+    target::check_destination(&destination).map_err(LinkError::Destination)?;
+    if let Some(expired_url) = col::<String>(new, "expired_url")? {
+        target::check_destination(&expired_url).map_err(LinkError::ExpiredUrl)?;
+    }
+    if let Some(campaign) = col::<String>(new, "campaign")? {
+        limits::check_text("campaign", &campaign, MAX_TEXT_CHARS)?;
+    }
+    if let Some(tags) = text_array(new, "tags")? {
+        limits::check_tags(&tags)?;
+    }
+    if let Some(JsonB(metadata)) = col::<JsonB>(new, "metadata")? {
+        limits::check_json("metadata", &metadata, MAX_JSON_BYTES)?;
+    }
+    let max_clicks: Option<i64> = col(new, "max_clicks")?;
+    if let Some(m) = max_clicks.filter(|m| *m <= 0) {
+        return Err(LinkError::MaxClicks(m).into());
+    }
+    let utm = match col::<JsonB>(new, "utm")? {
+        Some(JsonB(v)) if !v.is_null() => links::normalize_utm(&v)?,
+        _ => Map::new(),
+    };
+    set(
+        new,
+        "redirect_url",
+        links::redirect_url(&destination, &utm)?,
+    )?;
+
+    let id: i64 = col(new, "id")?.unwrap_or_default();
+    let key_changed = match old {
+        None => true,
+        Some(old) => {
+            col::<String>(old, "slug")?.as_deref() != Some(slug.as_str())
+                || col::<String>(old, "domain")?.as_deref() != Some(domain.as_str())
+        }
+    };
+    if key_changed {
+        let taken = Spi::connect(|client| -> Result<bool> {
+            let rows = plans::query(
+                client,
+                "SELECT 1 FROM linkhooks.links WHERE domain = $1 AND slug = $2 AND id <> $3",
+                &[TEXT, TEXT, INT8],
+                &[domain.as_str().into(), slug.as_str().into(), id.into()],
+            )?;
+            Ok(!rows.is_empty())
+        })?;
+        if taken {
+            return Err(Error::Duplicate(format!(
+                "duplicate slug: '{slug}' already exists in domain '{domain}' (slugs are unique per domain)"
+            )));
+        }
+    }
+    // Links that gain a click limit start counting from the clicks they already have.
+    let old_limit = match old {
+        Some(old) => col::<i64>(old, "max_clicks")?,
+        None => None,
+    };
+    if old.is_some() && max_clicks.is_some() && old_limit.is_none() {
+        let count = Spi::get_one_with_args::<i64>(
+            "SELECT count(*) FROM linkhooks.clicks WHERE link_id = $1",
+            &[id.into()],
+        )?
+        .unwrap_or(0);
+        set(new, "click_count", count)?;
+    }
+    Ok(())
+}
+
+fn link_payload(row: &Row<'_>) -> Result<LinkPayload> {
+    let domain: String = col(row, "domain")?.unwrap_or_default();
+    let slug: String = col(row, "slug")?.unwrap_or_default();
+    Ok(LinkPayload {
+        id: col(row, "id")?.unwrap_or_default(),
+        short_url: LinkPayload::short_url(&domain, &slug, &guc::string(&guc::BASE_URL)),
+        domain,
+        slug,
+        destination: col(row, "destination")?.unwrap_or_default(),
+        campaign: col(row, "campaign")?,
+        tags: text_array(row, "tags")?.unwrap_or_default(),
+    })
+}
+
+fn emit_link_event(
+    kind: EventType,
+    link: &LinkPayload,
+    changed: Option<Vec<&'static str>>,
+) -> Result<()> {
+    let facts = Facts {
+        campaign: link.campaign.as_deref(),
+        tags: &link.tags,
+        click: None,
+    };
+    let id = new_event_id();
+    let at = unix_now_micros();
+    let body = payload::envelope(&id, kind, at, LinkChangeData { link, changed });
+    events::emit(kind, &id, &facts, |_| body.clone())?;
+    Ok(())
+}
+
+/// link.expired for a link whose time or click limit ran out.
+pub fn emit_link_expired(link: &LinkPayload, reason: &'static str) -> Result<()> {
+    let facts = Facts {
+        campaign: link.campaign.as_deref(),
+        tags: &link.tags,
+        click: None,
+    };
+    let id = new_event_id();
+    let at = unix_now_micros();
+    let body = payload::envelope(
+        &id,
+        EventType::LinkExpired,
+        at,
+        LinkExpiredData {
+            link,
+            reason,
+            expired_at: payload::format_timestamp(at),
+        },
+    );
+    events::emit(EventType::LinkExpired, &id, &facts, |_| body.clone())?;
+    Ok(())
+}
+

@@ -1,0 +1,116 @@
+//! Row triggers: validate what is written, derive columns, and turn link
+//! activity into events in the same transaction. Each trigger reads the row,
+//! calls the pure rules, and reports the first broken rule as an SQL error.
+
+use pgrx::datum::{AnyNumeric, FromDatum, IntoDatum, TimestampWithTimeZone, UnboxDatum};
+use pgrx::heap_tuple::PgHeapTuple;
+use pgrx::prelude::*;
+use pgrx::{AllocatedByPostgres, AllocatedByRust, JsonB, PgTupleDesc};
+use serde_json::{Map, Value};
+
+use crate::error::{Error, OrReport, Result};
+use crate::events::{self, unix_now_micros};
+use crate::filters::{ClickFacts, Facts, Filters};
+use crate::guc;
+use crate::limits::{self, MAX_JSON_BYTES, MAX_TEXT_CHARS, MAX_UTM_BYTES};
+use crate::links::{self, LinkError, MAX_HEADER_LEN, truncate};
+use crate::linkstore::{self, Claim, LinkRow};
+use crate::payload::{
+    self, CampaignData, CampaignPayload, Click, ConversionData, ConversionPayload, EventType,
+    IpMode, LinkChangeData, LinkExpiredData, LinkPayload,
+};
+use crate::plans::{self, INT8, TEXT};
+use crate::resolve;
+use crate::shared;
+use crate::signing::SigningKey;
+use crate::target;
+use crate::tuple::{Edits, SlotColumns, attnum, col, null_in_not_null_column, text_array};
+use crate::useragent;
+
+type Row<'a> = PgHeapTuple<'a, AllocatedByRust>;
+
+/// Microseconds between the Unix and Postgres epochs.
+pub const PG_EPOCH_OFFSET_MICROS: i64 = 946_684_800_000_000;
+
+fn set<T: IntoDatum>(row: &mut Row<'_>, name: &str, value: T) -> Result<()> {
+    row.set_by_index(attnum(row, name)?, value)
+        .map_err(|e| Error::Column(format!("{name}: {e}")))
+}
+
+fn unix_micros(ts: TimestampWithTimeZone) -> i64 {
+    ts.into_inner() + PG_EPOCH_OFFSET_MICROS
+}
+
+fn transaction_now() -> TimestampWithTimeZone {
+    // SAFETY: plain read of the transaction start time.
+    let now = unsafe { pg_sys::GetCurrentTransactionStartTimestamp() };
+    TimestampWithTimeZone::try_from(now).expect("the transaction start time is a valid timestamp")
+}
+
+fn new_event_id() -> String {
+    events::new_event_id().to_string()
+}
+
+/// A uuid column's canonical text (pgrx's `Display` formats it byte by byte).
+fn uuid_text(id: &pgrx::Uuid) -> String {
+    uuid::Uuid::from_bytes(*id.as_bytes())
+        .hyphenated()
+        .to_string()
+}
+
+fn new_row<'a>(trigger: &'a PgTrigger<'a>) -> Result<Row<'a>> {
+    trigger
+        .new()
+        .map(|r| r.into_owned())
+        .ok_or_else(|| Error::Column("NEW".into()))
+}
+
+fn old_row<'a>(trigger: &'a PgTrigger<'a>) -> Result<Row<'a>> {
+    trigger
+        .old()
+        .map(|r| r.into_owned())
+        .ok_or_else(|| Error::Column("OLD".into()))
+}
+
+
+/// The fields whose values differ between OLD and NEW (typed comparison).
+pub(super) fn changed_fields(
+    old: &Row<'_>,
+    new: &Row<'_>,
+    fields: &[&'static str],
+) -> Result<Vec<&'static str>> {
+    fn differs<T>(old: &Row<'_>, new: &Row<'_>, f: &str) -> Result<bool>
+    where
+        T: FromDatum + IntoDatum + for<'t> UnboxDatum<As<'t> = T> + PartialEq,
+    {
+        Ok(col::<T>(old, f)? != col::<T>(new, f)?)
+    }
+    let mut changed = Vec::new();
+    for &f in fields {
+        let different = match f {
+            "tags" => text_array(old, f)? != text_array(new, f)?,
+            "utm" | "metadata" => {
+                col::<JsonB>(old, f)?.map(|j| j.0) != col::<JsonB>(new, f)?.map(|j| j.0)
+            }
+            "expires_at" | "ends_at" | "completed_at" => {
+                differs::<TimestampWithTimeZone>(old, new, f)?
+            }
+            "max_clicks" | "click_goal" => differs::<i64>(old, new, f)?,
+            "disabled" => differs::<bool>(old, new, f)?,
+            _ => differs::<String>(old, new, f)?,
+        };
+        if different {
+            changed.push(f);
+        }
+    }
+    Ok(changed)
+}
+
+mod campaign;
+mod click;
+mod conversion;
+mod link;
+mod subscription;
+
+pub use campaign::emit_campaign_completed;
+pub use link::emit_link_expired;
