@@ -9,6 +9,12 @@
 //!   slow, or one running long now) share `concurrency - reserve` threads:
 //!   the reserve is kept for endpoints that answer promptly, so 20 slow
 //!   endpoints cannot make a fast endpoint's event wait for them.
+//!
+//! One exception: proven-fast subscriptions may hold up to `pipeline` rows
+//! more than the threads, queued for the next free thread. Such a row waits
+//! for a request to finish, and only unproven rows never queue, so the wait
+//! is a fast request's. Without it every few rows cost a claim transaction:
+//! beside an endpoint answering after 2 s a fast one got 0.41x its rate alone.
 
 use std::collections::HashMap;
 use std::time::{Duration, Instant};
@@ -22,6 +28,8 @@ pub struct Limits {
     pub per_subscription: usize,
     /// Threads only proven-fast subscriptions may take.
     pub reserve: usize,
+    /// Rows proven-fast subscriptions may hold beyond the threads.
+    pub pipeline: usize,
 }
 
 impl Limits {
@@ -36,6 +44,7 @@ impl Limits {
             } else {
                 0
             },
+            pipeline: concurrency,
         }
     }
 }
@@ -52,7 +61,8 @@ pub struct Flights {
 /// What the next claim may take.
 #[derive(Debug, PartialEq, Eq)]
 pub struct Plan {
-    /// Threads free now: the most rows the claim may take in all.
+    /// The most rows the claim may take in all: threads free now, plus what
+    /// is left of the pipeline (for proven-fast subscriptions only).
     pub free: usize,
     /// Of those, the most for subscriptions not proven fast.
     pub unproven_room: usize,
@@ -105,10 +115,11 @@ impl Flights {
             .filter(|(sub, _)| fast.binary_search(sub).is_err())
             .map(|(_, n)| *n as usize)
             .sum();
-        let free = limits.concurrency.saturating_sub(self.total());
+        let threads_free = limits.concurrency.saturating_sub(self.total());
+        let free = (limits.concurrency + limits.pipeline).saturating_sub(self.total());
         let unproven_room = (limits.concurrency - limits.reserve)
             .saturating_sub(unproven_in_flight)
-            .min(free);
+            .min(threads_free);
         let mut busy: Vec<(i64, i32)> = per_sub.into_iter().collect();
         busy.sort_unstable();
         Plan {
@@ -131,7 +142,8 @@ mod tests {
             Limits {
                 concurrency: 4,
                 per_subscription: 3,
-                reserve: 1
+                reserve: 1,
+                pipeline: 4
             }
         );
         assert_eq!(Limits::new(1).reserve, 0);
@@ -152,7 +164,7 @@ mod tests {
             f.start(d, sub, t0);
         }
         let plan = f.plan(&limits, t0 + Duration::from_millis(1500));
-        assert_eq!(plan.free, 1);
+        assert_eq!(plan.free, 5, "one thread and the pipeline, for the fast endpoint");
         assert_eq!(plan.unproven_room, 0, "the last thread is the reserve");
         assert_eq!(plan.fast, vec![100]);
         assert_eq!(plan.busy, vec![(1, 1), (2, 1), (3, 1)]);
@@ -175,14 +187,14 @@ mod tests {
     }
 
     #[test]
-    fn never_more_than_the_free_threads() {
+    fn unproven_rows_never_wait_for_a_thread_and_fast_ones_for_one_round_at_most() {
         let limits = Limits::new(2);
         let t0 = Instant::now();
         let mut f = Flights::default();
         assert_eq!(
             f.plan(&limits, t0),
             Plan {
-                free: 2,
+                free: 4,
                 unproven_room: 1,
                 fast: vec![],
                 busy: vec![]
@@ -191,6 +203,9 @@ mod tests {
         f.start(1, 5, t0);
         f.start(2, 6, t0);
         let plan = f.plan(&limits, t0);
-        assert_eq!((plan.free, plan.unproven_room), (0, 0));
+        assert_eq!((plan.free, plan.unproven_room), (2, 0), "no thread free: only the pipeline");
+        f.start(3, 5, t0);
+        f.start(4, 5, t0);
+        assert_eq!(f.plan(&limits, t0).free, 0, "threads and pipeline full");
     }
 }
