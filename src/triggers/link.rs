@@ -165,16 +165,21 @@ fn link_payload(row: &Row<'_>) -> Result<LinkPayload> {
     })
 }
 
+/// What subscription filters see of a link event.
+fn link_facts(link: &LinkPayload) -> Facts<'_> {
+    Facts {
+        campaign: link.campaign.as_deref(),
+        tags: &link.tags,
+        click: None,
+    }
+}
+
 fn emit_link_event(
     kind: EventType,
     link: &LinkPayload,
     changed: Option<Vec<&'static str>>,
 ) -> Result<()> {
-    let facts = Facts {
-        campaign: link.campaign.as_deref(),
-        tags: &link.tags,
-        click: None,
-    };
+    let facts = link_facts(link);
     let id = new_event_id();
     let at = unix_now_micros();
     let body = payload::envelope(&id, kind, at, LinkChangeData { link, changed });
@@ -184,11 +189,7 @@ fn emit_link_event(
 
 /// link.expired for a link whose time or click limit ran out.
 pub fn emit_link_expired(link: &LinkPayload, reason: &'static str) -> Result<()> {
-    let facts = Facts {
-        campaign: link.campaign.as_deref(),
-        tags: &link.tags,
-        click: None,
-    };
+    let facts = link_facts(link);
     let id = new_event_id();
     let at = unix_now_micros();
     let body = payload::envelope(
