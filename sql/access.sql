@@ -1,8 +1,9 @@
 -- Access levels a DBA hands out with one call:
---   writer  — the redirect service: resolve, record_click, INSERT clicks and conversions (RETURNING
---             id, event_id); nothing else.
+--   writer  — the redirect service: resolve, record_click(_returning), find a link's id by slug,
+--             INSERT clicks and conversions (RETURNING id, event_id); nothing else.
 --   analyst — reads links, campaigns, clicks, conversions, delivery logs and views; no secrets, no writes.
---   admin   — analyst, plus managing links, campaigns and subscriptions (secrets included) and replaying.
+--   admin   — analyst, plus managing links, campaigns and subscriptions (secrets included), replaying,
+--             retrying now and clearing dead letters.
 -- The queue itself (deliveries, attempts, dead letters) is written only by the
 -- extension's own SECURITY DEFINER functions and triggers. Columns the extension
 -- keeps (ids, event ids, redirect_url, counters, signatures) are granted to no level.
@@ -15,7 +16,10 @@ BEGIN
     IF access = 'writer' THEN
         RETURN NEXT 'USAGE ON SCHEMA @extschema@';
         RETURN NEXT 'EXECUTE ON FUNCTION @extschema@.resolve(text, text), '
-                    '@extschema@.record_click(text, inet, text, text, text, text, text, text, text)';
+                    '@extschema@.record_click(text, inet, text, text, text, text, text, text, text), '
+                    '@extschema@.record_click_returning(text, inet, text, text, text, text, text, text, text)';
+        -- Enough to find a link's id for a plain INSERT of its click.
+        RETURN NEXT 'SELECT (id, domain, slug) ON TABLE @extschema@.links';
         -- Every click column but id and event_id, which the extension makes (unique per event).
         RETURN NEXT 'INSERT (link_id, clicked_at, ip, user_agent, referer, country, city, source, landing_url, '
                     'device, browser, os, is_bot, utm) ON TABLE @extschema@.clicks';
@@ -36,7 +40,7 @@ BEGIN
                     'ON TABLE @extschema@.deliveries';
         -- Every subscription column but the secrets and the URL (which may carry a token).
         RETURN NEXT 'SELECT (id, name, event_types, filters, ip_mode, signature_scheme, timeout_ms, max_attempts, '
-                    'enabled, disabled_reason, consecutive_dead_letters, created_at, updated_at) '
+                    'enabled, disabled_reason, consecutive_dead_letters, created_at, updated_at, paused, held_since) '
                     'ON TABLE @extschema@.subscriptions';
         RETURN NEXT 'EXECUTE ON FUNCTION @extschema@.worker_status()';
     ELSIF access = 'admin' THEN
@@ -53,7 +57,9 @@ BEGIN
         RETURN NEXT 'EXECUTE ON FUNCTION @extschema@.resolve(text, text), @extschema@.send_test(bigint), '
                     '@extschema@.replay(bigint), @extschema@.replay_dead_letters(bigint, timestamptz), '
                     '@extschema@.rotate_secret(bigint, interval), @extschema@.run_maintenance(), '
-                    '@extschema@.generate_secret()';
+                    '@extschema@.generate_secret(), @extschema@.retry_now(bigint, bigint)';
+        -- Dead letters an on-call engineer has dealt with may be cleared.
+        RETURN NEXT 'DELETE ON TABLE @extschema@.dead_letters';
     ELSE
         RAISE EXCEPTION 'invalid access: must be ''writer'', ''analyst'' or ''admin'' (got %)', coalesce(quote_literal(access), 'NULL')
             USING ERRCODE = 'invalid_parameter_value';

@@ -17,12 +17,12 @@ ALTER FUNCTION conversions_trigger() SECURITY DEFINER SET search_path = pg_catal
 ALTER FUNCTION campaigns_trigger() SECURITY DEFINER SET search_path = pg_catalog, pg_temp;
 ALTER FUNCTION subscriptions_trigger() SECURITY DEFINER SET search_path = pg_catalog, pg_temp;
 -- The SECURITY DEFINER API (and worker_status, which counts the queue) likewise.
-ALTER FUNCTION resolve(text, text) SET search_path = pg_catalog, pg_temp;
-ALTER FUNCTION record_click(text, inet, text, text, text, text, text, text, text) SET search_path = pg_catalog, pg_temp;
+-- resolve and record_click(_returning) run as the caller (see src/api.rs): no pin needed.
 ALTER FUNCTION send_test(bigint) SET search_path = pg_catalog, pg_temp;
 ALTER FUNCTION replay(bigint) SET search_path = pg_catalog, pg_temp;
 ALTER FUNCTION replay_dead_letters(bigint, timestamptz) SET search_path = pg_catalog, pg_temp;
 ALTER FUNCTION rotate_secret(bigint, interval) SET search_path = pg_catalog, pg_temp;
+ALTER FUNCTION retry_now(bigint, bigint) SET search_path = pg_catalog, pg_temp;
 ALTER FUNCTION run_maintenance() SET search_path = pg_catalog, pg_temp;
 ALTER FUNCTION worker_status() SET search_path = pg_catalog, pg_temp;
 

@@ -9,8 +9,10 @@ ALTER FUNCTION clicks_trigger() SET search_path = pg_catalog, pg_temp;
 ALTER FUNCTION conversions_trigger() SET search_path = pg_catalog, pg_temp;
 ALTER FUNCTION campaigns_trigger() SET search_path = pg_catalog, pg_temp;
 ALTER FUNCTION subscriptions_trigger() SET search_path = pg_catalog, pg_temp;
-ALTER FUNCTION resolve(text, text) SET search_path = pg_catalog, pg_temp;
-ALTER FUNCTION record_click(text, inet, text, text, text, text, text, text, text) SET search_path = pg_catalog, pg_temp;
+-- resolve and record_click run as the caller: resolve runs no SQL, record_click only the
+-- plain INSERT a writer may run, and the click trigger does the rest as the owner.
+ALTER FUNCTION resolve(text, text) SECURITY INVOKER;
+ALTER FUNCTION record_click(text, inet, text, text, text, text, text, text, text) SECURITY INVOKER;
 ALTER FUNCTION send_test(bigint) SET search_path = pg_catalog, pg_temp;
 ALTER FUNCTION replay(bigint) SET search_path = pg_catalog, pg_temp;
 ALTER FUNCTION replay_dead_letters(bigint, timestamptz) SET search_path = pg_catalog, pg_temp;
@@ -24,7 +26,10 @@ BEGIN
     IF access = 'writer' THEN
         RETURN NEXT 'USAGE ON SCHEMA linkhooks';
         RETURN NEXT 'EXECUTE ON FUNCTION linkhooks.resolve(text, text), '
-                    'linkhooks.record_click(text, inet, text, text, text, text, text, text, text)';
+                    'linkhooks.record_click(text, inet, text, text, text, text, text, text, text), '
+                    'linkhooks.record_click_returning(text, inet, text, text, text, text, text, text, text)';
+        -- Enough to find a link's id for a plain INSERT of its click.
+        RETURN NEXT 'SELECT (id, domain, slug) ON TABLE linkhooks.links';
         -- Every click column but id and event_id, which the extension makes (unique per event).
         RETURN NEXT 'INSERT (link_id, clicked_at, ip, user_agent, referer, country, city, source, landing_url, '
                     'device, browser, os, is_bot, utm) ON TABLE linkhooks.clicks';
@@ -45,7 +50,7 @@ BEGIN
                     'ON TABLE linkhooks.deliveries';
         -- Every subscription column but the secrets and the URL (which may carry a token).
         RETURN NEXT 'SELECT (id, name, event_types, filters, ip_mode, signature_scheme, timeout_ms, max_attempts, '
-                    'enabled, disabled_reason, consecutive_dead_letters, created_at, updated_at) '
+                    'enabled, disabled_reason, consecutive_dead_letters, created_at, updated_at, paused, held_since) '
                     'ON TABLE linkhooks.subscriptions';
         RETURN NEXT 'EXECUTE ON FUNCTION linkhooks.worker_status()';
     ELSIF access = 'admin' THEN
@@ -62,7 +67,9 @@ BEGIN
         RETURN NEXT 'EXECUTE ON FUNCTION linkhooks.resolve(text, text), linkhooks.send_test(bigint), '
                     'linkhooks.replay(bigint), linkhooks.replay_dead_letters(bigint, timestamptz), '
                     'linkhooks.rotate_secret(bigint, interval), linkhooks.run_maintenance(), '
-                    'linkhooks.generate_secret()';
+                    'linkhooks.generate_secret(), linkhooks.retry_now(bigint, bigint)';
+        -- Dead letters an on-call engineer has dealt with may be cleared.
+        RETURN NEXT 'DELETE ON TABLE linkhooks.dead_letters';
     ELSE
         RAISE EXCEPTION 'invalid access: must be ''writer'', ''analyst'' or ''admin'' (got %)', coalesce(quote_literal(access), 'NULL')
             USING ERRCODE = 'invalid_parameter_value';
@@ -173,3 +180,52 @@ BEGIN
 END
 $$;
 DROP TABLE pg_temp.linkhooks_worker_status_grants;
+
+-- Subscriptions can be paused by an admin; disabled or paused ones hold their events.
+ALTER TABLE subscriptions ADD COLUMN paused boolean NOT NULL DEFAULT false;
+ALTER TABLE subscriptions ADD COLUMN held_since timestamptz;
+
+-- record_click_returning: record_click's answer plus the click's id and event id.
+CREATE FUNCTION record_click_returning(
+    slug text, ip inet DEFAULT NULL, user_agent text DEFAULT NULL, referer text DEFAULT NULL,
+    country text DEFAULT NULL, city text DEFAULT NULL, source text DEFAULT 'link',
+    landing_url text DEFAULT NULL, domain text DEFAULT '')
+RETURNS TABLE (url text, click_id bigint, event_id uuid)
+VOLATILE PARALLEL UNSAFE LANGUAGE c
+AS 'MODULE_PATHNAME', 'record_click_returning_wrapper';
+REVOKE ALL ON FUNCTION record_click_returning(text, inet, text, text, text, text, text, text, text) FROM PUBLIC;
+
+-- retry_now: makes pending deliveries due now.
+CREATE FUNCTION retry_now(delivery_id bigint DEFAULT NULL, subscription_id bigint DEFAULT NULL) RETURNS bigint
+VOLATILE SECURITY DEFINER LANGUAGE c AS 'MODULE_PATHNAME', 'retry_now_wrapper';
+REVOKE ALL ON FUNCTION retry_now(bigint, bigint) FROM PUBLIC;
+ALTER FUNCTION retry_now(bigint, bigint) SET search_path = pg_catalog, pg_temp;
+
+-- Roles holding a level get what the level gained in 0.5.0: writers (who may call
+-- record_click) the new function and a link's id by slug; analysts and admins (who
+-- may call worker_status) the new subscription columns; admins (who may replay)
+-- retry_now and clearing dead letters.
+DO $$
+DECLARE
+    g record;
+BEGIN
+    FOR g IN
+        SELECT a.grantee::pg_catalog.regrole::pg_catalog.text AS grantee, p.proname
+          FROM pg_catalog.pg_proc p CROSS JOIN LATERAL pg_catalog.aclexplode(p.proacl) a
+         WHERE p.oid IN ('linkhooks.record_click(text, inet, text, text, text, text, text, text, text)'::pg_catalog.regprocedure,
+                         'linkhooks.replay(bigint)'::pg_catalog.regprocedure,
+                         'linkhooks.worker_status()'::pg_catalog.regprocedure)
+           AND a.privilege_type = 'EXECUTE' AND a.grantee <> p.proowner AND a.grantee <> 0
+    LOOP
+        IF g.proname = 'record_click' THEN
+            EXECUTE pg_catalog.format('GRANT EXECUTE ON FUNCTION linkhooks.record_click_returning(text, inet, text, text, text, text, text, text, text) TO %s', g.grantee);
+            EXECUTE pg_catalog.format('GRANT SELECT (id, domain, slug) ON TABLE linkhooks.links TO %s', g.grantee);
+        ELSIF g.proname = 'worker_status' THEN
+            EXECUTE pg_catalog.format('GRANT SELECT (paused, held_since) ON TABLE linkhooks.subscriptions TO %s', g.grantee);
+        ELSE
+            EXECUTE pg_catalog.format('GRANT EXECUTE ON FUNCTION linkhooks.retry_now(bigint, bigint) TO %s', g.grantee);
+            EXECUTE pg_catalog.format('GRANT DELETE ON TABLE linkhooks.dead_letters TO %s', g.grantee);
+        END IF;
+    END LOOP;
+END
+$$;

@@ -167,3 +167,11 @@ CREATE TABLE subscription_state (
 COMMENT ON TABLE subscription_state IS 'Last success, last failure and failures in a row per subscription; read it through subscription_health.';
 -- Health windows (last hour, last day) scan attempts by time.
 CREATE INDEX delivery_attempts_started ON delivery_attempts (started_at);
+
+-- Since 0.5.0 --
+
+-- An admin's pause: events keep queuing (held), nothing is sent until it is lifted.
+ALTER TABLE subscriptions ADD COLUMN paused boolean NOT NULL DEFAULT false;
+-- Kept by the subscriptions trigger: since when an enabled subscription was disabled or
+-- paused (NULL while it delivers). Its events are held for linkhooks.hold_window from then.
+ALTER TABLE subscriptions ADD COLUMN held_since timestamptz;

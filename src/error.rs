@@ -79,6 +79,15 @@ impl Error {
 
 pub type Result<T, E = Error> = std::result::Result<T, E>;
 
+/// Keeps Rust backtraces out of error reports. pgrx attaches one to an ERROR's
+/// DETAIL whenever the server was started with RUST_BACKTRACE set (a Rust
+/// developer's shell); clients and the server log get the message alone.
+pub fn quiet_backtraces() {
+    // SAFETY: called from _PG_init, before this library starts any thread;
+    // PostgreSQL processes are single-threaded at that point.
+    unsafe { std::env::set_var("RUST_LIB_BACKTRACE", "0") };
+}
+
 /// Unwraps a result at the SQL boundary, raising the error as an ERROR.
 pub trait OrReport<T> {
     fn or_report(self) -> T;

@@ -16,6 +16,7 @@ use crate::error::Result;
 use crate::filters::{Facts, Filters};
 use crate::guc;
 use crate::limits;
+use crate::linkstore;
 use crate::payload::{EventType, IpMode};
 use crate::plans::{self, INT8, INT8_ARRAY, TEXT, TEXT_ARRAY};
 use crate::queue;
@@ -31,6 +32,9 @@ pub struct CachedSubscription {
     filters: Filters,
     pub ip_mode: IpMode,
     keys: KeyRing,
+    /// Disabled or paused since (Unix seconds): its events are held (queued,
+    /// not sent) until `linkhooks.hold_window` after this. None: it delivers.
+    held_since: Option<i64>,
 }
 
 pub struct Cache {
@@ -66,14 +70,20 @@ pub fn cache() -> Result<Rc<Cache>> {
 fn load_cache(generation: u64) -> Result<Cache> {
     Spi::connect(|client| {
         let mut subscriptions = Vec::new();
-        let rows = client.select(
+        let query = if linkstore::subscriptions_hold_events() {
             "SELECT id, secret, previous_secret,
                     extract(epoch FROM previous_secret_expires_at)::bigint,
-                    event_types, filters, ip_mode
-             FROM linkhooks.subscriptions WHERE enabled ORDER BY id",
-            None,
-            &[],
-        )?;
+                    event_types, filters, ip_mode, extract(epoch FROM held_since)::bigint
+             FROM linkhooks.subscriptions
+            WHERE (enabled AND NOT paused) OR held_since IS NOT NULL ORDER BY id"
+        } else {
+            // A schema from before 0.5.0 (not updated yet): nothing is held.
+            "SELECT id, secret, previous_secret,
+                    extract(epoch FROM previous_secret_expires_at)::bigint,
+                    event_types, filters, ip_mode, NULL::bigint
+             FROM linkhooks.subscriptions WHERE enabled ORDER BY id"
+        };
+        let rows = client.select(query, None, &[])?;
         for row in rows {
             let id: i64 = row.get(1)?.unwrap_or_default();
             let secret: String = row.get(2)?.unwrap_or_default();
@@ -82,6 +92,7 @@ fn load_cache(generation: u64) -> Result<Cache> {
             let types: Option<Vec<Option<String>>> = row.get(5)?;
             let filters: Option<pgrx::JsonB> = row.get(6)?;
             let ip_mode: String = row.get(7)?.unwrap_or_default();
+            let held_since: Option<i64> = row.get(8)?;
             // Rows are validated on write; one that no longer parses receives nothing
             // rather than failing every click.
             let (Ok(filters), Ok(keys)) = (
@@ -96,6 +107,7 @@ fn load_cache(generation: u64) -> Result<Cache> {
                 filters,
                 ip_mode: IpMode::parse(&ip_mode).unwrap_or_default(),
                 keys,
+                held_since,
             });
         }
         let mut goal_campaigns = HashSet::new();
@@ -116,7 +128,11 @@ fn load_cache(generation: u64) -> Result<Cache> {
 
 fn event_mask(types: Option<&[Option<String>]>) -> u16 {
     match types {
-        None => u16::MAX,
+        // Every event type but the operational ones, which are asked for by name.
+        None => EventType::ALL
+            .into_iter()
+            .filter(|t| !t.operational())
+            .fold(0, |m, t| m | t.bit()),
         Some(list) => list
             .iter()
             .flatten()
@@ -144,9 +160,11 @@ pub fn unix_now_micros() -> i64 {
         .map_or(0, |d| d.as_micros() as i64)
 }
 
-/// Queues `kind` for every enabled subscription that wants it and whose
-/// filters match. `build` makes the body for one IP mode; it is called at
-/// most once per mode. Returns how many deliveries were queued.
+/// Queues `kind` for every subscription that wants it and whose filters
+/// match: those that deliver, and those disabled or paused for less than
+/// `linkhooks.hold_window` (held until they deliver again). `build` makes the
+/// body for one IP mode; it is called at most once per mode. Returns how many
+/// deliveries were queued.
 pub fn emit(
     kind: EventType,
     event_id: &str,
@@ -158,11 +176,14 @@ pub fn emit(
     let mut bodies: [Option<Rc<str>>; 3] = [None, None, None];
     let mut queued = Vec::new();
     let max_body = guc::MAX_BODY_BYTES.get().max(0) as usize;
-    for sub in cache
-        .subscriptions
-        .iter()
-        .filter(|s| s.event_mask & kind.bit() != 0 && s.filters.matches(facts))
-    {
+    let hold_window = std::cell::OnceCell::new();
+    let holding =
+        |since: i64| now < since.saturating_add(*hold_window.get_or_init(guc::hold_window_secs));
+    for sub in cache.subscriptions.iter().filter(|s| {
+        s.event_mask & kind.bit() != 0
+            && s.held_since.is_none_or(holding)
+            && s.filters.matches(facts)
+    }) {
         let body = bodies[sub.ip_mode as usize]
             .get_or_insert_with(|| build(sub.ip_mode).into())
             .clone();

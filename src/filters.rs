@@ -88,13 +88,7 @@ impl Filters {
         let countries = strings("countries")?
             .map(|list| {
                 list.into_iter()
-                    .map(|c| {
-                        if c.len() == 2 && c.chars().all(|ch| ch.is_ascii_alphabetic()) {
-                            Ok(c.to_ascii_uppercase())
-                        } else {
-                            Err(FilterError::Country(c))
-                        }
-                    })
+                    .map(|c| country_code(&c).ok_or(FilterError::Country(c)))
                     .collect::<Result<Vec<_>, _>>()
             })
             .transpose()?;
@@ -142,6 +136,12 @@ impl Filters {
             None => true,
         }
     }
+}
+
+/// A two-letter ISO 3166-1 country code, upper-cased ("us" → "US"); None for anything else.
+pub fn country_code(code: &str) -> Option<String> {
+    (code.len() == 2 && code.chars().all(|ch| ch.is_ascii_alphabetic()))
+        .then(|| code.to_ascii_uppercase())
 }
 
 #[cfg(test)]
@@ -237,5 +237,14 @@ mod tests {
             Filters::parse(&json!({"exclude_bots": "yes"})),
             Err(FilterError::ExcludeBots)
         );
+    }
+
+    #[test]
+    fn country_codes_are_two_letters_upper_cased() {
+        assert_eq!(country_code("de").as_deref(), Some("DE"));
+        assert_eq!(country_code("US").as_deref(), Some("US"));
+        for bad in ["USA", "U", "", "1A", "ÜS"] {
+            assert_eq!(country_code(bad), None, "{bad}");
+        }
     }
 }

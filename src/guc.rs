@@ -1,9 +1,14 @@
-//! The `linkhooks.*` settings. Worker settings are reloaded on SIGHUP; the
-//! ones triggers read (base_url, require_https, ...) apply per session too.
+//! The `linkhooks.*` settings. Whatever the worker reads is set for the whole
+//! server (postgresql.conf or ALTER SYSTEM, then a reload): a session-level SET
+//! it would never see is refused. Values are checked when set, so a typo is an
+//! error at SET, ALTER SYSTEM or reload instead of a fallback later.
 
-use std::ffi::CString;
+use std::ffi::{CStr, CString, c_char, c_void};
 
-use pgrx::{GucContext, GucFlags, GucRegistry, GucSetting};
+use pgrx::{GucContext, GucFlags, GucRegistry, GucSetting, pg_guard, pg_sys};
+
+use crate::duration;
+use crate::retry::Schedule;
 
 pub static DATABASE: GucSetting<Option<CString>> =
     GucSetting::<Option<CString>>::new(Some(c"postgres"));
@@ -24,12 +29,22 @@ pub static MAX_BODY_BYTES: GucSetting<i32> =
 pub static LINK_CACHE_SIZE: GucSetting<i32> = GucSetting::<i32>::new(10_000);
 pub static MAINTENANCE_INTERVAL: GucSetting<Option<CString>> =
     GucSetting::<Option<CString>>::new(Some(c"30s"));
+pub static HOLD_WINDOW: GucSetting<Option<CString>> =
+    GucSetting::<Option<CString>>::new(Some(c"3d"));
 
 pub fn register() {
     use GucContext::{Sighup, Suset};
     let none = GucFlags::default();
     let s = |name, short, setting, ctx| {
         GucRegistry::define_string_guc(name, short, c"", setting, ctx, none)
+    };
+    let checked = |name, short, setting, check: pg_sys::GucStringCheckHook| {
+        // SAFETY: the check hooks are #[pg_guard]ed and only read the new value.
+        unsafe {
+            GucRegistry::define_string_guc_with_hooks(
+                name, short, c"", setting, Sighup, none, check, None, None,
+            )
+        }
     };
     s(
         c"linkhooks.database",
@@ -43,17 +58,23 @@ pub fn register() {
         &BASE_URL,
         Suset,
     );
-    s(
+    checked(
         c"linkhooks.retry_schedule",
-        c"Delays before each retry, e.g. '1m,5m,30m,2h,24h' (units ms, s, m, h, d).",
+        c"Delays before each retry, e.g. '1m,5m,30m,2h,24h' (units ms, s, min, h, d, w).",
         &RETRY_SCHEDULE,
-        Sighup,
+        Some(check_schedule),
     );
-    s(
+    checked(
+        c"linkhooks.hold_window",
+        c"How long a disabled or paused subscription's events are held for it (e.g. '3d').",
+        &HOLD_WINDOW,
+        Some(check_duration),
+    );
+    checked(
         c"linkhooks.retention",
-        c"How long delivered deliveries and attempts are kept (e.g. 7d).",
+        c"How long delivered deliveries and attempts are kept (e.g. '7d' or '7 days').",
         &RETENTION,
-        Sighup,
+        Some(check_duration),
     );
     s(
         c"linkhooks.notify_channel",
@@ -61,11 +82,11 @@ pub fn register() {
         &NOTIFY_CHANNEL,
         Suset,
     );
-    s(
+    checked(
         c"linkhooks.maintenance_interval",
         c"How often the worker runs linkhooks.run_maintenance() (e.g. 30s).",
         &MAINTENANCE_INTERVAL,
-        Sighup,
+        Some(check_positive_duration),
     );
 
     let i = |name, short, setting, min, max, ctx| {
@@ -135,7 +156,7 @@ pub fn register() {
         c"Subscription URLs must use https.",
         c"",
         &REQUIRE_HTTPS,
-        Suset,
+        Sighup,
         none,
     );
     GucRegistry::define_bool_guc(
@@ -143,9 +164,77 @@ pub fn register() {
         c"Allow webhooks to private, loopback and link-local addresses.",
         c"",
         &ALLOW_PRIVATE_TARGETS,
-        Suset,
+        Sighup,
         none,
     );
+}
+
+/// Check hooks: `rule` decides; a refusal reports its text as the error's detail.
+unsafe fn check_with(newval: *mut *mut c_char, rule: fn(&str) -> Result<(), String>) -> bool {
+    // SAFETY: PostgreSQL passes the proposed value, a C string or NULL.
+    let value = unsafe {
+        newval
+            .as_ref()
+            .filter(|p| !p.is_null())
+            .map(|p| CStr::from_ptr(*p))
+    };
+    let Some(value) = value else {
+        return true;
+    };
+    match rule(&value.to_string_lossy()) {
+        Ok(()) => true,
+        Err(detail) => {
+            let detail = CString::new(detail).unwrap_or_default();
+            // SAFETY: GUC_check_errdetail_string is read by the caller's error report;
+            // pstrdup copies into the current memory context, which outlives it.
+            unsafe { pg_sys::GUC_check_errdetail_string = pg_sys::pstrdup(detail.as_ptr()) };
+            false
+        }
+    }
+}
+
+#[pg_guard]
+unsafe extern "C-unwind" fn check_schedule(
+    newval: *mut *mut c_char,
+    _extra: *mut *mut c_void,
+    _source: pg_sys::GucSource::Type,
+) -> bool {
+    unsafe {
+        check_with(newval, |v| {
+            Schedule::parse(v).map(|_| ()).map_err(|e| e.to_string())
+        })
+    }
+}
+
+#[pg_guard]
+unsafe extern "C-unwind" fn check_duration(
+    newval: *mut *mut c_char,
+    _extra: *mut *mut c_void,
+    _source: pg_sys::GucSource::Type,
+) -> bool {
+    unsafe { check_with(newval, |v| duration_rule(v, false)) }
+}
+
+#[pg_guard]
+unsafe extern "C-unwind" fn check_positive_duration(
+    newval: *mut *mut c_char,
+    _extra: *mut *mut c_void,
+    _source: pg_sys::GucSource::Type,
+) -> bool {
+    unsafe { check_with(newval, |v| duration_rule(v, true)) }
+}
+
+fn duration_rule(value: &str, positive: bool) -> Result<(), String> {
+    match duration::parse(value) {
+        Some(d) if positive && d.is_zero() => Err("must be longer than zero".into()),
+        Some(_) => Ok(()),
+        None => Err(format!("must be {}; '{value}' is not", duration::SYNTAX)),
+    }
+}
+
+/// `linkhooks.hold_window` in seconds (checked when set; 3 days if unreadable).
+pub fn hold_window_secs() -> i64 {
+    duration::parse(&string(&HOLD_WINDOW)).map_or(3 * 86_400, |d| d.as_secs() as i64)
 }
 
 /// A string setting's value, '' when unset.

@@ -5,6 +5,7 @@ use pgrx::prelude::*;
 
 // Pure logic: no Postgres inside, plain unit tests.
 mod doorkeeper;
+mod duration;
 mod filters;
 mod health;
 mod limits;
@@ -24,6 +25,7 @@ mod events;
 mod guc;
 mod linkstore;
 mod maintenance;
+mod opsevents;
 mod plans;
 mod queue;
 mod replication;
@@ -41,6 +43,7 @@ pgrx::extension_sql_file!("../sql/finalize.sql", name = "finalize", finalize);
 
 #[pg_guard]
 pub extern "C-unwind" fn _PG_init() {
+    error::quiet_backtraces();
     guc::register();
     if unsafe { !pg_sys::process_shared_preload_libraries_in_progress } {
         pgrx::warning!(

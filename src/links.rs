@@ -110,6 +110,23 @@ pub fn utm_from_landing_url(landing_url: &str) -> Option<Map<String, Value>> {
     (!out.is_empty()).then_some(out)
 }
 
+/// Length of a generated slug: 62^7 ≈ 3.5 × 10^12 slugs, so a collision is
+/// rare even among millions of links (and is checked anyway).
+pub const GENERATED_SLUG_LEN: usize = 7;
+
+/// A random slug of letters and digits, for links inserted without one.
+pub fn random_slug() -> String {
+    const ALPHABET: &[u8] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789";
+    (0..GENERATED_SLUG_LEN)
+        .map(|_| ALPHABET[rand::random_range(0..ALPHABET.len())] as char)
+        .collect()
+}
+
+/// Whether a landing URL is an absolute http(s) URL (what a browser requested).
+pub fn is_web_url(text: &str) -> bool {
+    url::Url::parse(text).is_ok_and(|u| matches!(u.scheme(), "http" | "https") && u.has_host())
+}
+
 /// Cuts `s` to at most `max` characters, on a character boundary.
 pub fn truncate(s: &str, max: usize) -> &str {
     if s.len() <= max {
@@ -184,5 +201,22 @@ mod tests {
     fn truncation_respects_characters() {
         assert_eq!(truncate("héllo", 2), "hé");
         assert_eq!(truncate("abc", 10), "abc");
+    }
+
+    #[test]
+    fn landing_urls_must_be_web_urls() {
+        assert!(is_web_url("https://acme.com/sale?utm_source=x"));
+        assert!(is_web_url("http://127.0.0.1:8080/"));
+        for bad in ["not a url", "javascript:alert(1)", "mailto:a@b.co", "/relative", "https://"] {
+            assert!(!is_web_url(bad), "{bad}");
+        }
+    }
+
+    #[test]
+    fn generated_slugs_are_valid_and_differ() {
+        let a = random_slug();
+        assert_eq!(a.len(), GENERATED_SLUG_LEN);
+        assert!(check_slug(&a).is_ok());
+        assert_ne!(a, random_slug());
     }
 }

@@ -421,6 +421,18 @@ pub enum Claim {
 }
 
 /// Takes a click slot on a link with max_clicks. The row lock serializes only
+/// Whether the installed schema has subscriptions' hold columns (paused,
+/// held_since, 0.5.0). A newer library runs against an older schema between its
+/// restart and `ALTER EXTENSION pg_linkhooks UPDATE`, and must keep working.
+pub fn subscriptions_hold_events() -> bool {
+    // SAFETY: catalog lookups by name; missing objects come back as InvalidOid / 0.
+    unsafe {
+        let namespace = pg_sys::get_namespace_oid(c"linkhooks".as_ptr(), true);
+        let table = pg_sys::get_relname_relid(c"subscriptions".as_ptr(), namespace);
+        table != pg_sys::InvalidOid && pg_sys::get_attnum(table, c"held_since".as_ptr()) != 0
+    }
+}
+
 /// limited links, which is what makes "never more than max_clicks" exact.
 pub fn claim_click(link_id: i64) -> Result<Claim> {
     Spi::connect_mut(|client| {
@@ -444,14 +456,15 @@ pub fn claim_click(link_id: i64) -> Result<Claim> {
 }
 
 thread_local! {
-    /// A link record_click already looked up and claimed, for the click trigger it is about to fire.
-    static PRECLAIMED: RefCell<Option<(Rc<LinkRow>, bool)>> = const { RefCell::new(None) };
+    /// The link record_click already looked up, for the click trigger it is about to fire.
+    static STASHED: RefCell<Option<Rc<LinkRow>>> = const { RefCell::new(None) };
 }
 
-/// Hands a looked-up (and, if limited, claimed) link to the click trigger
-/// until the returned guard is dropped.
-pub fn stash_preclaimed(link: Rc<LinkRow>, reached_limit: bool) -> StashGuard {
-    PRECLAIMED.with(|p| *p.borrow_mut() = Some((link, reached_limit)));
+/// Hands a looked-up link to the click trigger until the returned guard is
+/// dropped. A click it brings past the link's max_clicks is skipped, not
+/// refused: record_click then answers expired_url.
+pub fn stash_for_click(link: Rc<LinkRow>) -> StashGuard {
+    STASHED.with(|p| *p.borrow_mut() = Some(link));
     StashGuard
 }
 
@@ -460,13 +473,13 @@ pub struct StashGuard;
 
 impl Drop for StashGuard {
     fn drop(&mut self) {
-        PRECLAIMED.with(|p| p.borrow_mut().take());
+        STASHED.with(|p| p.borrow_mut().take());
     }
 }
 
 /// The stashed link, if it is the one this click is for.
-pub fn take_preclaimed(link_id: i64) -> Option<(Rc<LinkRow>, bool)> {
-    PRECLAIMED
+pub fn take_stashed(link_id: i64) -> Option<Rc<LinkRow>> {
+    STASHED
         .with(|p| p.borrow_mut().take())
-        .filter(|(l, _)| l.id == link_id)
+        .filter(|l| l.id == link_id)
 }

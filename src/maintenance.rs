@@ -9,11 +9,11 @@
 use pgrx::prelude::*;
 use serde_json::json;
 
+use crate::duration;
 use crate::error::{OrReport, Result};
 use crate::events::unix_now_micros;
 use crate::guc;
 use crate::payload::{self, CampaignPayload, LinkPayload};
-use crate::retry;
 use crate::triggers;
 
 /// Rows handled per task per run, so one run stays short.
@@ -27,6 +27,7 @@ fn run_maintenance() -> pgrx::JsonB {
             "links_expired": expire_links()?,
             "campaigns_completed": complete_campaigns()?,
             "orphans_dead": kill_orphans()?,
+            "held_expired": expire_held()?,
             "deliveries_pruned": prune()?,
         }))
     };
@@ -142,9 +143,38 @@ fn kill_orphans() -> Result<i64> {
     .unwrap_or(0))
 }
 
+/// Events held for a disabled or paused subscription longer than
+/// linkhooks.hold_window become dead letters (replayable once it delivers again),
+/// so a subscription left off holds at most a window's worth of events.
+fn expire_held() -> Result<i64> {
+    if !crate::linkstore::subscriptions_hold_events() {
+        return Ok(0); // a schema from before 0.5.0, not updated yet
+    }
+    let window_ms = guc::hold_window_secs() as f64 * 1000.0;
+    Ok(Spi::get_one_with_args::<i64>(
+        "WITH expired AS (
+            UPDATE linkhooks.deliveries d
+               SET status = 'dead',
+                   last_error = 'held longer than linkhooks.hold_window while the subscription was disabled or paused'
+             WHERE d.id IN (SELECT x.id FROM linkhooks.subscriptions s
+                              JOIN linkhooks.deliveries x ON x.subscription_id = s.id
+                             WHERE s.held_since IS NOT NULL AND x.status = 'pending'
+                               AND x.created_at < pg_catalog.now() - $2 * interval '1 millisecond'
+                             LIMIT $1 FOR NO KEY UPDATE OF x SKIP LOCKED)
+         RETURNING d.id, d.event_id, d.subscription_id, d.event_type, d.attempts, d.last_status_code, d.last_error),
+         lettered AS (
+            INSERT INTO linkhooks.dead_letters (delivery_id, event_id, subscription_id, event_type, attempts,
+                                                last_status_code, last_error)
+            SELECT * FROM expired ON CONFLICT (delivery_id) DO NOTHING)
+         SELECT pg_catalog.count(*) FROM expired",
+        &[BATCH.into(), window_ms.into()],
+    )?
+    .unwrap_or(0))
+}
+
 /// Deletes delivered deliveries (and their attempts) older than linkhooks.retention.
 fn prune() -> Result<i64> {
-    let Some(retention) = retry::parse_duration(&guc::string(&guc::RETENTION)) else {
+    let Some(retention) = duration::parse(&guc::string(&guc::RETENTION)) else {
         warning!("invalid linkhooks.retention; nothing pruned (use e.g. '7d')");
         return Ok(0);
     };

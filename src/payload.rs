@@ -21,10 +21,12 @@ pub enum EventType {
     LinkExpired,
     CampaignCompleted,
     WebhookTest,
+    SubscriptionDisabled,
+    DeliveryDead,
 }
 
 impl EventType {
-    pub const ALL: [EventType; 9] = [
+    pub const ALL: [EventType; 11] = [
         EventType::LinkClicked,
         EventType::QrScanned,
         EventType::LinkConverted,
@@ -34,6 +36,8 @@ impl EventType {
         EventType::LinkExpired,
         EventType::CampaignCompleted,
         EventType::WebhookTest,
+        EventType::SubscriptionDisabled,
+        EventType::DeliveryDead,
     ];
 
     pub fn as_str(self) -> &'static str {
@@ -47,7 +51,18 @@ impl EventType {
             EventType::LinkExpired => "link.expired",
             EventType::CampaignCompleted => "campaign.completed",
             EventType::WebhookTest => "webhook.test",
+            EventType::SubscriptionDisabled => "subscription.disabled",
+            EventType::DeliveryDead => "delivery.dead",
         }
+    }
+
+    /// Events about the webhooks themselves, for an operations endpoint: a
+    /// subscription receives them only when its event_types names them.
+    pub fn operational(self) -> bool {
+        matches!(
+            self,
+            EventType::SubscriptionDisabled | EventType::DeliveryDead
+        )
     }
 
     pub fn parse(name: &str) -> Option<Self> {
@@ -276,6 +291,10 @@ pub struct LinkChangeData<'a> {
     /// For link.updated: the names of the fields that changed.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub changed: Option<Vec<&'static str>>,
+    /// For link.updated: each changed field's value before and after, as
+    /// `{"field": {"from": …, "to": …}}`.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub changes: Option<Map<String, Value>>,
 }
 
 #[derive(Serialize)]
@@ -328,6 +347,36 @@ pub struct CampaignPayload {
     pub completed_at: String,
     /// "click_goal" or "ends_at"
     pub reason: &'static str,
+}
+
+/// subscription.disabled: which subscription the worker switched off, and why.
+#[derive(Serialize)]
+pub struct SubscriptionDisabledData {
+    pub subscription: DisabledSubscription,
+}
+
+#[derive(Serialize)]
+pub struct DisabledSubscription {
+    pub id: i64,
+    pub name: String,
+    pub reason: String,
+}
+
+/// delivery.dead: a delivery that ran out of attempts (or was answered 410).
+#[derive(Serialize)]
+pub struct DeliveryDeadData {
+    pub delivery: DeadDelivery,
+}
+
+#[derive(Serialize)]
+pub struct DeadDelivery {
+    pub id: i64,
+    pub event_id: String,
+    pub event_type: String,
+    pub subscription_id: i64,
+    pub attempts: i32,
+    pub last_status_code: Option<i32>,
+    pub last_error: Option<String>,
 }
 
 #[derive(Serialize)]

@@ -4,7 +4,7 @@
 use std::cell::RefCell;
 use std::collections::HashMap;
 
-use pgrx::datum::DatumWithOid;
+use pgrx::datum::{DatumWithOid, FromDatum, IntoDatum};
 use pgrx::pg_sys::PgOid;
 use pgrx::spi::{OwnedPreparedStatement, SpiClient, SpiTupleTable};
 
@@ -63,9 +63,19 @@ pub fn execute<'c>(
     Ok(result?)
 }
 
+/// The first column of the first row, or None when there is no row (pgrx's own
+/// `get_one` reports "SpiTupleTable positioned before the start or after the end" then).
+pub fn first<T: FromDatum + IntoDatum>(rows: SpiTupleTable<'_>) -> Result<Option<T>> {
+    match rows.into_iter().next() {
+        Some(row) => Ok(row.get(1)?),
+        None => Ok(None),
+    }
+}
+
 // Argument types, named once.
 pub const TEXT: PgOid = PgOid::BuiltIn(pgrx::pg_sys::BuiltinOid::TEXTOID);
 pub const INT8: PgOid = PgOid::BuiltIn(pgrx::pg_sys::BuiltinOid::INT8OID);
+pub const INTERVAL: PgOid = PgOid::BuiltIn(pgrx::pg_sys::BuiltinOid::INTERVALOID);
 pub const FLOAT8: PgOid = PgOid::BuiltIn(pgrx::pg_sys::BuiltinOid::FLOAT8OID);
 pub const INT8_ARRAY: PgOid = PgOid::BuiltIn(pgrx::pg_sys::BuiltinOid::INT8ARRAYOID);
 pub const INT4_ARRAY: PgOid = PgOid::BuiltIn(pgrx::pg_sys::BuiltinOid::INT4ARRAYOID);

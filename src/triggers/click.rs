@@ -6,10 +6,11 @@ use super::*;
 fn clicks_trigger<'a>(
     trigger: &'a PgTrigger<'a>,
 ) -> Result<Option<PgHeapTuple<'a, AllocatedByPostgres>>, Error> {
-    Ok(Some(on_click(trigger).or_report()))
+    Ok(on_click(trigger).or_report())
 }
 
-fn on_click<'a>(trigger: &'a PgTrigger<'a>) -> Result<PgHeapTuple<'a, AllocatedByPostgres>> {
+/// The row to store, or None to skip it (a record_click past max_clicks).
+fn on_click<'a>(trigger: &'a PgTrigger<'a>) -> Result<Option<PgHeapTuple<'a, AllocatedByPostgres>>> {
     // SAFETY: in a BEFORE INSERT row trigger, tg_trigslot holds the new row (tg_trigtuple),
     // and nothing changes it while this trigger runs. Deformed once, read by name below.
     let new = unsafe { SlotColumns::new(trigger.trigger_data().tg_trigslot) };
@@ -27,26 +28,28 @@ fn on_click<'a>(trigger: &'a PgTrigger<'a>) -> Result<PgHeapTuple<'a, AllocatedB
             ));
         }
     };
-    let (link, reached_limit) = match linkstore::take_preclaimed(link_id) {
-        Some(found) => found,
-        None => {
-            let link = LinkRow::by_id(link_id)?.ok_or_else(|| {
+    // record_click looked the link up already; its clicks past the limit are skipped.
+    let (link, from_record_click) = match linkstore::take_stashed(link_id) {
+        Some(link) => (link, true),
+        None => (
+            LinkRow::by_id(link_id)?.ok_or_else(|| {
                 Error::NotFound(format!("invalid link_id: link {link_id} does not exist"))
-            })?;
-            let reached = match link.max_clicks {
-                None => false,
-                Some(max) => match linkstore::claim_click(link_id)? {
-                    Claim::Taken { reached_limit } => reached_limit,
-                    Claim::Full => {
-                        return Err(Error::LimitReached(format!(
-                            "link {link_id} ('{}') has reached its max_clicks of {max}; the click was not recorded",
-                            link.slug
-                        )));
-                    }
-                },
-            };
-            (link, reached)
-        }
+            })?,
+            false,
+        ),
+    };
+    let reached_limit = match link.max_clicks {
+        None => false,
+        Some(max) => match linkstore::claim_click(link_id)? {
+            Claim::Taken { reached_limit } => reached_limit,
+            Claim::Full if from_record_click => return Ok(None),
+            Claim::Full => {
+                return Err(Error::LimitReached(format!(
+                    "link {link_id} ('{}') has reached its max_clicks of {max}; the click was not recorded",
+                    link.slug
+                )));
+            }
+        },
     };
 
     let mut edits = Edits::default();
@@ -87,10 +90,10 @@ fn on_click<'a>(trigger: &'a PgTrigger<'a>) -> Result<PgHeapTuple<'a, AllocatedB
     unsafe {
         let data = trigger.trigger_data();
         let row = edits.apply(&new, data.tg_trigtuple);
-        Ok(PgHeapTuple::from_heap_tuple(
+        Ok(Some(PgHeapTuple::from_heap_tuple(
             PgTupleDesc::from_pg_unchecked((*data.tg_relation).rd_att),
             row,
-        ))
+        )))
     }
 }
 
@@ -123,15 +126,37 @@ fn enrich_click(
     let ip = new.ip("ip")?;
     let user_agent = capped("user_agent", MAX_HEADER_LEN)?;
     let referer = capped("referer", MAX_HEADER_LEN)?;
-    let country: Option<String> = new.get("country")?;
+    let country_given: Option<String> = new.get("country")?;
     let city: Option<String> = new.get("city")?;
-    for (field, value) in [("country", &country), ("city", &city)] {
-        if let Some(v) = value {
-            limits::check_text(field, v, MAX_TEXT_CHARS)?;
-        }
+    if let Some(v) = &city {
+        limits::check_text("city", v, MAX_TEXT_CHARS)?;
     }
-    // Comes from the request like the headers: stored capped, not refused.
+    // Comes from the request like the headers: stored capped, but it must be a URL.
     let landing_url = capped("landing_url", target::MAX_URL_LEN)?;
+    if let Some(url) = &landing_url
+        && !links::is_web_url(url)
+    {
+        return Err(Error::invalid(
+            "landing_url",
+            "must be an absolute http(s) URL, the one the visitor requested",
+        ));
+    }
+    let country = match country_given {
+        None => None,
+        Some(given) => {
+            let code = filters::country_code(&given).ok_or_else(|| {
+                let shown = links::truncate(&given, 20);
+                Error::invalid(
+                    "country",
+                    format!("must be a two-letter ISO 3166-1 code such as US (got '{shown}')"),
+                )
+            })?;
+            if code != given {
+                edits.set(new, "country", code.as_str())?;
+            }
+            Some(code)
+        }
+    };
 
     let info = useragent::classify(user_agent.as_deref());
     let mut fill = |name: &str, derived: Option<String>| -> Result<Option<String>> {

@@ -28,10 +28,14 @@ fn on_conversion<'a>(trigger: &'a PgTrigger<'a>) -> Result<Row<'a>> {
     let click_id: Option<i64> = col(&row, "click_id")?;
     let mut link_id: Option<i64> = col(&row, "link_id")?;
     if let Some(click_id) = click_id {
-        let clicked_link = Spi::get_one_with_args::<i64>(
-            "SELECT link_id FROM linkhooks.clicks WHERE id = $1",
-            &[click_id.into()],
-        )?
+        let clicked_link = Spi::connect(|client| {
+            plans::first::<i64>(plans::query(
+                client,
+                "SELECT link_id FROM linkhooks.clicks WHERE id = $1",
+                &[INT8],
+                &[click_id.into()],
+            )?)
+        })?
         .ok_or_else(|| {
             Error::NotFound(format!("invalid click_id: click {click_id} does not exist"))
         })?;
@@ -87,4 +91,3 @@ fn on_conversion<'a>(trigger: &'a PgTrigger<'a>) -> Result<Row<'a>> {
     })?;
     Ok(row)
 }
-

@@ -54,7 +54,18 @@ fn on_link<'a>(trigger: &'a PgTrigger<'a>) -> Result<Option<Row<'a>>> {
                 set(&mut new, "expired_at", None::<TimestampWithTimeZone>)?;
             }
             set(&mut new, "updated_at", transaction_now())?;
-            emit_link_event(EventType::LinkUpdated, &link_payload(&new)?, Some(changed))?;
+            let mut changes = Map::new();
+            for f in &changed {
+                let mut change = Map::new();
+                change.insert("from".into(), field_value(&old, f)?);
+                change.insert("to".into(), field_value(&new, f)?);
+                changes.insert((*f).into(), Value::Object(change));
+            }
+            emit_link_event(
+                EventType::LinkUpdated,
+                &link_payload(&new)?,
+                Some((changed, changes)),
+            )?;
             Some(new)
         }
         PgTriggerOperation::Delete => {
@@ -69,10 +80,46 @@ fn on_link<'a>(trigger: &'a PgTrigger<'a>) -> Result<Option<Row<'a>>> {
     Ok(row)
 }
 
+/// Whether another link already has this (domain, slug).
+fn slug_taken(domain: &str, slug: &str, id: i64) -> Result<bool> {
+    Spi::connect(|client| -> Result<bool> {
+        let rows = plans::query(
+            client,
+            "SELECT 1 FROM linkhooks.links WHERE domain = $1 AND slug = $2 AND id <> $3",
+            &[TEXT, TEXT, INT8],
+            &[domain.into(), slug.into(), id.into()],
+        )?;
+        Ok(!rows.is_empty())
+    })
+}
+
+/// A random slug no link of `domain` has yet. A concurrent insert of the same
+/// one would still be stopped by the unique index.
+fn free_slug(domain: &str) -> Result<String> {
+    for _ in 0..8 {
+        let slug = links::random_slug();
+        if !slug_taken(domain, &slug, 0)? {
+            return Ok(slug);
+        }
+    }
+    Err(Error::Duplicate(format!(
+        "duplicate slug: no free generated slug found in domain '{domain}'; give one"
+    )))
+}
+
 fn check_link(new: &mut Row<'_>, old: Option<&Row<'_>>) -> Result<()> {
-    let slug: String = col(new, "slug")?.unwrap_or_default();
-    links::check_slug(&slug)?;
     let domain: String = col(new, "domain")?.unwrap_or_default();
+    let slug: String = match col::<String>(new, "slug")? {
+        Some(slug) => slug,
+        // Inserted without a slug (bulk link creation): a fresh random one.
+        None if old.is_none() => {
+            let slug = free_slug(&domain)?;
+            set(new, "slug", slug.as_str())?;
+            slug
+        }
+        None => return Err(Error::invalid("slug", "must not be null")),
+    };
+    links::check_slug(&slug)?;
     if domain.len() > 253
         || !domain
             .chars()
@@ -119,21 +166,10 @@ fn check_link(new: &mut Row<'_>, old: Option<&Row<'_>>) -> Result<()> {
                 || col::<String>(old, "domain")?.as_deref() != Some(domain.as_str())
         }
     };
-    if key_changed {
-        let taken = Spi::connect(|client| -> Result<bool> {
-            let rows = plans::query(
-                client,
-                "SELECT 1 FROM linkhooks.links WHERE domain = $1 AND slug = $2 AND id <> $3",
-                &[TEXT, TEXT, INT8],
-                &[domain.as_str().into(), slug.as_str().into(), id.into()],
-            )?;
-            Ok(!rows.is_empty())
-        })?;
-        if taken {
-            return Err(Error::Duplicate(format!(
-                "duplicate slug: '{slug}' already exists in domain '{domain}' (slugs are unique per domain)"
-            )));
-        }
+    if key_changed && slug_taken(&domain, &slug, id)? {
+        return Err(Error::Duplicate(format!(
+            "duplicate slug: '{slug}' already exists in domain '{domain}' (slugs are unique per domain)"
+        )));
     }
     // Links that gain a click limit start counting from the clicks they already have.
     let old_limit = match old {
@@ -177,12 +213,22 @@ fn link_facts(link: &LinkPayload) -> Facts<'_> {
 fn emit_link_event(
     kind: EventType,
     link: &LinkPayload,
-    changed: Option<Vec<&'static str>>,
+    changed: Option<(Vec<&'static str>, Map<String, Value>)>,
 ) -> Result<()> {
     let facts = link_facts(link);
     let id = new_event_id();
     let at = unix_now_micros();
-    let body = payload::envelope(&id, kind, at, LinkChangeData { link, changed });
+    let (changed, changes) = changed.unzip();
+    let body = payload::envelope(
+        &id,
+        kind,
+        at,
+        LinkChangeData {
+            link,
+            changed,
+            changes,
+        },
+    );
     events::emit(kind, &id, &facts, |_| body.clone())?;
     Ok(())
 }
@@ -205,4 +251,3 @@ pub fn emit_link_expired(link: &LinkPayload, reason: &'static str) -> Result<()>
     events::emit(EventType::LinkExpired, &id, &facts, |_| body.clone())?;
     Ok(())
 }
-

@@ -10,7 +10,7 @@ use serde_json::{Map, Value};
 
 use crate::error::{Error, OrReport, Result};
 use crate::events::{self, unix_now_micros};
-use crate::filters::{ClickFacts, Facts, Filters};
+use crate::filters::{self, ClickFacts, Facts, Filters};
 use crate::guc;
 use crate::limits::{self, MAX_JSON_BYTES, MAX_TEXT_CHARS, MAX_UTM_BYTES};
 use crate::links::{self, LinkError, MAX_HEADER_LEN, truncate};
@@ -72,8 +72,22 @@ fn old_row<'a>(trigger: &'a PgTrigger<'a>) -> Result<Row<'a>> {
         .ok_or_else(|| Error::Column("OLD".into()))
 }
 
-
 /// The fields whose values differ between OLD and NEW (typed comparison).
+/// One field's value as the payload shows it (timestamps formatted like the envelope's).
+pub(super) fn field_value(row: &Row<'_>, f: &str) -> Result<Value> {
+    Ok(match f {
+        "tags" => Value::from(text_array(row, f)?.unwrap_or_default()),
+        "utm" | "metadata" => col::<JsonB>(row, f)?.map_or(Value::Null, |j| j.0),
+        "expires_at" | "ends_at" | "completed_at" => col::<TimestampWithTimeZone>(row, f)?
+            .map_or(Value::Null, |t| {
+                payload::format_timestamp(unix_micros(t)).into()
+            }),
+        "max_clicks" | "click_goal" => col::<i64>(row, f)?.map_or(Value::Null, Value::from),
+        "disabled" => col::<bool>(row, f)?.map_or(Value::Null, Value::from),
+        _ => col::<String>(row, f)?.map_or(Value::Null, Value::from),
+    })
+}
+
 pub(super) fn changed_fields(
     old: &Row<'_>,
     new: &Row<'_>,

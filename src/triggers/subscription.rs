@@ -51,7 +51,7 @@ fn on_subscription<'a>(trigger: &'a PgTrigger<'a>) -> Result<Row<'a>> {
             resolve::own_addresses()
         };
         target::check_webhook_url(&url, guc::REQUIRE_HTTPS.get(), allow_private, &own)
-        .map_err(Error::Url)?;
+            .map_err(Error::Url)?;
     }
     SigningKey::parse(&col::<String>(&new, "secret")?.unwrap_or_default())?;
     if let Some(prev) = col::<String>(&new, "previous_secret")? {
@@ -99,6 +99,22 @@ fn on_subscription<'a>(trigger: &'a PgTrigger<'a>) -> Result<Row<'a>> {
             format!("must be between 1 and 1000 (got {m})"),
         ));
     }
+    let delivers = |row: &Row<'_>| -> Result<bool> {
+        Ok(col::<bool>(row, "enabled")?.unwrap_or(true)
+            && !col::<bool>(row, "paused")?.unwrap_or(false))
+    };
+    // A schema from before 0.5.0 (not updated yet) has no holds.
+    if attnum(&new, "held_since").is_ok() {
+        let held_since = match &old {
+            // Created disabled or paused: it receives nothing until it delivers.
+            None => None,
+            Some(_) if delivers(&new)? => None,
+            // Held since it last delivered: its events queue for linkhooks.hold_window.
+            Some(old) if delivers(old)? => Some(transaction_now()),
+            Some(old) => col::<TimestampWithTimeZone>(old, "held_since")?,
+        };
+        set(&mut new, "held_since", held_since)?;
+    }
     if let Some(old) = &old {
         let was_enabled = col::<bool>(old, "enabled")?.unwrap_or(true);
         if !was_enabled && col::<bool>(&new, "enabled")?.unwrap_or(true) {
@@ -110,4 +126,3 @@ fn on_subscription<'a>(trigger: &'a PgTrigger<'a>) -> Result<Row<'a>> {
     }
     Ok(new)
 }
-

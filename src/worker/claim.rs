@@ -10,6 +10,7 @@
 
 use std::collections::HashMap;
 use std::sync::Arc;
+use std::sync::LazyLock;
 use std::time::{Duration, Instant};
 
 use pgrx::pg_sys::PgOid;
@@ -19,7 +20,8 @@ use super::Worker;
 use super::admission::Plan;
 use crate::error::Result;
 use crate::events::unix_now;
-use crate::plans::{self, FLOAT8, INT4_ARRAY, INT8, INT8_ARRAY};
+use crate::linkstore;
+use crate::plans::{self, FLOAT8, INT4_ARRAY, INT8, INT8_ARRAY, TEXT};
 use crate::sender::Job;
 use crate::shared;
 use crate::signing::KeyRing;
@@ -28,6 +30,66 @@ const BOOL: PgOid = PgOid::BuiltIn(pgrx::pg_sys::BuiltinOid::BOOLOID);
 
 /// How long a claim holds a row before another claim may take it.
 pub const LEASE: Duration = Duration::from_secs(600);
+
+// The subscriptions the worker sends to are enabled and not paused. `paused` is
+// 0.5.0's: on an older schema (a new library before ALTER EXTENSION UPDATE) the
+// same statements run without it, so delivery goes on meanwhile.
+const ENDPOINTS: &str = "SELECT id, url, secret, previous_secret,
+        pg_catalog.date_part('epoch', previous_secret_expires_at)::bigint,
+        signature_scheme, timeout_ms, max_attempts, xmin::text
+ FROM linkhooks.subscriptions WHERE enabled AND NOT paused";
+const NEXT_DUE: &str = "SELECT (pg_catalog.date_part('epoch', pg_catalog.min(c.next_attempt_at) - pg_catalog.now()) * 1000)::float8
+                   FROM linkhooks.subscriptions s
+                  CROSS JOIN LATERAL (
+                        SELECT d.next_attempt_at FROM linkhooks.deliveries d
+                         WHERE d.subscription_id = s.id AND d.status IN ('pending', 'delivering')
+                         ORDER BY d.next_attempt_at
+                         LIMIT 1) c
+                  WHERE s.enabled AND NOT s.paused AND s.id <> ALL ($1)
+                    AND (NOT $3 OR s.id IN (SELECT f.id FROM pg_catalog.unnest($2::bigint[]) AS f(id)))";
+// Each eligible subscription's earliest due rows, at most its room under the
+// cap (an index range each, so a busy subscription's backlog is never walked),
+// merged in due order; only the rows chosen are locked.
+const CLAIM: &str = "WITH flying AS (
+                SELECT f.sub, f.n FROM ROWS FROM (pg_catalog.unnest($2::bigint[]), pg_catalog.unnest($3::int[])) AS f(sub, n)),
+             due AS (
+                SELECT c.id FROM linkhooks.subscriptions s
+                  LEFT JOIN flying f ON f.sub = s.id
+                 CROSS JOIN LATERAL (
+                       SELECT d.id, d.next_attempt_at FROM linkhooks.deliveries d
+                        WHERE d.subscription_id = s.id AND d.status IN ('pending', 'delivering')
+                          AND d.next_attempt_at <= pg_catalog.now()
+                        ORDER BY d.next_attempt_at
+                        LIMIT GREATEST($4 - COALESCE(f.n, 0), 0)) c
+                 -- a hashed subplan: the fast list may be long
+                 WHERE s.enabled AND NOT s.paused
+                   AND (s.id IN (SELECT f.id FROM pg_catalog.unnest($5::bigint[]) AS f(id))) = $6
+                 ORDER BY c.next_attempt_at
+                 LIMIT $1),
+             locked AS (
+                SELECT d.id, d.status AS was, d.attempts AS attempt, d.subscription_id AS sub,
+                       d.next_attempt_at - pg_catalog.make_interval(secs => $7) AS leased_at
+                  FROM linkhooks.deliveries d JOIN due USING (id)
+                 WHERE d.status IN ('pending', 'delivering') AND d.next_attempt_at <= pg_catalog.now()
+                   FOR UPDATE OF d SKIP LOCKED),
+             -- A row still 'delivering' when its lease ran out was held by a worker that
+             -- stopped mid-attempt: that attempt gets its row, so attempt numbers have no gaps.
+             lost AS (
+                INSERT INTO linkhooks.delivery_attempts (delivery_id, attempt, started_at, duration_ms, error, subscription_id)
+                SELECT l.id, l.attempt, l.leased_at, 0, $8, l.sub FROM locked l WHERE l.was = 'delivering')
+             UPDATE linkhooks.deliveries d
+                SET status = 'delivering', attempts = d.attempts + 1,
+                    next_attempt_at = pg_catalog.now() + pg_catalog.make_interval(secs => $7)
+               FROM locked, linkhooks.subscriptions sub
+              WHERE d.id = locked.id AND sub.id = d.subscription_id
+           RETURNING d.id, d.subscription_id, d.event_id::text, d.body, d.attempts, sub.xmin::text";
+static ENDPOINTS_BEFORE_0_5: LazyLock<String> = LazyLock::new(|| before_holds(ENDPOINTS));
+static NEXT_DUE_BEFORE_0_5: LazyLock<String> = LazyLock::new(|| before_holds(NEXT_DUE));
+static CLAIM_BEFORE_0_5: LazyLock<String> = LazyLock::new(|| before_holds(CLAIM));
+
+fn before_holds(sql: &str) -> String {
+    sql.replace(" AND NOT s.paused", "").replace(" AND NOT paused", "")
+}
 /// Rows claimed for a subscription that cannot be sent (its secret does not
 /// parse) go back to 'pending' and come due again after this.
 const UNSENDABLE_DELAY_SECS: f64 = 60.0;
@@ -50,19 +112,17 @@ pub struct Held {
 }
 
 impl Worker {
-    /// Reloads the enabled subscriptions when they changed (or when `force`).
+    /// Reloads the subscriptions it delivers to (enabled, not paused) when they changed (or when `force`).
     pub(super) fn refresh_endpoints(&mut self, force: bool) -> Result<()> {
         let generation = shared::config_generation();
         if !force && self.endpoints_generation == Some(generation) {
             return Ok(());
         }
         let mut endpoints = HashMap::new();
+        let holds = linkstore::subscriptions_hold_events();
         Spi::connect(|client| -> Result<()> {
             let rows = client.select(
-                "SELECT id, url, secret, previous_secret,
-                        pg_catalog.date_part('epoch', previous_secret_expires_at)::bigint,
-                        signature_scheme, timeout_ms, max_attempts, xmin::text
-                 FROM linkhooks.subscriptions WHERE enabled",
+                if holds { ENDPOINTS } else { ENDPOINTS_BEFORE_0_5.as_str() },
                 None,
                 &[],
             )?;
@@ -93,6 +153,7 @@ impl Worker {
             .retain_subscriptions(|sub| endpoints.contains_key(&sub));
         self.endpoints = endpoints;
         self.endpoints_generation = Some(generation);
+        self.schema_holds = holds;
         Ok(())
     }
 
@@ -186,15 +247,8 @@ impl Worker {
         let ms = Spi::connect_mut(|client| -> Result<Option<f64>> {
             let rows = plans::execute(
                 client,
-                "SELECT (pg_catalog.date_part('epoch', pg_catalog.min(c.next_attempt_at) - pg_catalog.now()) * 1000)::float8
-                   FROM linkhooks.subscriptions s
-                  CROSS JOIN LATERAL (
-                        SELECT d.next_attempt_at FROM linkhooks.deliveries d
-                         WHERE d.subscription_id = s.id AND d.status IN ('pending', 'delivering')
-                         ORDER BY d.next_attempt_at
-                         LIMIT 1) c
-                  WHERE s.enabled AND s.id <> ALL ($1)
-                    AND (NOT $3 OR s.id IN (SELECT f.id FROM pg_catalog.unnest($2::bigint[]) AS f(id)))",
+                if self.schema_holds { NEXT_DUE } else { NEXT_DUE_BEFORE_0_5.as_str() },
+
                 &[INT8_ARRAY, INT8_ARRAY, BOOL],
                 &[capped.into(), plan.fast.clone().into(), only_fast.into()],
             )?;
@@ -260,6 +314,32 @@ struct Claimed {
     subscription_version: String,
 }
 
+/// Makes rows a previous worker claimed but never finished due now (a row
+/// someone holds keeps its lease). Their interrupted attempt gets its row in
+/// `delivery_attempts`, so attempt numbers have no gaps.
+pub fn release_abandoned() -> Result<()> {
+    Spi::connect_mut(|client| -> Result<()> {
+        client.update(
+            "WITH abandoned AS (
+                SELECT d.id, d.attempts, d.subscription_id,
+                       d.next_attempt_at - pg_catalog.make_interval(secs => $1) AS leased_at
+                  FROM linkhooks.deliveries d WHERE d.status = 'delivering'
+                   FOR NO KEY UPDATE SKIP LOCKED),
+             released AS (
+                UPDATE linkhooks.deliveries d SET status = 'pending', next_attempt_at = pg_catalog.now()
+                  FROM abandoned a WHERE d.id = a.id)
+             INSERT INTO linkhooks.delivery_attempts (delivery_id, attempt, started_at, duration_ms, error, subscription_id)
+             SELECT a.id, a.attempts, a.leased_at, 0, $2, a.subscription_id FROM abandoned a",
+            None,
+            &[LEASE.as_secs_f64().into(), INTERRUPTED.into()],
+        )?;
+        Ok(())
+    })
+}
+
+/// The error recorded for an attempt whose worker stopped before it ended.
+const INTERRUPTED: &str = "outcome unknown: the worker stopped during this attempt";
+
 /// Claims up to `limit` due rows of enabled subscriptions that are (`fast`)
 /// or are not (`!fast`) in `plan.fast`, each subscription under its cap.
 fn claim_rows(worker: &Worker, plan: &Plan, limit: usize, fast: bool) -> Result<Vec<Claimed>> {
@@ -270,35 +350,8 @@ fn claim_rows(worker: &Worker, plan: &Plan, limit: usize, fast: bool) -> Result<
     Spi::connect_mut(|client| -> Result<Vec<Claimed>> {
         let rows = plans::execute(
             client,
-            // Each eligible subscription's earliest due rows, at most its room under the
-            // cap (an index range each, so a busy subscription's backlog is never walked),
-            // merged in due order; only the rows chosen are locked.
-            "WITH flying AS (
-                SELECT f.sub, f.n FROM ROWS FROM (pg_catalog.unnest($2::bigint[]), pg_catalog.unnest($3::int[])) AS f(sub, n)),
-             due AS (
-                SELECT c.id FROM linkhooks.subscriptions s
-                  LEFT JOIN flying f ON f.sub = s.id
-                 CROSS JOIN LATERAL (
-                       SELECT d.id, d.next_attempt_at FROM linkhooks.deliveries d
-                        WHERE d.subscription_id = s.id AND d.status IN ('pending', 'delivering')
-                          AND d.next_attempt_at <= pg_catalog.now()
-                        ORDER BY d.next_attempt_at
-                        LIMIT GREATEST($4 - COALESCE(f.n, 0), 0)) c
-                 -- a hashed subplan: the fast list may be long
-                 WHERE s.enabled
-                   AND (s.id IN (SELECT f.id FROM pg_catalog.unnest($5::bigint[]) AS f(id))) = $6
-                 ORDER BY c.next_attempt_at
-                 LIMIT $1),
-             locked AS (
-                SELECT d.id FROM linkhooks.deliveries d JOIN due USING (id)
-                 WHERE d.status IN ('pending', 'delivering') AND d.next_attempt_at <= pg_catalog.now()
-                   FOR UPDATE OF d SKIP LOCKED)
-             UPDATE linkhooks.deliveries d
-                SET status = 'delivering', attempts = d.attempts + 1,
-                    next_attempt_at = pg_catalog.now() + pg_catalog.make_interval(secs => $7)
-               FROM locked, linkhooks.subscriptions sub
-              WHERE d.id = locked.id AND sub.id = d.subscription_id
-           RETURNING d.id, d.subscription_id, d.event_id::text, d.body, d.attempts, sub.xmin::text",
+            if worker.schema_holds { CLAIM } else { CLAIM_BEFORE_0_5.as_str() },
+
             &[
                 INT8,
                 INT8_ARRAY,
@@ -307,6 +360,7 @@ fn claim_rows(worker: &Worker, plan: &Plan, limit: usize, fast: bool) -> Result<
                 INT8_ARRAY,
                 BOOL,
                 FLOAT8,
+                TEXT,
             ],
             &[
                 (limit as i64).into(),
@@ -316,6 +370,7 @@ fn claim_rows(worker: &Worker, plan: &Plan, limit: usize, fast: bool) -> Result<
                 plan.fast.clone().into(),
                 fast.into(),
                 LEASE.as_secs_f64().into(),
+                INTERRUPTED.into(),
             ],
         )?;
         rows.into_iter()

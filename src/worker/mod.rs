@@ -116,6 +116,8 @@ pub struct Worker {
     database: String,
     endpoints: HashMap<i64, Endpoint>,
     endpoints_generation: Option<u64>,
+    /// The schema has 0.5.0's subscription holds (`paused`): see claim.rs.
+    schema_holds: bool,
     /// Requests in flight, and how fast each subscription answered.
     flights: Flights,
     /// Jobs claimed and not yet recorded, by delivery id (for lease renewal).
@@ -184,6 +186,7 @@ impl Worker {
             database,
             endpoints: HashMap::new(),
             endpoints_generation: None,
+            schema_holds: true,
             flights: Flights::default(),
             held: HashMap::new(),
             outcomes: Vec::new(),
@@ -218,6 +221,7 @@ impl Worker {
                     return;
                 }
                 self.settings = Settings::read();
+                log!("pg_linkhooks: worker reloaded its settings");
                 self.allow_private
                     .store(guc::ALLOW_PRIVATE_TARGETS.get(), Ordering::Relaxed);
                 self.pool.resize(self.settings.limits.concurrency);
@@ -273,7 +277,9 @@ impl Worker {
                     .checked_add(self.settings.maintenance_every)
                     .unwrap_or(now + IDLE_POLL);
             }
-            shared::record_loop(self.flights.total() as i64, unix_now_micros() / 1000);
+            // Requests in flight: claimed rows beyond the threads wait in the pool's queue.
+            let in_flight = self.flights.total().min(self.settings.limits.concurrency);
+            shared::record_loop(in_flight as i64, unix_now_micros() / 1000);
             self.wait();
             woken = take_wakeup();
         }
@@ -336,11 +342,7 @@ impl Worker {
         if !self.released {
             // Rows a previous worker claimed but never finished are due now
             // (a row someone holds keeps its lease).
-            Spi::run(
-                "UPDATE linkhooks.deliveries SET next_attempt_at = pg_catalog.now()
-                  WHERE id IN (SELECT id FROM linkhooks.deliveries WHERE status = 'delivering'
-                                 FOR NO KEY UPDATE SKIP LOCKED)",
-            )?;
+            claim::release_abandoned()?;
             self.released = true;
         }
         self.refresh_endpoints(false)?;

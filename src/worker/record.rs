@@ -16,6 +16,8 @@ use pgrx::prelude::*;
 use super::Worker;
 use crate::error::Result;
 use crate::health::{self, HealthChange};
+use crate::opsevents;
+use crate::payload::{DeadDelivery, DisabledSubscription};
 use crate::plans::{self, FLOAT8_ARRAY, INT4_ARRAY, INT8_ARRAY, TEXT_ARRAY};
 use crate::retry::{self, Verdict};
 use crate::sender::Outcome;
@@ -61,7 +63,7 @@ impl Worker {
             return Ok(outcomes);
         }
         let verdicts: Vec<Verdict> = outcomes.iter().map(|o| self.judge(o)).collect();
-        let (updated, busy) = Spi::connect_mut(|client| -> Result<_> {
+        let (updated, busy, dead) = Spi::connect_mut(|client| -> Result<_> {
             let updated = set_delivery_status(client, &outcomes, &verdicts)?;
             let busy = if updated.len() < outcomes.len() {
                 still_claimed(client, &outcomes, &updated)?
@@ -75,9 +77,12 @@ impl Worker {
                 .filter(|(o, _)| updated.contains(&o.delivery_id))
                 .collect();
             log_attempts(client, &kept)?;
-            add_dead_letters(client, &kept)?;
-            Ok((updated, busy))
+            let dead = add_dead_letters(client, &kept)?;
+            Ok((updated, busy, dead))
         })?;
+        for delivery in dead {
+            opsevents::delivery_dead(delivery)?;
+        }
 
         let mut soonest_retry: Option<Duration> = None;
         let mut attempts = Vec::new();
@@ -152,6 +157,7 @@ impl Worker {
                 },
             );
         let disable_after = self.settings.disable_after;
+        let mut disabled = Vec::new();
         let (locked, existing) = Spi::connect_mut(|client| -> Result<(Vec<i64>, Vec<i64>)> {
             let locked: Vec<i64> = client
                 .update(
@@ -165,13 +171,13 @@ impl Worker {
                 .map(|r| Ok(r.get::<i64>(1)?.unwrap_or_default()))
                 .collect::<Result<_>>()?;
             if !locked.is_empty() {
-                client.update(
+                let updated = client.update(
                     "WITH u AS (
                         SELECT u.id, u.reset, u.dead, u.gone
                           FROM ROWS FROM (pg_catalog.unnest($1::bigint[]), pg_catalog.unnest($2::bool[]), pg_catalog.unnest($3::int[]), pg_catalog.unnest($4::bool[])) AS u(id, reset, dead, gone)
                          WHERE u.id OPERATOR(pg_catalog.=) ANY ($5)),
                      n AS (
-                        SELECT s.id, u.gone, u.dead,
+                        SELECT s.id, u.gone, u.dead, s.enabled AS was_enabled,
                                CASE WHEN u.reset THEN 0 ELSE s.consecutive_dead_letters END + u.dead AS run
                           FROM linkhooks.subscriptions s JOIN u ON u.id = s.id)
                      UPDATE linkhooks.subscriptions s
@@ -186,7 +192,8 @@ impl Worker {
                                 ELSE s.disabled_reason END
                        FROM n
                       WHERE s.id = n.id
-                        AND (n.run <> s.consecutive_dead_letters OR (n.gone AND s.enabled))",
+                        AND (n.run <> s.consecutive_dead_letters OR (n.gone AND s.enabled))
+                  RETURNING s.id, s.name, s.disabled_reason, n.was_enabled AND NOT s.enabled",
                     None,
                     &[
                         ids.clone().into(),
@@ -197,6 +204,15 @@ impl Worker {
                         disable_after.into(),
                     ],
                 )?;
+                for row in updated {
+                    if row.get::<bool>(4)? == Some(true) {
+                        disabled.push(DisabledSubscription {
+                            id: row.get(1)?.unwrap_or_default(),
+                            name: row.get(2)?.unwrap_or_default(),
+                            reason: row.get(3)?.unwrap_or_default(),
+                        });
+                    }
+                }
             }
             let existing: Vec<i64> = if locked.len() < ids.len() {
                 client
@@ -213,6 +229,16 @@ impl Worker {
             };
             Ok((locked, existing))
         })?;
+        for subscription in disabled {
+            // Names and reasons only: a subscription's URL may carry a token.
+            log!(
+                "pg_linkhooks: subscription {} ({}) disabled: {}",
+                subscription.id,
+                subscription.name,
+                subscription.reason
+            );
+            opsevents::subscription_disabled(subscription)?;
+        }
         // Written, or the subscription is gone: done. Locked by someone else: later.
         let locked: HashSet<i64> = locked.into_iter().collect();
         let existing: HashSet<i64> = existing.into_iter().collect();
@@ -297,9 +323,10 @@ fn set_delivery_status(
                FOR NO KEY UPDATE OF d SKIP LOCKED)
          UPDATE linkhooks.deliveries d
             SET status = u.status,
+                -- Finished rows show when they finished, not the claim's lease.
                 next_attempt_at = CASE WHEN u.status = 'pending'
                                        THEN pg_catalog.now() + u.delay_ms * interval '1 millisecond'
-                                       ELSE d.next_attempt_at END,
+                                       ELSE pg_catalog.to_timestamp(u.finished) END,
                 delivered_at = CASE WHEN u.status = 'delivered' THEN pg_catalog.to_timestamp(u.finished) END,
                 last_status_code = u.code,
                 last_error = u.error
@@ -356,29 +383,44 @@ fn still_claimed(
     Ok(busy)
 }
 
-/// Copies the deliveries that ran out of attempts (or were answered 410) to dead_letters.
+/// Copies the deliveries that ran out of attempts (or were answered 410) to
+/// dead_letters; returns the ones copied, for `delivery.dead`.
 fn add_dead_letters(
     client: &mut pgrx::spi::SpiClient<'_>,
     kept: &[(&Outcome, &Verdict)],
-) -> Result<()> {
+) -> Result<Vec<DeadDelivery>> {
     let dead_ids: Vec<i64> = kept
         .iter()
         .filter(|(_, v)| matches!(v, Verdict::Dead | Verdict::Gone))
         .map(|(o, _)| o.delivery_id)
         .collect();
-    if !dead_ids.is_empty() {
-        plans::execute(
-            client,
-            "INSERT INTO linkhooks.dead_letters
-                    (delivery_id, event_id, subscription_id, event_type, attempts, last_status_code, last_error)
-             SELECT id, event_id, subscription_id, event_type, attempts, last_status_code, last_error
-               FROM linkhooks.deliveries WHERE id OPERATOR(pg_catalog.=) ANY ($1)
-             ON CONFLICT (delivery_id) DO NOTHING",
-            &[INT8_ARRAY],
-            &[dead_ids.into()],
-        )?;
+    if dead_ids.is_empty() {
+        return Ok(Vec::new());
     }
-    Ok(())
+    let rows = plans::execute(
+        client,
+        "INSERT INTO linkhooks.dead_letters
+                (delivery_id, event_id, subscription_id, event_type, attempts, last_status_code, last_error)
+         SELECT id, event_id, subscription_id, event_type, attempts, last_status_code, last_error
+           FROM linkhooks.deliveries WHERE id OPERATOR(pg_catalog.=) ANY ($1)
+         ON CONFLICT (delivery_id) DO NOTHING
+         RETURNING delivery_id, event_id::text, event_type, subscription_id, attempts, last_status_code, last_error",
+        &[INT8_ARRAY],
+        &[dead_ids.into()],
+    )?;
+    rows.into_iter()
+        .map(|r| {
+            Ok(DeadDelivery {
+                id: r.get(1)?.unwrap_or_default(),
+                event_id: r.get(2)?.unwrap_or_default(),
+                event_type: r.get(3)?.unwrap_or_default(),
+                subscription_id: r.get(4)?.unwrap_or_default(),
+                attempts: r.get(5)?.unwrap_or_default(),
+                last_status_code: r.get(6)?,
+                last_error: r.get(7)?,
+            })
+        })
+        .collect()
 }
 
 /// Appends the attempts to the delivery log.

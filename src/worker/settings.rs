@@ -5,6 +5,7 @@ use std::time::Duration;
 use pgrx::prelude::*;
 
 use super::admission::Limits;
+use crate::duration;
 use crate::guc;
 use crate::retry::{self, Schedule};
 
@@ -33,7 +34,7 @@ impl Settings {
             n => n,
         };
         let interval = guc::string(&guc::MAINTENANCE_INTERVAL);
-        let maintenance_every = match retry::parse_duration(&interval) {
+        let maintenance_every = match duration::parse(&interval) {
             Some(d) if !d.is_zero() => d,
             _ => {
                 warning!(

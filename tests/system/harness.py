@@ -59,12 +59,14 @@ class Cluster:
             for k, v in conf.items():
                 f.write(f"{k} = {v}\n")
 
-    def _pg(self, tool, *args):
+    def _pg(self, tool, *args, env=None):
         subprocess.run(["runuser", "-u", "postgres", "--", f"{BIN}/{tool}", *args], check=True,
-                       stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+                       stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=env)
 
     def start(self):
-        self._pg("pg_ctl", "-D", self.dir, "-l", os.path.join(self.dir, "server.log"), "-w", "start")
+        # Started as from a Rust developer's shell: no error may carry a Rust backtrace even then.
+        self._pg("pg_ctl", "-D", self.dir, "-l", os.path.join(self.dir, "server.log"), "-w", "start",
+                 env={**os.environ, "RUST_BACKTRACE": "1"})
 
     def stop(self, mode="fast"):
         self._pg("pg_ctl", "-D", self.dir, "-m", mode, "-w", "stop")

@@ -45,10 +45,13 @@ def test_writer_resolves_and_records_clicks_and_nothing_else(cluster, db, roles,
                              [link_id, IPHONE]).fetchone()[0]
         w.execute("INSERT INTO linkhooks.conversions (click_id, name) VALUES (%s, 'signup')", [click_id])
 
-        for table in ["links", "campaigns", "subscriptions", "deliveries", "delivery_attempts", "dead_letters",
+        for table in ["campaigns", "subscriptions", "deliveries", "delivery_attempts", "dead_letters",
                       "delivery_log", "subscription_health", "link_stats"]:
             denied(w, f"SELECT count(*) FROM linkhooks.{table}")
         denied(w, "SELECT ip, user_agent FROM linkhooks.clicks")
+        # A link's id by its slug, for a plain INSERT of a click; nothing else of links.
+        assert w.execute("SELECT id FROM linkhooks.links WHERE domain = '' AND slug = 'w'").fetchone()[0] == link_id
+        denied(w, "SELECT destination FROM linkhooks.links")
         denied(w, "UPDATE linkhooks.links SET destination = 'https://evil.example/' WHERE id = %s", [link_id])
         denied(w, "INSERT INTO linkhooks.links (slug, destination) VALUES ('x', 'https://acme.com/')")
         denied(w, "DELETE FROM linkhooks.clicks")
@@ -121,7 +124,7 @@ def test_admin_manages_links_and_subscriptions_and_replays(cluster, db, roles, r
         m.execute("DELETE FROM linkhooks.links WHERE id = %s", [link_id])
 
         denied(m, "UPDATE linkhooks.deliveries SET status = 'delivered'")
-        denied(m, "DELETE FROM linkhooks.dead_letters")
+        denied(m, "UPDATE linkhooks.dead_letters SET replayed_at = now()")  # clearing them (DELETE) is allowed
         denied(m, "INSERT INTO linkhooks.delivery_attempts (delivery_id, attempt, started_at, duration_ms) VALUES (1, 1, now(), 1)")
         denied(m, "DELETE FROM linkhooks.clicks")
         denied(m, "SELECT linkhooks.grant_access('lh_admin', 'writer')")

@@ -155,8 +155,9 @@ def test_410_disables_the_subscription(db, receiver):
     wait_for(lambda: db.execute("SELECT NOT enabled FROM linkhooks.subscriptions").fetchone()[0], message="disabled")
     reason = db.execute("SELECT disabled_reason FROM linkhooks.subscriptions").fetchone()[0]
     assert "410" in reason
-    link(db, "g2")  # a disabled subscription gets nothing new
-    assert db.execute("SELECT count(*) FROM linkhooks.deliveries").fetchone()[0] == 1
+    link(db, "g2")  # a disabled subscription's new events are held: queued, not sent
+    assert db.execute("SELECT count(*) FROM linkhooks.deliveries WHERE status = 'pending'").fetchone()[0] == 1
+    assert len(receiver.received("/gone")) == 1
 
 
 def test_dead_letter_then_replay(db, receiver):
@@ -268,6 +269,15 @@ def test_crash_during_a_burst_loses_no_event(cluster, db, receiver):
     duplicates = len(ids) - len(set(ids))
     print(f"\ncrash test: {total} events, {len(ids)} requests, {duplicates} duplicates")
     assert all(r["verified_with"] for r in receiver.received("/burst"))
+    # An attempt cut short by the crash has its row too: attempt numbers have no gaps.
+    with cluster.connect() as c:
+        wait_for(lambda: c.execute("SELECT bool_and(status = 'delivered') FROM linkhooks.deliveries").fetchone()[0],
+                 message="every outcome recorded")
+        gaps = c.execute("SELECT count(*) FROM linkhooks.deliveries d WHERE d.attempts <> (SELECT count(DISTINCT a.attempt) "
+                         "FROM linkhooks.delivery_attempts a WHERE a.delivery_id = d.id AND a.attempt <= d.attempts)").fetchone()[0]
+        assert gaps == 0
+        assert c.execute("SELECT count(*) FROM linkhooks.deliveries WHERE next_attempt_at > now()").fetchone()[0] == 0, \
+            "finished rows show when they finished, not a lease"
 
 
 def test_worker_reports_table_statistics_for_autovacuum(db, receiver):

@@ -8,6 +8,7 @@ import pytest
 from standardwebhooks.webhooks import Webhook
 
 from conftest import database, drop_database, subscribe
+from harness import wait_for
 from test_links import IPHONE, link
 
 
@@ -62,7 +63,24 @@ def test_link_lifecycle_events(db, sub):
     events = [(r[0], json.loads(r[1])["data"]) for r in queued(db)]
     assert [e[0] for e in events] == ["link.created", "link.updated", "link.deleted"]
     assert events[1][1]["changed"] == ["destination"]
+    assert events[1][1]["changes"] == {"destination": {"from": "https://acme.com/x", "to": "https://acme.com/new"}}
     assert all(e[1]["link"]["slug"] == "life" and e[1]["link"]["campaign"] == "c1" for e in events)
+
+
+def test_link_updated_carries_each_changed_value(db, sub):
+    """0.4.0 named the changed fields only; the new values of fields outside the link object were lost."""
+    link_id = link(db, "vals", tags=["a"])
+    db.execute("UPDATE linkhooks.links SET max_clicks = 10, disabled = true, tags = '{a,b}', "
+               "expires_at = '2027-01-01T00:00:00Z', utm = '{\"source\": \"ig\"}' WHERE id = %s", [link_id])
+    [(_, body, *_)] = queued(db, "link.updated")
+    changes = json.loads(body)["data"]["changes"]
+    assert changes == {
+        "tags": {"from": ["a"], "to": ["a", "b"]},
+        "utm": {"from": None, "to": {"source": "ig"}},
+        "expires_at": {"from": None, "to": "2027-01-01T00:00:00.000Z"},
+        "max_clicks": {"from": None, "to": 10},
+        "disabled": {"from": False, "to": True},
+    }
 
 
 def test_conversion_event(db, sub):
@@ -200,13 +218,27 @@ def test_bad_subscriptions_are_refused(db, receiver, cols, message):
 
 
 def test_private_and_plain_http_targets_are_refused_on_write_by_default(cluster, db, receiver):
-    with cluster.connect() as c:
-        c.execute("SET linkhooks.allow_private_targets = off")
-        for url in ["http://127.0.0.1/x", "http://localhost/x", "http://169.254.169.254/", "http://[::1]/", "http://10.0.0.8/",
-                    "http://100.64.1.1/", "http://[::ffff:127.0.0.1]/", "http://0.0.0.0/"]:
+    # Server-wide settings (the worker reads them too): the tests' cluster allows both, so turn that off.
+    cluster.set("linkhooks.allow_private_targets", "off")
+    cluster.set("linkhooks.require_https", "on")
+    try:
+        check_refusals(cluster)
+    finally:
+        with cluster.connect() as c:
+            c.execute("ALTER SYSTEM RESET linkhooks.allow_private_targets")
+            c.execute("ALTER SYSTEM RESET linkhooks.require_https")
+            c.execute("SELECT pg_reload_conf()")
+
+
+def check_refusals(cluster):
+    # A session started after the reload sees it (the postmaster reloads before it forks one).
+    c = wait_for(lambda: (lambda conn: conn if conn.execute("SHOW linkhooks.require_https").fetchone()[0] == "on"
+                          else conn.close())(cluster.connect()), message="the reload")
+    with c:
+        for url in ["https://127.0.0.1/x", "https://localhost/x", "https://169.254.169.254/", "https://[::1]/",
+                    "https://10.0.0.8/", "https://100.64.1.1/", "https://[::ffff:127.0.0.1]/", "https://0.0.0.0/"]:
             with pytest.raises(psycopg.Error, match="must not point at a private, loopback, link-local"):
                 c.execute("INSERT INTO linkhooks.subscriptions (name, url) VALUES ('p', %s)", [url])
-        c.execute("SET linkhooks.require_https = on")
         with pytest.raises(psycopg.Error, match="must use https"):
             c.execute("INSERT INTO linkhooks.subscriptions (name, url) VALUES ('p', 'http://hooks.example.com/')")
         c.execute("INSERT INTO linkhooks.subscriptions (name, url, enabled) VALUES ('ok', 'https://hooks.example.com/', false)")

@@ -12,14 +12,24 @@ from conftest import subscribe
 from harness import wait_for
 from test_links import IPHONE
 
-README = open(os.path.join(os.path.dirname(__file__), "..", "..", "README.md")).read()
+ROOT = os.path.join(os.path.dirname(__file__), "..", "..")
+DOCS = ["README.md", "SECURITY.md"] + [os.path.join("docs", f) for f in sorted(os.listdir(os.path.join(ROOT, "docs")))]
 
 
-def section(heading):
-    """The README text under a heading, up to the next heading of the same or a higher level."""
+def read(doc):
+    with open(os.path.join(ROOT, doc)) as f:
+        return f.read()
+
+
+README = read("README.md")
+
+
+def section(heading, doc="README.md"):
+    """A document's text under a heading, up to the next heading of the same or a higher level."""
+    text = read(doc)
     level = heading.split(" ")[0]
-    start = README.index(heading + "\n")
-    rest = README[start + len(heading) + 1:]
+    start = text.index(heading + "\n")
+    rest = text[start + len(heading) + 1:]
     ends = [m.start() for m in re.finditer(r"^#{1,%d} " % len(level), rest, re.M)]
     return rest[:ends[0]] if ends else rest
 
@@ -89,11 +99,17 @@ def shape(value):
 
 def test_payload_examples_have_the_fields_real_events_have(db, receiver):
     examples = {}
-    for block in code_blocks(section("### Event payloads"), "json"):
+    for block in code_blocks(section("## Event payloads", "docs/payloads.md"), "json"):
         example = json.loads(block.replace("…", ""))
         examples[example["type"]] = example
     assert set(examples) == {"link.clicked", "qr.scanned", "link.converted", "link.created", "link.updated",
-                             "link.expired", "campaign.completed", "webhook.test"}
+                             "link.expired", "campaign.completed", "webhook.test", "subscription.disabled",
+                             "delivery.dead"}
+    # An operations endpoint, and one that answers 410 Gone: it is disabled and its event is dead.
+    subscribe(db, receiver, "/ops", event_types=["subscription.disabled", "delivery.dead"])
+    gone, _ = subscribe(db, receiver, "/gone", event_types=["webhook.test"])
+    receiver.expect("/gone", receiver.paths["/gone"]["secrets"], script=[(410, {}, 0)])
+    db.execute("SELECT linkhooks.send_test(%s)", [gone])
 
     sid, _ = subscribe(db, receiver, "/all", filters={"exclude_bots": False})
     db.execute("INSERT INTO linkhooks.campaigns (name, click_goal) VALUES ('winter-sale-2026', 2)")
@@ -108,23 +124,59 @@ def test_payload_examples_have_the_fields_real_events_have(db, receiver):
     db.execute("UPDATE linkhooks.links SET destination = 'https://acme.com/winter-sale-2'")
     db.execute("SELECT linkhooks.send_test(%s)", [sid])
     real = wait_for(lambda: (lambda got: got if set(got) >= set(examples) else None)(
-        {r["json"]["type"]: r for r in receiver.received("/all")}), message="one event of each type")
+        {r["json"]["type"]: r for r in receiver.received("/all") + receiver.received("/ops")}),
+        message="one event of each type")
     for kind, example in examples.items():
         assert shape(real[kind]["json"]) == shape(example), kind
     assert '"amount":49.90' in real["link.converted"]["body"], "amounts keep their exact digits"
 
 
 def test_settings_table_lists_every_setting_with_its_default(db):
-    rows = re.findall(r"^\| `(linkhooks\.[a-z_]+)` \| (.*?) \|", section("## Settings"), re.M)
+    rows = re.findall(r"^\| `(linkhooks\.[a-z_]+)` \| (.*?) \|", read("docs/settings.md"), re.M)
     documented = {name: default.strip("`'") for name, default in rows}
     actual = dict(db.execute("SELECT name, coalesce(boot_val, '') FROM pg_settings WHERE name LIKE 'linkhooks.%'").fetchall())
     assert documented == actual
 
 
 def test_every_function_is_documented(db):
-    api = section("### Functions")
+    api = section("## Functions", "docs/sql-reference.md")
     functions = {r[0] for r in db.execute(
         "SELECT p.proname FROM pg_proc p JOIN pg_namespace n ON n.oid = p.pronamespace "
         "WHERE n.nspname = 'linkhooks' AND p.prorettype <> 'trigger'::regtype AND p.proname <> 'apply_access'").fetchall()}
     undocumented = {f for f in functions if f"`{f}(" not in api}
     assert functions and not undocumented
+
+
+def test_every_table_column_is_documented(db):
+    reference = read("docs/sql-reference.md")
+    columns = db.execute("SELECT c.relname, a.attname FROM pg_attribute a JOIN pg_class c ON c.oid = a.attrelid "
+                         "JOIN pg_namespace n ON n.oid = c.relnamespace WHERE n.nspname = 'linkhooks' "
+                         "AND c.relkind = 'r' AND a.attnum > 0 AND NOT a.attisdropped").fetchall()
+    assert len(columns) > 80
+    for table, column in columns:
+        start = reference.index(f"**`{table}`**")
+        end = reference.find("**`", start + 1)
+        assert f"`{column}`" in reference[start:end if end > 0 else None], f"{table}.{column}"
+
+
+def test_the_front_page_is_short_and_every_link_resolves():
+    assert len(README.splitlines()) < 250
+    for doc in DOCS:
+        text = read(doc)
+        assert "DESIGN.md" not in text and "../shared" not in text, doc
+        for target in re.findall(r"\]\(([^)#]+)(?:#[^)]*)?\)", text):
+            if not target.startswith(("http://", "https://", "mailto:")):
+                path = os.path.normpath(os.path.join(ROOT, os.path.dirname(doc), target))
+                assert os.path.exists(path), f"{doc} links to {target}, which is not in the repository"
+
+
+def test_local_testing_runs_as_written(cluster):
+    [block] = code_blocks(section("## Local testing"), "sql")
+    with cluster.connect() as c:
+        try:
+            for statement, _ in statements(block):
+                c.execute(statement)
+        finally:
+            for name in ("linkhooks.allow_private_targets", "linkhooks.require_https"):
+                c.execute(f"ALTER SYSTEM RESET {name}")
+            c.execute("SELECT pg_reload_conf()")
