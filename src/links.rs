@@ -207,7 +207,13 @@ mod tests {
     fn landing_urls_must_be_web_urls() {
         assert!(is_web_url("https://acme.com/sale?utm_source=x"));
         assert!(is_web_url("http://127.0.0.1:8080/"));
-        for bad in ["not a url", "javascript:alert(1)", "mailto:a@b.co", "/relative", "https://"] {
+        for bad in [
+            "not a url",
+            "javascript:alert(1)",
+            "mailto:a@b.co",
+            "/relative",
+            "https://",
+        ] {
             assert!(!is_web_url(bad), "{bad}");
         }
     }

@@ -10,7 +10,9 @@ fn clicks_trigger<'a>(
 }
 
 /// The row to store, or None to skip it (a record_click past max_clicks).
-fn on_click<'a>(trigger: &'a PgTrigger<'a>) -> Result<Option<PgHeapTuple<'a, AllocatedByPostgres>>> {
+fn on_click<'a>(
+    trigger: &'a PgTrigger<'a>,
+) -> Result<Option<PgHeapTuple<'a, AllocatedByPostgres>>> {
     // SAFETY: in a BEFORE INSERT row trigger, tg_trigslot holds the new row (tg_trigtuple),
     // and nothing changes it while this trigger runs. Deformed once, read by name below.
     let new = unsafe { SlotColumns::new(trigger.trigger_data().tg_trigslot) };

@@ -88,7 +88,8 @@ static NEXT_DUE_BEFORE_0_5: LazyLock<String> = LazyLock::new(|| before_holds(NEX
 static CLAIM_BEFORE_0_5: LazyLock<String> = LazyLock::new(|| before_holds(CLAIM));
 
 fn before_holds(sql: &str) -> String {
-    sql.replace(" AND NOT s.paused", "").replace(" AND NOT paused", "")
+    sql.replace(" AND NOT s.paused", "")
+        .replace(" AND NOT paused", "")
 }
 /// Rows claimed for a subscription that cannot be sent (its secret does not
 /// parse) go back to 'pending' and come due again after this.
@@ -122,7 +123,11 @@ impl Worker {
         let holds = linkstore::subscriptions_hold_events();
         Spi::connect(|client| -> Result<()> {
             let rows = client.select(
-                if holds { ENDPOINTS } else { ENDPOINTS_BEFORE_0_5.as_str() },
+                if holds {
+                    ENDPOINTS
+                } else {
+                    ENDPOINTS_BEFORE_0_5.as_str()
+                },
                 None,
                 &[],
             )?;
@@ -247,8 +252,11 @@ impl Worker {
         let ms = Spi::connect_mut(|client| -> Result<Option<f64>> {
             let rows = plans::execute(
                 client,
-                if self.schema_holds { NEXT_DUE } else { NEXT_DUE_BEFORE_0_5.as_str() },
-
+                if self.schema_holds {
+                    NEXT_DUE
+                } else {
+                    NEXT_DUE_BEFORE_0_5.as_str()
+                },
                 &[INT8_ARRAY, INT8_ARRAY, BOOL],
                 &[capped.into(), plan.fast.clone().into(), only_fast.into()],
             )?;
@@ -350,17 +358,13 @@ fn claim_rows(worker: &Worker, plan: &Plan, limit: usize, fast: bool) -> Result<
     Spi::connect_mut(|client| -> Result<Vec<Claimed>> {
         let rows = plans::execute(
             client,
-            if worker.schema_holds { CLAIM } else { CLAIM_BEFORE_0_5.as_str() },
-
+            if worker.schema_holds {
+                CLAIM
+            } else {
+                CLAIM_BEFORE_0_5.as_str()
+            },
             &[
-                INT8,
-                INT8_ARRAY,
-                INT4_ARRAY,
-                INT8,
-                INT8_ARRAY,
-                BOOL,
-                FLOAT8,
-                TEXT,
+                INT8, INT8_ARRAY, INT4_ARRAY, INT8, INT8_ARRAY, BOOL, FLOAT8, TEXT,
             ],
             &[
                 (limit as i64).into(),
