@@ -5,7 +5,7 @@
 
 -- Everything that runs as the owner pins search_path, pg_temp last.
 ALTER FUNCTION links_trigger() SET search_path = pg_catalog, pg_temp;
-ALTER FUNCTION clicks_trigger() SET search_path = pg_catalog, pg_temp;
+-- (clicks_trigger pins it in its code: src/triggers/mod.rs)
 ALTER FUNCTION conversions_trigger() SET search_path = pg_catalog, pg_temp;
 ALTER FUNCTION campaigns_trigger() SET search_path = pg_catalog, pg_temp;
 ALTER FUNCTION subscriptions_trigger() SET search_path = pg_catalog, pg_temp;

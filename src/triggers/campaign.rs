@@ -53,7 +53,6 @@ fn on_campaign<'a>(trigger: &'a PgTrigger<'a>) -> Result<Row<'a>> {
     Ok(new)
 }
 
-
 pub fn emit_campaign_completed(campaign: CampaignPayload) -> Result<()> {
     let id = new_event_id();
     let name = campaign.name.clone();
@@ -71,4 +70,3 @@ pub fn emit_campaign_completed(campaign: CampaignPayload) -> Result<()> {
     events::emit(EventType::CampaignCompleted, &id, &facts, |_| body.clone())?;
     Ok(())
 }
-

@@ -6,7 +6,7 @@ use super::*;
 fn clicks_trigger<'a>(
     trigger: &'a PgTrigger<'a>,
 ) -> Result<Option<PgHeapTuple<'a, AllocatedByPostgres>>, Error> {
-    Ok(on_click(trigger).or_report())
+    Ok(with_catalog_search_path(|| on_click(trigger)).or_report())
 }
 
 /// The row to store, or None to skip it (a record_click past max_clicks).

@@ -69,6 +69,16 @@ def plant(conn, schema):
                      f"LANGUAGE sql AS $$ SELECT {schema}.escalate() $$")
         conn.execute(f"CREATE OPERATOR {schema}.= (LEFTARG = pg_catalog.{left}, RIGHTARG = pg_catalog.{right}, "
                      f"FUNCTION = {schema}.eq)")
+    # What a click limit and a campaign goal compute with: click_count + 1, < and >= on bigints.
+    conn.execute(f"CREATE FUNCTION {schema}.lt(pg_catalog.int8, pg_catalog.int8) RETURNS boolean "
+                 f"LANGUAGE sql AS $$ SELECT {schema}.escalate() $$")
+    for op in ["<", ">="]:
+        conn.execute(f"CREATE OPERATOR {schema}.{op} (LEFTARG = pg_catalog.int8, RIGHTARG = pg_catalog.int8, "
+                     f"FUNCTION = {schema}.lt)")
+    conn.execute(f"CREATE FUNCTION {schema}.plus(pg_catalog.int8, pg_catalog.int4) RETURNS pg_catalog.int8 "
+                 f"LANGUAGE sql AS $$ SELECT {schema}.escalate()::pg_catalog.int4::pg_catalog.int8 $$")
+    conn.execute(f"CREATE OPERATOR {schema}.+ (LEFTARG = pg_catalog.int8, RIGHTARG = pg_catalog.int4, "
+                 f"FUNCTION = {schema}.plus)")
 
 
 def test_a_writer_with_temp_objects_cannot_run_code_as_the_owner(cluster, db, hostile, receiver):
@@ -76,6 +86,9 @@ def test_a_writer_with_temp_objects_cannot_run_code_as_the_owner(cluster, db, ho
     writer's function, then record_click(ip => ...) cast the ip to pg_temp.inet as the owner."""
     subscribe(db, receiver, "/sec", event_types=["link.clicked", "link.converted"])
     link_id = link(db, "sale", "https://acme.com/sale")
+    # A click limit and a campaign goal make the click trigger run its UPDATEs too.
+    db.execute("INSERT INTO linkhooks.campaigns (name, click_goal) VALUES ('goal', 3)")
+    limited = link(db, "lim", "https://acme.com/lim", max_clicks=5, campaign="goal")
     with hostile("writer") as w:
         plant(w, "pg_temp")
         plant(w, HOSTILE)
@@ -87,8 +100,12 @@ def test_a_writer_with_temp_objects_cannot_run_code_as_the_owner(cluster, db, ho
                              "VALUES (%s, '203.0.113.9', %s, 'https://acme.com/?utm_source=x') RETURNING id",
                              [link_id, IPHONE]).fetchone()[0]
         w.execute("INSERT INTO linkhooks.conversions (click_id, name, metadata) VALUES (%s, 'buy', '{}')", [click_id])
+        w.execute("INSERT INTO linkhooks.clicks (link_id, user_agent) VALUES (%s, %s)", [limited, IPHONE])
+        assert w.execute("SELECT linkhooks.record_click('lim')").fetchone()[0] == "https://acme.com/lim"
     assert not is_superuser(db)
-    assert db.execute("SELECT count(*) FROM linkhooks.clicks").fetchone()[0] == 2
+    assert db.execute("SELECT count(*) FROM linkhooks.clicks").fetchone()[0] == 4
+    assert db.execute("SELECT click_count FROM linkhooks.links WHERE id = %s", [limited]).fetchone()[0] == 2
+    assert db.execute("SELECT click_count FROM linkhooks.campaigns").fetchone()[0] == 2
 
 
 def test_an_admin_with_planted_objects_cannot_run_code_as_the_owner(cluster, db, hostile, receiver):
@@ -141,7 +158,8 @@ def test_grant_access_ignores_functions_planted_in_the_callers_path(cluster, db,
 
 def test_every_function_that_runs_as_the_owner_pins_search_path(db):
     """Read from the catalog: every SECURITY DEFINER function, trigger function and
-    access function of the extension has search_path = pg_catalog, pg_temp."""
+    access function of the extension has search_path = pg_catalog, pg_temp, but the
+    clicks trigger, which pins it in its code."""
     unpinned = db.execute("""
         SELECT p.oid::regprocedure::text
           FROM pg_proc p
@@ -151,7 +169,9 @@ def test_every_function_that_runs_as_the_owner_pins_search_path(db):
                 OR p.prolang <> (SELECT oid FROM pg_language WHERE lanname = 'c'))
            AND NOT coalesce('search_path=pg_catalog, pg_temp' = ANY (p.proconfig), false)
          ORDER BY 1""").fetchall()
-    assert unpinned == []
+    # The clicks trigger pins it in its code (src/triggers/mod.rs, with_catalog_search_path),
+    # attacked in test_a_writer_with_temp_objects_cannot_run_code_as_the_owner.
+    assert unpinned == [("linkhooks.clicks_trigger()",)]
     definers = db.execute("""
         SELECT count(*) FROM pg_proc p JOIN pg_namespace n ON n.oid = p.pronamespace
          WHERE n.nspname = 'linkhooks' AND (p.prosecdef OR p.prorettype = 'trigger'::regtype)""").fetchone()[0]
