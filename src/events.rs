@@ -32,9 +32,9 @@ pub struct CachedSubscription {
     filters: Filters,
     pub ip_mode: IpMode,
     keys: KeyRing,
-    /// Disabled or paused since (Unix seconds): its events are held (queued,
-    /// not sent) until `linkhooks.hold_window` after this. None: it delivers.
-    held_since: Option<i64>,
+    /// Disabled or paused since (Unix milliseconds): its events are held
+    /// (queued, not sent) until `linkhooks.hold_window` after this. None: it delivers.
+    held_since_ms: Option<i64>,
 }
 
 pub struct Cache {
@@ -73,7 +73,7 @@ fn load_cache(generation: u64) -> Result<Cache> {
         let query = if linkstore::subscriptions_hold_events() {
             "SELECT id, secret, previous_secret,
                     extract(epoch FROM previous_secret_expires_at)::bigint,
-                    event_types, filters, ip_mode, extract(epoch FROM held_since)::bigint
+                    event_types, filters, ip_mode, (extract(epoch FROM held_since) * 1000)::bigint
              FROM linkhooks.subscriptions
             WHERE (enabled AND NOT paused) OR held_since IS NOT NULL ORDER BY id"
         } else {
@@ -92,7 +92,7 @@ fn load_cache(generation: u64) -> Result<Cache> {
             let types: Option<Vec<Option<String>>> = row.get(5)?;
             let filters: Option<pgrx::JsonB> = row.get(6)?;
             let ip_mode: String = row.get(7)?.unwrap_or_default();
-            let held_since: Option<i64> = row.get(8)?;
+            let held_since_ms: Option<i64> = row.get(8)?;
             // Rows are validated on write; one that no longer parses receives nothing
             // rather than failing every click.
             let (Ok(filters), Ok(keys)) = (
@@ -107,7 +107,7 @@ fn load_cache(generation: u64) -> Result<Cache> {
                 filters,
                 ip_mode: IpMode::parse(&ip_mode).unwrap_or_default(),
                 keys,
-                held_since,
+                held_since_ms,
             });
         }
         let mut goal_campaigns = HashSet::new();
@@ -176,12 +176,16 @@ pub fn emit(
     let mut bodies: [Option<Rc<str>>; 3] = [None, None, None];
     let mut queued = Vec::new();
     let max_body = guc::MAX_BODY_BYTES.get().max(0) as usize;
-    let hold_window = std::cell::OnceCell::new();
-    let holding =
-        |since: i64| now < since.saturating_add(*hold_window.get_or_init(guc::hold_window_secs));
+    let hold_until = std::cell::OnceCell::new();
+    // Computed once, and only when some subscription is held.
+    let holding = |since_ms: i64| {
+        let (now_ms, window_ms) =
+            *hold_until.get_or_init(|| (unix_now_micros() / 1000, guc::hold_window_ms()));
+        now_ms < since_ms.saturating_add(window_ms)
+    };
     for sub in cache.subscriptions.iter().filter(|s| {
         s.event_mask & kind.bit() != 0
-            && s.held_since.is_none_or(holding)
+            && s.held_since_ms.is_none_or(holding)
             && s.filters.matches(facts)
     }) {
         let body = bodies[sub.ip_mode as usize]

@@ -232,9 +232,9 @@ fn duration_rule(value: &str, positive: bool) -> Result<(), String> {
     }
 }
 
-/// `linkhooks.hold_window` in seconds (checked when set; 3 days if unreadable).
-pub fn hold_window_secs() -> i64 {
-    duration::parse(&string(&HOLD_WINDOW)).map_or(3 * 86_400, |d| d.as_secs() as i64)
+/// `linkhooks.hold_window` in milliseconds (checked when set; 3 days if unreadable).
+pub fn hold_window_ms() -> i64 {
+    duration::parse(&string(&HOLD_WINDOW)).map_or(3 * 86_400_000, |d| d.as_millis() as i64)
 }
 
 /// A string setting's value, '' when unset.

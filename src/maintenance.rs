@@ -150,7 +150,7 @@ fn expire_held() -> Result<i64> {
     if !crate::linkstore::subscriptions_hold_events() {
         return Ok(0); // a schema from before 0.5.0, not updated yet
     }
-    let window_ms = guc::hold_window_secs() as f64 * 1000.0;
+    let window_ms = guc::hold_window_ms() as f64;
     Ok(Spi::get_one_with_args::<i64>(
         "WITH expired AS (
             UPDATE linkhooks.deliveries d
