@@ -79,15 +79,16 @@ def test_settings_are_checked_when_set_and_the_workers_cannot_be_set_per_session
 
 
 def test_retention_takes_postgres_interval_syntax(cluster, db, receiver):
+    """0.4.0 accepted '7 days' and pruned nothing. Ten days, unlike the default 7d, keeps an 8-day-old row."""
     subscribe(db, receiver, "/kept", event_types=["link.clicked"], filters={"exclude_bots": False})
     link_id = link(db, "k")
-    db.execute("INSERT INTO linkhooks.clicks (link_id) SELECT %s FROM generate_series(1, 2)", [link_id])
-    wait_for(lambda: db.execute("SELECT count(*) FROM linkhooks.deliveries WHERE status = 'delivered'").fetchone()[0] == 2,
-             message="both delivered")
-    old, recent = [r[0] for r in db.execute("SELECT id FROM linkhooks.deliveries ORDER BY id")]
-    db.execute("UPDATE linkhooks.deliveries SET delivered_at = now() - interval '8 days' WHERE id = %s", [old])
-    db.execute("UPDATE linkhooks.deliveries SET delivered_at = now() - interval '6 days' WHERE id = %s", [recent])
-    with server_setting(cluster, "linkhooks.retention", "7 days"):
+    with server_setting(cluster, "linkhooks.retention", "10 days"):
+        db.execute("INSERT INTO linkhooks.clicks (link_id) SELECT %s FROM generate_series(1, 2)", [link_id])
+        wait_for(lambda: db.execute("SELECT count(*) FROM linkhooks.deliveries WHERE status = 'delivered'").fetchone()[0] == 2,
+                 message="both delivered")
+        old, recent = [r[0] for r in db.execute("SELECT id FROM linkhooks.deliveries ORDER BY id")]
+        db.execute("UPDATE linkhooks.deliveries SET delivered_at = now() - interval '12 days' WHERE id = %s", [old])
+        db.execute("UPDATE linkhooks.deliveries SET delivered_at = now() - interval '8 days' WHERE id = %s", [recent])
         db.execute("SELECT linkhooks.run_maintenance()")
         assert [r[0] for r in db.execute("SELECT id FROM linkhooks.deliveries")] == [recent]
     assert "invalid linkhooks.retention" not in cluster.log()
