@@ -50,8 +50,11 @@ def test_errors_name_the_field_and_carry_no_backtrace(cluster, db):
 def server_setting(cluster, name, value):
     """ALTER SYSTEM + reload, undone afterwards; waits until the worker has reloaded each time."""
     def reload(statement):
-        before = cluster.log().count("worker reloaded its settings")
         with cluster.connect() as c:
+            # A worker that is (re)starting would read the new value without logging a reload.
+            wait_for(lambda: c.execute("SELECT running FROM linkhooks.worker_status()").fetchone()[0],
+                     message="the worker running")
+            before = cluster.log().count("worker reloaded its settings")
             c.execute(statement)
             c.execute("SELECT pg_reload_conf()")
         wait_for(lambda: cluster.log().count("worker reloaded its settings") > before, message="the worker's reload logged")
