@@ -109,13 +109,13 @@ fn free_slug(domain: &str) -> Result<String> {
 
 fn check_link(new: &mut Row<'_>, old: Option<&Row<'_>>) -> Result<()> {
     let domain: String = col(new, "domain")?.unwrap_or_default();
-    let slug: String = match col::<String>(new, "slug")? {
-        Some(slug) => slug,
-        // Inserted without a slug (bulk link creation): a fresh random one.
+    let (slug, generated) = match col::<String>(new, "slug")? {
+        Some(slug) => (slug, false),
+        // Inserted without a slug (bulk link creation): a fresh random one, found free.
         None if old.is_none() => {
             let slug = free_slug(&domain)?;
             set(new, "slug", slug.as_str())?;
-            slug
+            (slug, true)
         }
         None => return Err(Error::invalid("slug", "must not be null")),
     };
@@ -160,7 +160,7 @@ fn check_link(new: &mut Row<'_>, old: Option<&Row<'_>>) -> Result<()> {
 
     let id: i64 = col(new, "id")?.unwrap_or_default();
     let key_changed = match old {
-        None => true,
+        None => !generated, // a generated slug was checked free already
         Some(old) => {
             col::<String>(old, "slug")?.as_deref() != Some(slug.as_str())
                 || col::<String>(old, "domain")?.as_deref() != Some(domain.as_str())
