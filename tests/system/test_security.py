@@ -102,10 +102,12 @@ def test_a_writer_with_temp_objects_cannot_run_code_as_the_owner(cluster, db, ho
         w.execute("INSERT INTO linkhooks.conversions (click_id, name, metadata) VALUES (%s, 'buy', '{}')", [click_id])
         w.execute("INSERT INTO linkhooks.clicks (link_id, user_agent) VALUES (%s, %s)", [limited, IPHONE])
         assert w.execute("SELECT linkhooks.record_click('lim')").fetchone()[0] == "https://acme.com/lim"
+        assert w.execute("SELECT url FROM linkhooks.record_click_returning('lim', ip => '198.51.100.8')").fetchone()[0] == \
+            "https://acme.com/lim"
     assert not is_superuser(db)
-    assert db.execute("SELECT count(*) FROM linkhooks.clicks").fetchone()[0] == 4
-    assert db.execute("SELECT click_count FROM linkhooks.links WHERE id = %s", [limited]).fetchone()[0] == 2
-    assert db.execute("SELECT click_count FROM linkhooks.campaigns").fetchone()[0] == 2
+    assert db.execute("SELECT count(*) FROM linkhooks.clicks").fetchone()[0] == 5
+    assert db.execute("SELECT click_count FROM linkhooks.links WHERE id = %s", [limited]).fetchone()[0] == 3
+    assert db.execute("SELECT click_count FROM linkhooks.campaigns").fetchone()[0] == 3
 
 
 def test_an_admin_with_planted_objects_cannot_run_code_as_the_owner(cluster, db, hostile, receiver):
@@ -125,6 +127,8 @@ def test_an_admin_with_planted_objects_cannot_run_code_as_the_owner(cluster, db,
         a.execute("SELECT linkhooks.rotate_secret(%s)", [sub_id])
         a.execute("SELECT linkhooks.run_maintenance()")
         a.execute("SELECT linkhooks.replay_dead_letters()")
+        a.execute("SELECT linkhooks.retry_now(subscription_id => %s)", [sub_id])
+        a.execute("UPDATE linkhooks.subscriptions SET paused = true WHERE id = %s", [sub_id])
         a.execute("SELECT * FROM linkhooks.worker_status()")
         a.execute("DELETE FROM linkhooks.links WHERE id = %s", [link_id])
         a.execute("DELETE FROM linkhooks.campaigns")
