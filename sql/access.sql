@@ -16,24 +16,28 @@ BEGIN
     IF access = 'writer' THEN
         RETURN NEXT 'USAGE ON SCHEMA @extschema@';
         RETURN NEXT 'EXECUTE ON FUNCTION @extschema@.resolve(text, text), '
-                    '@extschema@.record_click(text, inet, text, text, text, text, text, text, text), '
-                    '@extschema@.record_click_returning(text, inet, text, text, text, text, text, text, text)';
+                    '@extschema@.record_click(text, inet, text, text, text, text, text, text, text, text), '
+                    '@extschema@.record_click_returning(text, inet, text, text, text, text, text, text, text, text), '
+                    '@extschema@.record_miss(text, text, text)';
         -- Enough to find a link's id for a plain INSERT of its click.
         RETURN NEXT 'SELECT (id, domain, slug) ON TABLE @extschema@.links';
         -- Every click column but id and event_id, which the extension makes (unique per event).
         RETURN NEXT 'INSERT (link_id, clicked_at, ip, user_agent, referer, country, city, source, landing_url, '
-                    'device, browser, os, is_bot, utm) ON TABLE @extschema@.clicks';
-        RETURN NEXT 'INSERT (click_id, link_id, name, amount, currency, occurred_at, metadata) '
+                    'device, browser, os, is_bot, utm, idempotency_key) ON TABLE @extschema@.clicks';
+        RETURN NEXT 'INSERT (click_id, link_id, name, amount, currency, occurred_at, metadata, external_id) '
                     'ON TABLE @extschema@.conversions';
-        -- Enough for INSERT ... RETURNING id, event_id (to attribute conversions), not to read clicks.
-        RETURN NEXT 'SELECT (id, event_id) ON TABLE @extschema@.clicks, @extschema@.conversions';
+        -- Enough for INSERT ... RETURNING id, event_id (to attribute conversions) and to find
+        -- what an idempotency key or external id recorded, not to read clicks.
+        RETURN NEXT 'SELECT (id, event_id, idempotency_key) ON TABLE @extschema@.clicks';
+        RETURN NEXT 'SELECT (id, event_id, external_id) ON TABLE @extschema@.conversions';
     ELSIF access = 'analyst' THEN
         RETURN NEXT 'USAGE ON SCHEMA @extschema@';
         RETURN NEXT 'SELECT ON TABLE @extschema@.links, @extschema@.campaigns, @extschema@.clicks, '
                     '@extschema@.conversions, @extschema@.delivery_attempts, '
                     '@extschema@.dead_letters, @extschema@.delivery_log, @extschema@.subscription_health, '
                     '@extschema@.click_facts, @extschema@.link_stats, @extschema@.link_daily_clicks, '
-                    '@extschema@.link_click_breakdown, @extschema@.campaign_stats';
+                    '@extschema@.link_click_breakdown, @extschema@.campaign_stats, @extschema@.rules, '
+                    '@extschema@.link_counts, @extschema@.campaign_counts, @extschema@.link_milestones, @extschema@.link_misses';
         -- Every delivery column but the signature (valid for replay for minutes).
         RETURN NEXT 'SELECT (id, event_id, subscription_id, event_type, body, signed_at, status, attempts, '
                     'next_attempt_at, created_at, delivered_at, last_status_code, last_error) '
@@ -58,6 +62,12 @@ BEGIN
                     '@extschema@.replay(bigint), @extschema@.replay_dead_letters(bigint, timestamptz), '
                     '@extschema@.rotate_secret(bigint, interval), @extschema@.run_maintenance(), '
                     '@extschema@.generate_secret(), @extschema@.retry_now(bigint, bigint)';
+        -- Reactive-event rules (the extension keeps id and the timestamps).
+        RETURN NEXT 'INSERT (kind, link_id, campaign, settings), UPDATE (kind, link_id, campaign, settings), DELETE '
+                    'ON TABLE @extschema@.rules';
+        RETURN NEXT 'EXECUTE ON FUNCTION @extschema@.run_aggregation()';
+        -- Misses dealt with (a fixed typo in a printed link) may be cleared.
+        RETURN NEXT 'DELETE ON TABLE @extschema@.link_misses';
         -- Dead letters an on-call engineer has dealt with may be cleared.
         RETURN NEXT 'DELETE ON TABLE @extschema@.dead_letters';
     ELSE

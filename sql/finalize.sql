@@ -26,6 +26,8 @@ ALTER FUNCTION replay_dead_letters(bigint, timestamptz) SET search_path = pg_cat
 ALTER FUNCTION rotate_secret(bigint, interval) SET search_path = pg_catalog, pg_temp;
 ALTER FUNCTION retry_now(bigint, bigint) SET search_path = pg_catalog, pg_temp;
 ALTER FUNCTION run_maintenance() SET search_path = pg_catalog, pg_temp;
+ALTER FUNCTION run_aggregation() SET search_path = pg_catalog, pg_temp;
+ALTER FUNCTION record_miss(text, text, text) SET search_path = pg_catalog, pg_temp;
 ALTER FUNCTION worker_status() SET search_path = pg_catalog, pg_temp;
 
 -- Validates links, keeps redirect_url, emits link.created/updated/deleted.
@@ -53,6 +55,10 @@ CREATE TRIGGER conversions_events BEFORE INSERT ON conversions
 -- Validates campaigns and keeps goal counters.
 CREATE TRIGGER campaigns_validate BEFORE INSERT OR UPDATE OR DELETE ON campaigns
     FOR EACH ROW EXECUTE FUNCTION campaigns_trigger();
+-- Checks rules' kind, scope and settings.
+ALTER FUNCTION rules_trigger() SECURITY DEFINER SET search_path = pg_catalog, pg_temp;
+CREATE TRIGGER rules_validate BEFORE INSERT OR UPDATE ON rules
+    FOR EACH ROW EXECUTE FUNCTION rules_trigger();
 -- Validates subscriptions and refreshes every backend's subscription cache on commit.
 CREATE TRIGGER subscriptions_validate BEFORE INSERT OR UPDATE OR DELETE ON subscriptions
     FOR EACH ROW EXECUTE FUNCTION subscriptions_trigger();
@@ -66,7 +72,8 @@ BEGIN
     FOREACH relation IN ARRAY ARRAY[
         'links', 'links_id_seq', 'campaigns', 'clicks', 'clicks_id_seq', 'conversions', 'conversions_id_seq',
         'subscriptions', 'subscriptions_id_seq', 'deliveries', 'deliveries_id_seq', 'delivery_attempts',
-        'delivery_attempts_id_seq', 'dead_letters', 'subscription_state']
+        'delivery_attempts_id_seq', 'dead_letters', 'subscription_state', 'rules', 'rules_id_seq',
+        'link_counts', 'campaign_counts', 'milestones', 'link_misses']
     LOOP
         PERFORM pg_catalog.pg_extension_config_dump(relation::regclass, '');
     END LOOP;

@@ -12,7 +12,32 @@ ALTER FUNCTION subscriptions_trigger() SET search_path = pg_catalog, pg_temp;
 -- resolve and record_click run as the caller: resolve runs no SQL, record_click only the
 -- plain INSERT a writer may run, and the click trigger does the rest as the owner.
 ALTER FUNCTION resolve(text, text) SECURITY INVOKER;
-ALTER FUNCTION record_click(text, inet, text, text, text, text, text, text, text) SECURITY INVOKER;
+-- record_click also gains idempotency_key: it is recreated, keeping who may call it.
+CREATE TEMP TABLE linkhooks_record_click_grants AS
+    SELECT a.grantee FROM pg_catalog.pg_proc p, pg_catalog.aclexplode(p.proacl) a
+     WHERE p.oid = 'linkhooks.record_click(text, inet, text, text, text, text, text, text, text)'::pg_catalog.regprocedure
+       AND a.privilege_type = 'EXECUTE' AND a.grantee <> p.proowner;
+DROP FUNCTION record_click(text, inet, text, text, text, text, text, text, text);
+CREATE FUNCTION record_click(
+    slug text, ip inet DEFAULT NULL, user_agent text DEFAULT NULL, referer text DEFAULT NULL,
+    country text DEFAULT NULL, city text DEFAULT NULL, source text DEFAULT 'link',
+    landing_url text DEFAULT NULL, domain text DEFAULT '', idempotency_key text DEFAULT NULL)
+RETURNS text
+VOLATILE PARALLEL UNSAFE LANGUAGE c
+AS 'MODULE_PATHNAME', 'record_click_keyed_wrapper';
+REVOKE ALL ON FUNCTION record_click(text, inet, text, text, text, text, text, text, text, text) FROM PUBLIC;
+DO $$
+DECLARE
+    g pg_catalog.oid;
+BEGIN
+    FOR g IN SELECT grantee FROM pg_temp.linkhooks_record_click_grants LOOP
+        EXECUTE pg_catalog.format('GRANT EXECUTE ON FUNCTION linkhooks.record_click(text, inet, text, text, text, '
+                                  'text, text, text, text, text) TO %s',
+            CASE WHEN g = 0 THEN 'PUBLIC' ELSE g::pg_catalog.regrole::pg_catalog.text END);
+    END LOOP;
+END
+$$;
+DROP TABLE pg_temp.linkhooks_record_click_grants;
 ALTER FUNCTION send_test(bigint) SET search_path = pg_catalog, pg_temp;
 ALTER FUNCTION replay(bigint) SET search_path = pg_catalog, pg_temp;
 ALTER FUNCTION replay_dead_letters(bigint, timestamptz) SET search_path = pg_catalog, pg_temp;
@@ -26,24 +51,28 @@ BEGIN
     IF access = 'writer' THEN
         RETURN NEXT 'USAGE ON SCHEMA linkhooks';
         RETURN NEXT 'EXECUTE ON FUNCTION linkhooks.resolve(text, text), '
-                    'linkhooks.record_click(text, inet, text, text, text, text, text, text, text), '
-                    'linkhooks.record_click_returning(text, inet, text, text, text, text, text, text, text)';
+                    'linkhooks.record_click(text, inet, text, text, text, text, text, text, text, text), '
+                    'linkhooks.record_click_returning(text, inet, text, text, text, text, text, text, text, text), '
+                    'linkhooks.record_miss(text, text, text)';
         -- Enough to find a link's id for a plain INSERT of its click.
         RETURN NEXT 'SELECT (id, domain, slug) ON TABLE linkhooks.links';
         -- Every click column but id and event_id, which the extension makes (unique per event).
         RETURN NEXT 'INSERT (link_id, clicked_at, ip, user_agent, referer, country, city, source, landing_url, '
-                    'device, browser, os, is_bot, utm) ON TABLE linkhooks.clicks';
-        RETURN NEXT 'INSERT (click_id, link_id, name, amount, currency, occurred_at, metadata) '
+                    'device, browser, os, is_bot, utm, idempotency_key) ON TABLE linkhooks.clicks';
+        RETURN NEXT 'INSERT (click_id, link_id, name, amount, currency, occurred_at, metadata, external_id) '
                     'ON TABLE linkhooks.conversions';
-        -- Enough for INSERT ... RETURNING id, event_id (to attribute conversions), not to read clicks.
-        RETURN NEXT 'SELECT (id, event_id) ON TABLE linkhooks.clicks, linkhooks.conversions';
+        -- Enough for INSERT ... RETURNING id, event_id (to attribute conversions) and to find
+        -- what an idempotency key or external id recorded, not to read clicks.
+        RETURN NEXT 'SELECT (id, event_id, idempotency_key) ON TABLE linkhooks.clicks';
+        RETURN NEXT 'SELECT (id, event_id, external_id) ON TABLE linkhooks.conversions';
     ELSIF access = 'analyst' THEN
         RETURN NEXT 'USAGE ON SCHEMA linkhooks';
         RETURN NEXT 'SELECT ON TABLE linkhooks.links, linkhooks.campaigns, linkhooks.clicks, '
                     'linkhooks.conversions, linkhooks.delivery_attempts, '
                     'linkhooks.dead_letters, linkhooks.delivery_log, linkhooks.subscription_health, '
                     'linkhooks.click_facts, linkhooks.link_stats, linkhooks.link_daily_clicks, '
-                    'linkhooks.link_click_breakdown, linkhooks.campaign_stats';
+                    'linkhooks.link_click_breakdown, linkhooks.campaign_stats, linkhooks.rules, '
+                    'linkhooks.link_counts, linkhooks.campaign_counts, linkhooks.link_milestones, linkhooks.link_misses';
         -- Every delivery column but the signature (valid for replay for minutes).
         RETURN NEXT 'SELECT (id, event_id, subscription_id, event_type, body, signed_at, status, attempts, '
                     'next_attempt_at, created_at, delivered_at, last_status_code, last_error) '
@@ -68,6 +97,12 @@ BEGIN
                     'linkhooks.replay(bigint), linkhooks.replay_dead_letters(bigint, timestamptz), '
                     'linkhooks.rotate_secret(bigint, interval), linkhooks.run_maintenance(), '
                     'linkhooks.generate_secret(), linkhooks.retry_now(bigint, bigint)';
+        -- Reactive-event rules (the extension keeps id and the timestamps).
+        RETURN NEXT 'INSERT (kind, link_id, campaign, settings), UPDATE (kind, link_id, campaign, settings), DELETE '
+                    'ON TABLE linkhooks.rules';
+        RETURN NEXT 'EXECUTE ON FUNCTION linkhooks.run_aggregation()';
+        -- Misses dealt with (a fixed typo in a printed link) may be cleared.
+        RETURN NEXT 'DELETE ON TABLE linkhooks.link_misses';
         -- Dead letters an on-call engineer has dealt with may be cleared.
         RETURN NEXT 'DELETE ON TABLE linkhooks.dead_letters';
     ELSE
@@ -189,11 +224,11 @@ ALTER TABLE subscriptions ADD COLUMN held_since timestamptz;
 CREATE FUNCTION record_click_returning(
     slug text, ip inet DEFAULT NULL, user_agent text DEFAULT NULL, referer text DEFAULT NULL,
     country text DEFAULT NULL, city text DEFAULT NULL, source text DEFAULT 'link',
-    landing_url text DEFAULT NULL, domain text DEFAULT '')
+    landing_url text DEFAULT NULL, domain text DEFAULT '', idempotency_key text DEFAULT NULL)
 RETURNS TABLE (url text, click_id bigint, event_id uuid)
 VOLATILE PARALLEL UNSAFE LANGUAGE c
 AS 'MODULE_PATHNAME', 'record_click_returning_wrapper';
-REVOKE ALL ON FUNCTION record_click_returning(text, inet, text, text, text, text, text, text, text) FROM PUBLIC;
+REVOKE ALL ON FUNCTION record_click_returning(text, inet, text, text, text, text, text, text, text, text) FROM PUBLIC;
 
 -- retry_now: makes pending deliveries due now.
 CREATE FUNCTION retry_now(delivery_id bigint DEFAULT NULL, subscription_id bigint DEFAULT NULL) RETURNS bigint
@@ -212,19 +247,195 @@ BEGIN
     FOR g IN
         SELECT a.grantee::pg_catalog.regrole::pg_catalog.text AS grantee, p.proname
           FROM pg_catalog.pg_proc p CROSS JOIN LATERAL pg_catalog.aclexplode(p.proacl) a
-         WHERE p.oid IN ('linkhooks.record_click(text, inet, text, text, text, text, text, text, text)'::pg_catalog.regprocedure,
+         WHERE p.oid IN ('linkhooks.record_click(text, inet, text, text, text, text, text, text, text, text)'::pg_catalog.regprocedure,
                          'linkhooks.replay(bigint)'::pg_catalog.regprocedure,
                          'linkhooks.worker_status()'::pg_catalog.regprocedure)
            AND a.privilege_type = 'EXECUTE' AND a.grantee <> p.proowner AND a.grantee <> 0
     LOOP
         IF g.proname = 'record_click' THEN
-            EXECUTE pg_catalog.format('GRANT EXECUTE ON FUNCTION linkhooks.record_click_returning(text, inet, text, text, text, text, text, text, text) TO %s', g.grantee);
+            EXECUTE pg_catalog.format('GRANT EXECUTE ON FUNCTION linkhooks.record_click_returning(text, inet, text, text, text, '
+                                      'text, text, text, text, text) TO %s', g.grantee);
             EXECUTE pg_catalog.format('GRANT SELECT (id, domain, slug) ON TABLE linkhooks.links TO %s', g.grantee);
         ELSIF g.proname = 'worker_status' THEN
             EXECUTE pg_catalog.format('GRANT SELECT (paused, held_since) ON TABLE linkhooks.subscriptions TO %s', g.grantee);
         ELSE
             EXECUTE pg_catalog.format('GRANT EXECUTE ON FUNCTION linkhooks.retry_now(bigint, bigint) TO %s', g.grantee);
             EXECUTE pg_catalog.format('GRANT DELETE ON TABLE linkhooks.dead_letters TO %s', g.grantee);
+        END IF;
+    END LOOP;
+END
+$$;
+
+-- Reactive events: milestones counted by the aggregator from a durable cursor.
+
+-- The inserting transaction's id, by which the aggregator finds new clicks. Added without a
+-- default first, so existing rows are not rewritten: they stay NULL and are counted below.
+ALTER TABLE clicks ADD COLUMN txid xid8;
+ALTER TABLE clicks ALTER COLUMN txid SET DEFAULT pg_current_xact_id();
+CREATE INDEX clicks_txid ON clicks (txid);
+
+CREATE TABLE rules (
+    id          bigint GENERATED BY DEFAULT AS IDENTITY PRIMARY KEY,
+    kind        text NOT NULL,
+    link_id     bigint,
+    campaign    text,
+    settings    jsonb NOT NULL DEFAULT '{}',
+    created_at  timestamptz NOT NULL DEFAULT now(),
+    updated_at  timestamptz NOT NULL DEFAULT now()
+);
+COMMENT ON TABLE rules IS 'Rules for reactive events (milestones): one per kind and scope (link, campaign or everywhere).';
+CREATE UNIQUE INDEX rules_scope ON rules (kind, link_id, campaign) NULLS NOT DISTINCT;
+
+CREATE TABLE link_counts (
+    link_id       bigint PRIMARY KEY,
+    clicks        bigint NOT NULL DEFAULT 0,
+    human_clicks  bigint NOT NULL DEFAULT 0,
+    updated_at    timestamptz NOT NULL DEFAULT now()
+);
+COMMENT ON TABLE link_counts IS 'Clicks per link counted by the aggregator (all and non-bot), a second or so behind.';
+
+CREATE TABLE campaign_counts (
+    campaign      text PRIMARY KEY,
+    clicks        bigint NOT NULL DEFAULT 0,
+    human_clicks  bigint NOT NULL DEFAULT 0,
+    updated_at    timestamptz NOT NULL DEFAULT now()
+);
+COMMENT ON TABLE campaign_counts IS 'Clicks per campaign counted by the aggregator (all and non-bot).';
+
+CREATE TABLE milestones (
+    scope       text NOT NULL,
+    link_id     bigint,
+    campaign    text,
+    counted     text NOT NULL,
+    threshold   bigint NOT NULL,
+    clicks      bigint NOT NULL,
+    event_id    uuid NOT NULL,
+    reached_at  timestamptz NOT NULL DEFAULT now()
+);
+COMMENT ON TABLE milestones IS 'Milestones reached, one row each, ever; read them through link_milestones.';
+CREATE UNIQUE INDEX milestones_once ON milestones (scope, link_id, campaign, counted, threshold) NULLS NOT DISTINCT;
+
+CREATE TABLE click_cursor (
+    single      boolean PRIMARY KEY DEFAULT true CHECK (single),
+    snapshot    pg_snapshot NOT NULL,
+    id_floor    bigint NOT NULL DEFAULT 0,
+    updated_at  timestamptz NOT NULL DEFAULT now()
+);
+COMMENT ON TABLE click_cursor IS 'Where the click aggregator is: the snapshot of its last run.';
+-- Clicks recorded before the update are counted here, once; no milestone fires for them.
+-- The cursor starts at this transaction's snapshot: clicks committed later carry a txid
+-- (the ALTER TABLE above holds off concurrent clicks until this transaction commits).
+INSERT INTO click_cursor (snapshot) VALUES (pg_current_snapshot());
+INSERT INTO link_counts (link_id, clicks, human_clicks)
+SELECT c.link_id, count(*), count(*) FILTER (WHERE c.is_bot IS NOT TRUE)
+  FROM clicks c JOIN links l ON l.id = c.link_id GROUP BY c.link_id;
+INSERT INTO campaign_counts (campaign, clicks, human_clicks)
+SELECT l.campaign, sum(k.clicks), sum(k.human_clicks)
+  FROM link_counts k JOIN links l ON l.id = k.link_id WHERE l.campaign IS NOT NULL GROUP BY l.campaign;
+
+CREATE VIEW link_milestones AS
+SELECT m.scope, m.link_id, l.domain, l.slug, coalesce(m.campaign, l.campaign) AS campaign,
+       m.counted, m.threshold, m.clicks, m.reached_at, m.event_id
+FROM milestones m
+LEFT JOIN links l ON l.id = m.link_id
+ORDER BY m.reached_at DESC;
+COMMENT ON VIEW link_milestones IS 'Milestones reached (link.milestone, campaign.milestone): what fired, when, at which count.';
+
+CREATE FUNCTION run_aggregation() RETURNS jsonb
+STRICT VOLATILE SECURITY DEFINER LANGUAGE c AS 'MODULE_PATHNAME', 'run_aggregation_wrapper';
+REVOKE ALL ON FUNCTION run_aggregation() FROM PUBLIC;
+ALTER FUNCTION run_aggregation() SET search_path = pg_catalog, pg_temp;
+
+CREATE FUNCTION rules_trigger() RETURNS trigger
+LANGUAGE c AS 'MODULE_PATHNAME', 'rules_trigger_wrapper';
+REVOKE ALL ON FUNCTION rules_trigger() FROM PUBLIC;
+ALTER FUNCTION rules_trigger() SECURITY DEFINER SET search_path = pg_catalog, pg_temp;
+CREATE TRIGGER rules_validate BEFORE INSERT OR UPDATE ON rules
+    FOR EACH ROW EXECUTE FUNCTION rules_trigger();
+
+-- pg_dump dumps their contents (one call per statement: each updates pg_extension's row).
+SELECT pg_catalog.pg_extension_config_dump('rules', '');
+SELECT pg_catalog.pg_extension_config_dump('rules_id_seq', '');
+SELECT pg_catalog.pg_extension_config_dump('link_counts', '');
+SELECT pg_catalog.pg_extension_config_dump('campaign_counts', '');
+SELECT pg_catalog.pg_extension_config_dump('milestones', '');
+REVOKE ALL ON rules, link_counts, campaign_counts, milestones, click_cursor, link_milestones FROM PUBLIC;
+
+-- Roles holding a level get what it gained: analysts (who may call worker_status) read
+-- rules, counts and milestones; admins (who may replay) also write rules and may run the aggregator.
+DO $$
+DECLARE
+    g record;
+BEGIN
+    FOR g IN
+        SELECT a.grantee::pg_catalog.regrole::pg_catalog.text AS grantee, p.proname
+          FROM pg_catalog.pg_proc p CROSS JOIN LATERAL pg_catalog.aclexplode(p.proacl) a
+         WHERE p.oid IN ('linkhooks.replay(bigint)'::pg_catalog.regprocedure,
+                         'linkhooks.worker_status()'::pg_catalog.regprocedure)
+           AND a.privilege_type = 'EXECUTE' AND a.grantee <> p.proowner AND a.grantee <> 0
+    LOOP
+        IF g.proname = 'worker_status' THEN
+            EXECUTE pg_catalog.format('GRANT SELECT ON TABLE linkhooks.rules, linkhooks.link_counts, '
+                'linkhooks.campaign_counts, linkhooks.link_milestones TO %s', g.grantee);
+        ELSE
+            EXECUTE pg_catalog.format('GRANT INSERT (kind, link_id, campaign, settings), '
+                'UPDATE (kind, link_id, campaign, settings), DELETE ON TABLE linkhooks.rules TO %s', g.grantee);
+            EXECUTE pg_catalog.format('GRANT EXECUTE ON FUNCTION linkhooks.run_aggregation() TO %s', g.grantee);
+        END IF;
+    END LOOP;
+END
+$$;
+
+-- Misses: requests that found no active link, counted per (domain, slug, reason).
+CREATE TABLE link_misses (
+    domain       text NOT NULL,
+    slug         text NOT NULL,
+    reason       text NOT NULL,
+    count        bigint NOT NULL DEFAULT 1,
+    first_seen   timestamptz NOT NULL DEFAULT now(),
+    last_seen    timestamptz NOT NULL DEFAULT now(),
+    notified_at  timestamptz,
+    PRIMARY KEY (domain, slug, reason)
+);
+COMMENT ON TABLE link_misses IS 'Requests for unknown, expired, over-limit or disabled links, aggregated; link.miss fires from here.';
+CREATE INDEX link_misses_pending ON link_misses (notified_at NULLS FIRST)
+    WHERE notified_at IS NULL OR last_seen > notified_at;
+SELECT pg_catalog.pg_extension_config_dump('link_misses', '');
+REVOKE ALL ON link_misses FROM PUBLIC;
+
+CREATE FUNCTION record_miss(slug text, domain text DEFAULT '', reason text DEFAULT 'unknown') RETURNS void
+VOLATILE SECURITY DEFINER LANGUAGE c AS 'MODULE_PATHNAME', 'record_miss_wrapper';
+REVOKE ALL ON FUNCTION record_miss(text, text, text) FROM PUBLIC;
+ALTER FUNCTION record_miss(text, text, text) SET search_path = pg_catalog, pg_temp;
+
+-- Ingestion idempotency: a caller's key per click, an external id per conversion.
+ALTER TABLE clicks ADD COLUMN idempotency_key text;
+CREATE UNIQUE INDEX clicks_idempotency_key ON clicks (idempotency_key) WHERE idempotency_key IS NOT NULL;
+ALTER TABLE conversions ADD COLUMN external_id text;
+CREATE UNIQUE INDEX conversions_external_id ON conversions (external_id) WHERE external_id IS NOT NULL;
+
+-- Roles holding a level get what it gained: writers (who may call record_click) record_miss
+-- and the two keys; analysts (who may call worker_status) read misses; admins (who may replay) clear them.
+DO $$
+DECLARE
+    g record;
+BEGIN
+    FOR g IN
+        SELECT a.grantee::pg_catalog.regrole::pg_catalog.text AS grantee, p.proname
+          FROM pg_catalog.pg_proc p CROSS JOIN LATERAL pg_catalog.aclexplode(p.proacl) a
+         WHERE p.oid IN ('linkhooks.record_click(text, inet, text, text, text, text, text, text, text, text)'::pg_catalog.regprocedure,
+                         'linkhooks.replay(bigint)'::pg_catalog.regprocedure,
+                         'linkhooks.worker_status()'::pg_catalog.regprocedure)
+           AND a.privilege_type = 'EXECUTE' AND a.grantee <> p.proowner AND a.grantee <> 0
+    LOOP
+        IF g.proname = 'record_click' THEN
+            EXECUTE pg_catalog.format('GRANT EXECUTE ON FUNCTION linkhooks.record_miss(text, text, text) TO %s', g.grantee);
+            EXECUTE pg_catalog.format('GRANT INSERT (idempotency_key), SELECT (idempotency_key) ON TABLE linkhooks.clicks TO %s', g.grantee);
+            EXECUTE pg_catalog.format('GRANT INSERT (external_id), SELECT (external_id) ON TABLE linkhooks.conversions TO %s', g.grantee);
+        ELSIF g.proname = 'worker_status' THEN
+            EXECUTE pg_catalog.format('GRANT SELECT ON TABLE linkhooks.link_misses TO %s', g.grantee);
+        ELSE
+            EXECUTE pg_catalog.format('GRANT DELETE ON TABLE linkhooks.link_misses TO %s', g.grantee);
         END IF;
     END LOOP;
 END

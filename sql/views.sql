@@ -127,3 +127,12 @@ FROM (SELECT campaign, count(*) AS links, sum(clicks)::bigint AS clicks, sum(hum
       FROM link_stats WHERE campaign IS NOT NULL GROUP BY campaign) s
 FULL JOIN campaigns c ON c.name = s.campaign;
 COMMENT ON VIEW campaign_stats IS 'Per campaign: links, clicks, human and bot clicks, QR scans, conversions, conversion rate, goal and completion.';
+
+-- Milestones reached, newest first, with the link's slug or the campaign.
+CREATE VIEW link_milestones AS
+SELECT m.scope, m.link_id, l.domain, l.slug, coalesce(m.campaign, l.campaign) AS campaign,
+       m.counted, m.threshold, m.clicks, m.reached_at, m.event_id
+FROM milestones m
+LEFT JOIN links l ON l.id = m.link_id
+ORDER BY m.reached_at DESC;
+COMMENT ON VIEW link_milestones IS 'Milestones reached (link.milestone, campaign.milestone): what fired, when, at which count.';

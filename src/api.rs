@@ -6,7 +6,10 @@ use pgrx::prelude::*;
 
 use crate::error::{Error, OrReport, Result};
 use crate::events::{self, Queued, unix_now, unix_now_micros};
+use crate::idempotency;
+use crate::links::MissReason;
 use crate::linkstore::{self, LinkRow};
+use crate::misses;
 use crate::payload::{self, EventType, TestData};
 use crate::plans::{self, INT8, INTERVAL, TEXT};
 use crate::shared;
@@ -26,10 +29,11 @@ fn resolve(slug: &str, domain: default!(&str, "''")) -> Option<String> {
 /// Same answer as `resolve`, and records the click when the link is active.
 /// Runs as the caller: its one statement is the plain INSERT a writer may run
 /// (names qualified), and the click trigger does the privileged part as the
-/// owner, so search_path is pinned once per click, not twice.
+/// owner, so search_path is pinned once per click, not twice. A retry with the
+/// same `idempotency_key` returns the first call's answer and records nothing.
 #[allow(clippy::too_many_arguments)]
-#[pg_extern(volatile, parallel_unsafe)]
-fn record_click(
+#[pg_extern(name = "record_click", volatile, parallel_unsafe)]
+fn record_click_keyed(
     slug: Option<&str>,
     ip: default!(Option<pgrx::Inet>, "NULL"),
     user_agent: default!(Option<&str>, "NULL"),
@@ -39,6 +43,7 @@ fn record_click(
     source: default!(Option<&str>, "'link'"),
     landing_url: default!(Option<&str>, "NULL"),
     domain: default!(Option<&str>, "''"),
+    idempotency_key: default!(Option<&str>, "NULL"),
 ) -> Option<String> {
     let request = ClickRequest {
         ip,
@@ -48,8 +53,39 @@ fn record_click(
         city,
         source,
         landing_url,
+        idempotency_key,
     };
     record(slug, domain, &request, false).or_report().url
+}
+
+/// `record_click` as schemas before 0.5.0 declare it (no idempotency_key; the
+/// C symbol `record_click_wrapper`): a newer library serves them until
+/// ALTER EXTENSION … UPDATE. No SQL of its own.
+#[allow(clippy::too_many_arguments)]
+#[pg_extern(sql = false)]
+fn record_click(
+    slug: Option<&str>,
+    ip: Option<pgrx::Inet>,
+    user_agent: Option<&str>,
+    referer: Option<&str>,
+    country: Option<&str>,
+    city: Option<&str>,
+    source: Option<&str>,
+    landing_url: Option<&str>,
+    domain: Option<&str>,
+) -> Option<String> {
+    record_click_keyed(
+        slug,
+        ip,
+        user_agent,
+        referer,
+        country,
+        city,
+        source,
+        landing_url,
+        domain,
+        None,
+    )
 }
 
 /// `record_click` for callers that need the click's ids too (to attribute a
@@ -67,6 +103,7 @@ fn record_click_returning(
     source: default!(Option<&str>, "'link'"),
     landing_url: default!(Option<&str>, "NULL"),
     domain: default!(Option<&str>, "''"),
+    idempotency_key: default!(Option<&str>, "NULL"),
 ) -> TableIterator<
     'static,
     (
@@ -83,6 +120,7 @@ fn record_click_returning(
         city,
         source,
         landing_url,
+        idempotency_key,
     };
     let recorded = record(slug, domain, &request, true).or_report();
     TableIterator::once((recorded.url, recorded.click_id, recorded.event_id))
@@ -97,6 +135,8 @@ struct ClickRequest<'a> {
     city: Option<&'a str>,
     source: Option<&'a str>,
     landing_url: Option<&'a str>,
+    /// A retry with the same key returns the first call's click instead of recording another.
+    idempotency_key: Option<&'a str>,
 }
 
 /// The answer to one redirect, and the click it recorded, if any.
@@ -121,11 +161,32 @@ fn record(
     let source = request
         .source
         .ok_or_else(|| Error::invalid("source", "must not be null"))?;
-    let Some(link) = LinkRow::by_slug(domain, slug)? else {
+    let link = LinkRow::by_slug(domain, slug)?;
+    let current_schema = linkstore::relations()?.since_0_5;
+    if let Some(key) = request.idempotency_key {
+        if !current_schema {
+            return Err(Error::invalid(
+                "idempotency_key",
+                "needs the 0.5.0 schema: run ALTER EXTENSION pg_linkhooks UPDATE",
+            ));
+        }
+        idempotency::lock("idempotency_key", key)?;
+        if let Some((click_id, event_id)) = click_with_key(key)? {
+            // The first call recorded this click, so it redirected to the destination.
+            return Ok(Recorded {
+                url: link.map(|l| l.target()),
+                click_id,
+                event_id,
+            });
+        }
+    }
+    let Some(link) = link else {
+        note_miss(current_schema, domain, slug, MissReason::Unknown)?;
         return Ok(Recorded::default());
     };
     let answer = link.answer();
-    if !link.is_active() {
+    if let Some(reason) = link.inactive_reason() {
+        note_miss(current_schema, domain, slug, reason)?;
         return Ok(Recorded {
             url: answer,
             ..Recorded::default()
@@ -139,12 +200,14 @@ fn record(
     let inserted = Spi::connect_mut(|client| -> Result<_> {
         let rows = plans::execute(
             client,
-            if want_ids {
-                INSERT_CLICK_RETURNING
-            } else {
-                INSERT_CLICK
+            match (current_schema, want_ids) {
+                (true, false) => INSERT_CLICK,
+                (true, true) => INSERT_CLICK_RETURNING,
+                // Without the key column; $9 (NULL) is left unused.
+                (false, false) => INSERT_CLICK_BEFORE_0_5,
+                (false, true) => INSERT_CLICK_RETURNING_BEFORE_0_5,
             },
-            &[INT8, TEXT, TEXT, TEXT, TEXT, TEXT, TEXT, TEXT],
+            &[INT8, TEXT, TEXT, TEXT, TEXT, TEXT, TEXT, TEXT, TEXT],
             &[
                 link_id.into(),
                 request.ip.as_ref().map(|i| i.0.as_str()).into(),
@@ -154,6 +217,7 @@ fn record(
                 request.city.into(),
                 source.into(),
                 request.landing_url.into(),
+                request.idempotency_key.into(),
             ],
         )?;
         if rows.is_empty() {
@@ -170,19 +234,55 @@ fn record(
             click_id,
             event_id,
         },
-        None => Recorded {
-            url: expired_url,
-            ..Recorded::default()
-        },
+        None => {
+            note_miss(current_schema, domain, slug, MissReason::Limit)?;
+            Recorded {
+                url: expired_url,
+                ..Recorded::default()
+            }
+        }
     })
 }
 
-const INSERT_CLICK: &str =
-    "INSERT INTO linkhooks.clicks (link_id, ip, user_agent, referer, country, city, source, landing_url)
+const INSERT_CLICK: &str = "INSERT INTO linkhooks.clicks
+        (link_id, ip, user_agent, referer, country, city, source, landing_url, idempotency_key)
+     VALUES ($1, $2::pg_catalog.inet, $3, $4, $5, $6, $7, $8, $9)";
+const INSERT_CLICK_RETURNING: &str = "INSERT INTO linkhooks.clicks
+        (link_id, ip, user_agent, referer, country, city, source, landing_url, idempotency_key)
+     VALUES ($1, $2::pg_catalog.inet, $3, $4, $5, $6, $7, $8, $9) RETURNING id, event_id";
+
+const INSERT_CLICK_BEFORE_0_5: &str = "INSERT INTO linkhooks.clicks
+        (link_id, ip, user_agent, referer, country, city, source, landing_url)
      VALUES ($1, $2::pg_catalog.inet, $3, $4, $5, $6, $7, $8)";
-const INSERT_CLICK_RETURNING: &str =
-    "INSERT INTO linkhooks.clicks (link_id, ip, user_agent, referer, country, city, source, landing_url)
+const INSERT_CLICK_RETURNING_BEFORE_0_5: &str = "INSERT INTO linkhooks.clicks
+        (link_id, ip, user_agent, referer, country, city, source, landing_url)
      VALUES ($1, $2::pg_catalog.inet, $3, $4, $5, $6, $7, $8) RETURNING id, event_id";
+
+/// The click an earlier call recorded with this idempotency key, if any.
+fn click_with_key(key: &str) -> Result<Option<(Option<i64>, Option<pgrx::Uuid>)>> {
+    Spi::connect_mut(|client| {
+        // Mutating, for a snapshot taken after the key's lock: it sees the first call's commit.
+        let rows = plans::execute(
+            client,
+            "SELECT id, event_id FROM linkhooks.clicks WHERE idempotency_key = $1",
+            &[TEXT],
+            &[key.into()],
+        )?;
+        match rows.into_iter().next() {
+            Some(row) => Ok(Some((row.get::<i64>(1)?, row.get::<pgrx::Uuid>(2)?))),
+            None => Ok(None),
+        }
+    })
+}
+
+/// Counts a request that found no active link (`link_misses`), when the
+/// installed schema has that table (0.5.0 on).
+fn note_miss(current_schema: bool, domain: &str, slug: &str, reason: MissReason) -> Result<()> {
+    if current_schema {
+        misses::record_as_caller(domain, slug, reason)?;
+    }
+    Ok(())
+}
 
 /// Signing keys of one subscription (current, plus previous during its grace).
 fn subscription_keys(subscription_id: i64) -> Result<(Vec<SigningKey>, bool)> {

@@ -9,6 +9,7 @@ use crate::filters::FilterError;
 use crate::limits::TooLarge;
 use crate::links::LinkError;
 use crate::retry::ScheduleError;
+use crate::rules::RuleError;
 use crate::signing::SecretError;
 use crate::target::UrlError;
 
@@ -24,6 +25,8 @@ pub enum Error {
     Schedule(#[from] ScheduleError),
     #[error("{0}")]
     TooLarge(#[from] TooLarge),
+    #[error("{0}")]
+    Rule(#[from] RuleError),
     #[error("invalid {field}: {rule}")]
     Invalid {
         field: std::borrow::Cow<'static, str>,

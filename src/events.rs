@@ -44,6 +44,20 @@ pub struct Cache {
     pub goal_campaigns: HashSet<String>,
 }
 
+impl Cache {
+    /// Milestone thresholds that subscriptions to `kind` list in their filters,
+    /// with which clicks each counts.
+    pub fn subscriber_milestones(
+        &self,
+        kind: EventType,
+    ) -> impl Iterator<Item = (&[i64], crate::milestones::Counted)> {
+        self.subscriptions
+            .iter()
+            .filter(move |s| s.event_mask & kind.bit() != 0)
+            .filter_map(|s| s.filters.milestones())
+    }
+}
+
 thread_local! {
     static CACHE: RefCell<Option<Rc<Cache>>> = const { RefCell::new(None) };
 }

@@ -4,7 +4,16 @@
 use serde_json::Value;
 use thiserror::Error;
 
-const KEYS: [&str; 5] = ["campaign", "tags", "countries", "device", "exclude_bots"];
+use crate::milestones::{self, Counted, ThresholdError};
+
+const KEYS: [&str; 6] = [
+    "campaign",
+    "tags",
+    "countries",
+    "device",
+    "exclude_bots",
+    "milestones",
+];
 const DEVICES: [&str; 5] = ["mobile", "tablet", "desktop", "bot", "unknown"];
 
 #[derive(Debug, Error, PartialEq, Eq)]
@@ -12,7 +21,7 @@ pub enum FilterError {
     #[error("invalid filters: must be a JSON object")]
     NotObject,
     #[error(
-        "invalid filters: unknown key '{0}' (allowed: campaign, tags, countries, device, exclude_bots)"
+        "invalid filters: unknown key '{0}' (allowed: campaign, tags, countries, device, exclude_bots, milestones)"
     )]
     UnknownKey(String),
     #[error("invalid filters.{0}: must be a string or an array of non-empty strings")]
@@ -23,6 +32,8 @@ pub enum FilterError {
     Country(String),
     #[error("invalid filters.exclude_bots: must be true or false")]
     ExcludeBots,
+    #[error(transparent)]
+    Milestones(#[from] ThresholdError),
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -32,6 +43,8 @@ pub struct Filters {
     countries: Option<Vec<String>>,
     devices: Option<Vec<String>>,
     exclude_bots: bool,
+    /// Milestone thresholds this subscription wants instead of the rules' lists.
+    milestones: Option<Vec<i64>>,
 }
 
 impl Default for Filters {
@@ -42,6 +55,7 @@ impl Default for Filters {
             countries: None,
             devices: None,
             exclude_bots: true,
+            milestones: None,
         }
     }
 }
@@ -53,6 +67,16 @@ pub struct Facts<'a> {
     pub tags: &'a [String],
     /// Present for click events only.
     pub click: Option<ClickFacts<'a>>,
+    /// Present for milestone events only.
+    pub milestone: Option<MilestoneFacts>,
+}
+
+#[derive(Debug, Clone, Copy)]
+pub struct MilestoneFacts {
+    pub threshold: i64,
+    /// Whether the threshold is in the link's (or campaign's) list from the rules.
+    pub listed: bool,
+    pub counted: Counted,
 }
 
 #[derive(Debug, Clone, Copy)]
@@ -105,13 +129,34 @@ impl Filters {
             Some(Value::Bool(b)) => *b,
             Some(_) => return Err(FilterError::ExcludeBots),
         };
+        let milestones = match obj.get("milestones") {
+            None | Some(Value::Null) => None,
+            Some(list) => Some(milestones::parse_thresholds("filters.milestones", list)?),
+        };
         Ok(Filters {
             campaigns,
             tags,
             countries,
             devices,
             exclude_bots,
+            milestones,
         })
+    }
+
+    /// The subscription's own milestone thresholds, and which clicks they count.
+    pub fn milestones(&self) -> Option<(&[i64], Counted)> {
+        self.milestones
+            .as_deref()
+            .map(|list| (list, self.counted()))
+    }
+
+    /// Subscriptions that receive bot clicks count them toward milestones too.
+    fn counted(&self) -> Counted {
+        if self.exclude_bots {
+            Counted::Humans
+        } else {
+            Counted::All
+        }
     }
 
     pub fn matches(&self, facts: &Facts) -> bool {
@@ -126,6 +171,13 @@ impl Filters {
             && !facts.tags.iter().any(|t| wanted.contains(t))
         {
             return false;
+        }
+        if let Some(m) = facts.milestone {
+            let wanted = match &self.milestones {
+                Some(list) => list.contains(&m.threshold),
+                None => m.listed,
+            };
+            return m.counted == self.counted() && wanted;
         }
         match facts.click {
             Some(click) => {
@@ -176,6 +228,35 @@ mod tests {
     }
 
     #[test]
+    fn milestones() {
+        let at = |threshold, listed, counted| Facts {
+            milestone: Some(MilestoneFacts {
+                threshold,
+                listed,
+                counted,
+            }),
+            ..Default::default()
+        };
+        let default = Filters::parse(&json!({})).unwrap();
+        assert!(default.matches(&at(100, true, Counted::Humans)));
+        assert!(!default.matches(&at(100, false, Counted::Humans)));
+        assert!(!default.matches(&at(100, true, Counted::All)));
+        let own = Filters::parse(&json!({"milestones": [10, 20], "exclude_bots": false})).unwrap();
+        assert!(own.matches(&at(10, false, Counted::All)));
+        assert!(!own.matches(&at(100, true, Counted::All)));
+        assert!(!own.matches(&at(10, false, Counted::Humans)));
+        assert_eq!(own.milestones(), Some((&[10, 20][..], Counted::All)));
+        assert_eq!(
+            Filters::parse(&json!({"milestones": [20, 10]})),
+            Err(FilterError::Milestones(ThresholdError::NotIncreasing(
+                "filters.milestones",
+                10,
+                20
+            )))
+        );
+    }
+
+    #[test]
     fn each_filter() {
         let tags = vec!["social".to_string(), "ig".to_string()];
         let f = Filters::parse(&json!({"campaign": "winter", "tags": ["ig"], "countries": ["us", "DE"], "device": ["mobile"]}))
@@ -184,6 +265,7 @@ mod tests {
             campaign: Some("winter"),
             tags: &tags,
             click: click("US", "mobile", false),
+            milestone: None,
         };
         assert!(f.matches(&base));
         assert!(!f.matches(&Facts {

@@ -31,6 +31,9 @@ pub static MAINTENANCE_INTERVAL: GucSetting<Option<CString>> =
     GucSetting::<Option<CString>>::new(Some(c"30s"));
 pub static HOLD_WINDOW: GucSetting<Option<CString>> =
     GucSetting::<Option<CString>>::new(Some(c"3d"));
+pub static MISS_INTERVAL: GucSetting<Option<CString>> =
+    GucSetting::<Option<CString>>::new(Some(c"1h"));
+pub static MAX_MISS_ROWS: GucSetting<i32> = GucSetting::<i32>::new(100_000);
 
 pub fn register() {
     use GucContext::{Sighup, Suset};
@@ -74,6 +77,12 @@ pub fn register() {
         c"linkhooks.retention",
         c"How long delivered deliveries and attempts are kept (e.g. '7d' or '7 days').",
         &RETENTION,
+        Some(check_duration),
+    );
+    checked(
+        c"linkhooks.miss_interval",
+        c"link.miss fires on a slug's first miss, then at most once per this interval (e.g. '1h').",
+        &MISS_INTERVAL,
         Some(check_duration),
     );
     s(
@@ -130,6 +139,15 @@ pub fn register() {
         &DISABLE_AFTER_DEAD_LETTERS,
         0,
         1_000_000,
+        Sighup,
+    );
+
+    i(
+        c"linkhooks.max_miss_rows",
+        c"Rows link_misses keeps; maintenance drops the least recently missed beyond this.",
+        &MAX_MISS_ROWS,
+        100,
+        100_000_000,
         Sighup,
     );
 

@@ -10,21 +10,26 @@ mod filters;
 mod health;
 mod limits;
 mod links;
+mod milestones;
 mod payload;
 mod resolve;
 mod retry;
+mod rules;
 mod sender;
 mod signing;
 mod target;
 mod useragent;
 
 // The pgrx layer: SQL in, SQL out.
+mod aggregator;
 mod api;
 mod error;
 mod events;
 mod guc;
+mod idempotency;
 mod linkstore;
 mod maintenance;
+mod misses;
 mod opsevents;
 mod plans;
 mod queue;

@@ -27,6 +27,43 @@ pub enum LinkError {
     Utm(String),
 }
 
+/// Why a redirect request found no active link (`link.miss`, `link_misses.reason`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum MissReason {
+    Unknown,
+    Expired,
+    Limit,
+    Disabled,
+}
+
+impl MissReason {
+    pub const NAMES: &'static str = "unknown, expired, limit, disabled";
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            MissReason::Unknown => "unknown",
+            MissReason::Expired => "expired",
+            MissReason::Limit => "limit",
+            MissReason::Disabled => "disabled",
+        }
+    }
+
+    pub fn parse(name: &str) -> Option<Self> {
+        [
+            MissReason::Unknown,
+            MissReason::Expired,
+            MissReason::Limit,
+            MissReason::Disabled,
+        ]
+        .into_iter()
+        .find(|r| r.as_str() == name)
+    }
+}
+
+/// Requested slugs are kept in `link_misses` cut to this many characters
+/// (no link's slug is longer than `MAX_SLUG_LEN`; a scanner's may be).
+pub const MAX_MISSED_SLUG_LEN: usize = 2 * MAX_SLUG_LEN;
+
 pub fn check_slug(slug: &str) -> Result<(), LinkError> {
     if slug.is_empty() {
         return Err(LinkError::Slug("must not be empty"));

@@ -21,6 +21,7 @@ use serde_json::Value;
 use crate::doorkeeper::Doorkeeper;
 use crate::error::{Error, Result};
 use crate::guc;
+use crate::links::MissReason;
 use crate::payload::LinkPayload;
 use crate::plans::{self, INT8};
 use crate::shared;
@@ -96,19 +97,33 @@ impl LinkRow {
     }
 
     pub fn is_active(&self) -> bool {
-        !self.disabled
-            && !self.time_expired()
-            && self.max_clicks.is_none_or(|m| self.click_count < m)
+        self.inactive_reason().is_none()
+    }
+
+    /// Why a redirect finds the link inactive, or None while it is active.
+    pub fn inactive_reason(&self) -> Option<MissReason> {
+        if self.disabled {
+            Some(MissReason::Disabled)
+        } else if self.time_expired() {
+            Some(MissReason::Expired)
+        } else if self.max_clicks.is_some_and(|m| self.click_count >= m) {
+            Some(MissReason::Limit)
+        } else {
+            None
+        }
+    }
+
+    /// Where an active link redirects: the destination with its UTM parameters.
+    pub fn target(&self) -> String {
+        self.redirect_url
+            .clone()
+            .unwrap_or_else(|| self.destination.clone())
     }
 
     /// What a redirect answers: the destination (with UTM) while active, else expired_url or NULL.
     pub fn answer(&self) -> Option<String> {
         if self.is_active() {
-            Some(
-                self.redirect_url
-                    .clone()
-                    .unwrap_or_else(|| self.destination.clone()),
-            )
+            Some(self.target())
         } else {
             self.expired_url.clone()
         }
@@ -317,6 +332,9 @@ pub struct Relations {
     pkey: pg_sys::Oid,
     slug_index: pg_sys::Oid,
     pub deliveries: pg_sys::Oid,
+    /// The schema is 0.5.0's or later (clicks.idempotency_key, link_misses): a
+    /// newer library runs against an older schema until ALTER EXTENSION … UPDATE.
+    pub since_0_5: bool,
 }
 
 thread_local! {
@@ -384,6 +402,7 @@ pub fn relations() -> Result<Relations> {
             pkey: oid(c"links_pkey"),
             slug_index: oid(c"links_slug_unique_per_domain"),
             deliveries: oid(c"deliveries"),
+            since_0_5: oid(c"link_misses") != pg_sys::InvalidOid,
         }
     };
     if [
@@ -420,7 +439,6 @@ pub enum Claim {
     Full,
 }
 
-/// Takes a click slot on a link with max_clicks. The row lock serializes only
 /// Whether the installed schema has subscriptions' hold columns (paused,
 /// held_since, 0.5.0). A newer library runs against an older schema between its
 /// restart and `ALTER EXTENSION pg_linkhooks UPDATE`, and must keep working.
@@ -433,6 +451,7 @@ pub fn subscriptions_hold_events() -> bool {
     }
 }
 
+/// Takes a click slot on a link with max_clicks. The row lock serializes only
 /// limited links, which is what makes "never more than max_clicks" exact.
 pub fn claim_click(link_id: i64) -> Result<Claim> {
     Spi::connect_mut(|client| {

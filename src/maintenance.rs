@@ -28,6 +28,7 @@ fn run_maintenance() -> pgrx::JsonB {
             "campaigns_completed": complete_campaigns()?,
             "orphans_dead": kill_orphans()?,
             "held_expired": expire_held()?,
+            "misses_dropped": misses_dropped()?,
             "deliveries_pruned": prune()?,
         }))
     };
@@ -170,6 +171,13 @@ fn expire_held() -> Result<i64> {
         &[BATCH.into(), window_ms.into()],
     )?
     .unwrap_or(0))
+}
+
+fn misses_dropped() -> Result<i64> {
+    if !crate::linkstore::relations()?.since_0_5 {
+        return Ok(0); // a schema from before 0.5.0, not updated yet
+    }
+    crate::misses::cap_rows()
 }
 
 /// Deletes delivered deliveries (and their attempts) older than linkhooks.retention.

@@ -14,6 +14,7 @@ const NO_FACTS: Facts<'static> = Facts {
     campaign: None,
     tags: &[],
     click: None,
+    milestone: None,
 };
 
 pub fn subscription_disabled(subscription: DisabledSubscription) -> Result<()> {

@@ -23,10 +23,13 @@ pub enum EventType {
     WebhookTest,
     SubscriptionDisabled,
     DeliveryDead,
+    LinkMilestone,
+    CampaignMilestone,
+    LinkMiss,
 }
 
 impl EventType {
-    pub const ALL: [EventType; 11] = [
+    pub const ALL: [EventType; 14] = [
         EventType::LinkClicked,
         EventType::QrScanned,
         EventType::LinkConverted,
@@ -38,6 +41,9 @@ impl EventType {
         EventType::WebhookTest,
         EventType::SubscriptionDisabled,
         EventType::DeliveryDead,
+        EventType::LinkMilestone,
+        EventType::CampaignMilestone,
+        EventType::LinkMiss,
     ];
 
     pub fn as_str(self) -> &'static str {
@@ -53,6 +59,9 @@ impl EventType {
             EventType::WebhookTest => "webhook.test",
             EventType::SubscriptionDisabled => "subscription.disabled",
             EventType::DeliveryDead => "delivery.dead",
+            EventType::LinkMilestone => "link.milestone",
+            EventType::CampaignMilestone => "campaign.milestone",
+            EventType::LinkMiss => "link.miss",
         }
     }
 
@@ -315,6 +324,8 @@ pub struct ConversionPayload {
     pub currency: Option<String>,
     pub occurred_at: String,
     pub metadata: Value,
+    /// The caller's id for it (an order id), if given.
+    pub external_id: Option<String>,
 }
 
 impl ConversionPayload {
@@ -377,6 +388,54 @@ pub struct DeadDelivery {
     pub attempts: i32,
     pub last_status_code: Option<i32>,
     pub last_error: Option<String>,
+}
+
+/// A milestone as link.milestone and campaign.milestone show it.
+#[derive(Serialize)]
+pub struct MilestonePayload {
+    pub threshold: i64,
+    /// The count when the milestone was noticed (a burst may carry it past the threshold).
+    pub clicks: i64,
+    /// "humans" (clicks not flagged as bots) or "all".
+    pub counted: &'static str,
+    pub reached_at: String,
+}
+
+#[derive(Serialize)]
+pub struct LinkMilestoneData<'a> {
+    pub link: &'a LinkPayload,
+    pub milestone: &'a MilestonePayload,
+}
+
+#[derive(Serialize)]
+pub struct CampaignName<'a> {
+    pub name: &'a str,
+}
+
+#[derive(Serialize)]
+pub struct CampaignMilestoneData<'a> {
+    pub campaign: CampaignName<'a>,
+    pub milestone: &'a MilestonePayload,
+}
+
+/// link.miss: requests for a slug that found no active link, aggregated.
+#[derive(Serialize)]
+pub struct LinkMissData<'a> {
+    /// The link, when the slug names one that is expired, at its limit or disabled.
+    pub link: Option<&'a LinkPayload>,
+    pub miss: MissPayload<'a>,
+}
+
+#[derive(Serialize)]
+pub struct MissPayload<'a> {
+    pub domain: &'a str,
+    pub slug: &'a str,
+    /// "unknown", "expired", "limit" or "disabled".
+    pub reason: &'a str,
+    /// Misses of this slug for this reason so far.
+    pub count: i64,
+    pub first_seen: String,
+    pub last_seen: String,
 }
 
 #[derive(Serialize)]

@@ -33,6 +33,11 @@ fn no_such_column(name: &str) -> Error {
     Error::Column(format!("{name}: no such column"))
 }
 
+/// Whether the row has this column (one added in a later schema than the installed one).
+pub fn has_column(row: &PgHeapTuple<'_, impl WhoAllocated>, name: &str) -> bool {
+    row.attributes().any(|(_, att)| is_named(att, name))
+}
+
 /// A column's value, typed.
 pub fn col<'t, T>(row: &'t PgHeapTuple<'_, impl WhoAllocated>, name: &str) -> Result<Option<T>>
 where

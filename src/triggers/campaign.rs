@@ -66,6 +66,7 @@ pub fn emit_campaign_completed(campaign: CampaignPayload) -> Result<()> {
         campaign: Some(&name),
         tags: &[],
         click: None,
+        milestone: None,
     };
     events::emit(EventType::CampaignCompleted, &id, &facts, |_| body.clone())?;
     Ok(())

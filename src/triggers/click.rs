@@ -73,6 +73,7 @@ fn on_click<'a>(
             device: click.device.as_deref(),
             is_bot: click.is_bot,
         }),
+        milestone: None,
     };
     events::emit(kind, &click.event_id, &facts, |mode: IpMode| {
         payload::click_body(kind, &link_payload, &click, &utm, mode)

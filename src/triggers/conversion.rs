@@ -4,11 +4,23 @@ use super::*;
 
 #[pg_trigger]
 fn conversions_trigger<'a>(trigger: &'a PgTrigger<'a>) -> Result<Option<Row<'a>>, Error> {
-    Ok(Some(on_conversion(trigger).or_report()))
+    Ok(on_conversion(trigger).or_report())
 }
 
-fn on_conversion<'a>(trigger: &'a PgTrigger<'a>) -> Result<Row<'a>> {
+/// The row to store, or None to skip a repeat of an external id already recorded.
+fn on_conversion<'a>(trigger: &'a PgTrigger<'a>) -> Result<Option<Row<'a>>> {
     let mut row = new_row(trigger)?;
+    // (Absent before the 0.5.0 schema: a newer library serves an older schema until it is updated.)
+    let external_id: Option<String> = match has_column(&row, "external_id") {
+        true => col(&row, "external_id")?,
+        false => None,
+    };
+    if let Some(key) = &external_id {
+        idempotency::lock("external_id", key)?;
+        if conversion_recorded(key)? {
+            return Ok(None); // a caller's retry: the first one was recorded and announced
+        }
+    }
     let name: String = col(&row, "name")?.unwrap_or_default();
     if name.trim().is_empty() || name.chars().count() > 200 {
         return Err(Error::invalid("name", "must be 1 to 200 characters"));
@@ -70,12 +82,14 @@ fn on_conversion<'a>(trigger: &'a PgTrigger<'a>) -> Result<Row<'a>> {
         currency,
         occurred_at: payload::format_timestamp(occurred_at),
         metadata: col::<JsonB>(&row, "metadata")?.map_or(Value::Object(Map::new()), |j| j.0),
+        external_id,
     };
     let link_payload = link.payload();
     let facts = Facts {
         campaign: link.campaign.as_deref(),
         tags: &link.tags,
         click: None,
+        milestone: None,
     };
     let body = payload::envelope(
         &event_id,
@@ -89,5 +103,18 @@ fn on_conversion<'a>(trigger: &'a PgTrigger<'a>) -> Result<Row<'a>> {
     events::emit(EventType::LinkConverted, &event_id, &facts, |_| {
         body.clone()
     })?;
-    Ok(row)
+    Ok(Some(row))
+}
+
+/// Whether a committed conversion has this external id (read after its lock).
+fn conversion_recorded(external_id: &str) -> Result<bool> {
+    Spi::connect_mut(|client| {
+        let rows = plans::execute(
+            client,
+            "SELECT 1 FROM linkhooks.conversions WHERE external_id = $1",
+            &[TEXT],
+            &[external_id.into()],
+        )?;
+        Ok(!rows.is_empty())
+    })
 }

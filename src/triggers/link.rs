@@ -207,6 +207,7 @@ fn link_facts(link: &LinkPayload) -> Facts<'_> {
         campaign: link.campaign.as_deref(),
         tags: &link.tags,
         click: None,
+        milestone: None,
     }
 }
 

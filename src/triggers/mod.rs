@@ -12,6 +12,7 @@ use crate::error::{Error, OrReport, Result};
 use crate::events::{self, unix_now_micros};
 use crate::filters::{self, ClickFacts, Facts, Filters};
 use crate::guc;
+use crate::idempotency;
 use crate::limits::{self, MAX_JSON_BYTES, MAX_TEXT_CHARS, MAX_UTM_BYTES};
 use crate::links::{self, LinkError, MAX_HEADER_LEN, truncate};
 use crate::linkstore::{self, Claim, LinkRow};
@@ -21,10 +22,13 @@ use crate::payload::{
 };
 use crate::plans::{self, INT8, TEXT};
 use crate::resolve;
+use crate::rules;
 use crate::shared;
 use crate::signing::SigningKey;
 use crate::target;
-use crate::tuple::{Edits, SlotColumns, attnum, col, null_in_not_null_column, text_array};
+use crate::tuple::{
+    Edits, SlotColumns, attnum, col, has_column, null_in_not_null_column, text_array,
+};
 use crate::useragent;
 
 type Row<'a> = PgHeapTuple<'a, AllocatedByRust>;
@@ -153,6 +157,7 @@ mod campaign;
 mod click;
 mod conversion;
 mod link;
+mod rule;
 mod subscription;
 
 pub use campaign::emit_campaign_completed;

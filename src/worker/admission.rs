@@ -164,7 +164,10 @@ mod tests {
             f.start(d, sub, t0);
         }
         let plan = f.plan(&limits, t0 + Duration::from_millis(1500));
-        assert_eq!(plan.free, 5, "one thread and the pipeline, for the fast endpoint");
+        assert_eq!(
+            plan.free, 5,
+            "one thread and the pipeline, for the fast endpoint"
+        );
         assert_eq!(plan.unproven_room, 0, "the last thread is the reserve");
         assert_eq!(plan.fast, vec![100]);
         assert_eq!(plan.busy, vec![(1, 1), (2, 1), (3, 1)]);
@@ -203,7 +206,11 @@ mod tests {
         f.start(1, 5, t0);
         f.start(2, 6, t0);
         let plan = f.plan(&limits, t0);
-        assert_eq!((plan.free, plan.unproven_room), (2, 0), "no thread free: only the pipeline");
+        assert_eq!(
+            (plan.free, plan.unproven_room),
+            (2, 0),
+            "no thread free: only the pipeline"
+        );
         f.start(3, 5, t0);
         f.start(4, 5, t0);
         assert_eq!(f.plan(&limits, t0).free, 0, "threads and pipeline full");

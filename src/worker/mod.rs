@@ -41,6 +41,8 @@ const IDLE_POLL: Duration = Duration::from_secs(5);
 /// Outcomes are written in batches: when this many wait, or the oldest has waited `RECORD_DELAY`.
 const RECORD_BATCH: usize = 200;
 const RECORD_DELAY: Duration = Duration::from_millis(5);
+/// How often the click aggregator runs (milestones are queued within about this long).
+const AGGREGATE_EVERY: Duration = Duration::from_secs(1);
 /// After a transaction failed (a lock timeout), wait this long before the next.
 const RETRY_AFTER_ERROR: Duration = Duration::from_secs(1);
 
@@ -131,6 +133,7 @@ pub struct Worker {
     /// When to claim again even if nothing wakes us (a retry comes due, the fallback poll).
     next_due: Option<Instant>,
     next_maintenance: Instant,
+    next_aggregation: Instant,
     extension_ready: bool,
     /// Poll interval while the extension is missing (grows to `gate::MAX_BACKOFF`).
     extension_wait: Duration,
@@ -195,6 +198,7 @@ impl Worker {
             more_due: true,
             next_due: None,
             next_maintenance: Instant::now(),
+            next_aggregation: Instant::now(),
             extension_ready: false,
             extension_wait: Duration::ZERO,
             released: false,
@@ -276,6 +280,10 @@ impl Worker {
                 self.next_maintenance = Instant::now()
                     .checked_add(self.settings.maintenance_every)
                     .unwrap_or(now + IDLE_POLL);
+            }
+            if self.extension_ready && now >= self.next_aggregation {
+                self.aggregate();
+                self.next_aggregation = Instant::now() + AGGREGATE_EVERY;
             }
             // Requests in flight: claimed rows beyond the threads wait in the pool's queue.
             let in_flight = self.flights.total().min(self.settings.limits.concurrency);
@@ -400,6 +408,25 @@ impl Worker {
         Ok(false)
     }
 
+    /// Counts the clicks committed since the last run and queues the milestones
+    /// they reach (src/aggregator.rs), in its own short transaction.
+    fn aggregate(&mut self) {
+        if let Err(e) = gate::try_transaction(|| {
+            if crate::replication::receives_deliveries()? {
+                return Ok(()); // the publisher counts the clicks it sends
+            }
+            let installed = Spi::get_one::<bool>(
+                "SELECT pg_catalog.to_regprocedure('linkhooks.run_aggregation()') IS NOT NULL",
+            )?;
+            if installed == Some(true) {
+                Spi::run("SELECT linkhooks.run_aggregation()")?;
+            }
+            Ok(()) // a schema from before 0.5.0 until it is updated
+        }) {
+            self.warn_failure("click aggregation", &e);
+        }
+    }
+
     /// Hands claimed jobs to the threads: a claim never takes more than are free.
     fn dispatch(&mut self, jobs: Vec<Job>) {
         let now = Instant::now();
@@ -443,7 +470,9 @@ impl Worker {
             let until = |t: Instant| t.saturating_duration_since(now);
             let mut timeout = self.next_due.map_or(IDLE_POLL, until).min(IDLE_POLL);
             if self.extension_ready {
-                timeout = timeout.min(until(self.next_maintenance));
+                timeout = timeout
+                    .min(until(self.next_maintenance))
+                    .min(until(self.next_aggregation));
             }
             if let Some(since) = self.outcomes_since {
                 let at = (since + RECORD_DELAY).max(self.record_hold_off.unwrap_or(since));

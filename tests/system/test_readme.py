@@ -86,7 +86,9 @@ def test_tour_runs_as_written(db, tour_roles):
     # What the tour says it did, it did.
     assert db.execute("SELECT count(*) FROM linkhooks.deliveries WHERE event_type = 'webhook.test'").fetchone()[0] >= 1
     assert db.execute("SELECT has_function_privilege('redirector', 'linkhooks.record_click(text, inet, text, text, text, text, "
-                      "text, text, text)', 'EXECUTE')").fetchone()[0]
+                      "text, text, text, text)', 'EXECUTE')").fetchone()[0]
+    assert db.execute("SELECT count(*) FROM linkhooks.clicks WHERE idempotency_key IS NOT NULL").fetchone()[0] == 1
+    assert db.execute("SELECT slug, reason FROM linkhooks.link_misses").fetchall() == [("winter-sael", "unknown")]
     assert db.execute("SELECT has_table_privilege('dashboard', 'linkhooks.link_stats', 'SELECT')").fetchone()[0]
 
 
@@ -104,7 +106,7 @@ def test_payload_examples_have_the_fields_real_events_have(db, receiver):
         examples[example["type"]] = example
     assert set(examples) == {"link.clicked", "qr.scanned", "link.converted", "link.created", "link.updated",
                              "link.expired", "campaign.completed", "webhook.test", "subscription.disabled",
-                             "delivery.dead"}
+                             "delivery.dead", "link.milestone", "campaign.milestone", "link.miss"}
     # An operations endpoint, and one that answers 410 Gone: it is disabled and its event is dead.
     subscribe(db, receiver, "/ops", event_types=["subscription.disabled", "delivery.dead"])
     gone, _ = subscribe(db, receiver, "/gone", event_types=["webhook.test"])
@@ -113,14 +115,16 @@ def test_payload_examples_have_the_fields_real_events_have(db, receiver):
 
     sid, _ = subscribe(db, receiver, "/all", filters={"exclude_bots": False})
     db.execute("INSERT INTO linkhooks.campaigns (name, click_goal) VALUES ('winter-sale-2026', 2)")
+    db.execute("""INSERT INTO linkhooks.rules (kind, campaign, settings) VALUES ('milestones', 'winter-sale-2026', '{"thresholds": [2]}')""")
     db.execute("INSERT INTO linkhooks.links (slug, destination, campaign, tags, utm, max_clicks) VALUES "
                "('sale', 'https://acme.com/winter-sale', 'winter-sale-2026', '{social}', '{\"source\":\"instagram\",\"medium\":\"social\"}', 2)")
     db.execute("SELECT linkhooks.record_click('sale', ip => '203.0.113.42', user_agent => %s, referer => 'https://instagram.com/', "
                "landing_url => 'https://acme.com/winter-sale?utm_source=instagram&utm_medium=social&utm_campaign=winter-sale"
                "&utm_content=story')", [IPHONE])
     db.execute("SELECT linkhooks.record_click('sale', user_agent => %s, source => 'qr')", [IPHONE])
-    db.execute("INSERT INTO linkhooks.conversions (click_id, name, amount, currency, metadata) "
-               "SELECT min(id), 'purchase', 49.90, 'USD', '{\"order\": \"A-1001\"}' FROM linkhooks.clicks")
+    db.execute("INSERT INTO linkhooks.conversions (click_id, name, amount, currency, metadata, external_id) "
+               "SELECT min(id), 'purchase', 49.90, 'USD', '{\"order\": \"A-1001\"}', 'A-1001' FROM linkhooks.clicks")
+    db.execute("SELECT linkhooks.record_click('sale')")  # past its max_clicks: a miss
     db.execute("UPDATE linkhooks.links SET destination = 'https://acme.com/winter-sale-2'")
     db.execute("SELECT linkhooks.send_test(%s)", [sid])
     real = wait_for(lambda: (lambda got: got if set(got) >= set(examples) else None)(

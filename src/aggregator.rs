@@ -1,0 +1,523 @@
+//! The click aggregator: counts the clicks committed since a durable cursor
+//! and fires the milestones they reach, off the click path and exactly once;
+//! it also announces due misses (`misses::announce_due`).
+//!
+//! Every click row carries its transaction's id (`clicks.txid`). The cursor
+//! is the snapshot of the previous run: a run reads the clicks visible now
+//! but not in that snapshot (PgQ's batches work the same way), so each
+//! committed click is counted by exactly one run, whatever order
+//! transactions commit in. A run's counts, the milestones it records, their
+//! deliveries and the new cursor commit together: a crash loses none and
+//! repeats none. The worker runs it every second; anyone may run it by hand.
+
+use std::collections::HashMap;
+
+use pgrx::prelude::*;
+use serde_json::{Value, json};
+
+use crate::error::{OrReport, Result};
+use crate::events::{self, new_event_id, unix_now_micros};
+use crate::filters::{Facts, MilestoneFacts};
+use crate::guc;
+use crate::milestones::{self, Counted, DEFAULT_THRESHOLDS};
+use crate::misses;
+use crate::payload::{
+    self, CampaignMilestoneData, CampaignName, EventType, LinkMilestoneData, LinkPayload,
+    MilestonePayload,
+};
+use crate::plans::{self, INT8_ARRAY, TEXT, TEXT_ARRAY};
+use crate::rules::{self, RuleSettings};
+
+/// Counts new clicks, fires the milestones they reach and announces due
+/// misses; returns what it did.
+#[pg_extern(volatile, security_definer)]
+fn run_aggregation() -> pgrx::JsonB {
+    pgrx::JsonB(run().or_report())
+}
+
+/// New clicks of one link in this run, with its totals after them.
+struct LinkCount {
+    link: LinkPayload,
+    clicks: i64,
+    humans: i64,
+    new_clicks: i64,
+    new_humans: i64,
+}
+
+/// A milestone about to be recorded (and announced if it is new).
+struct Reached {
+    event_id: String,
+    scope: &'static str,
+    link: Option<usize>,
+    campaign: Option<String>,
+    counted: Counted,
+    threshold: i64,
+    clicks: i64,
+    listed: bool,
+}
+
+fn run() -> Result<Value> {
+    let Some(previous) = lock_cursor()? else {
+        return Ok(json!({"skipped": "another run holds the cursor"}));
+    };
+    let Some(batch) = read_new_clicks(&previous)? else {
+        return Ok(json!({"skipped": "the snapshot is older than the cursor"}));
+    };
+    let links = count_links(&batch)?;
+    let campaigns = count_campaigns(&links)?;
+    let lists = ThresholdLists::load()?;
+    let mut reached = Vec::new();
+    for (i, count) in links.iter().enumerate() {
+        let listed = lists.for_link(count.link.id, count.link.campaign.as_deref());
+        for (counted, after, added) in [
+            (Counted::Humans, count.humans, count.new_humans),
+            (Counted::All, count.clicks, count.new_clicks),
+        ] {
+            for threshold in lists.crossed(
+                EventType::LinkMilestone,
+                listed,
+                counted,
+                after - added,
+                after,
+            ) {
+                reached.push(Reached {
+                    event_id: new_event_id().to_string(),
+                    scope: "link",
+                    link: Some(i),
+                    campaign: None,
+                    counted,
+                    threshold,
+                    clicks: after,
+                    listed: listed.contains(&threshold),
+                });
+            }
+        }
+    }
+    for (name, (clicks, humans, new_clicks, new_humans)) in &campaigns {
+        let listed = lists.for_campaign(name);
+        for (counted, after, added) in [
+            (Counted::Humans, *humans, *new_humans),
+            (Counted::All, *clicks, *new_clicks),
+        ] {
+            for threshold in lists.crossed(
+                EventType::CampaignMilestone,
+                listed,
+                counted,
+                after - added,
+                after,
+            ) {
+                reached.push(Reached {
+                    event_id: new_event_id().to_string(),
+                    scope: "campaign",
+                    link: None,
+                    campaign: Some(name.clone()),
+                    counted,
+                    threshold,
+                    clicks: after,
+                    listed: listed.contains(&threshold),
+                });
+            }
+        }
+    }
+    let fired = record_milestones(&reached, &links)?;
+    for r in reached.iter().filter(|r| fired.contains(&r.event_id)) {
+        announce(r, r.link.map(|i| &links[i].link))?;
+    }
+    let misses_announced = misses::announce_due()?;
+    Spi::run_with_args(
+        "UPDATE linkhooks.click_cursor
+            SET snapshot = $1::pg_catalog.pg_snapshot,
+                id_floor = GREATEST(id_floor, coalesce($2, 0)),
+                updated_at = pg_catalog.now()",
+        &[batch.snapshot.as_str().into(), batch.restored_max_id.into()],
+    )?;
+    Ok(json!({
+        "clicks": links.iter().map(|l| l.new_clicks).sum::<i64>(),
+        "links": links.len(),
+        "milestones": fired.len(),
+        "misses_announced": misses_announced,
+    }))
+}
+
+/// Locks the cursor for this run and returns it (the previous run's snapshot),
+/// or None while another run holds it. Taken before the run's snapshot, so the
+/// snapshot sees everything the previous run committed.
+fn lock_cursor() -> Result<Option<String>> {
+    let locked = Spi::get_one::<String>(
+        "SELECT snapshot::text FROM linkhooks.click_cursor FOR UPDATE SKIP LOCKED",
+    );
+    match locked {
+        Ok(Some(snapshot)) => Ok(Some(snapshot)),
+        Ok(None) | Err(pgrx::spi::SpiError::InvalidPosition) => {
+            // No row (someone deleted it): start counting from now.
+            Spi::run(
+                "INSERT INTO linkhooks.click_cursor (snapshot)
+                 SELECT pg_catalog.pg_current_snapshot()
+                  WHERE NOT EXISTS (SELECT FROM linkhooks.click_cursor)",
+            )?;
+            Ok(None)
+        }
+        Err(e) => Err(e.into()),
+    }
+}
+
+/// The clicks committed since `previous`, per link.
+struct Batch {
+    /// This run's snapshot, the next cursor.
+    snapshot: String,
+    /// Clicks with a transaction id from the future belong to a restore from
+    /// another cluster: counted already there, they are never counted here.
+    restored_max_id: Option<i64>,
+    link_ids: Vec<i64>,
+    clicks: Vec<i64>,
+    humans: Vec<i64>,
+}
+
+fn read_new_clicks(previous: &str) -> Result<Option<Batch>> {
+    // Run as a mutating statement for a fresh snapshot, taken after the cursor was locked
+    // (a read-only one would reuse the caller's, taken before).
+    Spi::connect_mut(|client| {
+        let rows = plans::execute(
+            client,
+            "WITH snap AS (SELECT pg_catalog.pg_current_snapshot() AS now,
+                                  $1::pg_catalog.pg_snapshot AS prev),
+                  cursor AS (SELECT id_floor FROM linkhooks.click_cursor),
+                  fresh AS (
+                    SELECT c.link_id, pg_catalog.count(*) AS clicks,
+                           pg_catalog.count(*) FILTER (WHERE c.is_bot IS NOT TRUE) AS humans
+                      FROM linkhooks.clicks c, snap, cursor
+                     WHERE c.txid >= pg_catalog.pg_snapshot_xmin($1::pg_catalog.pg_snapshot)
+                       AND c.txid < pg_catalog.pg_snapshot_xmax(snap.now)
+                       AND NOT pg_catalog.pg_visible_in_snapshot(c.txid, snap.prev)
+                       AND c.id > cursor.id_floor
+                     GROUP BY c.link_id)
+             SELECT snap.now::text,
+                    pg_catalog.pg_snapshot_xmin(snap.now) >= pg_catalog.pg_snapshot_xmin(snap.prev)
+                      AND pg_catalog.pg_snapshot_xmax(snap.now) >= pg_catalog.pg_snapshot_xmax(snap.prev),
+                    (SELECT pg_catalog.max(c.id) FROM linkhooks.clicks c
+                      WHERE c.txid >= pg_catalog.pg_snapshot_xmax(snap.now)),
+                    (SELECT pg_catalog.array_agg(link_id ORDER BY link_id) FROM fresh),
+                    (SELECT pg_catalog.array_agg(clicks ORDER BY link_id) FROM fresh),
+                    (SELECT pg_catalog.array_agg(humans ORDER BY link_id) FROM fresh)
+               FROM snap",
+            &[TEXT],
+            &[previous.into()],
+        )?;
+        let Some(row) = rows.into_iter().next() else {
+            return Ok(None);
+        };
+        if !row.get::<bool>(2)?.unwrap_or(false) {
+            // A caller's REPEATABLE READ snapshot from before the last run: counting
+            // from it would count that run's clicks again.
+            return Ok(None);
+        }
+        let ints = |n| -> Result<Vec<i64>> {
+            Ok(row
+                .get::<Vec<Option<i64>>>(n)?
+                .unwrap_or_default()
+                .into_iter()
+                .flatten()
+                .collect())
+        };
+        Ok(Some(Batch {
+            snapshot: row.get(1)?.unwrap_or_default(),
+            restored_max_id: row.get(3)?,
+            link_ids: ints(4)?,
+            clicks: ints(5)?,
+            humans: ints(6)?,
+        }))
+    })
+}
+
+/// Adds the batch to each link's totals; returns the links that still exist.
+fn count_links(batch: &Batch) -> Result<Vec<LinkCount>> {
+    if batch.link_ids.is_empty() {
+        return Ok(Vec::new());
+    }
+    let base_url = guc::string(&guc::BASE_URL);
+    Spi::connect_mut(|client| {
+        let rows = plans::execute(
+            client,
+            "WITH new AS (
+                SELECT n.link_id, n.clicks, n.humans
+                  FROM unnest($1::bigint[], $2::bigint[], $3::bigint[]) AS n(link_id, clicks, humans)
+                 WHERE EXISTS (SELECT FROM linkhooks.links l WHERE l.id = n.link_id)),
+             counted AS (
+                INSERT INTO linkhooks.link_counts AS k (link_id, clicks, human_clicks)
+                SELECT link_id, clicks, humans FROM new
+                ON CONFLICT (link_id) DO UPDATE
+                   SET clicks = k.clicks + excluded.clicks,
+                       human_clicks = k.human_clicks + excluded.human_clicks,
+                       updated_at = pg_catalog.now()
+                RETURNING k.link_id, k.clicks, k.human_clicks)
+             SELECT l.id, l.domain, l.slug, l.destination, l.campaign, l.tags,
+                    counted.clicks, counted.human_clicks, new.clicks, new.humans
+               FROM counted
+               JOIN new ON new.link_id = counted.link_id
+               JOIN linkhooks.links l ON l.id = counted.link_id
+              ORDER BY l.id",
+            &[INT8_ARRAY, INT8_ARRAY, INT8_ARRAY],
+            &[
+                batch.link_ids.clone().into(),
+                batch.clicks.clone().into(),
+                batch.humans.clone().into(),
+            ],
+        )?;
+        rows.into_iter()
+            .map(|r| {
+                let domain: String = r.get(2)?.unwrap_or_default();
+                let slug: String = r.get(3)?.unwrap_or_default();
+                Ok(LinkCount {
+                    link: LinkPayload {
+                        id: r.get(1)?.unwrap_or_default(),
+                        short_url: LinkPayload::short_url(&domain, &slug, &base_url),
+                        domain,
+                        slug,
+                        destination: r.get(4)?.unwrap_or_default(),
+                        campaign: r.get(5)?,
+                        tags: r
+                            .get::<Vec<Option<String>>>(6)?
+                            .unwrap_or_default()
+                            .into_iter()
+                            .flatten()
+                            .collect(),
+                    },
+                    clicks: r.get(7)?.unwrap_or_default(),
+                    humans: r.get(8)?.unwrap_or_default(),
+                    new_clicks: r.get(9)?.unwrap_or_default(),
+                    new_humans: r.get(10)?.unwrap_or_default(),
+                })
+            })
+            .collect()
+    })
+}
+
+/// Per campaign: totals after this batch (all, humans) and what the batch added.
+type CampaignCounts = HashMap<String, (i64, i64, i64, i64)>;
+
+/// Adds the batch to each campaign's totals (a link's campaign as it is now).
+fn count_campaigns(links: &[LinkCount]) -> Result<CampaignCounts> {
+    let mut added: HashMap<&str, (i64, i64)> = HashMap::new();
+    for l in links {
+        if let Some(c) = &l.link.campaign {
+            let e = added.entry(c.as_str()).or_default();
+            e.0 += l.new_clicks;
+            e.1 += l.new_humans;
+        }
+    }
+    if added.is_empty() {
+        return Ok(HashMap::new());
+    }
+    let names: Vec<&str> = added.keys().copied().collect();
+    let clicks: Vec<i64> = names.iter().map(|n| added[n].0).collect();
+    let humans: Vec<i64> = names.iter().map(|n| added[n].1).collect();
+    Spi::connect_mut(|client| {
+        let rows = plans::execute(
+            client,
+            "INSERT INTO linkhooks.campaign_counts AS k (campaign, clicks, human_clicks)
+             SELECT * FROM unnest($1::text[], $2::bigint[], $3::bigint[])
+             ON CONFLICT (campaign) DO UPDATE
+                SET clicks = k.clicks + excluded.clicks,
+                    human_clicks = k.human_clicks + excluded.human_clicks,
+                    updated_at = pg_catalog.now()
+             RETURNING k.campaign, k.clicks, k.human_clicks",
+            &[TEXT_ARRAY, INT8_ARRAY, INT8_ARRAY],
+            &[names.clone().into(), clicks.into(), humans.into()],
+        )?;
+        let mut totals = HashMap::new();
+        for r in rows {
+            let name: String = r.get(1)?.unwrap_or_default();
+            let (new_clicks, new_humans) = added.get(name.as_str()).copied().unwrap_or_default();
+            totals.insert(
+                name,
+                (
+                    r.get(2)?.unwrap_or_default(),
+                    r.get(3)?.unwrap_or_default(),
+                    new_clicks,
+                    new_humans,
+                ),
+            );
+        }
+        Ok(totals)
+    })
+}
+
+/// Milestone lists from the rules, and the subscriptions' own lists.
+struct ThresholdLists {
+    by_link: HashMap<i64, Vec<i64>>,
+    by_campaign: HashMap<String, Vec<i64>>,
+    everywhere: Vec<i64>,
+    cache: std::rc::Rc<events::Cache>,
+}
+
+impl ThresholdLists {
+    fn load() -> Result<Self> {
+        let mut lists = ThresholdLists {
+            by_link: HashMap::new(),
+            by_campaign: HashMap::new(),
+            everywhere: DEFAULT_THRESHOLDS.to_vec(),
+            cache: events::cache()?,
+        };
+        Spi::connect(|client| -> Result<()> {
+            let rows = client.select(
+                "SELECT link_id, campaign, settings FROM linkhooks.rules WHERE kind = 'milestones'",
+                None,
+                &[],
+            )?;
+            for r in rows {
+                let link_id: Option<i64> = r.get(1)?;
+                let campaign: Option<String> = r.get(2)?;
+                let settings = r.get::<pgrx::JsonB>(3)?.map_or(Value::Null, |j| j.0);
+                // Rules are checked on write; one that no longer parses is skipped.
+                let Ok(RuleSettings::Milestones { thresholds }) = rules::check(
+                    "milestones",
+                    link_id.is_some(),
+                    campaign.is_some(),
+                    &settings,
+                ) else {
+                    continue;
+                };
+                match (link_id, campaign) {
+                    (Some(id), _) => {
+                        lists.by_link.insert(id, thresholds);
+                    }
+                    (None, Some(name)) => {
+                        lists.by_campaign.insert(name, thresholds);
+                    }
+                    (None, None) => lists.everywhere = thresholds,
+                }
+            }
+            Ok(())
+        })?;
+        Ok(lists)
+    }
+
+    /// A link's list: its own rule's, else its campaign's, else the global one.
+    fn for_link(&self, link_id: i64, campaign: Option<&str>) -> &[i64] {
+        self.by_link
+            .get(&link_id)
+            .or_else(|| campaign.and_then(|c| self.by_campaign.get(c)))
+            .unwrap_or(&self.everywhere)
+    }
+
+    fn for_campaign(&self, name: &str) -> &[i64] {
+        self.by_campaign.get(name).unwrap_or(&self.everywhere)
+    }
+
+    /// Thresholds crossed between `before` and `after`: the listed ones, and
+    /// those subscriptions to `kind` that count the same clicks list themselves.
+    fn crossed(
+        &self,
+        kind: EventType,
+        listed: &[i64],
+        counted: Counted,
+        before: i64,
+        after: i64,
+    ) -> Vec<i64> {
+        let mut all = milestones::crossed(before, after, listed);
+        for (own, own_counted) in self.cache.subscriber_milestones(kind) {
+            if own_counted == counted {
+                all.extend(milestones::crossed(before, after, own));
+            }
+        }
+        all.sort_unstable();
+        all.dedup();
+        all
+    }
+}
+
+/// Records the milestones; returns the event ids of those not recorded before
+/// (a milestone fires once per link or campaign, ever).
+fn record_milestones(reached: &[Reached], links: &[LinkCount]) -> Result<Vec<String>> {
+    if reached.is_empty() {
+        return Ok(Vec::new());
+    }
+    let column = |f: fn(&Reached) -> Option<String>| reached.iter().map(f).collect::<Vec<_>>();
+    Spi::connect_mut(|client| {
+        let rows = plans::execute(
+            client,
+            "INSERT INTO linkhooks.milestones (scope, link_id, campaign, counted, threshold, clicks, event_id)
+             SELECT s, l, c, n, t, k, e::uuid
+               FROM unnest($1::text[], $2::bigint[], $3::text[], $4::text[], $5::bigint[],
+                                      $6::bigint[], $7::text[]) AS u(s, l, c, n, t, k, e)
+             ON CONFLICT DO NOTHING
+             RETURNING event_id::text",
+            &[TEXT_ARRAY, INT8_ARRAY, TEXT_ARRAY, TEXT_ARRAY, INT8_ARRAY, INT8_ARRAY, TEXT_ARRAY],
+            &[
+                column(|r| Some(r.scope.to_string())).into(),
+                reached
+                    .iter()
+                    .map(|r| r.link.map(|i| links[i].link.id))
+                    .collect::<Vec<_>>()
+                    .into(),
+                column(|r| r.campaign.clone()).into(),
+                column(|r| Some(r.counted.as_str().to_string())).into(),
+                reached.iter().map(|r| r.threshold).collect::<Vec<_>>().into(),
+                reached.iter().map(|r| r.clicks).collect::<Vec<_>>().into(),
+                column(|r| Some(r.event_id.clone())).into(),
+            ],
+        )?;
+        rows.into_iter()
+            .map(|r| Ok(r.get::<String>(1)?.unwrap_or_default()))
+            .collect()
+    })
+}
+
+/// Queues link.milestone or campaign.milestone for the subscriptions that want it.
+fn announce(r: &Reached, link: Option<&LinkPayload>) -> Result<()> {
+    let at = unix_now_micros();
+    let milestone = MilestonePayload {
+        threshold: r.threshold,
+        clicks: r.clicks,
+        counted: r.counted.as_str(),
+        reached_at: payload::format_timestamp(at),
+    };
+    let facts = MilestoneFacts {
+        threshold: r.threshold,
+        listed: r.listed,
+        counted: r.counted,
+    };
+    let (kind, body, facts) = match (link, &r.campaign) {
+        (Some(link), _) => (
+            EventType::LinkMilestone,
+            payload::envelope(
+                &r.event_id,
+                EventType::LinkMilestone,
+                at,
+                LinkMilestoneData {
+                    link,
+                    milestone: &milestone,
+                },
+            ),
+            Facts {
+                campaign: link.campaign.as_deref(),
+                tags: &link.tags,
+                click: None,
+                milestone: Some(facts),
+            },
+        ),
+        (None, campaign) => {
+            let name = campaign.as_deref().unwrap_or_default();
+            (
+                EventType::CampaignMilestone,
+                payload::envelope(
+                    &r.event_id,
+                    EventType::CampaignMilestone,
+                    at,
+                    CampaignMilestoneData {
+                        campaign: CampaignName { name },
+                        milestone: &milestone,
+                    },
+                ),
+                Facts {
+                    campaign: Some(name),
+                    tags: &[],
+                    click: None,
+                    milestone: Some(facts),
+                },
+            )
+        }
+    };
+    events::emit(kind, &r.event_id, &facts, |_| body.clone())?;
+    Ok(())
+}

@@ -1,0 +1,30 @@
+//! Ingestion idempotency: a caller that retries after a timeout passes the
+//! same key (`record_click(…, idempotency_key)`, `conversions.external_id`)
+//! and gets the first call's result instead of a second click or conversion.
+//! Calls with one key are serialized by a transaction-level advisory lock, so
+//! the second sees the first's row once it commits; a unique index backs it.
+
+use pgrx::prelude::*;
+
+use crate::error::{Error, Result};
+
+/// Keys are the caller's (a UUID, an order id): at most this long.
+pub const MAX_KEY_CHARS: usize = 200;
+
+/// Advisory-lock class of these keys ("LH"), apart from other users' locks.
+const LOCK_CLASS: i32 = 0x4C48;
+
+/// Checks `key` (named `field` in errors) and waits for any other transaction using it.
+pub fn lock(field: &'static str, key: &str) -> Result<()> {
+    if key.is_empty() || key.chars().count() > MAX_KEY_CHARS {
+        return Err(Error::invalid(
+            field,
+            format!("must be 1 to {MAX_KEY_CHARS} characters"),
+        ));
+    }
+    Spi::run_with_args(
+        "SELECT pg_catalog.pg_advisory_xact_lock($1, pg_catalog.hashtext($2))",
+        &[LOCK_CLASS.into(), key.into()],
+    )?;
+    Ok(())
+}

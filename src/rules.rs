@@ -1,0 +1,116 @@
+//! Rules for reactive events (`linkhooks.rules` rows): what a kind's settings
+//! may hold. Pure logic; the rules trigger reports these errors.
+
+use serde_json::Value;
+use thiserror::Error;
+
+use crate::milestones::{self, ThresholdError};
+
+/// Rule kinds, with the settings keys each accepts.
+const KINDS: [(&str, &[&str]); 1] = [("milestones", &["thresholds"])];
+
+#[derive(Debug, Error, PartialEq, Eq)]
+pub enum RuleError {
+    #[error("invalid kind: '{0}' is not a rule kind (known: milestones)")]
+    Kind(String),
+    #[error("invalid link_id and campaign: a rule applies to one link or one campaign, not both")]
+    BothScopes,
+    #[error("invalid settings: must be a JSON object")]
+    NotObject,
+    #[error("invalid settings: unknown key '{key}' for a {kind} rule (allowed: {allowed})")]
+    UnknownKey {
+        key: String,
+        kind: &'static str,
+        allowed: String,
+    },
+    #[error("invalid settings.{0}: required for a {1} rule")]
+    Missing(&'static str, &'static str),
+    #[error(transparent)]
+    Thresholds(#[from] ThresholdError),
+}
+
+/// A checked rule's settings.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum RuleSettings {
+    Milestones { thresholds: Vec<i64> },
+}
+
+pub fn check(
+    kind: &str,
+    has_link: bool,
+    has_campaign: bool,
+    settings: &Value,
+) -> Result<RuleSettings, RuleError> {
+    let (kind, allowed) = KINDS
+        .iter()
+        .find(|(k, _)| *k == kind)
+        .ok_or_else(|| RuleError::Kind(kind.to_string()))?;
+    if has_link && has_campaign {
+        return Err(RuleError::BothScopes);
+    }
+    let Value::Object(obj) = settings else {
+        return Err(RuleError::NotObject);
+    };
+    if let Some(key) = obj.keys().find(|k| !allowed.contains(&k.as_str())) {
+        return Err(RuleError::UnknownKey {
+            key: key.clone(),
+            kind,
+            allowed: allowed.join(", "),
+        });
+    }
+    // "milestones", the one kind so far.
+    let list = obj
+        .get("thresholds")
+        .ok_or(RuleError::Missing("thresholds", kind))?;
+    Ok(RuleSettings::Milestones {
+        thresholds: milestones::parse_thresholds("settings.thresholds", list)?,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    #[test]
+    fn milestone_rules() {
+        assert_eq!(
+            check("milestones", true, false, &json!({"thresholds": [10, 20]})),
+            Ok(RuleSettings::Milestones {
+                thresholds: vec![10, 20]
+            })
+        );
+        assert_eq!(
+            check("milestone", false, false, &json!({})),
+            Err(RuleError::Kind("milestone".into()))
+        );
+        assert_eq!(
+            check("milestones", true, true, &json!({"thresholds": [1]})),
+            Err(RuleError::BothScopes)
+        );
+        assert_eq!(
+            check("milestones", false, false, &json!({})),
+            Err(RuleError::Missing("thresholds", "milestones"))
+        );
+        let unknown = check(
+            "milestones",
+            false,
+            false,
+            &json!({"thresholds": [1], "window": "1m"}),
+        );
+        assert_eq!(
+            unknown.unwrap_err().to_string(),
+            "invalid settings: unknown key 'window' for a milestones rule (allowed: thresholds)"
+        );
+        assert_eq!(
+            check("milestones", false, false, &json!({"thresholds": [5, 1]}))
+                .unwrap_err()
+                .to_string(),
+            "invalid settings.thresholds: thresholds must increase (1 comes after 5)"
+        );
+        assert_eq!(
+            check("milestones", false, false, &json!([])),
+            Err(RuleError::NotObject)
+        );
+    }
+}

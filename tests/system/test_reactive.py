@@ -1,0 +1,213 @@
+"""Reactive events (issue 17): milestones counted off the click path from a
+durable cursor, exactly once under concurrency and across a crash."""
+
+import threading
+
+import psycopg
+import pytest
+from psycopg.types.json import Jsonb
+
+from conftest import subscribe
+from harness import wait_for
+from test_links import link
+
+
+def rule(db, settings, link_id=None, campaign=None, kind="milestones"):
+    db.execute("INSERT INTO linkhooks.rules (kind, link_id, campaign, settings) VALUES (%s, %s, %s, %s)",
+               [kind, link_id, campaign, Jsonb(settings)])
+
+
+def settle(db):
+    """Runs the aggregator until it has counted every committed click (the worker may be running it too)."""
+    def counted():
+        db.execute("SELECT linkhooks.run_aggregation()")
+        total = db.execute("SELECT coalesce(sum(clicks), 0) FROM linkhooks.link_counts").fetchone()[0]
+        return total == db.execute("SELECT count(*) FROM linkhooks.clicks").fetchone()[0]
+    wait_for(counted, message="every click counted")
+
+
+def milestone_events(receiver, path, kind="link.milestone"):
+    return [r["json"] for r in receiver.received(path) if r["json"]["type"] == kind]
+
+
+def test_a_burst_of_concurrent_clients_fires_a_milestone_once(cluster, db, receiver):
+    subscribe(db, receiver, "/m", event_types=["link.milestone"])
+    link_id = link(db, "burst")
+    rule(db, {"thresholds": [50, 70]}, link_id=link_id)
+
+    def client():
+        with cluster.connect() as c:
+            for _ in range(10):
+                c.execute("SELECT linkhooks.record_click('burst', user_agent => 'Mozilla/5.0 (iPhone)')")
+    threads = [threading.Thread(target=client) for _ in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    settle(db)
+    wait_for(lambda: len(milestone_events(receiver, "/m")) >= 2, message="both milestones delivered")
+    events = milestone_events(receiver, "/m")
+    assert sorted(e["data"]["milestone"]["threshold"] for e in events) == [50, 70]
+    for e in events:
+        assert e["data"]["link"]["slug"] == "burst"
+        assert e["data"]["milestone"]["counted"] == "humans"
+        assert e["data"]["milestone"]["clicks"] >= e["data"]["milestone"]["threshold"]
+    assert all(r["verified_with"] for r in receiver.received("/m"))
+    # Recorded once per counting, ever: more clicks and runs fire nothing again.
+    db.execute("SELECT linkhooks.record_click('burst') FROM generate_series(1, 5)")
+    settle(db)
+    assert db.execute("SELECT count(*) FROM linkhooks.link_milestones WHERE counted = 'humans'").fetchone()[0] == 2
+    assert db.execute("SELECT count(*) FROM linkhooks.deliveries WHERE event_type = 'link.milestone'").fetchone()[0] == 2
+    # The last five came without a user agent: bots, counted in clicks only.
+    assert db.execute("SELECT clicks, human_clicks FROM linkhooks.link_counts").fetchone() == (85, 80)
+
+
+def test_bots_count_only_for_subscriptions_that_receive_them(db, receiver):
+    subscribe(db, receiver, "/humans", event_types=["link.milestone"], filters={"milestones": [3]})
+    subscribe(db, receiver, "/all", event_types=["link.milestone"], filters={"milestones": [3], "exclude_bots": False})
+    link_id = link(db, "botty")
+    db.execute("INSERT INTO linkhooks.clicks (link_id, is_bot) SELECT %s, true FROM generate_series(1, 3)", [link_id])
+    settle(db)
+    wait_for(lambda: milestone_events(receiver, "/all"), message="the all-clicks milestone")
+    assert milestone_events(receiver, "/all")[0]["data"]["milestone"] | {"reached_at": None} == \
+        {"threshold": 3, "clicks": 3, "counted": "all", "reached_at": None}
+    assert milestone_events(receiver, "/humans") == []
+    db.execute("INSERT INTO linkhooks.clicks (link_id, is_bot) SELECT %s, false FROM generate_series(1, 3)", [link_id])
+    settle(db)
+    wait_for(lambda: milestone_events(receiver, "/humans"), message="the humans milestone")
+    assert milestone_events(receiver, "/humans")[0]["data"]["milestone"]["clicks"] == 3
+    assert len(milestone_events(receiver, "/all")) == 1
+
+
+def test_campaign_milestones_and_rule_precedence(db, receiver):
+    subscribe(db, receiver, "/c", event_types=["link.milestone", "campaign.milestone"])
+    a = link(db, "a", campaign="spring")
+    b = link(db, "b", campaign="spring")
+    c = link(db, "c")
+    rule(db, {"thresholds": [4]}, campaign="spring")       # campaign.milestone and its links
+    rule(db, {"thresholds": [2]}, link_id=b)               # b's own list wins over its campaign's
+    rule(db, {"thresholds": [1]})                          # every other link
+    for link_id, n in [(a, 3), (b, 3), (c, 1)]:
+        db.execute("INSERT INTO linkhooks.clicks (link_id, is_bot) SELECT %s, false FROM generate_series(1, %s)", [link_id, n])
+    settle(db)
+    wait_for(lambda: len(receiver.received("/c")) >= 3, message="three milestones")
+    got = sorted((e["type"], e["data"].get("link", {}).get("slug") or e["data"]["campaign"]["name"],
+                  e["data"]["milestone"]["threshold"]) for e in (r["json"] for r in receiver.received("/c")))
+    assert got == [("campaign.milestone", "spring", 4), ("link.milestone", "b", 2), ("link.milestone", "c", 1)]
+    assert db.execute("SELECT clicks FROM linkhooks.campaign_counts WHERE campaign = 'spring'").fetchone()[0] == 6
+
+
+def test_a_crash_between_the_crossing_click_and_the_count_still_fires_once(cluster, db, receiver):
+    subscribe(db, receiver, "/crash", event_types=["link.milestone"])
+    link_id = link(db, "crash")
+    rule(db, {"thresholds": [10]}, link_id=link_id)
+    holder = cluster.connect()
+    holder.autocommit = False
+    # While this transaction holds the cursor, the aggregator skips its runs.
+    holder.execute("SELECT * FROM linkhooks.click_cursor FOR UPDATE")
+    db.execute("INSERT INTO linkhooks.clicks (link_id, is_bot) SELECT %s, false FROM generate_series(1, 12)", [link_id])
+    assert db.execute("SELECT linkhooks.run_aggregation()").fetchone()[0] == {"skipped": "another run holds the cursor"}
+    assert db.execute("SELECT count(*) FROM linkhooks.milestones").fetchone()[0] == 0
+    db.close()
+    cluster.stop("immediate")
+    holder.close()
+    cluster.start()
+    with cluster.connect() as c:
+        wait_for(lambda: milestone_events(receiver, "/crash"), timeout=30, message="the milestone after the crash")
+        settle(c)
+        assert len(milestone_events(receiver, "/crash")) == 1
+        assert c.execute("SELECT clicks FROM linkhooks.link_counts").fetchone()[0] == 12
+
+
+def test_rules_are_checked_when_written(db):
+    link_id = link(db, "r")
+    for settings, kw, message in [
+        ({"thresholds": [10, 5]}, {}, "invalid settings.thresholds: thresholds must increase (5 comes after 10)"),
+        ({"thresholds": [-1]}, {}, "invalid settings.thresholds: thresholds must be greater than 0 (got -1)"),
+        ({"thresholds": []}, {}, "invalid settings.thresholds: must be a non-empty array of whole numbers"),
+        ({}, {}, "invalid settings.thresholds: required for a milestones rule"),
+        ({"thresholds": [1], "window": "5m"}, {}, "invalid settings: unknown key 'window' for a milestones rule"),
+        ({"thresholds": [1]}, {"kind": "spikes"}, "invalid kind: 'spikes' is not a rule kind"),
+        ({"thresholds": [1]}, {"link_id": link_id, "campaign": "x"}, "invalid link_id and campaign"),
+        ({"thresholds": [1]}, {"link_id": 999}, "invalid link_id: link 999 does not exist"),
+    ]:
+        with pytest.raises(psycopg.Error) as caught:
+            rule(db, settings, **kw)
+        assert message in caught.value.diag.message_primary
+    with pytest.raises(psycopg.Error) as caught:
+        db.execute("INSERT INTO linkhooks.subscriptions (name, url, filters) VALUES ('x', 'http://127.0.0.1:9/', %s)",
+                   [Jsonb({"milestones": [5, 5]})])
+    assert "invalid filters.milestones: thresholds must increase" in caught.value.diag.message_primary
+    rule(db, {"thresholds": [1, 2]}, link_id=link_id)
+    with pytest.raises(psycopg.errors.UniqueViolation):
+        rule(db, {"thresholds": [3]}, link_id=link_id)
+    assert db.execute("SELECT count(*) FROM linkhooks.rules").fetchone()[0] == 1
+
+
+def test_ten_thousand_misses_of_one_slug_are_one_row_and_one_event(db, receiver):
+    subscribe(db, receiver, "/miss", event_types=["link.miss"])
+    db.execute("SELECT linkhooks.record_click('nope', user_agent => 'curl') FROM generate_series(1, 5000)")
+    db.execute("SELECT linkhooks.record_miss('nope') FROM generate_series(1, 5000)")
+    assert db.execute("SELECT slug, reason, count FROM linkhooks.link_misses").fetchall() == [("nope", "unknown", 10000)]
+    settle(db)
+    wait_for(lambda: receiver.received("/miss"), message="link.miss")
+    [event] = [r["json"] for r in receiver.received("/miss")]
+    assert event["type"] == "link.miss" and event["data"]["link"] is None
+    assert event["data"]["miss"] | {"first_seen": None, "last_seen": None} == \
+        {"domain": "", "slug": "nope", "reason": "unknown", "count": 10000, "first_seen": None, "last_seen": None}
+    # More misses within linkhooks.miss_interval (1h) count, and announce nothing more.
+    db.execute("SELECT linkhooks.record_miss('nope') FROM generate_series(1, 100)")
+    settle(db)
+    assert db.execute("SELECT count FROM linkhooks.link_misses").fetchone()[0] == 10100
+    assert db.execute("SELECT count(*) FROM linkhooks.deliveries WHERE event_type = 'link.miss'").fetchone()[0] == 1
+
+
+def test_misses_name_why_the_link_did_not_redirect(db, receiver):
+    subscribe(db, receiver, "/why", event_types=["link.miss"])
+    link(db, "off", disabled=True)
+    link(db, "gone", expires_at="2020-01-01T00:00:00Z")
+    link(db, "full", max_clicks=1)
+    for slug in ["off", "gone", "full", "full", "typo"]:
+        db.execute("SELECT linkhooks.record_click(%s)", [slug])
+    rows = db.execute("SELECT slug, reason, count FROM linkhooks.link_misses ORDER BY slug").fetchall()
+    assert rows == [("full", "limit", 1), ("gone", "expired", 1), ("off", "disabled", 1), ("typo", "unknown", 1)]
+    settle(db)
+    wait_for(lambda: len(receiver.received("/why")) == 4, message="four link.miss events")
+    by_slug = {r["json"]["data"]["miss"]["slug"]: r["json"]["data"] for r in receiver.received("/why")}
+    assert by_slug["full"]["link"]["slug"] == "full" and by_slug["typo"]["link"] is None
+    with pytest.raises(psycopg.Error) as caught:
+        db.execute("SELECT linkhooks.record_miss('x', '', 'lost')")
+    assert "invalid reason: must be one of unknown, expired, limit, disabled" in caught.value.diag.message_primary
+
+
+def test_idempotent_retries_record_once(cluster, db, receiver):
+    subscribe(db, receiver, "/once", event_types=["link.clicked", "link.converted"])
+    link(db, "buy")
+    first = db.execute("SELECT * FROM linkhooks.record_click_returning('buy', user_agent => 'Mozilla/5.0 (iPhone)', "
+                       "idempotency_key => 'req-1')").fetchone()
+    # Retries, including concurrent ones, return the first call's click.
+    results = []
+
+    def retry():
+        with cluster.connect() as c:
+            results.append(c.execute("SELECT * FROM linkhooks.record_click_returning('buy', "
+                                     "idempotency_key => 'req-1')").fetchone())
+    threads = [threading.Thread(target=retry) for _ in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert results == [first] * 4
+    assert db.execute("SELECT linkhooks.record_click('buy', idempotency_key => 'req-1')").fetchone()[0] == first[0]
+    assert db.execute("SELECT count(*) FROM linkhooks.clicks").fetchone()[0] == 1
+    # An order id recorded twice is one conversion and one link.converted.
+    for _ in range(2):
+        db.execute("INSERT INTO linkhooks.conversions (click_id, name, amount, currency, external_id) "
+                   "VALUES (%s, 'purchase', 49.90, 'EUR', 'order-77')", [first[1]])
+    assert db.execute("SELECT count(*) FROM linkhooks.conversions").fetchone()[0] == 1
+    wait_for(lambda: len(receiver.received("/once")) == 2, message="one click and one conversion")
+    converted = [r["json"] for r in receiver.received("/once") if r["json"]["type"] == "link.converted"]
+    assert converted[0]["data"]["conversion"]["external_id"] == "order-77"
+    with pytest.raises(psycopg.Error) as caught:
+        db.execute("SELECT linkhooks.record_click('buy', idempotency_key => %s)", ["k" * 201])
+    assert "invalid idempotency_key: must be 1 to 200 characters" in caught.value.diag.message_primary
