@@ -23,13 +23,15 @@ BEGIN
         RETURN NEXT 'SELECT (id, domain, slug) ON TABLE @extschema@.links';
         -- Every click column but id and event_id, which the extension makes (unique per event).
         RETURN NEXT 'INSERT (link_id, clicked_at, ip, user_agent, referer, country, city, source, landing_url, '
-                    'device, browser, os, is_bot, utm, idempotency_key) ON TABLE @extschema@.clicks';
+                    'device, browser, os, is_bot, utm) ON TABLE @extschema@.clicks';
         RETURN NEXT 'INSERT (click_id, link_id, name, amount, currency, occurred_at, metadata, external_id) '
                     'ON TABLE @extschema@.conversions';
         -- Enough for INSERT ... RETURNING id, event_id (to attribute conversions) and to find
-        -- what an idempotency key or external id recorded, not to read clicks.
-        RETURN NEXT 'SELECT (id, event_id, idempotency_key) ON TABLE @extschema@.clicks';
+        -- what an external id recorded, not to read clicks.
+        RETURN NEXT 'SELECT (id, event_id) ON TABLE @extschema@.clicks';
         RETURN NEXT 'SELECT (id, event_id, external_id) ON TABLE @extschema@.conversions';
+        -- record_click runs as the caller: it finds and keeps idempotency keys itself.
+        RETURN NEXT 'SELECT, INSERT ON TABLE @extschema@.click_keys';
     ELSIF access = 'analyst' THEN
         RETURN NEXT 'USAGE ON SCHEMA @extschema@';
         RETURN NEXT 'SELECT ON TABLE @extschema@.links, @extschema@.campaigns, @extschema@.clicks, '

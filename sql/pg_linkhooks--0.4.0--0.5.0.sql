@@ -58,13 +58,15 @@ BEGIN
         RETURN NEXT 'SELECT (id, domain, slug) ON TABLE linkhooks.links';
         -- Every click column but id and event_id, which the extension makes (unique per event).
         RETURN NEXT 'INSERT (link_id, clicked_at, ip, user_agent, referer, country, city, source, landing_url, '
-                    'device, browser, os, is_bot, utm, idempotency_key) ON TABLE linkhooks.clicks';
+                    'device, browser, os, is_bot, utm) ON TABLE linkhooks.clicks';
         RETURN NEXT 'INSERT (click_id, link_id, name, amount, currency, occurred_at, metadata, external_id) '
                     'ON TABLE linkhooks.conversions';
         -- Enough for INSERT ... RETURNING id, event_id (to attribute conversions) and to find
-        -- what an idempotency key or external id recorded, not to read clicks.
-        RETURN NEXT 'SELECT (id, event_id, idempotency_key) ON TABLE linkhooks.clicks';
+        -- what an external id recorded, not to read clicks.
+        RETURN NEXT 'SELECT (id, event_id) ON TABLE linkhooks.clicks';
         RETURN NEXT 'SELECT (id, event_id, external_id) ON TABLE linkhooks.conversions';
+        -- record_click runs as the caller: it finds and keeps idempotency keys itself.
+        RETURN NEXT 'SELECT, INSERT ON TABLE linkhooks.click_keys';
     ELSIF access = 'analyst' THEN
         RETURN NEXT 'USAGE ON SCHEMA linkhooks';
         RETURN NEXT 'SELECT ON TABLE linkhooks.links, linkhooks.campaigns, linkhooks.clicks, '
@@ -268,10 +270,9 @@ $$;
 
 -- Reactive events: milestones counted by the aggregator from a durable cursor.
 
--- The inserting transaction's id, by which the aggregator finds new clicks. Added without a
--- default first, so existing rows are not rewritten: they stay NULL and are counted below.
+-- The inserting transaction's id (set by the clicks trigger), by which the aggregator finds
+-- new clicks. Existing rows stay NULL (no rewrite) and are counted below.
 ALTER TABLE clicks ADD COLUMN txid xid8;
-ALTER TABLE clicks ALTER COLUMN txid SET DEFAULT pg_current_xact_id();
 CREATE INDEX clicks_txid ON clicks (txid);
 
 CREATE TABLE rules (
@@ -409,13 +410,22 @@ REVOKE ALL ON FUNCTION record_miss(text, text, text) FROM PUBLIC;
 ALTER FUNCTION record_miss(text, text, text) SET search_path = pg_catalog, pg_temp;
 
 -- Ingestion idempotency: a caller's key per click, an external id per conversion.
-ALTER TABLE clicks ADD COLUMN idempotency_key text;
-CREATE UNIQUE INDEX clicks_idempotency_key ON clicks (idempotency_key) WHERE idempotency_key IS NOT NULL;
+CREATE TABLE click_keys (
+    key         text PRIMARY KEY,
+    click_id    bigint NOT NULL,
+    event_id    uuid NOT NULL,
+    created_at  timestamptz NOT NULL DEFAULT now()
+);
+COMMENT ON TABLE click_keys IS 'record_click idempotency keys and the click each recorded (kept for linkhooks.retention).';
+-- Maintenance prunes keys older than linkhooks.retention.
+CREATE INDEX click_keys_created ON click_keys (created_at);
+SELECT pg_catalog.pg_extension_config_dump('click_keys', '');
+REVOKE ALL ON click_keys FROM PUBLIC;
 ALTER TABLE conversions ADD COLUMN external_id text;
 CREATE UNIQUE INDEX conversions_external_id ON conversions (external_id) WHERE external_id IS NOT NULL;
 
 -- Roles holding a level get what it gained: writers (who may call record_click) record_miss
--- and the two keys; analysts (who may call worker_status) read misses; admins (who may replay) clear them.
+-- and the idempotency keys; analysts (who may call worker_status) read misses; admins (who may replay) clear them.
 DO $$
 DECLARE
     g record;
@@ -430,7 +440,7 @@ BEGIN
     LOOP
         IF g.proname = 'record_click' THEN
             EXECUTE pg_catalog.format('GRANT EXECUTE ON FUNCTION linkhooks.record_miss(text, text, text) TO %s', g.grantee);
-            EXECUTE pg_catalog.format('GRANT INSERT (idempotency_key), SELECT (idempotency_key) ON TABLE linkhooks.clicks TO %s', g.grantee);
+            EXECUTE pg_catalog.format('GRANT SELECT, INSERT ON TABLE linkhooks.click_keys TO %s', g.grantee);
             EXECUTE pg_catalog.format('GRANT INSERT (external_id), SELECT (external_id) ON TABLE linkhooks.conversions TO %s', g.grantee);
         ELSIF g.proname = 'worker_status' THEN
             EXECUTE pg_catalog.format('GRANT SELECT ON TABLE linkhooks.link_misses TO %s', g.grantee);

@@ -176,11 +176,10 @@ ALTER TABLE subscriptions ADD COLUMN paused boolean NOT NULL DEFAULT false;
 -- paused (NULL while it delivers). Its events are held for linkhooks.hold_window from then.
 ALTER TABLE subscriptions ADD COLUMN held_since timestamptz;
 
--- The inserting transaction's id: the aggregator reads the clicks committed since its
--- cursor by it (src/aggregator.rs). Rows from before 0.5.0 have none and were counted
--- when the extension was updated.
+-- The inserting transaction's id, set by the clicks trigger: the aggregator reads the clicks
+-- committed since its cursor by it (src/aggregator.rs). NULL for clicks from before 0.5.0
+-- (counted when the extension was updated) and for rows restored with triggers off.
 ALTER TABLE clicks ADD COLUMN txid xid8;
-ALTER TABLE clicks ALTER COLUMN txid SET DEFAULT pg_current_xact_id();
 -- The aggregator's read: clicks by transaction id, from its cursor on.
 CREATE INDEX clicks_txid ON clicks (txid);
 
@@ -259,10 +258,17 @@ COMMENT ON TABLE link_misses IS 'Requests for unknown, expired, over-limit or di
 CREATE INDEX link_misses_pending ON link_misses (notified_at NULLS FIRST)
     WHERE notified_at IS NULL OR last_seen > notified_at;
 
--- A caller's key for a click (record_click(…, idempotency_key)): a retry returns the first click.
-ALTER TABLE clicks ADD COLUMN idempotency_key text;
--- One click per idempotency key.
-CREATE UNIQUE INDEX clicks_idempotency_key ON clicks (idempotency_key) WHERE idempotency_key IS NOT NULL;
+-- Idempotency keys of record_click calls: a retry with the same key returns this click.
+-- A table of their own, so clicks recorded without a key pay for no extra index.
+CREATE TABLE click_keys (
+    key         text PRIMARY KEY,
+    click_id    bigint NOT NULL,
+    event_id    uuid NOT NULL,
+    created_at  timestamptz NOT NULL DEFAULT now()   -- kept for linkhooks.retention
+);
+COMMENT ON TABLE click_keys IS 'record_click idempotency keys and the click each recorded (kept for linkhooks.retention).';
+-- Maintenance prunes keys older than linkhooks.retention.
+CREATE INDEX click_keys_created ON click_keys (created_at);
 -- The caller's id for a conversion (an order id): inserting it again records and sends nothing.
 ALTER TABLE conversions ADD COLUMN external_id text;
 -- One conversion per external id.

@@ -11,7 +11,7 @@ use crate::links::MissReason;
 use crate::linkstore::{self, LinkRow};
 use crate::misses;
 use crate::payload::{self, EventType, TestData};
-use crate::plans::{self, INT8, INTERVAL, TEXT};
+use crate::plans::{self, INT8, INTERVAL, TEXT, UUID};
 use crate::shared;
 use crate::signing::{self, KeyRing, SigningKey, signature_header};
 
@@ -200,14 +200,13 @@ fn record(
     let inserted = Spi::connect_mut(|client| -> Result<_> {
         let rows = plans::execute(
             client,
-            match (current_schema, want_ids) {
-                (true, false) => INSERT_CLICK,
-                (true, true) => INSERT_CLICK_RETURNING,
-                // Without the key column; $9 (NULL) is left unused.
-                (false, false) => INSERT_CLICK_BEFORE_0_5,
-                (false, true) => INSERT_CLICK_RETURNING_BEFORE_0_5,
+            // A key needs the click's ids too, to keep them with it.
+            if want_ids || request.idempotency_key.is_some() {
+                INSERT_CLICK_RETURNING
+            } else {
+                INSERT_CLICK
             },
-            &[INT8, TEXT, TEXT, TEXT, TEXT, TEXT, TEXT, TEXT, TEXT],
+            &[INT8, TEXT, TEXT, TEXT, TEXT, TEXT, TEXT, TEXT],
             &[
                 link_id.into(),
                 request.ip.as_ref().map(|i| i.0.as_str()).into(),
@@ -217,17 +216,23 @@ fn record(
                 request.city.into(),
                 source.into(),
                 request.landing_url.into(),
-                request.idempotency_key.into(),
             ],
         )?;
         if rows.is_empty() {
             return Ok(None); // the trigger skipped it: the link is at its max_clicks
         }
         match rows.into_iter().next() {
-            Some(row) if want_ids => Ok(Some((row.get::<i64>(1)?, row.get::<pgrx::Uuid>(2)?))),
+            Some(row) if want_ids || request.idempotency_key.is_some() => {
+                Ok(Some((row.get::<i64>(1)?, row.get::<pgrx::Uuid>(2)?)))
+            }
             _ => Ok(Some((None, None))),
         }
     })?;
+    if let (Some(key), Some((Some(click_id), Some(event_id)))) =
+        (request.idempotency_key, &inserted)
+    {
+        keep_key(key, *click_id, *event_id)?;
+    }
     Ok(match inserted {
         Some((click_id, event_id)) => Recorded {
             url: answer,
@@ -244,18 +249,11 @@ fn record(
     })
 }
 
-const INSERT_CLICK: &str = "INSERT INTO linkhooks.clicks
-        (link_id, ip, user_agent, referer, country, city, source, landing_url, idempotency_key)
-     VALUES ($1, $2::pg_catalog.inet, $3, $4, $5, $6, $7, $8, $9)";
-const INSERT_CLICK_RETURNING: &str = "INSERT INTO linkhooks.clicks
-        (link_id, ip, user_agent, referer, country, city, source, landing_url, idempotency_key)
-     VALUES ($1, $2::pg_catalog.inet, $3, $4, $5, $6, $7, $8, $9) RETURNING id, event_id";
-
-const INSERT_CLICK_BEFORE_0_5: &str = "INSERT INTO linkhooks.clicks
-        (link_id, ip, user_agent, referer, country, city, source, landing_url)
+const INSERT_CLICK: &str =
+    "INSERT INTO linkhooks.clicks (link_id, ip, user_agent, referer, country, city, source, landing_url)
      VALUES ($1, $2::pg_catalog.inet, $3, $4, $5, $6, $7, $8)";
-const INSERT_CLICK_RETURNING_BEFORE_0_5: &str = "INSERT INTO linkhooks.clicks
-        (link_id, ip, user_agent, referer, country, city, source, landing_url)
+const INSERT_CLICK_RETURNING: &str =
+    "INSERT INTO linkhooks.clicks (link_id, ip, user_agent, referer, country, city, source, landing_url)
      VALUES ($1, $2::pg_catalog.inet, $3, $4, $5, $6, $7, $8) RETURNING id, event_id";
 
 /// The click an earlier call recorded with this idempotency key, if any.
@@ -264,7 +262,7 @@ fn click_with_key(key: &str) -> Result<Option<(Option<i64>, Option<pgrx::Uuid>)>
         // Mutating, for a snapshot taken after the key's lock: it sees the first call's commit.
         let rows = plans::execute(
             client,
-            "SELECT id, event_id FROM linkhooks.clicks WHERE idempotency_key = $1",
+            "SELECT click_id, event_id FROM linkhooks.click_keys WHERE key = $1",
             &[TEXT],
             &[key.into()],
         )?;
@@ -272,6 +270,19 @@ fn click_with_key(key: &str) -> Result<Option<(Option<i64>, Option<pgrx::Uuid>)>
             Some(row) => Ok(Some((row.get::<i64>(1)?, row.get::<pgrx::Uuid>(2)?))),
             None => Ok(None),
         }
+    })
+}
+
+/// Keeps the click an idempotency key recorded, for the caller's retries.
+fn keep_key(key: &str, click_id: i64, event_id: pgrx::Uuid) -> Result<()> {
+    Spi::connect_mut(|client| -> Result<()> {
+        plans::execute(
+            client,
+            "INSERT INTO linkhooks.click_keys (key, click_id, event_id) VALUES ($1, $2, $3)",
+            &[TEXT, INT8, UUID],
+            &[key.into(), click_id.into(), event_id.into()],
+        )?;
+        Ok(())
     })
 }
 

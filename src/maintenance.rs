@@ -29,6 +29,7 @@ fn run_maintenance() -> pgrx::JsonB {
             "orphans_dead": kill_orphans()?,
             "held_expired": expire_held()?,
             "misses_dropped": misses_dropped()?,
+            "keys_pruned": prune_keys()?,
             "deliveries_pruned": prune()?,
         }))
     };
@@ -169,6 +170,28 @@ fn expire_held() -> Result<i64> {
             SELECT * FROM expired ON CONFLICT (delivery_id) DO NOTHING)
          SELECT pg_catalog.count(*) FROM expired",
         &[BATCH.into(), window_ms.into()],
+    )?
+    .unwrap_or(0))
+}
+
+/// Idempotency keys are kept as long as delivered deliveries (linkhooks.retention):
+/// a retry later than that records a new click.
+fn prune_keys() -> Result<i64> {
+    let Some(retention) = duration::parse(&guc::string(&guc::RETENTION)) else {
+        return Ok(0); // prune() says why
+    };
+    if !crate::linkstore::relations()?.since_0_5 {
+        return Ok(0); // a schema from before 0.5.0, not updated yet
+    }
+    Ok(Spi::get_one_with_args::<i64>(
+        "WITH old AS (
+            DELETE FROM linkhooks.click_keys
+             WHERE key IN (SELECT key FROM linkhooks.click_keys
+                            WHERE created_at < pg_catalog.now() - $1 * interval '1 millisecond'
+                            LIMIT $2 FOR UPDATE SKIP LOCKED)
+         RETURNING 1)
+         SELECT pg_catalog.count(*) FROM old",
+        &[(retention.as_millis() as f64).into(), BATCH.into()],
     )?
     .unwrap_or(0))
 }

@@ -235,6 +235,20 @@ impl Edits {
         Ok(())
     }
 
+    /// Sets an xid8 column (pgrx has no Rust type for it) to a full transaction id.
+    /// Does nothing when the row has no such column (a schema before it was added).
+    pub fn set_xid8(&mut self, columns: &SlotColumns, name: &str, value: u64) -> Result<()> {
+        let Ok((n, att)) = columns.attribute(name) else {
+            return Ok(());
+        };
+        if att.atttypid != pg_sys::XID8OID {
+            return Err(Error::Column(format!("{name}: not an xid8 column")));
+        }
+        // xid8 is passed by value, as FullTransactionIdGetDatum does.
+        self.columns.push((n, Some(pg_sys::Datum::from(value))));
+        Ok(())
+    }
+
     /// The row with every change made: `original` itself when there is none,
     /// else a new tuple formed from the slot's already deformed values.
     ///

@@ -87,7 +87,7 @@ def test_tour_runs_as_written(db, tour_roles):
     assert db.execute("SELECT count(*) FROM linkhooks.deliveries WHERE event_type = 'webhook.test'").fetchone()[0] >= 1
     assert db.execute("SELECT has_function_privilege('redirector', 'linkhooks.record_click(text, inet, text, text, text, text, "
                       "text, text, text, text)', 'EXECUTE')").fetchone()[0]
-    assert db.execute("SELECT count(*) FROM linkhooks.clicks WHERE idempotency_key IS NOT NULL").fetchone()[0] == 1
+    assert db.execute("SELECT count(*) FROM linkhooks.click_keys").fetchone()[0] == 1
     assert db.execute("SELECT slug, reason FROM linkhooks.link_misses").fetchall() == [("winter-sael", "unknown")]
     assert db.execute("SELECT has_table_privilege('dashboard', 'linkhooks.link_stats', 'SELECT')").fetchone()[0]
 
