@@ -21,6 +21,7 @@ import time
 
 import psycopg
 from psycopg import sql
+from psycopg.types.json import Jsonb
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.join(ROOT, "tests", "system"))
@@ -92,9 +93,11 @@ INSERT INTO bench_outbox_subscriptions VALUES (1, gen_random_bytes(32));
 # pgbench comparisons: `pairs` alternating runs of `seconds` each. Bursts of noise from other tenants hit
 # single runs, so five short pairs give a steadier median than three long ones in the same time.
 # Drain cases repeat `drains` times.
-FULL = dict(pairs=5, seconds=5, drains=3, links=100_000, throughput=50_000, latency_seconds=15, isolation=20_000,
+FULL = dict(pairs=5, seconds=5, drains=3, links=100_000, throughput=50_000, latency_seconds=15, milestone_seconds=20,
+            isolation=20_000,
             backlog_small=10_000, backlog_large=1_000_000, callgrind=(100, 1100))
-SMOKE = dict(pairs=1, seconds=1, drains=1, links=1_000, throughput=500, latency_seconds=1, isolation=300,
+SMOKE = dict(pairs=1, seconds=1, drains=1, links=1_000, throughput=500, latency_seconds=1, milestone_seconds=2,
+             isolation=300,
              backlog_small=200, backlog_large=1_000, callgrind=(2, 12))
 
 
@@ -218,7 +221,7 @@ class Bench:
             try:
                 self.sql("TRUNCATE linkhooks.clicks, linkhooks.deliveries, linkhooks.delivery_attempts, linkhooks.dead_letters, "
                          "linkhooks.subscription_state, bench_plain_clicks, bench_outbox_clicks, bench_outbox, "
-                         "bench_floor_deliveries")
+                         "bench_floor_deliveries, linkhooks.link_counts, linkhooks.campaign_counts, linkhooks.milestones")
                 return
             except psycopg.errors.DeadlockDetected:
                 if attempt == 4:
@@ -372,6 +375,42 @@ class Bench:
         case = f"end-to-end latency at 200 clicks/s ({len(latencies):,} clicks), commit → arrival at nginx"
         self.record(case, [p50], "ms p50", target=("≤", 10))
         self.record(case, [p99], "ms p99", target=("≤", 50), note=f"max {latencies[-1]:.1f} ms")
+
+    def milestones(self):
+        """Commit of the click that crosses a milestone → commit of its queued link.milestone, at 2,000 clicks/s
+        over 20 links with a milestone every 25 clicks (the worker's aggregator runs about once a second)."""
+        self.reset_clicks()
+        self.worker_in("bench")
+        self.subscriptions([])
+        self.sql("INSERT INTO linkhooks.subscriptions (name, url, event_types) VALUES ('m', %s, '{link.milestone}')",
+                 [self.nginx.url()])
+        self.sql("INSERT INTO linkhooks.rules (kind, settings) VALUES ('milestones', %s)",
+                 [Jsonb({"thresholds": list(range(25, 2501, 25))})])
+        try:
+            self.pgbench("\\set n random(1, 20)\n"
+                         "SELECT linkhooks.record_click('l' || :n, '203.0.113.1', '" + UA + "');\n",
+                         clients=8, seconds=self.size["milestone_seconds"], rate=2000)
+            clicks = self.one("SELECT count(*) FROM linkhooks.clicks")
+            # Everything committed is counted within a couple of runs.
+            wait_for(lambda: self.one("SELECT coalesce(sum(clicks), 0) FROM linkhooks.link_counts") == clicks,
+                     timeout=30, message="every click counted")
+            # The crossing click of threshold t is the link's t-th click in commit order.
+            latencies = sorted(r[0] for r in self.db.execute(
+                "WITH c AS (SELECT link_id, pg_xact_commit_timestamp(xmin) AS at, "
+                "                  row_number() OVER (PARTITION BY link_id ORDER BY pg_xact_commit_timestamp(xmin), id) AS n "
+                "             FROM linkhooks.clicks) "
+                "SELECT extract(epoch FROM pg_xact_commit_timestamp(d.xmin) - c.at)::float8 * 1000 "
+                "  FROM linkhooks.milestones m JOIN c ON c.link_id = m.link_id AND c.n = m.threshold "
+                "  JOIN linkhooks.deliveries d ON d.event_id = m.event_id "
+                " WHERE m.scope = 'link' AND m.counted = 'humans'").fetchall())
+        finally:
+            self.sql("DELETE FROM linkhooks.rules")
+        expected = self.one("SELECT coalesce(sum(least(human_clicks, 2500) / 25), 0) FROM linkhooks.link_counts")
+        assert latencies and len(latencies) == expected, f"one link.milestone per threshold crossed ({len(latencies)} of {expected})"
+        case = (f"commit of the crossing click → link.milestone queued, 2,000 clicks/s over 20 links "
+                f"({len(latencies):,} milestones, {clicks:,} clicks)")
+        self.record(case, [percentile(latencies, 0.5)], "ms p50")
+        self.record(case, [percentile(latencies, 0.99)], "ms p99", target=("≤", 2000), note=f"max {latencies[-1]:.0f} ms")
 
     def isolation(self, slow):
         n = self.size["isolation"]
@@ -538,7 +577,7 @@ def format_row(row):
             f"{spread(row['ratios'], ratio) if row['ratios'] else ''} | {target_text} | {meets(row)} | {row['note']} |")
 
 
-CASES = ["resolve", "click_inserts", "hot_link", "throughput", "latency", "isolation", "backlog", "callgrind"]
+CASES = ["resolve", "click_inserts", "hot_link", "throughput", "latency", "milestones", "isolation", "backlog", "callgrind"]
 
 
 def main():

@@ -58,7 +58,7 @@ struct Reached {
 
 fn run() -> Result<Value> {
     let Some(previous) = lock_cursor()? else {
-        return Ok(json!({"skipped": "another run holds the cursor"}));
+        return Ok(json!({"skipped": "another run holds the lock, or the cursor was just made"}));
     };
     let Some(batch) = read_new_clicks(&previous)? else {
         return Ok(json!({"skipped": "the snapshot is older than the cursor"}));
@@ -124,6 +124,10 @@ fn run() -> Result<Value> {
         announce(r, r.link.map(|i| &links[i].link))?;
     }
     let misses_announced = misses::announce_due()?;
+    if batch.link_ids.is_empty() && batch.restored_max_id.is_none() {
+        // Nothing new: the cursor stays (still correct), and an idle run writes nothing.
+        return Ok(json!({"clicks": 0, "links": 0, "milestones": 0, "misses_announced": misses_announced}));
+    }
     Spi::run_with_args(
         "UPDATE linkhooks.click_cursor
             SET snapshot = $1::pg_catalog.pg_snapshot,
@@ -139,26 +143,37 @@ fn run() -> Result<Value> {
     }))
 }
 
-/// Locks the cursor for this run and returns it (the previous run's snapshot),
-/// or None while another run holds it. Taken before the run's snapshot, so the
-/// snapshot sees everything the previous run committed.
+/// The advisory lock (class, key) one run holds while it counts: a run that
+/// finds it taken skips. An advisory lock, not a row lock on the cursor: an idle
+/// run then writes nothing (no transaction id, no WAL).
+const RUN_LOCK: (i32, i32) = (0x4C41, 1);
+
+/// Takes the run lock and returns the cursor (the previous run's snapshot), or
+/// None while another run holds it. Read after the lock, with a fresh snapshot,
+/// so it is what the previous run committed.
 fn lock_cursor() -> Result<Option<String>> {
-    let locked = Spi::get_one::<String>(
-        "SELECT snapshot::text FROM linkhooks.click_cursor FOR UPDATE SKIP LOCKED",
-    );
-    match locked {
-        Ok(Some(snapshot)) => Ok(Some(snapshot)),
-        Ok(None) | Err(pgrx::spi::SpiError::InvalidPosition) => {
-            // No row (someone deleted it): start counting from now.
-            Spi::run(
-                "INSERT INTO linkhooks.click_cursor (snapshot)
-                 SELECT pg_catalog.pg_current_snapshot()
-                  WHERE NOT EXISTS (SELECT FROM linkhooks.click_cursor)",
-            )?;
-            Ok(None)
-        }
-        Err(e) => Err(e.into()),
+    let locked = Spi::get_one_with_args::<bool>(
+        "SELECT pg_catalog.pg_try_advisory_xact_lock($1, $2)",
+        &[RUN_LOCK.0.into(), RUN_LOCK.1.into()],
+    )?;
+    if locked != Some(true) {
+        return Ok(None);
     }
+    let snapshot = Spi::connect_mut(|client| {
+        plans::first::<String>(plans::execute(
+            client,
+            "SELECT snapshot::text FROM linkhooks.click_cursor",
+            &[],
+            &[],
+        )?)
+    })?;
+    if snapshot.is_none() {
+        // No row (someone deleted it): count from now on.
+        Spi::run(
+            "INSERT INTO linkhooks.click_cursor (snapshot) VALUES (pg_catalog.pg_current_snapshot())",
+        )?;
+    }
+    Ok(snapshot)
 }
 
 /// The clicks committed since `previous`, per link.
