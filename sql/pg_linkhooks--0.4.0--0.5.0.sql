@@ -74,7 +74,8 @@ BEGIN
                     'linkhooks.dead_letters, linkhooks.delivery_log, linkhooks.subscription_health, '
                     'linkhooks.click_facts, linkhooks.link_stats, linkhooks.link_daily_clicks, '
                     'linkhooks.link_click_breakdown, linkhooks.campaign_stats, linkhooks.rules, '
-                    'linkhooks.link_counts, linkhooks.campaign_counts, linkhooks.link_milestones, linkhooks.link_misses';
+                    'linkhooks.link_counts, linkhooks.campaign_counts, linkhooks.link_milestones, linkhooks.link_misses, '
+                    'linkhooks.link_minutes, linkhooks.campaign_minutes, linkhooks.threshold_state, linkhooks.digests';
         -- Every delivery column but the signature (valid for replay for minutes).
         RETURN NEXT 'SELECT (id, event_id, subscription_id, event_type, body, signed_at, status, attempts, '
                     'next_attempt_at, created_at, delivered_at, last_status_code, last_error) '
@@ -447,6 +448,79 @@ BEGIN
         ELSE
             EXECUTE pg_catalog.format('GRANT DELETE ON TABLE linkhooks.link_misses TO %s', g.grantee);
         END IF;
+    END LOOP;
+END
+$$;
+
+-- link.threshold: clicks per minute while threshold rules exist, and the rules that fired.
+CREATE TABLE link_minutes (
+    minute        timestamptz NOT NULL,
+    link_id       bigint NOT NULL,
+    clicks        bigint NOT NULL DEFAULT 0,
+    human_clicks  bigint NOT NULL DEFAULT 0,
+    PRIMARY KEY (minute, link_id)
+);
+COMMENT ON TABLE link_minutes IS 'Clicks per link and minute (recent minutes only, while a threshold rule exists).';
+CREATE TABLE campaign_minutes (
+    minute        timestamptz NOT NULL,
+    campaign      text NOT NULL,
+    clicks        bigint NOT NULL DEFAULT 0,
+    human_clicks  bigint NOT NULL DEFAULT 0,
+    PRIMARY KEY (minute, campaign)
+);
+COMMENT ON TABLE campaign_minutes IS 'Clicks per campaign and minute (recent minutes only, while a threshold rule exists).';
+CREATE TABLE threshold_state (
+    rule_id      bigint NOT NULL,
+    link_id      bigint,
+    campaign     text,
+    fired_at     timestamptz NOT NULL DEFAULT now(),
+    event_id     uuid NOT NULL,
+    below_since  timestamptz
+);
+COMMENT ON TABLE threshold_state IS 'Threshold rules that fired and wait to re-arm (a whole window below their count).';
+CREATE UNIQUE INDEX threshold_state_subject ON threshold_state (rule_id, link_id, campaign) NULLS NOT DISTINCT;
+SELECT pg_catalog.pg_extension_config_dump('threshold_state', '');
+REVOKE ALL ON link_minutes, campaign_minutes, threshold_state FROM PUBLIC;
+DO $$
+DECLARE
+    g record;
+BEGIN
+    FOR g IN
+        SELECT a.grantee::pg_catalog.regrole::pg_catalog.text AS grantee
+          FROM pg_catalog.pg_proc p CROSS JOIN LATERAL pg_catalog.aclexplode(p.proacl) a
+         WHERE p.oid = 'linkhooks.worker_status()'::pg_catalog.regprocedure
+           AND a.privilege_type = 'EXECUTE' AND a.grantee <> p.proowner AND a.grantee <> 0
+    LOOP
+        EXECUTE pg_catalog.format('GRANT SELECT ON TABLE linkhooks.link_minutes, linkhooks.campaign_minutes, '
+                                  'linkhooks.threshold_state TO %s', g.grantee);
+    END LOOP;
+END
+$$;
+
+-- link.clicks.digest windows being filled.
+CREATE TABLE digests (
+    subscription_id  bigint NOT NULL,
+    link_id          bigint NOT NULL,
+    window_start     timestamptz NOT NULL,
+    window_end       timestamptz NOT NULL,
+    tally            jsonb NOT NULL,
+    PRIMARY KEY (subscription_id, link_id, window_start)
+);
+COMMENT ON TABLE digests IS 'link.clicks.digest windows not sent yet (the aggregator sends each once it has ended).';
+CREATE INDEX digests_ending ON digests (window_end);
+SELECT pg_catalog.pg_extension_config_dump('digests', '');
+REVOKE ALL ON digests FROM PUBLIC;
+DO $$
+DECLARE
+    g record;
+BEGIN
+    FOR g IN
+        SELECT a.grantee::pg_catalog.regrole::pg_catalog.text AS grantee
+          FROM pg_catalog.pg_proc p CROSS JOIN LATERAL pg_catalog.aclexplode(p.proacl) a
+         WHERE p.oid = 'linkhooks.worker_status()'::pg_catalog.regprocedure
+           AND a.privilege_type = 'EXECUTE' AND a.grantee <> p.proowner AND a.grantee <> 0
+    LOOP
+        EXECUTE pg_catalog.format('GRANT SELECT ON TABLE linkhooks.digests TO %s', g.grantee);
     END LOOP;
 END
 $$;

@@ -273,3 +273,51 @@ CREATE INDEX click_keys_created ON click_keys (created_at);
 ALTER TABLE conversions ADD COLUMN external_id text;
 -- One conversion per external id.
 CREATE UNIQUE INDEX conversions_external_id ON conversions (external_id) WHERE external_id IS NOT NULL;
+
+-- Clicks per link and minute of clicked_at, kept by the aggregator while a threshold rule
+-- exists and pruned past the longest rule's window: the counts behind link.threshold.
+CREATE TABLE link_minutes (
+    minute        timestamptz NOT NULL,
+    link_id       bigint NOT NULL,
+    clicks        bigint NOT NULL DEFAULT 0,
+    human_clicks  bigint NOT NULL DEFAULT 0,
+    PRIMARY KEY (minute, link_id)          -- by minute first: windows and pruning read minute ranges
+);
+COMMENT ON TABLE link_minutes IS 'Clicks per link and minute (recent minutes only, while a threshold rule exists).';
+
+-- The same per campaign (the campaign a link has when its clicks are counted).
+CREATE TABLE campaign_minutes (
+    minute        timestamptz NOT NULL,
+    campaign      text NOT NULL,
+    clicks        bigint NOT NULL DEFAULT 0,
+    human_clicks  bigint NOT NULL DEFAULT 0,
+    PRIMARY KEY (minute, campaign)
+);
+COMMENT ON TABLE campaign_minutes IS 'Clicks per campaign and minute (recent minutes only, while a threshold rule exists).';
+
+-- Thresholds that fired and have not re-armed: one row per (rule, link or campaign).
+CREATE TABLE threshold_state (
+    rule_id      bigint NOT NULL,
+    link_id      bigint,                 -- for a rule on a link, or on every link
+    campaign     text,                   -- for a rule on a campaign
+    fired_at     timestamptz NOT NULL DEFAULT now(),
+    event_id     uuid NOT NULL,          -- the link.threshold event it fired
+    below_since  timestamptz             -- since when the window has held fewer clicks than the rule's
+);
+COMMENT ON TABLE threshold_state IS 'Threshold rules that fired and wait to re-arm (a whole window below their count).';
+-- One state per rule and subject.
+CREATE UNIQUE INDEX threshold_state_subject ON threshold_state (rule_id, link_id, campaign) NULLS NOT DISTINCT;
+
+-- link.clicks.digest windows being filled: one row per (subscription, link, window of
+-- clicked_at); sent and deleted by the aggregator once the window has ended.
+CREATE TABLE digests (
+    subscription_id  bigint NOT NULL,
+    link_id          bigint NOT NULL,
+    window_start     timestamptz NOT NULL,
+    window_end       timestamptz NOT NULL,
+    tally            jsonb NOT NULL,    -- clicks, by country, device, referrer host and source, click id range
+    PRIMARY KEY (subscription_id, link_id, window_start)
+);
+COMMENT ON TABLE digests IS 'link.clicks.digest windows not sent yet (the aggregator sends each once it has ended).';
+-- The windows that ended, in order.
+CREATE INDEX digests_ending ON digests (window_end);

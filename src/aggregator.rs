@@ -1,6 +1,7 @@
 //! The click aggregator: counts the clicks committed since a durable cursor
 //! and fires the milestones they reach, off the click path and exactly once;
-//! it also announces due misses (`misses::announce_due`).
+//! it also evaluates threshold rules (`thresholds`), fills and sends digests
+//! (`digests`) and announces due misses (`misses::announce_due`).
 //!
 //! Every click row carries its transaction's id (`clicks.txid`). The cursor
 //! is the snapshot of the previous run: a run reads the clicks visible now
@@ -15,6 +16,7 @@ use std::collections::HashMap;
 use pgrx::prelude::*;
 use serde_json::{Value, json};
 
+use crate::digests;
 use crate::error::{OrReport, Result};
 use crate::events::{self, new_event_id, unix_now_micros};
 use crate::filters::{Facts, MilestoneFacts};
@@ -25,8 +27,10 @@ use crate::payload::{
     self, CampaignMilestoneData, CampaignName, EventType, LinkMilestoneData, LinkPayload,
     MilestonePayload,
 };
-use crate::plans::{self, INT8_ARRAY, TEXT, TEXT_ARRAY};
+use crate::plans::{self, BOOL, INT8_ARRAY, TEXT, TEXT_ARRAY};
 use crate::rules::{self, RuleSettings};
+use crate::tally::ClickGroup;
+use crate::thresholds::{self, MinuteCount};
 
 /// Counts new clicks, fires the milestones they reach and announces due
 /// misses; returns what it did.
@@ -60,7 +64,7 @@ fn run() -> Result<Value> {
     let Some(previous) = lock_cursor()? else {
         return Ok(json!({"skipped": "another run holds the lock, or the cursor was just made"}));
     };
-    let Some(batch) = read_new_clicks(&previous)? else {
+    let Some(batch) = read_new_clicks(&previous, digests::wanted()?)? else {
         return Ok(json!({"skipped": "the snapshot is older than the cursor"}));
     };
     let links = count_links(&batch)?;
@@ -123,10 +127,21 @@ fn run() -> Result<Value> {
     for r in reached.iter().filter(|r| fired.contains(&r.event_id)) {
         announce(r, r.link.map(|i| &links[i].link))?;
     }
+    let by_id: HashMap<i64, &LinkPayload> = links.iter().map(|l| (l.link.id, &l.link)).collect();
+    let thresholds = thresholds::run(&batch.minutes, &by_id)?;
+    let digests = digests::run(&batch.groups, &by_id)?;
     let misses_announced = misses::announce_due()?;
-    if batch.link_ids.is_empty() && batch.restored_max_id.is_none() {
+    let report = json!({
+        "clicks": links.iter().map(|l| l.new_clicks).sum::<i64>(),
+        "links": links.len(),
+        "milestones": fired.len(),
+        "thresholds": thresholds,
+        "digests": digests,
+        "misses_announced": misses_announced,
+    });
+    if batch.minutes.is_empty() && batch.restored_max_id.is_none() {
         // Nothing new: the cursor stays (still correct), and an idle run writes nothing.
-        return Ok(json!({"clicks": 0, "links": 0, "milestones": 0, "misses_announced": misses_announced}));
+        return Ok(report);
     }
     Spi::run_with_args(
         "UPDATE linkhooks.click_cursor
@@ -135,12 +150,7 @@ fn run() -> Result<Value> {
                 updated_at = pg_catalog.now()",
         &[batch.snapshot.as_str().into(), batch.restored_max_id.into()],
     )?;
-    Ok(json!({
-        "clicks": links.iter().map(|l| l.new_clicks).sum::<i64>(),
-        "links": links.len(),
-        "milestones": fired.len(),
-        "misses_announced": misses_announced,
-    }))
+    Ok(report)
 }
 
 /// The advisory lock (class, key) one run holds while it counts: a run that
@@ -176,19 +186,36 @@ fn lock_cursor() -> Result<Option<String>> {
     Ok(snapshot)
 }
 
-/// The clicks committed since `previous`, per link.
+/// The clicks committed since `previous`, per link and minute of `clicked_at`.
 struct Batch {
     /// This run's snapshot, the next cursor.
     snapshot: String,
     /// Clicks with a transaction id from the future belong to a restore from
     /// another cluster: counted already there, they are never counted here.
     restored_max_id: Option<i64>,
-    link_ids: Vec<i64>,
-    clicks: Vec<i64>,
-    humans: Vec<i64>,
+    minutes: Vec<MinuteCount>,
+    /// The same clicks grouped for digests (empty when no subscription wants one).
+    groups: Vec<ClickGroup>,
 }
 
-fn read_new_clicks(previous: &str) -> Result<Option<Batch>> {
+impl Batch {
+    /// Per link (ascending): (link_id, clicks, humans).
+    fn per_link(&self) -> Vec<(i64, i64, i64)> {
+        let mut links: Vec<(i64, i64, i64)> = Vec::new();
+        for m in &self.minutes {
+            match links.last_mut() {
+                Some(last) if last.0 == m.link_id => {
+                    last.1 += m.clicks;
+                    last.2 += m.humans;
+                }
+                _ => links.push((m.link_id, m.clicks, m.humans)),
+            }
+        }
+        links
+    }
+}
+
+fn read_new_clicks(previous: &str, with_groups: bool) -> Result<Option<Batch>> {
     // Run as a mutating statement for a fresh snapshot, taken after the cursor was locked
     // (a read-only one would reuse the caller's, taken before).
     Spi::connect_mut(|client| {
@@ -197,26 +224,40 @@ fn read_new_clicks(previous: &str) -> Result<Option<Batch>> {
             "WITH snap AS (SELECT pg_catalog.pg_current_snapshot() AS now,
                                   $1::pg_catalog.pg_snapshot AS prev),
                   cursor AS (SELECT id_floor FROM linkhooks.click_cursor),
-                  fresh AS (
-                    SELECT c.link_id, pg_catalog.count(*) AS clicks,
-                           pg_catalog.count(*) FILTER (WHERE c.is_bot IS NOT TRUE) AS humans
+                  new AS MATERIALIZED (
+                    SELECT c.id, c.link_id, c.is_bot IS TRUE AS is_bot, c.country, c.device, c.source,
+                           pg_catalog.date_part('epoch', pg_catalog.date_trunc('minute', c.clicked_at))::bigint AS minute,
+                           c.referer
                       FROM linkhooks.clicks c, snap, cursor
                      WHERE c.txid >= pg_catalog.pg_snapshot_xmin($1::pg_catalog.pg_snapshot)
                        AND c.txid < pg_catalog.pg_snapshot_xmax(snap.now)
                        AND NOT pg_catalog.pg_visible_in_snapshot(c.txid, snap.prev)
-                       AND c.id > cursor.id_floor
-                     GROUP BY c.link_id)
+                       AND c.id > cursor.id_floor),
+                  fresh AS (
+                    SELECT link_id, minute, pg_catalog.count(*) AS clicks,
+                           pg_catalog.count(*) FILTER (WHERE NOT is_bot) AS humans
+                      FROM new GROUP BY 1, 2),
+                  -- For digests only: the same clicks by what a digest counts them by.
+                  groups AS (
+                    SELECT link_id, minute, country, device,
+                           COALESCE(pg_catalog.lower(pg_catalog.substring(referer,
+                               '^[A-Za-z][A-Za-z0-9+.-]*://(?:[^@/?#]*@)?([^/?#:]+)')), '(direct)') AS referrer,
+                           source, is_bot, pg_catalog.count(*) AS clicks,
+                           pg_catalog.min(id) AS first_id, pg_catalog.max(id) AS last_id
+                      FROM new WHERE $2 GROUP BY 1, 2, 3, 4, 5, 6, 7)
              SELECT snap.now::text,
                     pg_catalog.pg_snapshot_xmin(snap.now) >= pg_catalog.pg_snapshot_xmin(snap.prev)
                       AND pg_catalog.pg_snapshot_xmax(snap.now) >= pg_catalog.pg_snapshot_xmax(snap.prev),
                     (SELECT pg_catalog.max(c.id) FROM linkhooks.clicks c
                       WHERE c.txid >= pg_catalog.pg_snapshot_xmax(snap.now)),
-                    (SELECT pg_catalog.array_agg(link_id ORDER BY link_id) FROM fresh),
-                    (SELECT pg_catalog.array_agg(clicks ORDER BY link_id) FROM fresh),
-                    (SELECT pg_catalog.array_agg(humans ORDER BY link_id) FROM fresh)
+                    (SELECT pg_catalog.array_agg(link_id ORDER BY link_id, minute) FROM fresh),
+                    (SELECT pg_catalog.array_agg(minute ORDER BY link_id, minute) FROM fresh),
+                    (SELECT pg_catalog.array_agg(clicks ORDER BY link_id, minute) FROM fresh),
+                    (SELECT pg_catalog.array_agg(humans ORDER BY link_id, minute) FROM fresh),
+                    (SELECT pg_catalog.json_agg(groups)::text FROM groups)
                FROM snap",
-            &[TEXT],
-            &[previous.into()],
+            &[TEXT, BOOL],
+            &[previous.into(), with_groups.into()],
         )?;
         let Some(row) = rows.into_iter().next() else {
             return Ok(None);
@@ -234,19 +275,32 @@ fn read_new_clicks(previous: &str) -> Result<Option<Batch>> {
                 .flatten()
                 .collect())
         };
+        let (link_ids, minutes, clicks, humans) = (ints(4)?, ints(5)?, ints(6)?, ints(7)?);
+        let groups = match row.get::<String>(8)? {
+            Some(json) => serde_json::from_str(&json)
+                .map_err(|e| crate::error::Error::Column(format!("click groups: {e}")))?,
+            None => Vec::new(),
+        };
         Ok(Some(Batch {
             snapshot: row.get(1)?.unwrap_or_default(),
             restored_max_id: row.get(3)?,
-            link_ids: ints(4)?,
-            clicks: ints(5)?,
-            humans: ints(6)?,
+            minutes: (0..link_ids.len())
+                .map(|i| MinuteCount {
+                    link_id: link_ids[i],
+                    minute: minutes[i],
+                    clicks: clicks[i],
+                    humans: humans[i],
+                })
+                .collect(),
+            groups,
         }))
     })
 }
 
 /// Adds the batch to each link's totals; returns the links that still exist.
 fn count_links(batch: &Batch) -> Result<Vec<LinkCount>> {
-    if batch.link_ids.is_empty() {
+    let per_link = batch.per_link();
+    if per_link.is_empty() {
         return Ok(Vec::new());
     }
     let base_url = guc::string(&guc::BASE_URL);
@@ -273,9 +327,9 @@ fn count_links(batch: &Batch) -> Result<Vec<LinkCount>> {
               ORDER BY l.id",
             &[INT8_ARRAY, INT8_ARRAY, INT8_ARRAY],
             &[
-                batch.link_ids.clone().into(),
-                batch.clicks.clone().into(),
-                batch.humans.clone().into(),
+                per_link.iter().map(|l| l.0).collect::<Vec<_>>().into(),
+                per_link.iter().map(|l| l.1).collect::<Vec<_>>().into(),
+                per_link.iter().map(|l| l.2).collect::<Vec<_>>().into(),
             ],
         )?;
         rows.into_iter()

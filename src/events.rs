@@ -35,6 +35,8 @@ pub struct CachedSubscription {
     /// Disabled or paused since (Unix milliseconds): its events are held
     /// (queued, not sent) until `linkhooks.hold_window` after this. None: it delivers.
     held_since_ms: Option<i64>,
+    /// It asked for link.clicks.digest (this many minutes) instead of one event per click.
+    pub digest_minutes: Option<i64>,
 }
 
 pub struct Cache {
@@ -42,6 +44,16 @@ pub struct Cache {
     pub subscriptions: Vec<CachedSubscription>,
     /// Campaigns with a click goal that is not reached yet.
     pub goal_campaigns: HashSet<String>,
+}
+
+impl CachedSubscription {
+    pub fn filters(&self) -> &Filters {
+        &self.filters
+    }
+
+    pub fn wants(&self, kind: EventType) -> bool {
+        self.event_mask & kind.bit() != 0
+    }
 }
 
 impl Cache {
@@ -118,6 +130,7 @@ fn load_cache(generation: u64) -> Result<Cache> {
             subscriptions.push(CachedSubscription {
                 id,
                 event_mask: event_mask(types.as_deref()),
+                digest_minutes: filters.digest_minutes(),
                 filters,
                 ip_mode: IpMode::parse(&ip_mode).unwrap_or_default(),
                 keys,
@@ -200,6 +213,7 @@ pub fn emit(
     for sub in cache.subscriptions.iter().filter(|s| {
         s.event_mask & kind.bit() != 0
             && s.held_since_ms.is_none_or(holding)
+            && !(kind.per_click() && s.digest_minutes.is_some())
             && s.filters.matches(facts)
     }) {
         let body = bodies[sub.ip_mode as usize]
@@ -215,6 +229,41 @@ pub fn emit(
     }
     notify(kind, event_id)?;
     Ok(insert_deliveries(kind, event_id, now, &queued)?.len())
+}
+
+/// Queues `kind` for one subscription (a digest made for it), if it still
+/// delivers or holds events; returns whether it was queued.
+pub fn emit_to(
+    subscription_id: i64,
+    kind: EventType,
+    event_id: &str,
+    body: String,
+) -> Result<bool> {
+    let cache = cache()?;
+    let Some(sub) = cache.subscriptions.iter().find(|s| s.id == subscription_id) else {
+        return Ok(false); // deleted, or disabled for longer than the hold window
+    };
+    if sub.held_since_ms.is_some_and(|since| {
+        unix_now_micros() / 1000 >= since.saturating_add(guc::hold_window_ms())
+    }) {
+        return Ok(false);
+    }
+    let max_body = guc::MAX_BODY_BYTES.get().max(0) as usize;
+    limits::check_body(kind.as_str(), body.len(), max_body)?;
+    let now = unix_now();
+    let signature = signature_header(sub.keys.keys_at(now), event_id, now, &body);
+    notify(kind, event_id)?;
+    insert_deliveries(
+        kind,
+        event_id,
+        now,
+        &[Queued {
+            subscription_id,
+            body: body.into(),
+            signature,
+        }],
+    )?;
+    Ok(true)
 }
 
 /// Inserts signed deliveries for one event and arranges the worker's wake-up at commit.

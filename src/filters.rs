@@ -4,15 +4,23 @@
 use serde_json::Value;
 use thiserror::Error;
 
+use std::time::Duration;
+
+use crate::duration;
 use crate::milestones::{self, Counted, ThresholdError};
 
-const KEYS: [&str; 6] = [
+/// Shortest and longest digest window.
+const DIGEST_MIN: Duration = Duration::from_secs(60);
+const DIGEST_MAX: Duration = Duration::from_secs(86_400);
+
+const KEYS: [&str; 7] = [
     "campaign",
     "tags",
     "countries",
     "device",
     "exclude_bots",
     "milestones",
+    "digest",
 ];
 const DEVICES: [&str; 5] = ["mobile", "tablet", "desktop", "bot", "unknown"];
 
@@ -21,7 +29,7 @@ pub enum FilterError {
     #[error("invalid filters: must be a JSON object")]
     NotObject,
     #[error(
-        "invalid filters: unknown key '{0}' (allowed: campaign, tags, countries, device, exclude_bots, milestones)"
+        "invalid filters: unknown key '{0}' (allowed: campaign, tags, countries, device, exclude_bots, milestones, digest)"
     )]
     UnknownKey(String),
     #[error("invalid filters.{0}: must be a string or an array of non-empty strings")]
@@ -34,6 +42,10 @@ pub enum FilterError {
     ExcludeBots,
     #[error(transparent)]
     Milestones(#[from] ThresholdError),
+    #[error(
+        "invalid filters.digest: must be a window from 1 minute to 1 day, like '5m' or '1 hour'"
+    )]
+    Digest,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -45,6 +57,8 @@ pub struct Filters {
     exclude_bots: bool,
     /// Milestone thresholds this subscription wants instead of the rules' lists.
     milestones: Option<Vec<i64>>,
+    /// Minutes per link.clicks.digest, sent instead of one event per click.
+    digest_minutes: Option<i64>,
 }
 
 impl Default for Filters {
@@ -56,6 +70,7 @@ impl Default for Filters {
             devices: None,
             exclude_bots: true,
             milestones: None,
+            digest_minutes: None,
         }
     }
 }
@@ -133,6 +148,17 @@ impl Filters {
             None | Some(Value::Null) => None,
             Some(list) => Some(milestones::parse_thresholds("filters.milestones", list)?),
         };
+        let digest_minutes = match obj.get("digest") {
+            None | Some(Value::Null) => None,
+            Some(window) => Some(
+                window
+                    .as_str()
+                    .and_then(duration::parse)
+                    .filter(|d| (DIGEST_MIN..=DIGEST_MAX).contains(d))
+                    .map(|d| d.as_secs().div_ceil(60) as i64)
+                    .ok_or(FilterError::Digest)?,
+            ),
+        };
         Ok(Filters {
             campaigns,
             tags,
@@ -140,6 +166,7 @@ impl Filters {
             devices,
             exclude_bots,
             milestones,
+            digest_minutes,
         })
     }
 
@@ -148,6 +175,12 @@ impl Filters {
         self.milestones
             .as_deref()
             .map(|list| (list, self.counted()))
+    }
+
+    /// The digest window in minutes, for a subscription that asked for
+    /// link.clicks.digest instead of one event per click.
+    pub fn digest_minutes(&self) -> Option<i64> {
+        self.digest_minutes
     }
 
     /// Subscriptions that receive bot clicks count them toward milestones too.
@@ -254,6 +287,24 @@ mod tests {
                 20
             )))
         );
+    }
+
+    #[test]
+    fn digests() {
+        let f = Filters::parse(&json!({"digest": "5m"})).unwrap();
+        assert_eq!(f.digest_minutes(), Some(5));
+        assert_eq!(
+            Filters::parse(&json!({"digest": "90s"}))
+                .unwrap()
+                .digest_minutes(),
+            Some(2)
+        );
+        for bad in [json!("10s"), json!("2d"), json!(5), json!("-5m")] {
+            assert_eq!(
+                Filters::parse(&json!({"digest": bad})),
+                Err(FilterError::Digest)
+            );
+        }
     }
 
     #[test]

@@ -17,12 +17,15 @@ mod retry;
 mod rules;
 mod sender;
 mod signing;
+mod tally;
 mod target;
 mod useragent;
+mod window;
 
 // The pgrx layer: SQL in, SQL out.
 mod aggregator;
 mod api;
+mod digests;
 mod error;
 mod events;
 mod guc;
@@ -35,6 +38,7 @@ mod plans;
 mod queue;
 mod replication;
 mod shared;
+mod thresholds;
 mod triggers;
 mod tuple;
 mod worker;

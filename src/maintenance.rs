@@ -30,6 +30,7 @@ fn run_maintenance() -> pgrx::JsonB {
             "held_expired": expire_held()?,
             "misses_dropped": misses_dropped()?,
             "keys_pruned": prune_keys()?,
+            "minutes_pruned": prune_minutes()?,
             "deliveries_pruned": prune()?,
         }))
     };
@@ -194,6 +195,13 @@ fn prune_keys() -> Result<i64> {
         &[(retention.as_millis() as f64).into(), BATCH.into()],
     )?
     .unwrap_or(0))
+}
+
+fn prune_minutes() -> Result<i64> {
+    if !crate::linkstore::relations()?.since_0_5 {
+        return Ok(0); // a schema from before 0.5.0, not updated yet
+    }
+    crate::thresholds::prune()
 }
 
 fn misses_dropped() -> Result<i64> {

@@ -26,10 +26,12 @@ pub enum EventType {
     LinkMilestone,
     CampaignMilestone,
     LinkMiss,
+    LinkThreshold,
+    LinkClicksDigest,
 }
 
 impl EventType {
-    pub const ALL: [EventType; 14] = [
+    pub const ALL: [EventType; 16] = [
         EventType::LinkClicked,
         EventType::QrScanned,
         EventType::LinkConverted,
@@ -44,6 +46,8 @@ impl EventType {
         EventType::LinkMilestone,
         EventType::CampaignMilestone,
         EventType::LinkMiss,
+        EventType::LinkThreshold,
+        EventType::LinkClicksDigest,
     ];
 
     pub fn as_str(self) -> &'static str {
@@ -62,6 +66,8 @@ impl EventType {
             EventType::LinkMilestone => "link.milestone",
             EventType::CampaignMilestone => "campaign.milestone",
             EventType::LinkMiss => "link.miss",
+            EventType::LinkThreshold => "link.threshold",
+            EventType::LinkClicksDigest => "link.clicks.digest",
         }
     }
 
@@ -76,6 +82,11 @@ impl EventType {
 
     pub fn parse(name: &str) -> Option<Self> {
         Self::ALL.into_iter().find(|t| t.as_str() == name)
+    }
+
+    /// One event per click: what a digest subscription receives as link.clicks.digest instead.
+    pub fn per_click(self) -> bool {
+        matches!(self, EventType::LinkClicked | EventType::QrScanned)
     }
 
     /// Bit for event-type sets kept as masks.
@@ -416,6 +427,57 @@ pub struct CampaignName<'a> {
 pub struct CampaignMilestoneData<'a> {
     pub campaign: CampaignName<'a>,
     pub milestone: &'a MilestonePayload,
+}
+
+/// link.threshold: a rule's click count within its window was reached.
+#[derive(Serialize)]
+pub struct ThresholdData<'a> {
+    /// The link, for a rule on a link or on every link; null for a rule on a campaign.
+    pub link: Option<&'a LinkPayload>,
+    /// The campaign, for a rule on a campaign; else null.
+    pub campaign: Option<CampaignName<'a>>,
+    pub rule: ThresholdRulePayload,
+    /// Clicks (not flagged as bots) in the window when it fired.
+    pub clicks: i64,
+    pub window_start: String,
+    pub window_end: String,
+}
+
+#[derive(Serialize)]
+pub struct ThresholdRulePayload {
+    pub id: i64,
+    pub clicks: i64,
+    pub window_minutes: i64,
+}
+
+/// link.clicks.digest: one link's clicks in one window, for a subscription
+/// that asked for a digest instead of one event per click.
+#[derive(Serialize)]
+pub struct DigestData<'a> {
+    pub link: &'a LinkPayload,
+    pub window: DigestWindow,
+    pub clicks: i64,
+    /// Counts by two-letter country code ("unknown" when none was given).
+    pub countries: &'a Map<String, Value>,
+    pub devices: &'a Map<String, Value>,
+    /// Counts by referring host ("(direct)" without a referer).
+    pub referrers: &'a Map<String, Value>,
+    /// Counts by source: "link" and "qr".
+    pub sources: &'a Map<String, Value>,
+    /// The clicks' ids (`clicks.id`), lowest and highest.
+    pub click_ids: ClickIdRange,
+}
+
+#[derive(Serialize)]
+pub struct DigestWindow {
+    pub start: String,
+    pub end: String,
+}
+
+#[derive(Serialize)]
+pub struct ClickIdRange {
+    pub first: i64,
+    pub last: i64,
 }
 
 /// link.miss: requests for a slug that found no active link, aggregated.

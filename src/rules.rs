@@ -5,13 +5,17 @@ use serde_json::Value;
 use thiserror::Error;
 
 use crate::milestones::{self, ThresholdError};
+use crate::window::{self, Threshold};
 
 /// Rule kinds, with the settings keys each accepts.
-const KINDS: [(&str, &[&str]); 1] = [("milestones", &["thresholds"])];
+const KINDS: [(&str, &[&str]); 2] = [
+    ("milestones", &["thresholds"]),
+    ("threshold", &["clicks", "window"]),
+];
 
 #[derive(Debug, Error, PartialEq, Eq)]
 pub enum RuleError {
-    #[error("invalid kind: '{0}' is not a rule kind (known: milestones)")]
+    #[error("invalid kind: '{0}' is not a rule kind (known: milestones, threshold)")]
     Kind(String),
     #[error("invalid link_id and campaign: a rule applies to one link or one campaign, not both")]
     BothScopes,
@@ -27,12 +31,19 @@ pub enum RuleError {
     Missing(&'static str, &'static str),
     #[error(transparent)]
     Thresholds(#[from] ThresholdError),
+    #[error("invalid settings.clicks: must be a whole number greater than 0")]
+    Clicks,
+    #[error(
+        "invalid settings.window: must be a duration from 1 minute to 7 days, like '10m' or '1 hour'"
+    )]
+    Window,
 }
 
 /// A checked rule's settings.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum RuleSettings {
     Milestones { thresholds: Vec<i64> },
+    Threshold(Threshold),
 }
 
 pub fn check(
@@ -58,12 +69,23 @@ pub fn check(
             allowed: allowed.join(", "),
         });
     }
-    // "milestones", the one kind so far.
-    let list = obj
-        .get("thresholds")
-        .ok_or(RuleError::Missing("thresholds", kind))?;
+    let required = |key: &'static str| obj.get(key).ok_or(RuleError::Missing(key, kind));
+    if *kind == "threshold" {
+        let clicks = required("clicks")?
+            .as_i64()
+            .filter(|n| *n > 0)
+            .ok_or(RuleError::Clicks)?;
+        let window_minutes = required("window")?
+            .as_str()
+            .and_then(window::window_minutes)
+            .ok_or(RuleError::Window)?;
+        return Ok(RuleSettings::Threshold(Threshold {
+            clicks,
+            window_minutes,
+        }));
+    }
     Ok(RuleSettings::Milestones {
-        thresholds: milestones::parse_thresholds("settings.thresholds", list)?,
+        thresholds: milestones::parse_thresholds("settings.thresholds", required("thresholds")?)?,
     })
 }
 
@@ -112,5 +134,33 @@ mod tests {
             check("milestones", false, false, &json!([])),
             Err(RuleError::NotObject)
         );
+    }
+
+    #[test]
+    fn threshold_rules() {
+        assert_eq!(
+            check(
+                "threshold",
+                false,
+                true,
+                &json!({"clicks": 100, "window": "10m"})
+            ),
+            Ok(RuleSettings::Threshold(Threshold {
+                clicks: 100,
+                window_minutes: 10
+            }))
+        );
+        for (settings, error) in [
+            (json!({"clicks": 0, "window": "10m"}), RuleError::Clicks),
+            (json!({"clicks": "100", "window": "10m"}), RuleError::Clicks),
+            (json!({"clicks": 5, "window": "-10m"}), RuleError::Window),
+            (json!({"clicks": 5, "window": "10s"}), RuleError::Window),
+            (
+                json!({"clicks": 5}),
+                RuleError::Missing("window", "threshold"),
+            ),
+        ] {
+            assert_eq!(check("threshold", false, false, &settings), Err(error));
+        }
     }
 }

@@ -19,7 +19,8 @@ SETTINGS = {
 }
 
 TABLES = ["links", "clicks", "conversions", "campaigns", "subscriptions", "deliveries", "delivery_attempts", "dead_letters",
-          "subscription_state", "rules", "link_counts", "campaign_counts", "milestones", "link_misses", "click_keys"]
+          "subscription_state", "rules", "link_counts", "campaign_counts", "milestones", "link_misses", "click_keys", "link_minutes", "campaign_minutes",
+          "threshold_state", "digests"]
 
 
 # Set to a previous release (e.g. 0.1.0) to run every test against an install

@@ -9,7 +9,10 @@ from psycopg.types.json import Jsonb
 
 from conftest import subscribe
 from harness import wait_for
-from test_links import link
+from test_links import IPHONE, link
+
+DESKTOP = ("Mozilla/5.0 (Windows NT 10.0; Win64; x64) AppleWebKit/537.36 (KHTML, like Gecko) "
+           "Chrome/120.0.0.0 Safari/537.36")
 
 
 def rule(db, settings, link_id=None, campaign=None, kind="milestones"):
@@ -128,6 +131,9 @@ def test_rules_are_checked_when_written(db):
         ({}, {}, "invalid settings.thresholds: required for a milestones rule"),
         ({"thresholds": [1], "window": "5m"}, {}, "invalid settings: unknown key 'window' for a milestones rule"),
         ({"thresholds": [1]}, {"kind": "spikes"}, "invalid kind: 'spikes' is not a rule kind"),
+        ({"clicks": 10, "window": "-5m"}, {"kind": "threshold"},
+         "invalid settings.window: must be a duration from 1 minute to 7 days"),
+        ({"clicks": -1, "window": "5m"}, {"kind": "threshold"}, "invalid settings.clicks: must be a whole number greater than 0"),
         ({"thresholds": [1]}, {"link_id": link_id, "campaign": "x"}, "invalid link_id and campaign"),
         ({"thresholds": [1]}, {"link_id": 999}, "invalid link_id: link 999 does not exist"),
     ]:
@@ -211,3 +217,79 @@ def test_idempotent_retries_record_once(cluster, db, receiver):
     with pytest.raises(psycopg.Error) as caught:
         db.execute("SELECT linkhooks.record_click('buy', idempotency_key => %s)", ["k" * 201])
     assert "invalid idempotency_key: must be 1 to 200 characters" in caught.value.diag.message_primary
+
+
+def test_a_threshold_fires_rearms_after_a_quiet_window_and_fires_again(db, receiver):
+    subscribe(db, receiver, "/rate", event_types=["link.threshold"])
+    link_id = link(db, "hot", campaign="launch")
+    rule(db, {"clicks": 20, "window": "5m"}, link_id=link_id, kind="threshold")
+    rule(db, {"clicks": 30, "window": "1h"}, campaign="launch", kind="threshold")
+
+    def burst(n):
+        db.execute("INSERT INTO linkhooks.clicks (link_id, is_bot) SELECT %s, false FROM generate_series(1, %s)", [link_id, n])
+        settle(db)
+
+    def events():
+        return [r["json"] for r in receiver.received("/rate")]
+
+    burst(19)
+    assert db.execute("SELECT count(*) FROM linkhooks.threshold_state").fetchone()[0] == 0
+    burst(15)  # 34 in the window: the link's rule (20) and the campaign's (30) both fire
+    wait_for(lambda: len(events()) == 2, message="two link.threshold events")
+    by_scope = {("campaign" if e["data"]["campaign"] else "link"): e["data"] for e in events()}
+    assert by_scope["link"]["link"]["slug"] == "hot" and by_scope["link"]["clicks"] == 34
+    assert by_scope["link"]["rule"]["clicks"] == 20 and by_scope["link"]["rule"]["window_minutes"] == 5
+    assert by_scope["campaign"]["campaign"] == {"name": "launch"} and by_scope["campaign"]["link"] is None
+    burst(50)  # still above: the same episode, nothing more
+    assert len(events()) == 2
+    # Time passes (the buckets age out of the 5-minute window): below the count, the quiet window starts.
+    db.execute("UPDATE linkhooks.link_minutes SET minute = minute - interval '10 minutes'")
+    settle(db)
+    below_since = db.execute("SELECT below_since FROM linkhooks.threshold_state WHERE link_id = %s", [link_id]).fetchone()[0]
+    assert below_since is not None
+    burst(0)
+    assert db.execute("SELECT count(*) FROM linkhooks.threshold_state WHERE link_id = %s", [link_id]).fetchone()[0] == 1
+    # A whole window later it is armed again, and the next crossing fires a second time.
+    db.execute("UPDATE linkhooks.threshold_state SET below_since = below_since - interval '5 minutes' WHERE link_id = %s",
+               [link_id])
+    settle(db)
+    assert db.execute("SELECT count(*) FROM linkhooks.threshold_state WHERE link_id = %s", [link_id]).fetchone()[0] == 0
+    burst(20)
+    wait_for(lambda: len(events()) == 3, message="the threshold again")
+    assert events()[-1]["data"]["link"]["slug"] == "hot" and events()[-1]["data"]["clicks"] == 20
+    assert len({e["id"] for e in events()}) == 3
+
+
+def test_a_digest_window_gives_one_event_with_the_right_counts(db, receiver):
+    subscribe(db, receiver, "/digest", filters={"digest": "1m"})
+    subscribe(db, receiver, "/each", event_types=["link.clicked", "qr.scanned"])
+    link_id = link(db, "promo")
+    # Clicks of the minute before this one: that window has ended, so it is sent at once.
+    rows = [("US", "https://www.Instagram.com/p/1", "link", IPHONE)] * 3 + [("DE", None, "link", DESKTOP)] * 2 + \
+           [("DE", None, "qr", IPHONE)] + [(None, None, "link", "curl/8.0")]  # the last is a bot: filtered out
+    ids = [db.execute("INSERT INTO linkhooks.clicks (link_id, clicked_at, country, referer, source, user_agent) "
+                      "VALUES (%s, date_trunc('minute', now()) - interval '30 seconds', %s, %s, %s, %s) RETURNING id",
+                      [link_id, *r]).fetchone()[0] for r in rows]
+    settle(db)
+    def digests():
+        return [r["json"] for r in receiver.received("/digest") if r["json"]["type"] == "link.clicks.digest"]
+    wait_for(digests, timeout=30, message="the digest")
+    settle(db)
+    [digest] = digests()
+    data = digest["data"]
+    assert digest["type"] == "link.clicks.digest" and data["link"]["slug"] == "promo"
+    assert data["clicks"] == 6
+    assert data["countries"] == {"US": 3, "DE": 3}
+    assert data["devices"] == {"mobile": 4, "desktop": 2}
+    assert data["referrers"] == {"www.instagram.com": 3, "(direct)": 3}
+    assert data["sources"] == {"link": 5, "qr": 1}
+    assert data["click_ids"] == {"first": ids[0], "last": ids[5]}
+    start, end = db.execute(
+        "SELECT to_char(m AT TIME ZONE 'UTC', 'YYYY-MM-DD\"T\"HH24:MI:SS.MS\"Z\"'), "
+        "       to_char((m + interval '1 minute') AT TIME ZONE 'UTC', 'YYYY-MM-DD\"T\"HH24:MI:SS.MS\"Z\"') "
+        "FROM (SELECT date_trunc('minute', min(clicked_at)) AS m FROM linkhooks.clicks) x").fetchone()
+    assert data["window"] == {"start": start, "end": end}
+    # The digest subscription (every event type) got no event per click, the other one the six humans'.
+    assert sorted(r["json"]["type"] for r in receiver.received("/digest")) == ["link.clicks.digest", "link.created"]
+    wait_for(lambda: len(receiver.received("/each")) == 6, message="six click events for /each")
+    assert db.execute("SELECT count(*) FROM linkhooks.digests").fetchone()[0] == 0

@@ -106,7 +106,8 @@ def test_payload_examples_have_the_fields_real_events_have(db, receiver):
         examples[example["type"]] = example
     assert set(examples) == {"link.clicked", "qr.scanned", "link.converted", "link.created", "link.updated",
                              "link.expired", "campaign.completed", "webhook.test", "subscription.disabled",
-                             "delivery.dead", "link.milestone", "campaign.milestone", "link.miss"}
+                             "delivery.dead", "link.milestone", "campaign.milestone", "link.miss",
+                             "link.threshold", "link.clicks.digest"}
     # An operations endpoint, and one that answers 410 Gone: it is disabled and its event is dead.
     subscribe(db, receiver, "/ops", event_types=["subscription.disabled", "delivery.dead"])
     gone, _ = subscribe(db, receiver, "/gone", event_types=["webhook.test"])
@@ -116,6 +117,7 @@ def test_payload_examples_have_the_fields_real_events_have(db, receiver):
     sid, _ = subscribe(db, receiver, "/all", filters={"exclude_bots": False})
     db.execute("INSERT INTO linkhooks.campaigns (name, click_goal) VALUES ('winter-sale-2026', 2)")
     db.execute("""INSERT INTO linkhooks.rules (kind, campaign, settings) VALUES ('milestones', 'winter-sale-2026', '{"thresholds": [2]}')""")
+    db.execute("""INSERT INTO linkhooks.rules (kind, settings) VALUES ('threshold', '{"clicks": 2, "window": "10m"}')""")
     db.execute("INSERT INTO linkhooks.links (slug, destination, campaign, tags, utm, max_clicks) VALUES "
                "('sale', 'https://acme.com/winter-sale', 'winter-sale-2026', '{social}', '{\"source\":\"instagram\",\"medium\":\"social\"}', 2)")
     db.execute("SELECT linkhooks.record_click('sale', ip => '203.0.113.42', user_agent => %s, referer => 'https://instagram.com/', "
@@ -125,10 +127,19 @@ def test_payload_examples_have_the_fields_real_events_have(db, receiver):
     db.execute("INSERT INTO linkhooks.conversions (click_id, name, amount, currency, metadata, external_id) "
                "SELECT min(id), 'purchase', 49.90, 'USD', '{\"order\": \"A-1001\"}', 'A-1001' FROM linkhooks.clicks")
     db.execute("SELECT linkhooks.record_click('sale')")  # past its max_clicks: a miss
+    # A digest of last minute's clicks (that window has ended, so it is sent at once).
+    subscribe(db, receiver, "/digest", event_types=["link.clicks.digest"], filters={"digest": "1m"})
+    db.execute("INSERT INTO linkhooks.links (slug, destination) VALUES ('promo', 'https://acme.com/promo')")
+    desktop = "Mozilla/5.0 (Windows NT 10.0; Win64; x64) AppleWebKit/537.36 (KHTML, like Gecko) Chrome/120.0.0.0 Safari/537.36"
+    db.execute("INSERT INTO linkhooks.clicks (link_id, clicked_at, user_agent, country, referer, source) "
+               "SELECT id, now() - interval '1 minute', ua, c, r, s FROM linkhooks.links, "
+               "(VALUES (%s, 'US', 'https://instagram.com/', 'link'), (%s, 'DE', NULL, 'qr')) AS v(ua, c, r, s) "
+               "WHERE slug = 'promo'", [IPHONE, desktop])
     db.execute("UPDATE linkhooks.links SET destination = 'https://acme.com/winter-sale-2'")
     db.execute("SELECT linkhooks.send_test(%s)", [sid])
     real = wait_for(lambda: (lambda got: got if set(got) >= set(examples) else None)(
-        {r["json"]["type"]: r for r in receiver.received("/all") + receiver.received("/ops")}),
+        # The first of each type: the promo click's link.clicked comes after the sale's.
+        {r["json"]["type"]: r for r in reversed(receiver.received("/all") + receiver.received("/ops") + receiver.received("/digest"))}),
         message="one event of each type")
     for kind, example in examples.items():
         assert shape(real[kind]["json"]) == shape(example), kind

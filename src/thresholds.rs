@@ -1,0 +1,346 @@
+//! `link.threshold`: the aggregator keeps clicks per link (and campaign) and
+//! minute while threshold rules exist, and after each batch checks every rule
+//! against the clicks in its window (`window::step`). A rule fires once when
+//! its count is reached, records that in `threshold_state` in the same
+//! transaction as the event, and re-arms after a whole window below it.
+
+use std::collections::{HashMap, HashSet};
+
+use pgrx::prelude::*;
+use serde_json::Value;
+
+use crate::error::Result;
+use crate::events::{self, new_event_id, unix_now};
+use crate::filters::Facts;
+use crate::payload::{
+    self, CampaignName, EventType, LinkPayload, ThresholdData, ThresholdRulePayload,
+};
+use crate::plans::{self, INT8, INT8_ARRAY, TEXT, TEXT_ARRAY};
+use crate::rules::{self, RuleSettings};
+use crate::window::{self, Step, Threshold};
+
+/// New clicks of one link in one minute of `clicked_at` (Unix seconds).
+pub struct MinuteCount {
+    pub link_id: i64,
+    pub minute: i64,
+    pub clicks: i64,
+    pub humans: i64,
+}
+
+/// What a rule counts: one link's clicks, or one campaign's.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+enum Subject {
+    Link(i64),
+    Campaign(String),
+}
+
+struct Rule {
+    id: i64,
+    link_id: Option<i64>,
+    campaign: Option<String>,
+    threshold: Threshold,
+}
+
+/// Folds the batch into the minute tables and evaluates every threshold rule;
+/// returns how many fired. `links` are the batch's links (those that exist).
+pub fn run(minutes: &[MinuteCount], links: &HashMap<i64, &LinkPayload>) -> Result<usize> {
+    let rules = load_rules()?;
+    if rules.is_empty() {
+        return Ok(0);
+    }
+    let campaign_of = |link_id: i64| links.get(&link_id).and_then(|l| l.campaign.clone());
+    add_minutes(minutes, &campaign_of)?;
+    let states = load_states()?;
+    let touched_links: HashSet<i64> = minutes
+        .iter()
+        .map(|m| m.link_id)
+        .filter(|id| links.contains_key(id))
+        .collect();
+    let touched_campaigns: HashSet<String> = touched_links
+        .iter()
+        .filter_map(|id| campaign_of(*id))
+        .collect();
+    let now = unix_now();
+    let mut fired = 0;
+    for rule in &rules {
+        let mut subjects: Vec<Subject> = match (&rule.link_id, &rule.campaign) {
+            (Some(id), _) if touched_links.contains(id) => vec![Subject::Link(*id)],
+            (None, Some(name)) if touched_campaigns.contains(name) => {
+                vec![Subject::Campaign(name.clone())]
+            }
+            (None, None) => touched_links.iter().map(|id| Subject::Link(*id)).collect(),
+            _ => Vec::new(),
+        };
+        // Fired subjects are checked on every run, clicks or not, to re-arm them.
+        for (rule_id, subject) in states.keys() {
+            if *rule_id == rule.id && !subjects.contains(subject) {
+                subjects.push(subject.clone());
+            }
+        }
+        if subjects.is_empty() {
+            continue;
+        }
+        let window_start = (now / 60 - (rule.threshold.window_minutes - 1)) * 60;
+        let counts = window_counts(&subjects, window_start)?;
+        for subject in subjects {
+            let count = counts.get(&subject).copied().unwrap_or(0);
+            let state = states.get(&(rule.id, subject.clone())).copied();
+            match window::step(rule.threshold, state, count, now) {
+                Step::Stay => {}
+                Step::Fire => {
+                    let link = match &subject {
+                        Subject::Link(id) => links.get(id).copied(),
+                        Subject::Campaign(_) => None,
+                    };
+                    if fire(rule, &subject, link, count, window_start, now)? {
+                        fired += 1;
+                    }
+                }
+                Step::FellBelow(since) => set_below_since(rule.id, &subject, Some(since))?,
+                Step::BackAbove => set_below_since(rule.id, &subject, None)?,
+                Step::Rearm => rearm(rule.id, &subject)?,
+            }
+        }
+    }
+    Ok(fired)
+}
+
+fn load_rules() -> Result<Vec<Rule>> {
+    Spi::connect(|client| {
+        let rows = client.select(
+            "SELECT id, link_id, campaign, settings FROM linkhooks.rules WHERE kind = 'threshold'",
+            None,
+            &[],
+        )?;
+        let mut rules = Vec::new();
+        for r in rows {
+            let link_id: Option<i64> = r.get(2)?;
+            let campaign: Option<String> = r.get(3)?;
+            let settings = r.get::<pgrx::JsonB>(4)?.map_or(Value::Null, |j| j.0);
+            // Checked on write; one that no longer parses is skipped.
+            if let Ok(RuleSettings::Threshold(threshold)) = rules::check(
+                "threshold",
+                link_id.is_some(),
+                campaign.is_some(),
+                &settings,
+            ) {
+                rules.push(Rule {
+                    id: r.get(1)?.unwrap_or_default(),
+                    link_id,
+                    campaign,
+                    threshold,
+                });
+            }
+        }
+        Ok(rules)
+    })
+}
+
+fn add_minutes(minutes: &[MinuteCount], campaign_of: &dyn Fn(i64) -> Option<String>) -> Result<()> {
+    if minutes.is_empty() {
+        return Ok(());
+    }
+    let column = |f: fn(&MinuteCount) -> i64| minutes.iter().map(f).collect::<Vec<i64>>();
+    let campaigns: Vec<Option<String>> = minutes.iter().map(|m| campaign_of(m.link_id)).collect();
+    Spi::connect_mut(|client| -> Result<()> {
+        plans::execute(
+            client,
+            "WITH new AS (
+                SELECT pg_catalog.to_timestamp(m) AS minute, l, c, k, h
+                  FROM unnest($1::bigint[], $2::bigint[], $3::text[], $4::bigint[], $5::bigint[]) AS u(l, m, c, k, h)),
+             links AS (
+                INSERT INTO linkhooks.link_minutes AS t (minute, link_id, clicks, human_clicks)
+                SELECT minute, l, k, h FROM new
+                ON CONFLICT (minute, link_id) DO UPDATE
+                   SET clicks = t.clicks + excluded.clicks, human_clicks = t.human_clicks + excluded.human_clicks)
+             INSERT INTO linkhooks.campaign_minutes AS t (minute, campaign, clicks, human_clicks)
+             SELECT minute, c, sum(k), sum(h) FROM new WHERE c IS NOT NULL GROUP BY minute, c
+             ON CONFLICT (minute, campaign) DO UPDATE
+                SET clicks = t.clicks + excluded.clicks, human_clicks = t.human_clicks + excluded.human_clicks",
+            &[INT8_ARRAY, INT8_ARRAY, TEXT_ARRAY, INT8_ARRAY, INT8_ARRAY],
+            &[
+                column(|m| m.link_id).into(),
+                column(|m| m.minute).into(),
+                campaigns.into(),
+                column(|m| m.clicks).into(),
+                column(|m| m.humans).into(),
+            ],
+        )?;
+        Ok(())
+    })
+}
+
+/// Fired thresholds: (rule, subject) → since when below (Unix seconds), if it is.
+fn load_states() -> Result<HashMap<(i64, Subject), Option<i64>>> {
+    Spi::connect(|client| {
+        let rows = client.select(
+            "SELECT rule_id, link_id, campaign, pg_catalog.date_part('epoch', below_since)::bigint
+               FROM linkhooks.threshold_state",
+            None,
+            &[],
+        )?;
+        let mut states = HashMap::new();
+        for r in rows {
+            let subject = match (r.get::<i64>(2)?, r.get::<String>(3)?) {
+                (Some(id), _) => Subject::Link(id),
+                (None, Some(name)) => Subject::Campaign(name),
+                (None, None) => continue,
+            };
+            states.insert(
+                (r.get::<i64>(1)?.unwrap_or_default(), subject),
+                r.get::<i64>(4)?,
+            );
+        }
+        Ok(states)
+    })
+}
+
+/// Clicks not flagged as bots per subject, from `window_start` (Unix seconds) on.
+fn window_counts(subjects: &[Subject], window_start: i64) -> Result<HashMap<Subject, i64>> {
+    let link_ids: Vec<i64> = subjects
+        .iter()
+        .filter_map(|s| match s {
+            Subject::Link(id) => Some(*id),
+            Subject::Campaign(_) => None,
+        })
+        .collect();
+    let names: Vec<String> = subjects
+        .iter()
+        .filter_map(|s| match s {
+            Subject::Campaign(name) => Some(name.clone()),
+            Subject::Link(_) => None,
+        })
+        .collect();
+    Spi::connect(|client| {
+        let mut counts = HashMap::new();
+        let rows = plans::query(
+            client,
+            "SELECT link_id, NULL::text, pg_catalog.sum(human_clicks)::bigint FROM linkhooks.link_minutes
+              WHERE minute >= pg_catalog.to_timestamp($1) AND link_id = ANY ($2) GROUP BY link_id
+             UNION ALL
+             SELECT NULL, campaign, pg_catalog.sum(human_clicks)::bigint FROM linkhooks.campaign_minutes
+              WHERE minute >= pg_catalog.to_timestamp($1) AND campaign = ANY ($3) GROUP BY campaign",
+            &[INT8, INT8_ARRAY, TEXT_ARRAY],
+            &[window_start.into(), link_ids.into(), names.into()],
+        )?;
+        for r in rows {
+            let subject = match (r.get::<i64>(1)?, r.get::<String>(2)?) {
+                (Some(id), _) => Subject::Link(id),
+                (None, Some(name)) => Subject::Campaign(name),
+                (None, None) => continue,
+            };
+            counts.insert(subject, r.get::<i64>(3)?.unwrap_or(0));
+        }
+        Ok(counts)
+    })
+}
+
+fn subject_columns(subject: &Subject) -> (Option<i64>, Option<&str>) {
+    match subject {
+        Subject::Link(id) => (Some(*id), None),
+        Subject::Campaign(name) => (None, Some(name.as_str())),
+    }
+}
+
+/// Records that the rule fired for the subject and queues link.threshold;
+/// false if another run recorded it first.
+fn fire(
+    rule: &Rule,
+    subject: &Subject,
+    link: Option<&LinkPayload>,
+    count: i64,
+    window_start: i64,
+    now: i64,
+) -> Result<bool> {
+    let id = new_event_id().to_string();
+    let (link_id, campaign) = subject_columns(subject);
+    let recorded = Spi::connect_mut(|client| -> Result<bool> {
+        let rows = plans::execute(
+            client,
+            "INSERT INTO linkhooks.threshold_state (rule_id, link_id, campaign, event_id)
+             VALUES ($1, $2, $3, $4::uuid) ON CONFLICT DO NOTHING RETURNING 1",
+            &[INT8, INT8, TEXT, TEXT],
+            &[
+                rule.id.into(),
+                link_id.into(),
+                campaign.into(),
+                id.as_str().into(),
+            ],
+        )?;
+        Ok(!rows.is_empty())
+    })?;
+    if !recorded {
+        return Ok(false);
+    }
+    let now_micros = now * 1_000_000;
+    let body = payload::envelope(
+        &id,
+        EventType::LinkThreshold,
+        now_micros,
+        ThresholdData {
+            link,
+            campaign: campaign.map(|name| CampaignName { name }),
+            rule: ThresholdRulePayload {
+                id: rule.id,
+                clicks: rule.threshold.clicks,
+                window_minutes: rule.threshold.window_minutes,
+            },
+            clicks: count,
+            window_start: payload::format_timestamp(window_start * 1_000_000),
+            window_end: payload::format_timestamp(now_micros),
+        },
+    );
+    let facts = Facts {
+        campaign: link.and_then(|l| l.campaign.as_deref()).or(campaign),
+        tags: link.map_or(&[], |l| &l.tags),
+        click: None,
+        milestone: None,
+    };
+    events::emit(EventType::LinkThreshold, &id, &facts, |_| body.clone())?;
+    Ok(true)
+}
+
+fn set_below_since(rule_id: i64, subject: &Subject, since: Option<i64>) -> Result<()> {
+    let (link_id, campaign) = subject_columns(subject);
+    Spi::run_with_args(
+        "UPDATE linkhooks.threshold_state SET below_since = pg_catalog.to_timestamp($4)
+          WHERE rule_id = $1 AND link_id IS NOT DISTINCT FROM $2 AND campaign IS NOT DISTINCT FROM $3",
+        &[rule_id.into(), link_id.into(), campaign.into(), since.map(|s| s as f64).into()],
+    )?;
+    Ok(())
+}
+
+fn rearm(rule_id: i64, subject: &Subject) -> Result<()> {
+    let (link_id, campaign) = subject_columns(subject);
+    Spi::run_with_args(
+        "DELETE FROM linkhooks.threshold_state
+          WHERE rule_id = $1 AND link_id IS NOT DISTINCT FROM $2 AND campaign IS NOT DISTINCT FROM $3",
+        &[rule_id.into(), link_id.into(), campaign.into()],
+    )?;
+    Ok(())
+}
+
+/// Drops minutes no rule's window reaches any more (all of them once no
+/// threshold rule is left) and the state of deleted rules. Run by maintenance.
+pub fn prune() -> Result<i64> {
+    let keep_minutes = load_rules()?
+        .iter()
+        .map(|r| r.threshold.window_minutes + 1)
+        .max()
+        .unwrap_or(0);
+    Ok(Spi::get_one_with_args::<i64>(
+        "WITH links AS (
+            DELETE FROM linkhooks.link_minutes
+             WHERE minute < pg_catalog.now() - $1 * interval '1 minute' RETURNING 1),
+         campaigns AS (
+            DELETE FROM linkhooks.campaign_minutes
+             WHERE minute < pg_catalog.now() - $1 * interval '1 minute' RETURNING 1),
+         states AS (
+            DELETE FROM linkhooks.threshold_state s
+             WHERE NOT EXISTS (SELECT FROM linkhooks.rules r WHERE r.id = s.rule_id) RETURNING 1)
+         SELECT (SELECT pg_catalog.count(*) FROM links) + (SELECT pg_catalog.count(*) FROM campaigns)
+              + (SELECT pg_catalog.count(*) FROM states)",
+        &[(keep_minutes as f64).into()],
+    )?
+    .unwrap_or(0))
+}
