@@ -28,7 +28,7 @@ use crate::signing::{KeyRing, signature_header};
 pub struct CachedSubscription {
     pub id: i64,
     /// Bit set of wanted event types (`EventType::bit`); all bits when NULL.
-    event_mask: u16,
+    event_mask: u32,
     filters: Filters,
     pub ip_mode: IpMode,
     keys: KeyRing,
@@ -153,7 +153,7 @@ fn load_cache(generation: u64) -> Result<Cache> {
     })
 }
 
-fn event_mask(types: Option<&[Option<String>]>) -> u16 {
+fn event_mask(types: Option<&[Option<String>]>) -> u32 {
     match types {
         // Every event type but the operational ones, which are asked for by name.
         None => EventType::ALL

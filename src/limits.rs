@@ -113,9 +113,6 @@ mod tests {
     fn body_over_the_setting_is_refused() {
         assert_eq!(check_body("link.clicked", 100, 100), Ok(()));
         let err = check_body("link.converted", 101, 100).unwrap_err();
-        assert!(
-            err.to_string()
-                .starts_with("invalid event body: the link.converted event would be 101 bytes")
-        );
+        assert!(err.to_string().starts_with("invalid event body: the link.converted event would be 101 bytes"));
     }
 }

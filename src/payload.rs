@@ -28,10 +28,11 @@ pub enum EventType {
     LinkMiss,
     LinkThreshold,
     LinkClicksDigest,
+    LinkSpike,
 }
 
 impl EventType {
-    pub const ALL: [EventType; 16] = [
+    pub const ALL: [EventType; 17] = [
         EventType::LinkClicked,
         EventType::QrScanned,
         EventType::LinkConverted,
@@ -48,6 +49,7 @@ impl EventType {
         EventType::LinkMiss,
         EventType::LinkThreshold,
         EventType::LinkClicksDigest,
+        EventType::LinkSpike,
     ];
 
     pub fn as_str(self) -> &'static str {
@@ -68,6 +70,7 @@ impl EventType {
             EventType::LinkMiss => "link.miss",
             EventType::LinkThreshold => "link.threshold",
             EventType::LinkClicksDigest => "link.clicks.digest",
+            EventType::LinkSpike => "link.spike",
         }
     }
 
@@ -90,8 +93,8 @@ impl EventType {
     }
 
     /// Bit for event-type sets kept as masks.
-    pub fn bit(self) -> u16 {
-        1 << (self as u16)
+    pub fn bit(self) -> u32 {
+        1 << (self as u32)
     }
 }
 
@@ -450,6 +453,32 @@ pub struct ThresholdRulePayload {
     pub window_minutes: i64,
 }
 
+/// link.spike: a window's clicks at least `factor` times what the baseline averaged.
+#[derive(Serialize)]
+pub struct SpikeData<'a> {
+    pub link: Option<&'a LinkPayload>,
+    pub campaign: Option<CampaignName<'a>>,
+    pub rule: SpikeRulePayload,
+    /// Clicks (not flagged as bots) in the window.
+    pub clicks: i64,
+    /// Clicks per window the baseline period averaged.
+    pub expected: f64,
+    pub window_start: String,
+    pub window_end: String,
+    /// The five countries and referring hosts with the most clicks in the window.
+    pub top_countries: &'a Map<String, Value>,
+    pub top_referrers: &'a Map<String, Value>,
+}
+
+#[derive(Serialize)]
+pub struct SpikeRulePayload {
+    pub id: i64,
+    pub factor: f64,
+    pub window_minutes: i64,
+    pub baseline_minutes: i64,
+    pub min_clicks: i64,
+}
+
 /// link.clicks.digest: one link's clicks in one window, for a subscription
 /// that asked for a digest instead of one event per click.
 #[derive(Serialize)]
@@ -602,6 +631,12 @@ mod tests {
             assert_eq!(EventType::parse(t.as_str()), Some(t));
         }
         assert_eq!(EventType::parse("link.clicked.typo"), None);
+        // Every type has its own bit in a u32 mask.
+        let mask = EventType::ALL.into_iter().fold(0u32, |m, t| {
+            assert_eq!(m & t.bit(), 0, "{}", t.as_str());
+            m | t.bit()
+        });
+        assert_eq!(mask.count_ones() as usize, EventType::ALL.len());
     }
 
     #[test]

@@ -13,9 +13,9 @@
 
 use std::cell::Cell;
 
-use pgrx::AllocatedByPostgres;
 use pgrx::heap_tuple::PgHeapTuple;
 use pgrx::prelude::*;
+use pgrx::AllocatedByPostgres;
 
 use crate::error::{Error, OrReport, Result};
 use crate::linkstore;
@@ -82,9 +82,7 @@ pub fn receives_deliveries() -> Result<bool> {
                 "pg_linkhooks: linkhooks.deliveries is replicated into this database by a logical-replication subscription; the worker sends nothing while it is (the publisher's worker delivers)"
             );
         } else {
-            log!(
-                "pg_linkhooks: linkhooks.deliveries is no longer replicated into this database; the worker delivers what is pending"
-            );
+            log!("pg_linkhooks: linkhooks.deliveries is no longer replicated into this database; the worker delivers what is pending");
         }
     }
     RECEIVES.set(Some(receives));

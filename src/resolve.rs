@@ -45,9 +45,8 @@ impl Resolver for PublicOnlyResolver {
         let addrs = if self.allow_private.load(Ordering::Relaxed) {
             addrs
         } else {
-            keep_allowed(&addrs, &own_addresses()).map_err(|refusal| {
-                ureq::Error::Io(io::Error::new(io::ErrorKind::PermissionDenied, refusal))
-            })?
+            keep_allowed(&addrs, &own_addresses())
+                .map_err(|refusal| ureq::Error::Io(io::Error::new(io::ErrorKind::PermissionDenied, refusal)))?
         };
         let mut out = self.empty();
         // ureq holds at most 16 addresses per name.
@@ -176,9 +175,7 @@ fn interface_addresses() -> Vec<IpAddr> {
             if family == libc::AF_INET {
                 // SAFETY: family AF_INET means the sockaddr is a sockaddr_in.
                 let sin = unsafe { &*(ifa.ifa_addr as *const libc::sockaddr_in) };
-                out.push(IpAddr::from(
-                    u32::from_be(sin.sin_addr.s_addr).to_be_bytes(),
-                ));
+                out.push(IpAddr::from(u32::from_be(sin.sin_addr.s_addr).to_be_bytes()));
             } else if family == libc::AF_INET6 {
                 // SAFETY: family AF_INET6 means the sockaddr is a sockaddr_in6.
                 let sin6 = unsafe { &*(ifa.ifa_addr as *const libc::sockaddr_in6) };
@@ -220,8 +217,7 @@ mod tests {
 
     #[test]
     fn private_addresses_are_dropped_and_named() {
-        let err =
-            keep_allowed(&[sock("10.0.0.1:80"), sock("[64:ff9b:1::a00:1]:80")], &[]).unwrap_err();
+        let err = keep_allowed(&[sock("10.0.0.1:80"), sock("[64:ff9b:1::a00:1]:80")], &[]).unwrap_err();
         assert!(err.contains("non-public address 10.0.0.1"), "{err}");
         assert_eq!(
             keep_allowed(&[sock("10.0.0.1:80"), sock("1.1.1.1:80")], &[]),
@@ -242,11 +238,7 @@ mod tests {
             Lookup::TimedOut | Lookup::Found(_)
         ));
         let started = Instant::now();
-        let _ = lookup(
-            "localhost",
-            80,
-            Some(Instant::now() + Duration::from_millis(200)),
-        );
+        let _ = lookup("localhost", 80, Some(Instant::now() + Duration::from_millis(200)));
         assert!(started.elapsed() < Duration::from_millis(400));
     }
 

@@ -5,17 +5,26 @@ use serde_json::Value;
 use thiserror::Error;
 
 use crate::milestones::{self, ThresholdError};
-use crate::window::{self, Threshold};
+use crate::window::{self, Spike, Threshold};
 
 /// Rule kinds, with the settings keys each accepts.
-const KINDS: [(&str, &[&str]); 2] = [
+const KINDS: [(&str, &[&str]); 3] = [
     ("milestones", &["thresholds"]),
     ("threshold", &["clicks", "window"]),
+    ("spike", &["factor", "window", "baseline", "min_clicks"]),
 ];
+
+/// A spike rule's defaults: 5× the previous day's rate over 10 minutes, at least 50 clicks.
+const SPIKE_DEFAULTS: Spike = Spike {
+    factor: 5.0,
+    window_minutes: 10,
+    baseline_minutes: 1440,
+    min_clicks: 50,
+};
 
 #[derive(Debug, Error, PartialEq, Eq)]
 pub enum RuleError {
-    #[error("invalid kind: '{0}' is not a rule kind (known: milestones, threshold)")]
+    #[error("invalid kind: '{0}' is not a rule kind (known: milestones, threshold, spike)")]
     Kind(String),
     #[error("invalid link_id and campaign: a rule applies to one link or one campaign, not both")]
     BothScopes,
@@ -37,13 +46,20 @@ pub enum RuleError {
         "invalid settings.window: must be a duration from 1 minute to 7 days, like '10m' or '1 hour'"
     )]
     Window,
+    #[error("invalid settings.factor: must be a number greater than 1")]
+    Factor,
+    #[error("invalid settings.baseline: must be a duration from the window to 7 days, like '24h'")]
+    Baseline,
+    #[error("invalid settings.min_clicks: must be a whole number greater than 0")]
+    MinClicks,
 }
 
 /// A checked rule's settings.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq)]
 pub enum RuleSettings {
     Milestones { thresholds: Vec<i64> },
     Threshold(Threshold),
+    Spike(Spike),
 }
 
 pub fn check(
@@ -70,6 +86,32 @@ pub fn check(
         });
     }
     let required = |key: &'static str| obj.get(key).ok_or(RuleError::Missing(key, kind));
+    if *kind == "spike" {
+        let d = SPIKE_DEFAULTS;
+        let factor = match obj.get("factor") {
+            None => d.factor,
+            Some(v) => v.as_f64().filter(|f| *f > 1.0).ok_or(RuleError::Factor)?,
+        };
+        let minutes = |key: &str, default: i64, error: RuleError| match obj.get(key) {
+            None => Ok(default),
+            Some(v) => v.as_str().and_then(window::window_minutes).ok_or(error),
+        };
+        let window_minutes = minutes("window", d.window_minutes, RuleError::Window)?;
+        let baseline_minutes = minutes("baseline", d.baseline_minutes, RuleError::Baseline)?;
+        if baseline_minutes < window_minutes {
+            return Err(RuleError::Baseline);
+        }
+        let min_clicks = match obj.get("min_clicks") {
+            None => d.min_clicks,
+            Some(v) => v.as_i64().filter(|n| *n > 0).ok_or(RuleError::MinClicks)?,
+        };
+        return Ok(RuleSettings::Spike(Spike {
+            factor,
+            window_minutes,
+            baseline_minutes,
+            min_clicks,
+        }));
+    }
     if *kind == "threshold" {
         let clicks = required("clicks")?
             .as_i64()
@@ -134,6 +176,39 @@ mod tests {
             check("milestones", false, false, &json!([])),
             Err(RuleError::NotObject)
         );
+    }
+
+    #[test]
+    fn spike_rules() {
+        assert_eq!(
+            check("spike", false, false, &json!({})),
+            Ok(RuleSettings::Spike(SPIKE_DEFAULTS))
+        );
+        assert_eq!(
+            check(
+                "spike",
+                true,
+                false,
+                &json!({"factor": 3, "window": "5m", "baseline": "1h", "min_clicks": 10})
+            ),
+            Ok(RuleSettings::Spike(Spike {
+                factor: 3.0,
+                window_minutes: 5,
+                baseline_minutes: 60,
+                min_clicks: 10
+            }))
+        );
+        for (settings, error) in [
+            (json!({"factor": 1}), RuleError::Factor),
+            (
+                json!({"window": "1h", "baseline": "30m"}),
+                RuleError::Baseline,
+            ),
+            (json!({"baseline": "30d"}), RuleError::Baseline),
+            (json!({"min_clicks": 0}), RuleError::MinClicks),
+        ] {
+            assert_eq!(check("spike", false, false, &settings), Err(error));
+        }
     }
 
     #[test]

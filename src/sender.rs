@@ -6,16 +6,16 @@
 use std::io::{self, Read, Write};
 use std::os::fd::{AsRawFd, RawFd};
 use std::os::unix::net::UnixStream;
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use crossbeam_channel::{Receiver, Sender, unbounded};
 
-use crate::resolve::PublicOnlyResolver;
 use crate::retry::parse_retry_after;
 use crate::signing::{SigningKey, hex_signature, signature_header};
+use crate::resolve::PublicOnlyResolver;
 
 /// Response bytes read at most; the attempt log keeps the first 1 KiB.
 const READ_CAP: u64 = 16 * 1024;
@@ -302,12 +302,7 @@ fn deliver(agents: &Agents, job: Job) -> Outcome {
                 .flatten()
                 .and_then(|v| v.to_str().ok())
                 .and_then(parse_retry_after);
-            (
-                Some(status),
-                error,
-                retry_after,
-                read_excerpt(resp.body_mut()),
-            )
+            (Some(status), error, retry_after, read_excerpt(resp.body_mut()))
         }
         Err(e) => {
             let mut text = describe_error(&e, &job.url, job.timeout);

@@ -198,10 +198,7 @@ fn full_accept_queue() -> (TcpListener, Vec<TcpStream>) {
             sin_zero: [0; 8],
         };
         let len = std::mem::size_of::<libc::sockaddr_in>() as libc::socklen_t;
-        assert_eq!(
-            libc::bind(fd, (&addr as *const libc::sockaddr_in).cast(), len),
-            0
-        );
+        assert_eq!(libc::bind(fd, (&addr as *const libc::sockaddr_in).cast(), len), 0);
         assert_eq!(libc::listen(fd, 0), 0);
         TcpListener::from_raw_fd(fd)
     };
@@ -302,11 +299,7 @@ fn idle_pooled_connections_are_not_reused_after_the_idle_age() {
     assert_eq!(accepted.load(Ordering::SeqCst), 1, "reused while fresh");
     std::thread::sleep(Duration::from_millis(300)); // idle past the age
     assert_eq!(deliver(&agents, job(&url)).status, Some(200));
-    assert_eq!(
-        accepted.load(Ordering::SeqCst),
-        2,
-        "a new connection after idling"
-    );
+    assert_eq!(accepted.load(Ordering::SeqCst), 2, "a new connection after idling");
 }
 
 #[test]
@@ -346,10 +339,7 @@ fn error_text_is_scrubbed_of_the_url() {
         "path <url>"
     );
     let e = ureq::Error::BadUri(url.to_string());
-    assert_eq!(
-        describe_error(&e, url, Duration::from_secs(1)),
-        "invalid target URL"
-    );
+    assert_eq!(describe_error(&e, url, Duration::from_secs(1)), "invalid target URL");
     let e = ureq::Error::Io(io::Error::other(format!("oops {url}")));
     assert!(!describe_error(&e, url, Duration::from_secs(1)).contains(TOKEN));
 }

@@ -56,9 +56,7 @@ pub fn check_webhook_url(
     if !allow_private {
         let literal = |ip: IpAddr| {
             if own_addresses.contains(&ip) {
-                return Err(UrlError::PrivateTarget(format!(
-                    "{ip}, an address of this host"
-                )));
+                return Err(UrlError::PrivateTarget(format!("{ip}, an address of this host")));
             }
             check_public(ip)
         };
@@ -280,15 +278,15 @@ mod tests {
             "1.1.1.1",
             "2606:4700:4700::1111",
             "::ffff:8.8.8.8",
-            "::ffff:0:808:808", // IPv4-translated, public inside
-            "64:ff9b::808:808", // well-known NAT64, public inside
-            "2002:808:808::1",  // 6to4, public inside
+            "::ffff:0:808:808",   // IPv4-translated, public inside
+            "64:ff9b::808:808",   // well-known NAT64, public inside
+            "2002:808:808::1",    // 6to4, public inside
             "2a00:1450:4001::1",
             "2001:4860:4860::8888", // outside 2001::/23
             "9.9.9.9",
-            "100.128.0.1", // just past 100.64/10
-            "198.20.0.1",  // just past 198.18/15
-            "192.0.1.1",   // just past 192.0.0/24
+            "100.128.0.1",        // just past 100.64/10
+            "198.20.0.1",         // just past 198.18/15
+            "192.0.1.1",          // just past 192.0.0/24
         ];
         for ip in public {
             assert!(is_public(ip.parse().unwrap()), "{ip} is public");

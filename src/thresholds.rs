@@ -1,8 +1,9 @@
-//! `link.threshold`: the aggregator keeps clicks per link (and campaign) and
-//! minute while threshold rules exist, and after each batch checks every rule
-//! against the clicks in its window (`window::step`). A rule fires once when
-//! its count is reached, records that in `threshold_state` in the same
-//! transaction as the event, and re-arms after a whole window below it.
+//! `link.threshold` and `link.spike`: the aggregator keeps clicks per link
+//! (and campaign) and minute while such rules exist, and after each batch
+//! checks every rule against the clicks in its window (`window::step`). A
+//! rule fires once when its condition starts to hold, records that in
+//! `threshold_state` in the same transaction as the event, and re-arms after
+//! a whole window without it.
 
 use std::collections::{HashMap, HashSet};
 
@@ -13,11 +14,12 @@ use crate::error::Result;
 use crate::events::{self, new_event_id, unix_now};
 use crate::filters::Facts;
 use crate::payload::{
-    self, CampaignName, EventType, LinkPayload, ThresholdData, ThresholdRulePayload,
+    self, CampaignName, EventType, LinkPayload, SpikeData, SpikeRulePayload, ThresholdData,
+    ThresholdRulePayload,
 };
 use crate::plans::{self, INT8, INT8_ARRAY, TEXT, TEXT_ARRAY};
 use crate::rules::{self, RuleSettings};
-use crate::window::{self, Step, Threshold};
+use crate::window::{self, Spike, Step, Threshold};
 
 /// New clicks of one link in one minute of `clicked_at` (Unix seconds).
 pub struct MinuteCount {
@@ -38,7 +40,36 @@ struct Rule {
     id: i64,
     link_id: Option<i64>,
     campaign: Option<String>,
-    threshold: Threshold,
+    measure: Measure,
+}
+
+enum Measure {
+    Threshold(Threshold),
+    Spike(Spike),
+}
+
+impl Rule {
+    fn window_minutes(&self) -> i64 {
+        match self.measure {
+            Measure::Threshold(t) => t.window_minutes,
+            Measure::Spike(s) => s.window_minutes,
+        }
+    }
+
+    /// Minutes of history the rule reads.
+    fn reach_minutes(&self) -> i64 {
+        match self.measure {
+            Measure::Threshold(t) => t.window_minutes,
+            Measure::Spike(s) => s.window_minutes + s.baseline_minutes,
+        }
+    }
+}
+
+/// Clicks (not flagged as bots) in a rule's window, and in its baseline before it (spikes).
+#[derive(Clone, Copy)]
+struct WindowCounts {
+    clicks: i64,
+    baseline: i64,
 }
 
 /// Folds the batch into the minute tables and evaluates every threshold rule;
@@ -80,19 +111,34 @@ pub fn run(minutes: &[MinuteCount], links: &HashMap<i64, &LinkPayload>) -> Resul
         if subjects.is_empty() {
             continue;
         }
-        let window_start = (now / 60 - (rule.threshold.window_minutes - 1)) * 60;
-        let counts = window_counts(&subjects, window_start)?;
+        let window_start = (now / 60 - (rule.window_minutes() - 1)) * 60;
+        let counts = window_counts(&subjects, window_start, None)?;
+        let baselines = match rule.measure {
+            Measure::Spike(spike) => window_counts(
+                &subjects,
+                window_start - spike.baseline_minutes * 60,
+                Some(window_start),
+            )?,
+            Measure::Threshold(_) => HashMap::new(),
+        };
         for subject in subjects {
-            let count = counts.get(&subject).copied().unwrap_or(0);
+            let counted = WindowCounts {
+                clicks: counts.get(&subject).copied().unwrap_or(0),
+                baseline: baselines.get(&subject).copied().unwrap_or(0),
+            };
+            let reached = match rule.measure {
+                Measure::Threshold(t) => counted.clicks >= t.clicks,
+                Measure::Spike(spike) => spike.holds(counted.clicks, counted.baseline),
+            };
             let state = states.get(&(rule.id, subject.clone())).copied();
-            match window::step(rule.threshold, state, count, now) {
+            match window::step(reached, rule.window_minutes(), state, now) {
                 Step::Stay => {}
                 Step::Fire => {
                     let link = match &subject {
                         Subject::Link(id) => links.get(id).copied(),
                         Subject::Campaign(_) => None,
                     };
-                    if fire(rule, &subject, link, count, window_start, now)? {
+                    if fire(rule, &subject, link, counted, window_start, now)? {
                         fired += 1;
                     }
                 }
@@ -108,7 +154,8 @@ pub fn run(minutes: &[MinuteCount], links: &HashMap<i64, &LinkPayload>) -> Resul
 fn load_rules() -> Result<Vec<Rule>> {
     Spi::connect(|client| {
         let rows = client.select(
-            "SELECT id, link_id, campaign, settings FROM linkhooks.rules WHERE kind = 'threshold'",
+            "SELECT id, link_id, campaign, settings, kind FROM linkhooks.rules
+              WHERE kind IN ('threshold', 'spike')",
             None,
             &[],
         )?;
@@ -117,20 +164,20 @@ fn load_rules() -> Result<Vec<Rule>> {
             let link_id: Option<i64> = r.get(2)?;
             let campaign: Option<String> = r.get(3)?;
             let settings = r.get::<pgrx::JsonB>(4)?.map_or(Value::Null, |j| j.0);
+            let kind: String = r.get(5)?.unwrap_or_default();
             // Checked on write; one that no longer parses is skipped.
-            if let Ok(RuleSettings::Threshold(threshold)) = rules::check(
-                "threshold",
-                link_id.is_some(),
-                campaign.is_some(),
-                &settings,
-            ) {
-                rules.push(Rule {
-                    id: r.get(1)?.unwrap_or_default(),
-                    link_id,
-                    campaign,
-                    threshold,
-                });
-            }
+            let measure =
+                match rules::check(&kind, link_id.is_some(), campaign.is_some(), &settings) {
+                    Ok(RuleSettings::Threshold(t)) => Measure::Threshold(t),
+                    Ok(RuleSettings::Spike(s)) => Measure::Spike(s),
+                    _ => continue,
+                };
+            rules.push(Rule {
+                id: r.get(1)?.unwrap_or_default(),
+                link_id,
+                campaign,
+                measure,
+            });
         }
         Ok(rules)
     })
@@ -195,8 +242,16 @@ fn load_states() -> Result<HashMap<(i64, Subject), Option<i64>>> {
     })
 }
 
-/// Clicks not flagged as bots per subject, from `window_start` (Unix seconds) on.
-fn window_counts(subjects: &[Subject], window_start: i64) -> Result<HashMap<Subject, i64>> {
+/// 9999-12-31, the last second PostgreSQL's timestamps format in four digits.
+const LATEST: i64 = 253_402_300_799;
+
+/// Clicks not flagged as bots per subject, from `from` until `until` (Unix
+/// seconds; None: up to now).
+fn window_counts(
+    subjects: &[Subject],
+    from: i64,
+    until: Option<i64>,
+) -> Result<HashMap<Subject, i64>> {
     let link_ids: Vec<i64> = subjects
         .iter()
         .filter_map(|s| match s {
@@ -216,12 +271,19 @@ fn window_counts(subjects: &[Subject], window_start: i64) -> Result<HashMap<Subj
         let rows = plans::query(
             client,
             "SELECT link_id, NULL::text, pg_catalog.sum(human_clicks)::bigint FROM linkhooks.link_minutes
-              WHERE minute >= pg_catalog.to_timestamp($1) AND link_id = ANY ($2) GROUP BY link_id
+              WHERE minute >= pg_catalog.to_timestamp($1) AND minute < pg_catalog.to_timestamp($4)
+                AND link_id = ANY ($2) GROUP BY link_id
              UNION ALL
              SELECT NULL, campaign, pg_catalog.sum(human_clicks)::bigint FROM linkhooks.campaign_minutes
-              WHERE minute >= pg_catalog.to_timestamp($1) AND campaign = ANY ($3) GROUP BY campaign",
-            &[INT8, INT8_ARRAY, TEXT_ARRAY],
-            &[window_start.into(), link_ids.into(), names.into()],
+              WHERE minute >= pg_catalog.to_timestamp($1) AND minute < pg_catalog.to_timestamp($4)
+                AND campaign = ANY ($3) GROUP BY campaign",
+            &[INT8, INT8_ARRAY, TEXT_ARRAY, INT8],
+            &[
+                from.into(),
+                link_ids.into(),
+                names.into(),
+                until.unwrap_or(LATEST).into(),
+            ],
         )?;
         for r in rows {
             let subject = match (r.get::<i64>(1)?, r.get::<String>(2)?) {
@@ -242,13 +304,13 @@ fn subject_columns(subject: &Subject) -> (Option<i64>, Option<&str>) {
     }
 }
 
-/// Records that the rule fired for the subject and queues link.threshold;
-/// false if another run recorded it first.
+/// Records that the rule fired for the subject and queues its event
+/// (link.threshold or link.spike); false if another run recorded it first.
 fn fire(
     rule: &Rule,
     subject: &Subject,
     link: Option<&LinkPayload>,
-    count: i64,
+    counted: WindowCounts,
     window_start: i64,
     now: i64,
 ) -> Result<bool> {
@@ -273,31 +335,110 @@ fn fire(
         return Ok(false);
     }
     let now_micros = now * 1_000_000;
-    let body = payload::envelope(
-        &id,
-        EventType::LinkThreshold,
-        now_micros,
-        ThresholdData {
-            link,
-            campaign: campaign.map(|name| CampaignName { name }),
-            rule: ThresholdRulePayload {
-                id: rule.id,
-                clicks: rule.threshold.clicks,
-                window_minutes: rule.threshold.window_minutes,
-            },
-            clicks: count,
-            window_start: payload::format_timestamp(window_start * 1_000_000),
-            window_end: payload::format_timestamp(now_micros),
-        },
+    let campaign_name = campaign.map(|name| CampaignName { name });
+    let (window_start_text, window_end_text) = (
+        payload::format_timestamp(window_start * 1_000_000),
+        payload::format_timestamp(now_micros),
     );
+    let (kind, body) = match rule.measure {
+        Measure::Threshold(t) => (
+            EventType::LinkThreshold,
+            payload::envelope(
+                &id,
+                EventType::LinkThreshold,
+                now_micros,
+                ThresholdData {
+                    link,
+                    campaign: campaign_name,
+                    rule: ThresholdRulePayload {
+                        id: rule.id,
+                        clicks: t.clicks,
+                        window_minutes: t.window_minutes,
+                    },
+                    clicks: counted.clicks,
+                    window_start: window_start_text,
+                    window_end: window_end_text,
+                },
+            ),
+        ),
+        Measure::Spike(spike) => {
+            let (countries, referrers) = top_sources(subject, window_start)?;
+            (
+                EventType::LinkSpike,
+                payload::envelope(
+                    &id,
+                    EventType::LinkSpike,
+                    now_micros,
+                    SpikeData {
+                        link,
+                        campaign: campaign_name,
+                        rule: SpikeRulePayload {
+                            id: rule.id,
+                            factor: spike.factor,
+                            window_minutes: spike.window_minutes,
+                            baseline_minutes: spike.baseline_minutes,
+                            min_clicks: spike.min_clicks,
+                        },
+                        clicks: counted.clicks,
+                        expected: (spike.expected(counted.baseline) * 100.0).round() / 100.0,
+                        window_start: window_start_text,
+                        window_end: window_end_text,
+                        top_countries: &countries,
+                        top_referrers: &referrers,
+                    },
+                ),
+            )
+        }
+    };
     let facts = Facts {
         campaign: link.and_then(|l| l.campaign.as_deref()).or(campaign),
         tags: link.map_or(&[], |l| &l.tags),
         click: None,
         milestone: None,
     };
-    events::emit(EventType::LinkThreshold, &id, &facts, |_| body.clone())?;
+    events::emit(kind, &id, &facts, |_| body.clone())?;
     Ok(true)
+}
+
+/// The five countries and referring hosts with the most clicks (not flagged
+/// as bots) in the window, for a spike's payload.
+fn top_sources(
+    subject: &Subject,
+    window_start: i64,
+) -> Result<(
+    serde_json::Map<String, Value>,
+    serde_json::Map<String, Value>,
+)> {
+    let (link_id, campaign) = subject_columns(subject);
+    Spi::connect(|client| {
+        let rows = plans::query(
+            client,
+            "WITH recent AS (
+                SELECT COALESCE(c.country, 'unknown') AS country,
+                       COALESCE(pg_catalog.lower(pg_catalog.substring(c.referer,
+                           '^[A-Za-z][A-Za-z0-9+.-]*://(?:[^@/?#]*@)?([^/?#:]+)')), '(direct)') AS referrer
+                  FROM linkhooks.clicks c
+                 WHERE c.clicked_at >= pg_catalog.to_timestamp($1) AND c.is_bot IS NOT TRUE
+                   AND (c.link_id = $2 OR c.link_id IN (SELECT l.id FROM linkhooks.links l WHERE l.campaign = $3)))
+             (SELECT 'country', country, pg_catalog.count(*) FROM recent GROUP BY 2 ORDER BY 3 DESC, 2 LIMIT 5)
+             UNION ALL
+             (SELECT 'referrer', referrer, pg_catalog.count(*) FROM recent GROUP BY 2 ORDER BY 3 DESC, 2 LIMIT 5)",
+            &[INT8, INT8, TEXT],
+            &[window_start.into(), link_id.into(), campaign.into()],
+        )?;
+        let (mut countries, mut referrers) = (serde_json::Map::new(), serde_json::Map::new());
+        for r in rows {
+            let (Some(dimension), Some(value)) = (r.get::<String>(1)?, r.get::<String>(2)?) else {
+                continue;
+            };
+            let count = Value::from(r.get::<i64>(3)?.unwrap_or(0));
+            match dimension.as_str() {
+                "country" => countries.insert(value, count),
+                _ => referrers.insert(value, count),
+            };
+        }
+        Ok((countries, referrers))
+    })
 }
 
 fn set_below_since(rule_id: i64, subject: &Subject, since: Option<i64>) -> Result<()> {
@@ -325,7 +466,7 @@ fn rearm(rule_id: i64, subject: &Subject) -> Result<()> {
 pub fn prune() -> Result<i64> {
     let keep_minutes = load_rules()?
         .iter()
-        .map(|r| r.threshold.window_minutes + 1)
+        .map(|r| r.reach_minutes() + 1)
         .max()
         .unwrap_or(0);
     Ok(Spi::get_one_with_args::<i64>(

@@ -1,7 +1,9 @@
-//! Click-rate thresholds (`link.threshold`): N clicks within a window, fired
-//! when the count reaches N and re-armed once it has stayed below N for a
-//! whole window, so one burst fires once. Counts come from per-minute buckets,
-//! so windows are whole minutes. Pure logic.
+//! Click-rate rules over windows: `link.threshold` (N clicks within a window)
+//! and `link.spike` (a window's clicks at least k times the trailing
+//! baseline's rate, with a minimum volume). Each fires when its condition
+//! starts to hold and re-arms once it has not held for a whole window, so one
+//! burst or one episode fires once. Counts come from per-minute buckets, so
+//! windows are whole minutes. Pure logic.
 
 use std::time::Duration;
 
@@ -16,6 +18,29 @@ pub const MAX_WINDOW: Duration = Duration::from_secs(7 * 86_400);
 pub struct Threshold {
     pub clicks: i64,
     pub window_minutes: i64,
+}
+
+/// A spike: the clicks of the last `window_minutes` are at least `factor`
+/// times what the `baseline_minutes` before them averaged per window, and at
+/// least `min_clicks`.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Spike {
+    pub factor: f64,
+    pub window_minutes: i64,
+    pub baseline_minutes: i64,
+    pub min_clicks: i64,
+}
+
+impl Spike {
+    /// Clicks per window the baseline period averaged.
+    pub fn expected(&self, baseline_clicks: i64) -> f64 {
+        baseline_clicks as f64 * self.window_minutes as f64 / self.baseline_minutes as f64
+    }
+
+    /// Whether `clicks` in the window, against `baseline_clicks` in the baseline period, is a spike.
+    pub fn holds(&self, clicks: i64, baseline_clicks: i64) -> bool {
+        clicks >= self.min_clicks && clicks as f64 >= self.factor * self.expected(baseline_clicks)
+    }
 }
 
 /// A window from its text ('10m', '1 hour'), rounded up to whole minutes;
@@ -40,18 +65,17 @@ pub enum Step {
     Rearm,
 }
 
-/// The next step for a threshold whose window holds `count` clicks at `now`
-/// (Unix seconds). `fired` is None while armed, else since when the count has
-/// been below N (None: it has not fallen below since it fired).
-pub fn step(rule: Threshold, fired: Option<Option<i64>>, count: i64, now: i64) -> Step {
-    let reached = count >= rule.clicks;
+/// The next step for a rule whose condition does (`reached`) or does not hold
+/// at `now` (Unix seconds). `fired` is None while armed, else since when the
+/// condition has not held (None: it has held ever since it fired).
+pub fn step(reached: bool, window_minutes: i64, fired: Option<Option<i64>>, now: i64) -> Step {
     match fired {
         None if reached => Step::Fire,
         None => Step::Stay,
         Some(Some(_)) if reached => Step::BackAbove,
         Some(None) if reached => Step::Stay,
         Some(None) => Step::FellBelow(now),
-        Some(Some(since)) if now - since >= rule.window_minutes * 60 => Step::Rearm,
+        Some(Some(since)) if now - since >= window_minutes * 60 => Step::Rearm,
         Some(Some(_)) => Step::Stay,
     }
 }
@@ -65,20 +89,43 @@ mod tests {
         window_minutes: 10,
     };
 
+    fn count(fired: Option<Option<i64>>, clicks: i64, now: i64) -> Step {
+        step(clicks >= RULE.clicks, RULE.window_minutes, fired, now)
+    }
+
     #[test]
     fn fires_once_per_episode_and_rearms_after_a_quiet_window() {
-        assert_eq!(step(RULE, None, 99, 0), Step::Stay);
-        assert_eq!(step(RULE, None, 100, 0), Step::Fire);
+        assert_eq!(count(None, 99, 0), Step::Stay);
+        assert_eq!(count(None, 100, 0), Step::Fire);
         // Still high: nothing more.
-        assert_eq!(step(RULE, Some(None), 250, 60), Step::Stay);
+        assert_eq!(count(Some(None), 250, 60), Step::Stay);
         // Falls below: the quiet window starts.
-        assert_eq!(step(RULE, Some(None), 40, 120), Step::FellBelow(120));
-        assert_eq!(step(RULE, Some(Some(120)), 40, 120 + 599), Step::Stay);
+        assert_eq!(count(Some(None), 40, 120), Step::FellBelow(120));
+        assert_eq!(count(Some(Some(120)), 40, 120 + 599), Step::Stay);
         // Back above within the window: the same episode goes on.
-        assert_eq!(step(RULE, Some(Some(120)), 120, 300), Step::BackAbove);
+        assert_eq!(count(Some(Some(120)), 120, 300), Step::BackAbove);
         // Below for a whole window: armed again, and the next crossing fires.
-        assert_eq!(step(RULE, Some(Some(120)), 10, 120 + 600), Step::Rearm);
-        assert_eq!(step(RULE, None, 100, 2000), Step::Fire);
+        assert_eq!(count(Some(Some(120)), 10, 120 + 600), Step::Rearm);
+        assert_eq!(count(None, 100, 2000), Step::Fire);
+    }
+
+    #[test]
+    fn spikes_need_the_factor_and_the_volume() {
+        let spike = Spike {
+            factor: 5.0,
+            window_minutes: 10,
+            baseline_minutes: 1440,
+            min_clicks: 50,
+        };
+        // 1,440 clicks a day is 10 per 10 minutes.
+        assert_eq!(spike.expected(1440), 10.0);
+        assert!(spike.holds(50, 1440));
+        assert!(!spike.holds(49, 1440), "too few clicks");
+        assert!(
+            !spike.holds(400, 144_000),
+            "a steady high-volume link: 400 against 1,000 expected"
+        );
+        assert!(spike.holds(60, 0), "a link with no history that gets busy");
     }
 
     #[test]

@@ -293,3 +293,36 @@ def test_a_digest_window_gives_one_event_with_the_right_counts(db, receiver):
     assert sorted(r["json"]["type"] for r in receiver.received("/digest")) == ["link.clicks.digest", "link.created"]
     wait_for(lambda: len(receiver.received("/each")) == 6, message="six click events for /each")
     assert db.execute("SELECT count(*) FROM linkhooks.digests").fetchone()[0] == 0
+
+
+def test_a_spike_fires_once_per_episode_and_not_for_a_steady_busy_link(db, receiver):
+    subscribe(db, receiver, "/spike", event_types=["link.spike"])
+    rule(db, {}, kind="spike")  # 5× the previous day's rate over 10 minutes, at least 50 clicks
+    spiky, steady = link(db, "spiky"), link(db, "steady")
+
+    def clicks(link_id, per_minute, minutes_ago_from, minutes_ago_to, **cols):
+        db.execute("INSERT INTO linkhooks.clicks (link_id, is_bot, clicked_at, country, referer) "
+                   "SELECT %s, false, now() - m * interval '1 minute' - interval '1 second', %s::text, %s::text "
+                   "FROM generate_series(%s::int, %s::int) m, generate_series(1, %s::int)",
+                   [link_id, cols.get("country"), cols.get("referer"), minutes_ago_to, minutes_ago_from, per_minute])
+
+    # A day of history: 1 click a minute for "spiky", 10 a minute for "steady".
+    clicks(spiky, 1, 1440, 11)
+    clicks(steady, 10, 1440, 11)
+    settle(db)
+    # The last ten minutes: "spiky" gets 60 (12 a minute for five; 10 expected), "steady" its usual 10 a minute.
+    clicks(spiky, 12, 4, 0, country="DE", referer="https://news.example.org/a")
+    clicks(steady, 10, 9, 0)
+    settle(db)
+    wait_for(lambda: receiver.received("/spike"), message="link.spike")
+    settle(db)
+    [event] = [r["json"] for r in receiver.received("/spike")]
+    data = event["data"]
+    assert data["link"]["slug"] == "spiky" and data["clicks"] == 60
+    assert 9 <= data["expected"] <= 11 and data["rule"]["factor"] == 5
+    assert data["top_countries"] == {"DE": 60} and data["top_referrers"] == {"news.example.org": 60}
+    # The episode goes on: more clicks send nothing more.
+    clicks(spiky, 20, 0, 0)
+    settle(db)
+    assert len(receiver.received("/spike")) == 1
+    assert db.execute("SELECT count(*) FROM linkhooks.threshold_state").fetchone()[0] == 1
