@@ -21,6 +21,7 @@ use crate::error::{OrReport, Result};
 use crate::events::{self, new_event_id, unix_now_micros};
 use crate::filters::{Facts, MilestoneFacts};
 use crate::guc;
+use crate::linkstore;
 use crate::milestones::{self, Counted, DEFAULT_THRESHOLDS};
 use crate::misses;
 use crate::payload::{
@@ -42,10 +43,26 @@ fn run_aggregation() -> pgrx::JsonB {
 /// New clicks of one link in this run, with its totals after them.
 struct LinkCount {
     link: LinkPayload,
+    totals: Totals,
+}
+
+/// Clicks counted so far (all, and humans: not flagged as bots), and how many of them this batch added.
+#[derive(Clone, Copy, Default)]
+struct Totals {
     clicks: i64,
     humans: i64,
     new_clicks: i64,
     new_humans: i64,
+}
+
+impl Totals {
+    /// For each way of counting: (counting, count before this batch, count after it).
+    fn by_counting(&self) -> [(Counted, i64, i64); 2] {
+        [
+            (Counted::Humans, self.humans - self.new_humans, self.humans),
+            (Counted::All, self.clicks - self.new_clicks, self.clicks),
+        ]
+    }
 }
 
 /// A milestone about to be recorded (and announced if it is new).
@@ -71,57 +88,41 @@ fn run() -> Result<Value> {
     let campaigns = count_campaigns(&links)?;
     let lists = ThresholdLists::load()?;
     let mut reached = Vec::new();
+    let mut reach =
+        |kind, listed: &[i64], totals: &Totals, link: Option<usize>, campaign: Option<&String>| {
+            for (counted, before, after) in totals.by_counting() {
+                for threshold in lists.crossed(kind, listed, counted, before, after) {
+                    reached.push(Reached {
+                        event_id: new_event_id().to_string(),
+                        scope: if link.is_some() { "link" } else { "campaign" },
+                        link,
+                        campaign: campaign.cloned(),
+                        counted,
+                        threshold,
+                        clicks: after,
+                        listed: listed.contains(&threshold),
+                    });
+                }
+            }
+        };
     for (i, count) in links.iter().enumerate() {
         let listed = lists.for_link(count.link.id, count.link.campaign.as_deref());
-        for (counted, after, added) in [
-            (Counted::Humans, count.humans, count.new_humans),
-            (Counted::All, count.clicks, count.new_clicks),
-        ] {
-            for threshold in lists.crossed(
-                EventType::LinkMilestone,
-                listed,
-                counted,
-                after - added,
-                after,
-            ) {
-                reached.push(Reached {
-                    event_id: new_event_id().to_string(),
-                    scope: "link",
-                    link: Some(i),
-                    campaign: None,
-                    counted,
-                    threshold,
-                    clicks: after,
-                    listed: listed.contains(&threshold),
-                });
-            }
-        }
+        reach(
+            EventType::LinkMilestone,
+            listed,
+            &count.totals,
+            Some(i),
+            None,
+        );
     }
-    for (name, (clicks, humans, new_clicks, new_humans)) in &campaigns {
-        let listed = lists.for_campaign(name);
-        for (counted, after, added) in [
-            (Counted::Humans, *humans, *new_humans),
-            (Counted::All, *clicks, *new_clicks),
-        ] {
-            for threshold in lists.crossed(
-                EventType::CampaignMilestone,
-                listed,
-                counted,
-                after - added,
-                after,
-            ) {
-                reached.push(Reached {
-                    event_id: new_event_id().to_string(),
-                    scope: "campaign",
-                    link: None,
-                    campaign: Some(name.clone()),
-                    counted,
-                    threshold,
-                    clicks: after,
-                    listed: listed.contains(&threshold),
-                });
-            }
-        }
+    for (name, totals) in &campaigns {
+        reach(
+            EventType::CampaignMilestone,
+            lists.for_campaign(name),
+            totals,
+            None,
+            Some(name),
+        );
     }
     let fired = record_milestones(&reached, &links)?;
     for r in reached.iter().filter(|r| fired.contains(&r.event_id)) {
@@ -132,7 +133,7 @@ fn run() -> Result<Value> {
     let digests = digests::run(&batch.groups, &by_id)?;
     let misses_announced = misses::announce_due()?;
     let report = json!({
-        "clicks": links.iter().map(|l| l.new_clicks).sum::<i64>(),
+        "clicks": links.iter().map(|l| l.totals.new_clicks).sum::<i64>(),
         "links": links.len(),
         "milestones": fired.len(),
         "thresholds": thresholds,
@@ -334,35 +335,22 @@ fn count_links(batch: &Batch) -> Result<Vec<LinkCount>> {
         )?;
         rows.into_iter()
             .map(|r| {
-                let domain: String = r.get(2)?.unwrap_or_default();
-                let slug: String = r.get(3)?.unwrap_or_default();
                 Ok(LinkCount {
-                    link: LinkPayload {
-                        id: r.get(1)?.unwrap_or_default(),
-                        short_url: LinkPayload::short_url(&domain, &slug, &base_url),
-                        domain,
-                        slug,
-                        destination: r.get(4)?.unwrap_or_default(),
-                        campaign: r.get(5)?,
-                        tags: r
-                            .get::<Vec<Option<String>>>(6)?
-                            .unwrap_or_default()
-                            .into_iter()
-                            .flatten()
-                            .collect(),
+                    link: linkstore::payload_from_row(&r, &base_url)?,
+                    totals: Totals {
+                        clicks: r.get(7)?.unwrap_or_default(),
+                        humans: r.get(8)?.unwrap_or_default(),
+                        new_clicks: r.get(9)?.unwrap_or_default(),
+                        new_humans: r.get(10)?.unwrap_or_default(),
                     },
-                    clicks: r.get(7)?.unwrap_or_default(),
-                    humans: r.get(8)?.unwrap_or_default(),
-                    new_clicks: r.get(9)?.unwrap_or_default(),
-                    new_humans: r.get(10)?.unwrap_or_default(),
                 })
             })
             .collect()
     })
 }
 
-/// Per campaign: totals after this batch (all, humans) and what the batch added.
-type CampaignCounts = HashMap<String, (i64, i64, i64, i64)>;
+/// Per campaign: its totals after this batch.
+type CampaignCounts = HashMap<String, Totals>;
 
 /// Adds the batch to each campaign's totals (a link's campaign as it is now).
 fn count_campaigns(links: &[LinkCount]) -> Result<CampaignCounts> {
@@ -370,8 +358,8 @@ fn count_campaigns(links: &[LinkCount]) -> Result<CampaignCounts> {
     for l in links {
         if let Some(c) = &l.link.campaign {
             let e = added.entry(c.as_str()).or_default();
-            e.0 += l.new_clicks;
-            e.1 += l.new_humans;
+            e.0 += l.totals.new_clicks;
+            e.1 += l.totals.new_humans;
         }
     }
     if added.is_empty() {
@@ -399,12 +387,12 @@ fn count_campaigns(links: &[LinkCount]) -> Result<CampaignCounts> {
             let (new_clicks, new_humans) = added.get(name.as_str()).copied().unwrap_or_default();
             totals.insert(
                 name,
-                (
-                    r.get(2)?.unwrap_or_default(),
-                    r.get(3)?.unwrap_or_default(),
+                Totals {
+                    clicks: r.get(2)?.unwrap_or_default(),
+                    humans: r.get(3)?.unwrap_or_default(),
                     new_clicks,
                     new_humans,
-                ),
+                },
             );
         }
         Ok(totals)

@@ -324,6 +324,30 @@ fn read(key: &Key<'_>, fresh: bool) -> Result<Option<LinkRow>> {
     }
 }
 
+/// A link as events show it, from the first six columns of a result row:
+/// `id, domain, slug, destination, campaign, tags`.
+pub fn payload_from_row(
+    row: &pgrx::spi::SpiHeapTupleData<'_>,
+    base_url: &str,
+) -> Result<LinkPayload> {
+    let domain: String = row.get(2)?.unwrap_or_default();
+    let slug: String = row.get(3)?.unwrap_or_default();
+    Ok(LinkPayload {
+        id: row.get(1)?.unwrap_or_default(),
+        short_url: LinkPayload::short_url(&domain, &slug, base_url),
+        domain,
+        slug,
+        destination: row.get(4)?.unwrap_or_default(),
+        campaign: row.get(5)?,
+        tags: row
+            .get::<Vec<Option<String>>>(6)?
+            .unwrap_or_default()
+            .into_iter()
+            .flatten()
+            .collect(),
+    })
+}
+
 /// The OIDs of the relations the hot paths open: links and its two unique
 /// indexes (`read`), and deliveries (`queue`).
 #[derive(Clone, Copy)]

@@ -50,24 +50,7 @@ fn expire_links() -> Result<usize> {
             &[BATCH.into()],
         )?;
         rows.into_iter()
-            .map(|r| {
-                let domain: String = r.get(2)?.unwrap_or_default();
-                let slug: String = r.get(3)?.unwrap_or_default();
-                Ok(LinkPayload {
-                    id: r.get(1)?.unwrap_or_default(),
-                    short_url: LinkPayload::short_url(&domain, &slug, &base_url),
-                    domain,
-                    slug,
-                    destination: r.get(4)?.unwrap_or_default(),
-                    campaign: r.get(5)?,
-                    tags: r
-                        .get::<Vec<Option<String>>>(6)?
-                        .unwrap_or_default()
-                        .into_iter()
-                        .flatten()
-                        .collect(),
-                })
-            })
+            .map(|r| crate::linkstore::payload_from_row(&r, &base_url))
             .collect()
     })?;
     for link in &links {
