@@ -48,6 +48,7 @@ fn record_miss(
                     reason.as_str().into(),
                 ],
             )?;
+            crate::shared::clicks_recorded();
             Ok(())
         })
     };

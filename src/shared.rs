@@ -27,6 +27,9 @@ static CONFIG_GENERATION: PgAtomic<AtomicU64> =
     unsafe { PgAtomic::new(c"linkhooks_config_generation") };
 static LINKS_GENERATION: PgAtomic<AtomicU64> =
     unsafe { PgAtomic::new(c"linkhooks_links_generation") };
+/// Moves when a transaction that recorded clicks or misses in the worker's database commits.
+static CLICKS_GENERATION: PgAtomic<AtomicU64> =
+    unsafe { PgAtomic::new(c"linkhooks_clicks_generation") };
 
 /// Set in the postmaster's `_PG_init` when loaded through shared_preload_libraries;
 /// inherited by every backend it forks.
@@ -42,6 +45,7 @@ pub fn init() {
     pg_shmem_init!(DATABASE_CONFIRMED);
     pg_shmem_init!(CONFIG_GENERATION);
     pg_shmem_init!(LINKS_GENERATION);
+    pg_shmem_init!(CLICKS_GENERATION);
     PRELOADED.store(true, Ordering::Relaxed);
 }
 
@@ -153,6 +157,22 @@ pub fn worker_snapshot() -> WorkerSnapshot {
     }
 }
 
+/// Whether this backend is in the database the worker serves.
+fn in_workers_database() -> bool {
+    // SAFETY: MyDatabaseId is this backend's database, set once at connection.
+    WORKER_DATABASE.get().load(Ordering::Relaxed) == unsafe { pg_sys::MyDatabaseId }.to_u32()
+}
+
+/// How many transactions that recorded clicks or misses committed in the worker's
+/// database: the worker runs the click aggregator when it moves (a read, no signal).
+pub fn clicks_generation() -> u64 {
+    if preloaded() {
+        CLICKS_GENERATION.get().load(Ordering::Acquire)
+    } else {
+        0
+    }
+}
+
 fn wake_worker() {
     if !preloaded() {
         return;
@@ -160,9 +180,7 @@ fn wake_worker() {
     let latch = WORKER_LATCH.get().load(Ordering::Acquire);
     // Only the worker's own database has deliveries it will claim; waking it for
     // another's costs a signal per commit and a pointless transaction in the worker.
-    // SAFETY: MyDatabaseId is this backend's database, set once at connection.
-    let ours =
-        WORKER_DATABASE.get().load(Ordering::Relaxed) == unsafe { pg_sys::MyDatabaseId }.to_u32();
+    let ours = in_workers_database();
     if latch != 0 && ours {
         // SAFETY: the latch lives in the worker's PGPROC in shared memory, mapped
         // at the same address in every backend; SetLatch on another process's
@@ -176,6 +194,15 @@ thread_local! {
     static WAKE_ON_COMMIT: Cell<bool> = const { Cell::new(false) };
     static CONFIG_CHANGED: Cell<bool> = const { Cell::new(false) };
     static LINKS_CHANGED: Cell<bool> = const { Cell::new(false) };
+    static CLICKS_RECORDED: Cell<bool> = const { Cell::new(false) };
+}
+
+/// This transaction recorded clicks or misses: the aggregator counts them once it commits.
+pub fn clicks_recorded() {
+    if !CLICKS_RECORDED.get() {
+        register_hook();
+        CLICKS_RECORDED.set(true);
+    }
 }
 
 /// Wake the worker when this transaction commits.
@@ -231,6 +258,9 @@ unsafe extern "C-unwind" fn on_xact_event(
             if LINKS_CHANGED.replace(false) && preloaded() {
                 LINKS_GENERATION.get().fetch_add(1, Ordering::AcqRel);
             }
+            if CLICKS_RECORDED.replace(false) && preloaded() && in_workers_database() {
+                CLICKS_GENERATION.get().fetch_add(1, Ordering::AcqRel);
+            }
         }
         // COMMIT PREPARED runs in whichever backend, without this one's flags.
         XACT_EVENT_PRE_PREPARE if LINKS_CHANGED.get() || CONFIG_CHANGED.get() => {
@@ -241,6 +271,7 @@ unsafe extern "C-unwind" fn on_xact_event(
         XACT_EVENT_ABORT | XACT_EVENT_PARALLEL_ABORT | XACT_EVENT_PREPARE => {
             WAKE_ON_COMMIT.set(false);
             LINKS_CHANGED.set(false);
+            CLICKS_RECORDED.set(false);
             if CONFIG_CHANGED.replace(false) {
                 crate::events::invalidate_cache();
             }

@@ -63,6 +63,7 @@ fn on_click<'a>(
     // SAFETY: plain call; assigns this transaction's id if it has none yet.
     let txid = unsafe { pg_sys::GetTopFullTransactionId() }.value;
     edits.set_xid8(&new, "txid", txid)?;
+    shared::clicks_recorded();
     let utm = match utm {
         Some(Value::Object(m)) => m,
         _ => link

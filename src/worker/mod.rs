@@ -41,8 +41,12 @@ const IDLE_POLL: Duration = Duration::from_secs(5);
 /// Outcomes are written in batches: when this many wait, or the oldest has waited `RECORD_DELAY`.
 const RECORD_BATCH: usize = 200;
 const RECORD_DELAY: Duration = Duration::from_millis(5);
-/// How often the click aggregator runs (milestones are queued within about this long).
-const AGGREGATE_EVERY: Duration = Duration::from_secs(1);
+/// How often the worker looks whether clicks or misses were committed since the
+/// click aggregator last ran (a read of shared memory); if so it runs it.
+const AGGREGATE_CHECK: Duration = Duration::from_millis(250);
+/// The aggregator runs at least this often anyway: thresholds re-arm, digest
+/// windows end and misses come due with time, not with clicks.
+const AGGREGATE_IDLE: Duration = Duration::from_secs(5);
 /// After a transaction failed (a lock timeout), wait this long before the next.
 const RETRY_AFTER_ERROR: Duration = Duration::from_secs(1);
 
@@ -134,6 +138,8 @@ pub struct Worker {
     next_due: Option<Instant>,
     next_maintenance: Instant,
     next_aggregation: Instant,
+    /// When the aggregator last ran, and the clicks generation it saw then.
+    aggregated: (Instant, Option<u64>),
     extension_ready: bool,
     /// Poll interval while the extension is missing (grows to `gate::MAX_BACKOFF`).
     extension_wait: Duration,
@@ -199,6 +205,7 @@ impl Worker {
             next_due: None,
             next_maintenance: Instant::now(),
             next_aggregation: Instant::now(),
+            aggregated: (Instant::now(), None),
             extension_ready: false,
             extension_wait: Duration::ZERO,
             released: false,
@@ -282,8 +289,13 @@ impl Worker {
                     .unwrap_or(now + IDLE_POLL);
             }
             if self.extension_ready && now >= self.next_aggregation {
-                self.aggregate();
-                self.next_aggregation = Instant::now() + AGGREGATE_EVERY;
+                let generation = shared::clicks_generation();
+                let (last_run, seen) = self.aggregated;
+                if seen != Some(generation) || now >= last_run + AGGREGATE_IDLE {
+                    self.aggregate();
+                    self.aggregated = (Instant::now(), Some(generation));
+                }
+                self.next_aggregation = Instant::now() + AGGREGATE_CHECK;
             }
             // Requests in flight: claimed rows beyond the threads wait in the pool's queue.
             let in_flight = self.flights.total().min(self.settings.limits.concurrency);

@@ -150,10 +150,12 @@ def test_rules_are_checked_when_written(db):
     assert db.execute("SELECT count(*) FROM linkhooks.rules").fetchone()[0] == 1
 
 
-def test_ten_thousand_misses_of_one_slug_are_one_row_and_one_event(db, receiver):
+def test_ten_thousand_misses_of_one_slug_are_one_row_and_one_event(cluster, db, receiver):
     subscribe(db, receiver, "/miss", event_types=["link.miss"])
-    db.execute("SELECT linkhooks.record_click('nope', user_agent => 'curl') FROM generate_series(1, 5000)")
-    db.execute("SELECT linkhooks.record_miss('nope') FROM generate_series(1, 5000)")
+    with cluster.connect() as holder:  # the aggregator waits until all 10,000 are in
+        holder.execute("SELECT pg_advisory_lock(19521, 1)")
+        db.execute("SELECT linkhooks.record_click('nope', user_agent => 'curl') FROM generate_series(1, 5000)")
+        db.execute("SELECT linkhooks.record_miss('nope') FROM generate_series(1, 5000)")
     assert db.execute("SELECT slug, reason, count FROM linkhooks.link_misses").fetchall() == [("nope", "unknown", 10000)]
     settle(db)
     wait_for(lambda: receiver.received("/miss"), message="link.miss")

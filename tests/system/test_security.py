@@ -104,8 +104,21 @@ def test_a_writer_with_temp_objects_cannot_run_code_as_the_owner(cluster, db, ho
         assert w.execute("SELECT linkhooks.record_click('lim')").fetchone()[0] == "https://acme.com/lim"
         assert w.execute("SELECT url FROM linkhooks.record_click_returning('lim', ip => '198.51.100.8')").fetchone()[0] == \
             "https://acme.com/lim"
+        # The reactive-event paths a writer reaches: idempotency keys, misses, external ids.
+        for _ in range(2):
+            assert w.execute("SELECT linkhooks.record_click('sale', idempotency_key => 'k-1')").fetchone()[0] == \
+                "https://acme.com/sale"
+        assert w.execute("SELECT linkhooks.record_click('no-such-slug')").fetchone()[0] is None
+        w.execute("SELECT linkhooks.record_miss('other', '', 'unknown')")
+        for _ in range(2):
+            w.execute("INSERT INTO linkhooks.conversions (click_id, name, external_id) VALUES (%s, 'buy', 'order-1')",
+                      [click_id])
+    with cluster.connect() as c:  # the aggregator, as the worker runs it, over what the writer wrote
+        c.execute("SELECT linkhooks.run_aggregation()")
     assert not is_superuser(db)
-    assert db.execute("SELECT count(*) FROM linkhooks.clicks").fetchone()[0] == 5
+    assert db.execute("SELECT count(*) FROM linkhooks.link_misses").fetchone()[0] == 2
+    assert db.execute("SELECT count(*) FROM linkhooks.conversions").fetchone()[0] == 2
+    assert db.execute("SELECT count(*) FROM linkhooks.clicks").fetchone()[0] == 6
     assert db.execute("SELECT click_count FROM linkhooks.links WHERE id = %s", [limited]).fetchone()[0] == 3
     assert db.execute("SELECT click_count FROM linkhooks.campaigns").fetchone()[0] == 3
 
@@ -126,6 +139,12 @@ def test_an_admin_with_planted_objects_cannot_run_code_as_the_owner(cluster, db,
         a.execute("SELECT linkhooks.send_test(%s)", [sub_id])
         a.execute("SELECT linkhooks.rotate_secret(%s)", [sub_id])
         a.execute("SELECT linkhooks.run_maintenance()")
+        for kind, settings in [("milestones", '{"thresholds": [1, 2]}'), ("threshold", '{"clicks": 1, "window": "1m"}'),
+                               ("spike", '{"min_clicks": 1}')]:
+            a.execute("INSERT INTO linkhooks.rules (kind, link_id, settings) VALUES (%s, %s, %s)", [kind, link_id, settings])
+        a.execute("UPDATE linkhooks.rules SET settings = settings WHERE link_id = %s", [link_id])
+        a.execute("SELECT linkhooks.run_aggregation()")
+        a.execute("DELETE FROM linkhooks.rules")
         a.execute("SELECT linkhooks.replay_dead_letters()")
         a.execute("SELECT linkhooks.retry_now(subscription_id => %s)", [sub_id])
         a.execute("UPDATE linkhooks.subscriptions SET paused = true WHERE id = %s", [sub_id])
