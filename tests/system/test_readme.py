@@ -72,6 +72,8 @@ def tour_roles(cluster):
 
 
 def test_tour_runs_as_written(db, tour_roles):
+    # As on the demo cluster, the worker is up (at a cluster's start it takes a second).
+    wait_for(lambda: db.execute("SELECT running FROM linkhooks.worker_status()").fetchone()[0], message="the worker")
     [tour] = code_blocks(section("## A five-minute tour"), "sql")
     steps = statements(tour)
     assert len(steps) >= 20
@@ -145,8 +147,9 @@ def test_payload_examples_have_the_fields_real_events_have(db, receiver):
     db.execute("UPDATE linkhooks.links SET destination = 'https://acme.com/winter-sale-2'")
     db.execute("SELECT linkhooks.send_test(%s)", [sid])
     real = wait_for(lambda: (lambda got: got if set(got) >= set(examples) else None)(
-        # The first of each type: the promo click's link.clicked comes after the sale's.
-        {r["json"]["type"]: r for r in reversed(receiver.received("/all") + receiver.received("/ops") + receiver.received("/digest"))}),
+        # The promo link's own click events (for the digest) are not the examples' shape: no utm.
+        {r["json"]["type"]: r for r in receiver.received("/all") + receiver.received("/ops") + receiver.received("/digest")
+         if r["path"] == "/digest" or (r["json"]["data"].get("link") or {}).get("slug") != "promo"}),
         message="one event of each type")
     for kind, example in examples.items():
         assert shape(real[kind]["json"]) == shape(example), kind
