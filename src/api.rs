@@ -197,11 +197,12 @@ fn record(
     // The click trigger takes the link from here and enforces max_clicks; the
     // insert runs as the caller, whose writer level allows it.
     let _stash = linkstore::stash_for_click(link);
+    // A key needs the click's ids too, to keep them with it.
+    let need_ids = want_ids || request.idempotency_key.is_some();
     let inserted = Spi::connect_mut(|client| -> Result<_> {
         let rows = plans::execute(
             client,
-            // A key needs the click's ids too, to keep them with it.
-            if want_ids || request.idempotency_key.is_some() {
+            if need_ids {
                 INSERT_CLICK_RETURNING
             } else {
                 INSERT_CLICK
@@ -222,9 +223,7 @@ fn record(
             return Ok(None); // the trigger skipped it: the link is at its max_clicks
         }
         match rows.into_iter().next() {
-            Some(row) if want_ids || request.idempotency_key.is_some() => {
-                Ok(Some((row.get::<i64>(1)?, row.get::<pgrx::Uuid>(2)?)))
-            }
+            Some(row) if need_ids => Ok(Some((row.get::<i64>(1)?, row.get::<pgrx::Uuid>(2)?))),
             _ => Ok(Some((None, None))),
         }
     })?;

@@ -4,14 +4,11 @@
 use serde_json::Value;
 use thiserror::Error;
 
-use std::time::Duration;
-
-use crate::duration;
 use crate::milestones::{self, Counted, ThresholdError};
+use crate::window;
 
-/// Shortest and longest digest window.
-const DIGEST_MIN: Duration = Duration::from_secs(60);
-const DIGEST_MAX: Duration = Duration::from_secs(86_400);
+/// Longest digest window: a day (the shortest is a window's, a minute).
+const DIGEST_MAX_MINUTES: i64 = 24 * 60;
 
 const KEYS: [&str; 7] = [
     "campaign",
@@ -150,12 +147,11 @@ impl Filters {
         };
         let digest_minutes = match obj.get("digest") {
             None | Some(Value::Null) => None,
-            Some(window) => Some(
-                window
+            Some(value) => Some(
+                value
                     .as_str()
-                    .and_then(duration::parse)
-                    .filter(|d| (DIGEST_MIN..=DIGEST_MAX).contains(d))
-                    .map(|d| d.as_secs().div_ceil(60) as i64)
+                    .and_then(window::window_minutes)
+                    .filter(|m| *m <= DIGEST_MAX_MINUTES)
                     .ok_or(FilterError::Digest)?,
             ),
         };

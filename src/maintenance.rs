@@ -23,14 +23,17 @@ const BATCH: i64 = 10_000;
 #[pg_extern(volatile, security_definer)]
 fn run_maintenance() -> pgrx::JsonB {
     let run = || -> Result<serde_json::Value> {
+        // Tables of 0.5.0: a newer library runs against an older schema until it is updated.
+        let current = crate::linkstore::relations()?.since_0_5;
+        let since_0_5 = |task: fn() -> Result<i64>| if current { task() } else { Ok(0) };
         Ok(json!({
             "links_expired": expire_links()?,
             "campaigns_completed": complete_campaigns()?,
             "orphans_dead": kill_orphans()?,
             "held_expired": expire_held()?,
-            "misses_dropped": misses_dropped()?,
-            "keys_pruned": prune_keys()?,
-            "minutes_pruned": prune_minutes()?,
+            "misses_dropped": since_0_5(crate::misses::cap_rows)?,
+            "keys_pruned": since_0_5(prune_keys)?,
+            "minutes_pruned": since_0_5(crate::thresholds::prune)?,
             "deliveries_pruned": prune()?,
         }))
     };
@@ -164,9 +167,6 @@ fn prune_keys() -> Result<i64> {
     let Some(retention) = duration::parse(&guc::string(&guc::RETENTION)) else {
         return Ok(0); // prune() says why
     };
-    if !crate::linkstore::relations()?.since_0_5 {
-        return Ok(0); // a schema from before 0.5.0, not updated yet
-    }
     Ok(Spi::get_one_with_args::<i64>(
         "WITH old AS (
             DELETE FROM linkhooks.click_keys
@@ -178,20 +178,6 @@ fn prune_keys() -> Result<i64> {
         &[(retention.as_millis() as f64).into(), BATCH.into()],
     )?
     .unwrap_or(0))
-}
-
-fn prune_minutes() -> Result<i64> {
-    if !crate::linkstore::relations()?.since_0_5 {
-        return Ok(0); // a schema from before 0.5.0, not updated yet
-    }
-    crate::thresholds::prune()
-}
-
-fn misses_dropped() -> Result<i64> {
-    if !crate::linkstore::relations()?.since_0_5 {
-        return Ok(0); // a schema from before 0.5.0, not updated yet
-    }
-    crate::misses::cap_rows()
 }
 
 /// Deletes delivered deliveries (and their attempts) older than linkhooks.retention.
