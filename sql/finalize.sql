@@ -74,7 +74,7 @@ BEGIN
         'subscriptions', 'subscriptions_id_seq', 'deliveries', 'deliveries_id_seq', 'delivery_attempts',
         'delivery_attempts_id_seq', 'dead_letters', 'subscription_state', 'rules', 'rules_id_seq',
         'link_counts', 'campaign_counts', 'milestones', 'link_misses', 'click_keys', 'threshold_state',
-        'digests']
+        'digests', 'destination_checks']
     LOOP
         PERFORM pg_catalog.pg_extension_config_dump(relation::regclass, '');
     END LOOP;

@@ -75,7 +75,8 @@ BEGIN
                     'linkhooks.click_facts, linkhooks.link_stats, linkhooks.link_daily_clicks, '
                     'linkhooks.link_click_breakdown, linkhooks.campaign_stats, linkhooks.rules, '
                     'linkhooks.link_counts, linkhooks.campaign_counts, linkhooks.link_milestones, linkhooks.link_misses, '
-                    'linkhooks.link_minutes, linkhooks.campaign_minutes, linkhooks.threshold_state, linkhooks.digests';
+                    'linkhooks.link_minutes, linkhooks.campaign_minutes, linkhooks.threshold_state, linkhooks.digests, '
+                    'linkhooks.link_health, linkhooks.country_minutes';
         -- Every delivery column but the signature (valid for replay for minutes).
         RETURN NEXT 'SELECT (id, event_id, subscription_id, event_type, body, signed_at, status, attempts, '
                     'next_attempt_at, created_at, delivered_at, last_status_code, last_error) '
@@ -473,14 +474,24 @@ CREATE TABLE threshold_state (
     rule_id      bigint NOT NULL,
     link_id      bigint,
     campaign     text,
+    country      text,
     fired_at     timestamptz NOT NULL DEFAULT now(),
     event_id     uuid NOT NULL,
     below_since  timestamptz
 );
 COMMENT ON TABLE threshold_state IS 'Threshold rules that fired and wait to re-arm (a whole window below their count).';
-CREATE UNIQUE INDEX threshold_state_subject ON threshold_state (rule_id, link_id, campaign) NULLS NOT DISTINCT;
+CREATE UNIQUE INDEX threshold_state_subject ON threshold_state (rule_id, link_id, campaign, country) NULLS NOT DISTINCT;
 SELECT pg_catalog.pg_extension_config_dump('threshold_state', '');
-REVOKE ALL ON link_minutes, campaign_minutes, threshold_state FROM PUBLIC;
+CREATE TABLE country_minutes (
+    minute        timestamptz NOT NULL,
+    link_id       bigint NOT NULL,
+    country       text NOT NULL,
+    campaign      text,
+    human_clicks  bigint NOT NULL DEFAULT 0,
+    PRIMARY KEY (minute, link_id, country)
+);
+COMMENT ON TABLE country_minutes IS 'Human clicks per link, country and minute (recent minutes only, while a per_country spike rule exists).';
+REVOKE ALL ON link_minutes, campaign_minutes, threshold_state, country_minutes FROM PUBLIC;
 DO $$
 DECLARE
     g record;
@@ -492,7 +503,7 @@ BEGIN
            AND a.privilege_type = 'EXECUTE' AND a.grantee <> p.proowner AND a.grantee <> 0
     LOOP
         EXECUTE pg_catalog.format('GRANT SELECT ON TABLE linkhooks.link_minutes, linkhooks.campaign_minutes, '
-                                  'linkhooks.threshold_state TO %s', g.grantee);
+                                  'linkhooks.threshold_state, linkhooks.country_minutes TO %s', g.grantee);
     END LOOP;
 END
 $$;
@@ -521,6 +532,50 @@ BEGIN
            AND a.privilege_type = 'EXECUTE' AND a.grantee <> p.proowner AND a.grantee <> 0
     LOOP
         EXECUTE pg_catalog.format('GRANT SELECT ON TABLE linkhooks.digests TO %s', g.grantee);
+    END LOOP;
+END
+$$;
+
+-- Destination health checks: one row per active link a health_check rule covers (its own or
+-- its campaign's), kept by the worker: it adds and drops rows, checks the due ones and
+-- queues link.broken / link.recovered when a status changes. Read it through link_health.
+CREATE TABLE destination_checks (
+    link_id        bigint PRIMARY KEY,
+    url            text NOT NULL,                        -- what is checked: the destination with its UTM
+    status         text NOT NULL DEFAULT 'unknown',      -- 'unknown', 'healthy' or 'broken'
+    failures       integer NOT NULL DEFAULT 0,           -- failed checks since the last healthy one
+    http_status    integer,                              -- the last answer's status; NULL when none came
+    reason         text,                                 -- why the last check failed ('HTTP 503', a DNS or connection error)
+    checked_at     timestamptz,                          -- when it was last checked
+    status_since   timestamptz NOT NULL DEFAULT now(),   -- since when the status holds
+    next_check_at  timestamptz NOT NULL DEFAULT now(),
+    event_id       uuid                                  -- the last link.broken or link.recovered
+);
+COMMENT ON TABLE destination_checks IS 'Destination health of the links health_check rules cover; read it through link_health.';
+-- The worker's claim: due checks, soonest first.
+CREATE INDEX destination_checks_due ON destination_checks (next_check_at);
+
+-- Destination health of checked links, broken first.
+CREATE VIEW link_health AS
+SELECT d.link_id, l.domain, l.slug, l.campaign, d.url, d.status, d.http_status, d.reason, d.failures,
+       d.checked_at, d.status_since, d.next_check_at
+FROM destination_checks d
+JOIN links l ON l.id = d.link_id
+ORDER BY d.status = 'broken' DESC, d.status_since;
+COMMENT ON VIEW link_health IS 'Destination health checks (link.broken, link.recovered): each checked link''s status, last answer and reason.';
+SELECT pg_catalog.pg_extension_config_dump('destination_checks', '');
+REVOKE ALL ON destination_checks, link_health FROM PUBLIC;
+DO $$
+DECLARE
+    g record;
+BEGIN
+    FOR g IN
+        SELECT a.grantee::pg_catalog.regrole::pg_catalog.text AS grantee
+          FROM pg_catalog.pg_proc p CROSS JOIN LATERAL pg_catalog.aclexplode(p.proacl) a
+         WHERE p.oid = 'linkhooks.worker_status()'::pg_catalog.regprocedure
+           AND a.privilege_type = 'EXECUTE' AND a.grantee <> p.proowner AND a.grantee <> 0
+    LOOP
+        EXECUTE pg_catalog.format('GRANT SELECT ON TABLE linkhooks.link_health TO %s', g.grantee);
     END LOOP;
 END
 $$;

@@ -300,13 +300,26 @@ CREATE TABLE threshold_state (
     rule_id      bigint NOT NULL,
     link_id      bigint,                 -- for a rule on a link, or on every link
     campaign     text,                   -- for a rule on a campaign
+    country      text,                   -- for a per_country spike rule: the country that spiked
     fired_at     timestamptz NOT NULL DEFAULT now(),
     event_id     uuid NOT NULL,          -- the link.threshold event it fired
     below_since  timestamptz             -- since when the window has held fewer clicks than the rule's
 );
 COMMENT ON TABLE threshold_state IS 'Threshold rules that fired and wait to re-arm (a whole window below their count).';
 -- One state per rule and subject.
-CREATE UNIQUE INDEX threshold_state_subject ON threshold_state (rule_id, link_id, campaign) NULLS NOT DISTINCT;
+CREATE UNIQUE INDEX threshold_state_subject ON threshold_state (rule_id, link_id, campaign, country) NULLS NOT DISTINCT;
+
+-- Human clicks per link, country and minute, kept by the aggregator while a per_country spike
+-- rule exists (clicks with no country are not counted here): each country's own rate.
+CREATE TABLE country_minutes (
+    minute        timestamptz NOT NULL,
+    link_id       bigint NOT NULL,
+    country       text NOT NULL,
+    campaign      text,                   -- the link's campaign when the clicks were counted
+    human_clicks  bigint NOT NULL DEFAULT 0,
+    PRIMARY KEY (minute, link_id, country)
+);
+COMMENT ON TABLE country_minutes IS 'Human clicks per link, country and minute (recent minutes only, while a per_country spike rule exists).';
 
 -- link.clicks.digest windows being filled: one row per (subscription, link, window of
 -- clicked_at); sent and deleted by the aggregator once the window has ended.
@@ -321,3 +334,22 @@ CREATE TABLE digests (
 COMMENT ON TABLE digests IS 'link.clicks.digest windows not sent yet (the aggregator sends each once it has ended).';
 -- The windows that ended, in order.
 CREATE INDEX digests_ending ON digests (window_end);
+
+-- Destination health checks: one row per active link a health_check rule covers (its own or
+-- its campaign's), kept by the worker: it adds and drops rows, checks the due ones and
+-- queues link.broken / link.recovered when a status changes. Read it through link_health.
+CREATE TABLE destination_checks (
+    link_id        bigint PRIMARY KEY,
+    url            text NOT NULL,                        -- what is checked: the destination with its UTM
+    status         text NOT NULL DEFAULT 'unknown',      -- 'unknown', 'healthy' or 'broken'
+    failures       integer NOT NULL DEFAULT 0,           -- failed checks since the last healthy one
+    http_status    integer,                              -- the last answer's status; NULL when none came
+    reason         text,                                 -- why the last check failed ('HTTP 503', a DNS or connection error)
+    checked_at     timestamptz,                          -- when it was last checked
+    status_since   timestamptz NOT NULL DEFAULT now(),   -- since when the status holds
+    next_check_at  timestamptz NOT NULL DEFAULT now(),
+    event_id       uuid                                  -- the last link.broken or link.recovered
+);
+COMMENT ON TABLE destination_checks IS 'Destination health of the links health_check rules cover; read it through link_health.';
+-- The worker's claim: due checks, soonest first.
+CREATE INDEX destination_checks_due ON destination_checks (next_check_at);

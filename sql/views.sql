@@ -136,3 +136,12 @@ FROM milestones m
 LEFT JOIN links l ON l.id = m.link_id
 ORDER BY m.reached_at DESC;
 COMMENT ON VIEW link_milestones IS 'Milestones reached (link.milestone, campaign.milestone): what fired, when, at which count.';
+
+-- Destination health of checked links, broken first.
+CREATE VIEW link_health AS
+SELECT d.link_id, l.domain, l.slug, l.campaign, d.url, d.status, d.http_status, d.reason, d.failures,
+       d.checked_at, d.status_since, d.next_check_at
+FROM destination_checks d
+JOIN links l ON l.id = d.link_id
+ORDER BY d.status = 'broken' DESC, d.status_since;
+COMMENT ON VIEW link_health IS 'Destination health checks (link.broken, link.recovered): each checked link''s status, last answer and reason.';

@@ -82,7 +82,8 @@ fn run() -> Result<Value> {
     let Some(previous) = lock_cursor()? else {
         return Ok(json!({"skipped": "another run holds the lock, or the cursor was just made"}));
     };
-    let Some(batch) = read_new_clicks(&previous, digests::wanted()?)? else {
+    let with_groups = digests::wanted()? || thresholds::per_country_wanted()?;
+    let Some(batch) = read_new_clicks(&previous, with_groups)? else {
         return Ok(json!({"skipped": "the snapshot is older than the cursor"}));
     };
     let links = count_links(&batch)?;
@@ -130,7 +131,7 @@ fn run() -> Result<Value> {
         announce(r, r.link.map(|i| &links[i].link))?;
     }
     let by_id: HashMap<i64, &LinkPayload> = links.iter().map(|l| (l.link.id, &l.link)).collect();
-    let thresholds = thresholds::run(&batch.minutes, &by_id)?;
+    let thresholds = thresholds::run(&batch.minutes, &batch.groups, &by_id)?;
     let digests = digests::run(&batch.groups, &by_id)?;
     let misses_announced = misses::announce_due()?;
     let report = json!({

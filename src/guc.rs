@@ -33,6 +33,8 @@ pub static HOLD_WINDOW: GucSetting<Option<CString>> =
     GucSetting::<Option<CString>>::new(Some(c"3d"));
 pub static MISS_INTERVAL: GucSetting<Option<CString>> =
     GucSetting::<Option<CString>>::new(Some(c"1h"));
+pub static HEALTH_CHECK_INTERVAL: GucSetting<Option<CString>> =
+    GucSetting::<Option<CString>>::new(Some(c"5min"));
 pub static MAX_MISS_ROWS: GucSetting<i32> = GucSetting::<i32>::new(100_000);
 
 pub fn register() {
@@ -84,6 +86,12 @@ pub fn register() {
         c"link.miss fires on a slug's first miss, then at most once per this interval (e.g. '1h').",
         &MISS_INTERVAL,
         Some(check_duration),
+    );
+    checked(
+        c"linkhooks.health_check_interval",
+        c"How often a health_check rule without an interval of its own checks a link's destination (e.g. '5min').",
+        &HEALTH_CHECK_INTERVAL,
+        Some(check_positive_duration),
     );
     s(
         c"linkhooks.notify_channel",

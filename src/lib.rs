@@ -4,6 +4,7 @@
 use pgrx::prelude::*;
 
 // Pure logic: no Postgres inside, plain unit tests.
+mod destination;
 mod doorkeeper;
 mod duration;
 mod filters;
@@ -12,6 +13,7 @@ mod limits;
 mod links;
 mod milestones;
 mod payload;
+mod probe;
 mod resolve;
 mod retry;
 mod rules;
@@ -29,6 +31,7 @@ mod digests;
 mod error;
 mod events;
 mod guc;
+mod health_checks;
 mod idempotency;
 mod linkstore;
 mod maintenance;

@@ -29,10 +29,12 @@ pub enum EventType {
     LinkThreshold,
     LinkClicksDigest,
     LinkSpike,
+    LinkBroken,
+    LinkRecovered,
 }
 
 impl EventType {
-    pub const ALL: [EventType; 17] = [
+    pub const ALL: [EventType; 19] = [
         EventType::LinkClicked,
         EventType::QrScanned,
         EventType::LinkConverted,
@@ -50,6 +52,8 @@ impl EventType {
         EventType::LinkThreshold,
         EventType::LinkClicksDigest,
         EventType::LinkSpike,
+        EventType::LinkBroken,
+        EventType::LinkRecovered,
     ];
 
     pub fn as_str(self) -> &'static str {
@@ -71,6 +75,8 @@ impl EventType {
             EventType::LinkThreshold => "link.threshold",
             EventType::LinkClicksDigest => "link.clicks.digest",
             EventType::LinkSpike => "link.spike",
+            EventType::LinkBroken => "link.broken",
+            EventType::LinkRecovered => "link.recovered",
         }
     }
 
@@ -458,6 +464,8 @@ pub struct ThresholdRulePayload {
 pub struct SpikeData<'a> {
     pub link: Option<&'a LinkPayload>,
     pub campaign: Option<CampaignName<'a>>,
+    /// The country whose clicks spiked, for a `per_country` rule; else null.
+    pub country: Option<&'a str>,
     pub rule: SpikeRulePayload,
     /// Clicks (not flagged as bots) in the window.
     pub clicks: i64,
@@ -477,6 +485,7 @@ pub struct SpikeRulePayload {
     pub window_minutes: i64,
     pub baseline_minutes: i64,
     pub min_clicks: i64,
+    pub per_country: bool,
 }
 
 /// link.clicks.digest: one link's clicks in one window, for a subscription
@@ -527,6 +536,30 @@ pub struct MissPayload<'a> {
     pub count: i64,
     pub first_seen: String,
     pub last_seen: String,
+}
+
+/// link.broken and link.recovered: a destination health check's finding.
+#[derive(Serialize)]
+pub struct LinkHealthData<'a> {
+    pub link: &'a LinkPayload,
+    pub check: CheckPayload<'a>,
+}
+
+#[derive(Serialize)]
+pub struct CheckPayload<'a> {
+    /// The URL checked: the link's destination with its UTM parameters.
+    pub url: &'a str,
+    /// The answer's status; null when none came (DNS, connection, TLS, timeout).
+    pub http_status: Option<u16>,
+    /// Why it failed ("HTTP 503", a DNS or connection error, "timeout: …"); null once healthy.
+    pub reason: Option<&'a str>,
+    /// Failed checks in a row (link.broken).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub failures: Option<i32>,
+    /// Since when it was broken (link.recovered).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub broken_since: Option<String>,
+    pub checked_at: String,
 }
 
 #[derive(Serialize)]

@@ -74,6 +74,7 @@ pub fn first<T: FromDatum + IntoDatum>(rows: SpiTupleTable<'_>) -> Result<Option
 
 // Argument types, named once.
 pub const TEXT: PgOid = PgOid::BuiltIn(pgrx::pg_sys::BuiltinOid::TEXTOID);
+pub const INT4: PgOid = PgOid::BuiltIn(pgrx::pg_sys::BuiltinOid::INT4OID);
 pub const INT8: PgOid = PgOid::BuiltIn(pgrx::pg_sys::BuiltinOid::INT8OID);
 pub const BOOL: PgOid = PgOid::BuiltIn(pgrx::pg_sys::BuiltinOid::BOOLOID);
 pub const UUID: PgOid = PgOid::BuiltIn(pgrx::pg_sys::BuiltinOid::UUIDOID);

@@ -4,14 +4,20 @@
 use serde_json::Value;
 use thiserror::Error;
 
+use crate::destination::{self, CheckSettings, Method};
+use crate::duration;
 use crate::milestones::{self, ThresholdError};
 use crate::window::{self, Spike, Threshold};
 
 /// Rule kinds, with the settings keys each accepts.
-const KINDS: [(&str, &[&str]); 3] = [
+const KINDS: [(&str, &[&str]); 4] = [
     ("milestones", &["thresholds"]),
     ("threshold", &["clicks", "window"]),
-    ("spike", &["factor", "window", "baseline", "min_clicks"]),
+    (
+        "spike",
+        &["factor", "window", "baseline", "min_clicks", "per_country"],
+    ),
+    ("health_check", &["interval", "method", "failures"]),
 ];
 
 /// A spike rule's defaults: 5× the previous day's rate over 10 minutes, at least 50 clicks.
@@ -20,14 +26,21 @@ const SPIKE_DEFAULTS: Spike = Spike {
     window_minutes: 10,
     baseline_minutes: 1440,
     min_clicks: 50,
+    per_country: false,
 };
 
 #[derive(Debug, Error, PartialEq, Eq)]
 pub enum RuleError {
-    #[error("invalid kind: '{0}' is not a rule kind (known: milestones, threshold, spike)")]
+    #[error(
+        "invalid kind: '{0}' is not a rule kind (known: milestones, threshold, spike, health_check)"
+    )]
     Kind(String),
     #[error("invalid link_id and campaign: a rule applies to one link or one campaign, not both")]
     BothScopes,
+    #[error(
+        "invalid link_id and campaign: a health_check rule names a link or a campaign (checks are opt-in, never for every link)"
+    )]
+    HealthScope,
     #[error("invalid settings: must be a JSON object")]
     NotObject,
     #[error("invalid settings: unknown key '{key}' for a {kind} rule (allowed: {allowed})")]
@@ -52,6 +65,14 @@ pub enum RuleError {
     Baseline,
     #[error("invalid settings.min_clicks: must be a whole number greater than 0")]
     MinClicks,
+    #[error("invalid settings.per_country: must be true or false")]
+    PerCountry,
+    #[error("invalid settings.interval: must be a duration from 1 second to 1 day, like '5m'")]
+    Interval,
+    #[error("invalid settings.method: must be 'HEAD' or 'GET'")]
+    Method,
+    #[error("invalid settings.failures: must be a whole number from 1 to 10")]
+    Failures,
 }
 
 /// A checked rule's settings.
@@ -60,6 +81,7 @@ pub enum RuleSettings {
     Milestones { thresholds: Vec<i64> },
     Threshold(Threshold),
     Spike(Spike),
+    HealthCheck(CheckSettings),
 }
 
 pub fn check(
@@ -86,6 +108,12 @@ pub fn check(
         });
     }
     let required = |key: &'static str| obj.get(key).ok_or(RuleError::Missing(key, kind));
+    if *kind == "health_check" {
+        if !has_link && !has_campaign {
+            return Err(RuleError::HealthScope);
+        }
+        return health_check(obj);
+    }
     if *kind == "spike" {
         let d = SPIKE_DEFAULTS;
         let factor = match obj.get("factor") {
@@ -105,11 +133,16 @@ pub fn check(
             None => d.min_clicks,
             Some(v) => v.as_i64().filter(|n| *n > 0).ok_or(RuleError::MinClicks)?,
         };
+        let per_country = match obj.get("per_country") {
+            None => d.per_country,
+            Some(v) => v.as_bool().ok_or(RuleError::PerCountry)?,
+        };
         return Ok(RuleSettings::Spike(Spike {
             factor,
             window_minutes,
             baseline_minutes,
             min_clicks,
+            per_country,
         }));
     }
     if *kind == "threshold" {
@@ -129,6 +162,38 @@ pub fn check(
     Ok(RuleSettings::Milestones {
         thresholds: milestones::parse_thresholds("settings.thresholds", required("thresholds")?)?,
     })
+}
+
+fn health_check(obj: &serde_json::Map<String, Value>) -> Result<RuleSettings, RuleError> {
+    let d = CheckSettings::default();
+    let interval = match obj.get("interval") {
+        None => None,
+        Some(v) => Some(
+            v.as_str()
+                .and_then(duration::parse)
+                .filter(|i| (destination::MIN_INTERVAL..=destination::MAX_INTERVAL).contains(i))
+                .ok_or(RuleError::Interval)?,
+        ),
+    };
+    let method = match obj.get("method") {
+        None => d.method,
+        Some(v) => v
+            .as_str()
+            .and_then(Method::parse)
+            .ok_or(RuleError::Method)?,
+    };
+    let failures = match obj.get("failures") {
+        None => d.failures,
+        Some(v) => v
+            .as_i64()
+            .filter(|n| (1..=destination::MAX_FAILURES).contains(n))
+            .ok_or(RuleError::Failures)? as i32,
+    };
+    Ok(RuleSettings::HealthCheck(CheckSettings {
+        interval,
+        method,
+        failures,
+    }))
 }
 
 #[cfg(test)]
@@ -189,13 +254,14 @@ mod tests {
                 "spike",
                 true,
                 false,
-                &json!({"factor": 3, "window": "5m", "baseline": "1h", "min_clicks": 10})
+                &json!({"factor": 3, "window": "5m", "baseline": "1h", "min_clicks": 10, "per_country": true})
             ),
             Ok(RuleSettings::Spike(Spike {
                 factor: 3.0,
                 window_minutes: 5,
                 baseline_minutes: 60,
-                min_clicks: 10
+                min_clicks: 10,
+                per_country: true
             }))
         );
         for (settings, error) in [
@@ -206,6 +272,7 @@ mod tests {
             ),
             (json!({"baseline": "30d"}), RuleError::Baseline),
             (json!({"min_clicks": 0}), RuleError::MinClicks),
+            (json!({"per_country": "yes"}), RuleError::PerCountry),
         ] {
             assert_eq!(check("spike", false, false, &settings), Err(error));
         }
@@ -236,6 +303,41 @@ mod tests {
             ),
         ] {
             assert_eq!(check("threshold", false, false, &settings), Err(error));
+        }
+    }
+
+    #[test]
+    fn health_check_rules() {
+        assert_eq!(
+            check("health_check", true, false, &json!({})),
+            Ok(RuleSettings::HealthCheck(CheckSettings::default()))
+        );
+        assert_eq!(
+            check(
+                "health_check",
+                false,
+                true,
+                &json!({"interval": "30s", "method": "get", "failures": 1})
+            ),
+            Ok(RuleSettings::HealthCheck(CheckSettings {
+                interval: Some(std::time::Duration::from_secs(30)),
+                method: Method::Get,
+                failures: 1
+            }))
+        );
+        assert_eq!(
+            check("health_check", false, false, &json!({})),
+            Err(RuleError::HealthScope)
+        );
+        for (settings, error) in [
+            (json!({"interval": "0s"}), RuleError::Interval),
+            (json!({"interval": "2d"}), RuleError::Interval),
+            (json!({"interval": 60}), RuleError::Interval),
+            (json!({"method": "POST"}), RuleError::Method),
+            (json!({"failures": 0}), RuleError::Failures),
+            (json!({"failures": 11}), RuleError::Failures),
+        ] {
+            assert_eq!(check("health_check", true, false, &settings), Err(error));
         }
     }
 }

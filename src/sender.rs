@@ -13,6 +13,7 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use crossbeam_channel::{Receiver, Sender, unbounded};
 
+use crate::probe::{self, Probe, Probed};
 use crate::retry::parse_retry_after;
 use crate::signing::{SigningKey, hex_signature, signature_header};
 use crate::resolve::PublicOnlyResolver;
@@ -34,6 +35,18 @@ pub struct Job {
     /// Set for the 'hex' scheme: the secret text for X-Webhook-Signature.
     pub hex_secret: Option<Arc<str>>,
     pub timeout: Duration,
+}
+
+/// What the threads do: deliver webhooks, and check link destinations.
+pub enum Work {
+    Deliver(Job),
+    Check(Probe),
+}
+
+/// What they hand back.
+pub enum Done {
+    Delivered(Outcome),
+    Checked(Probed),
 }
 
 /// What one attempt produced.
@@ -137,10 +150,10 @@ fn build_agent(
 }
 
 pub struct Pool {
-    jobs: Sender<Job>,
-    jobs_rx: Receiver<Job>,
-    outcomes: Receiver<Outcome>,
-    outcomes_tx: Sender<Outcome>,
+    jobs: Sender<Work>,
+    jobs_rx: Receiver<Work>,
+    outcomes: Receiver<Done>,
+    outcomes_tx: Sender<Done>,
     wake_rx: UnixStream,
     wake_tx: Arc<UnixStream>,
     agents: Arc<Agents>,
@@ -200,9 +213,9 @@ impl Pool {
         }
     }
 
-    pub fn submit(&self, job: Job) {
+    pub fn submit(&self, work: Work) {
         // The receiver lives in self, so sending cannot fail.
-        let _ = self.jobs.send(job);
+        let _ = self.jobs.send(work);
     }
 
     /// The descriptor that becomes readable when outcomes are waiting.
@@ -210,16 +223,23 @@ impl Pool {
         self.wake_rx.as_raw_fd()
     }
 
-    /// Every outcome that has arrived, without blocking.
-    pub fn drain(&self) -> Vec<Outcome> {
+    /// Everything that has come back, without blocking.
+    pub fn drain(&self) -> Vec<Done> {
         let mut buf = [0u8; 256];
         while matches!((&self.wake_rx).read(&mut buf), Ok(n) if n > 0) {}
         self.outcomes.try_iter().collect()
     }
 
-    /// Waits up to `timeout` for the next outcome (used only when shutting down).
+    /// Waits up to `timeout` for the next delivery outcome (used only when
+    /// shutting down, when check results no longer matter).
     pub fn wait_one(&self, timeout: Duration) -> Option<Outcome> {
-        self.outcomes.recv_timeout(timeout).ok()
+        let deadline = Instant::now() + timeout;
+        loop {
+            match self.outcomes.recv_deadline(deadline).ok()? {
+                Done::Delivered(outcome) => return Some(outcome),
+                Done::Checked(_) => continue,
+            }
+        }
     }
 }
 
@@ -231,17 +251,22 @@ impl Drop for Pool {
 
 fn run_thread(
     index: usize,
-    jobs: &Receiver<Job>,
-    outcomes: &Sender<Outcome>,
+    jobs: &Receiver<Work>,
+    outcomes: &Sender<Done>,
     wake: &UnixStream,
     agents: &Agents,
     wanted: &AtomicUsize,
 ) {
     while index < wanted.load(Ordering::Acquire) {
-        let Ok(job) = jobs.recv_timeout(Duration::from_millis(500)) else {
+        let Ok(work) = jobs.recv_timeout(Duration::from_millis(500)) else {
             continue;
         };
-        if outcomes.send(deliver(agents, job)).is_err() {
+        let done = match work {
+            Work::Deliver(job) => Done::Delivered(deliver(agents, job)),
+            // Unpooled: a destination's connection is not worth keeping between checks.
+            Work::Check(check) => Done::Checked(probe::run(&agents.fresh, check)),
+        };
+        if outcomes.send(done).is_err() {
             return;
         }
         // A full socket buffer already means "wake up"; nothing else to do.
@@ -355,7 +380,7 @@ fn read_excerpt(body: &mut ureq::Body) -> Option<String> {
 
 /// A transport error without the URL (URLs may carry tokens): variants that
 /// may quote the URL get a fixed text, and any other text is scrubbed of it.
-fn describe_error(e: &ureq::Error, url: &str, timeout: Duration) -> String {
+pub fn describe_error(e: &ureq::Error, url: &str, timeout: Duration) -> String {
     let text = match e {
         ureq::Error::Timeout(_) => format!(
             "timeout: no answer within timeout_ms ({} ms)",

@@ -3,7 +3,9 @@
 //! checks every rule against the clicks in its window (`window::step`). A
 //! rule fires once when its condition starts to hold, records that in
 //! `threshold_state` in the same transaction as the event, and re-arms after
-//! a whole window without it.
+//! a whole window without it. A spike rule with `per_country` counts each
+//! country of its link (or campaign) apart, against that country's own
+//! baseline, from `country_minutes`.
 
 use std::collections::{HashMap, HashSet};
 
@@ -19,6 +21,7 @@ use crate::payload::{
 };
 use crate::plans::{self, INT8, INT8_ARRAY, TEXT, TEXT_ARRAY};
 use crate::rules::{self, RuleSettings};
+use crate::tally::ClickGroup;
 use crate::window::{self, Spike, Step, Threshold};
 
 /// New clicks of one link in one minute of `clicked_at` (Unix seconds).
@@ -29,11 +32,49 @@ pub struct MinuteCount {
     pub humans: i64,
 }
 
-/// What a rule counts: one link's clicks, or one campaign's.
+/// Whose clicks a rule counts: one link's, or one campaign's.
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
-enum Subject {
+enum Scope {
     Link(i64),
     Campaign(String),
+}
+
+/// What a rule counts: a scope's clicks, or those of one country in it.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+struct Subject {
+    scope: Scope,
+    country: Option<String>,
+}
+
+impl Subject {
+    fn whole(scope: Scope) -> Subject {
+        Subject {
+            scope,
+            country: None,
+        }
+    }
+
+    /// The threshold_state columns: (link_id, campaign, country).
+    fn columns(&self) -> (Option<i64>, Option<&str>, Option<&str>) {
+        let country = self.country.as_deref();
+        match &self.scope {
+            Scope::Link(id) => (Some(*id), None, country),
+            Scope::Campaign(name) => (None, Some(name.as_str()), country),
+        }
+    }
+
+    fn from_columns(
+        link_id: Option<i64>,
+        campaign: Option<String>,
+        country: Option<String>,
+    ) -> Option<Subject> {
+        let scope = match (link_id, campaign) {
+            (Some(id), _) => Scope::Link(id),
+            (None, Some(name)) => Scope::Campaign(name),
+            (None, None) => return None,
+        };
+        Some(Subject { scope, country })
+    }
 }
 
 struct Rule {
@@ -56,6 +97,10 @@ impl Rule {
         }
     }
 
+    fn per_country(&self) -> bool {
+        matches!(self.measure, Measure::Spike(s) if s.per_country)
+    }
+
     /// Minutes of history the rule reads.
     fn reach_minutes(&self) -> i64 {
         match self.measure {
@@ -72,15 +117,49 @@ struct WindowCounts {
     baseline: i64,
 }
 
+/// Whether a spike rule counts countries apart: then the aggregator reads
+/// the batch's click groups (which carry the country) for `run`.
+pub fn per_country_wanted() -> Result<bool> {
+    Ok(Spi::get_one::<bool>(
+        "SELECT EXISTS (SELECT FROM linkhooks.rules
+                         WHERE kind = 'spike' AND settings @> '{\"per_country\": true}')",
+    )?
+    .unwrap_or(false))
+}
+
 /// Folds the batch into the minute tables and evaluates every threshold rule;
-/// returns how many fired. `links` are the batch's links (those that exist).
-pub fn run(minutes: &[MinuteCount], links: &HashMap<i64, &LinkPayload>) -> Result<usize> {
+/// returns how many fired. `links` are the batch's links (those that exist);
+/// `groups` carry the countries when `per_country_wanted`.
+pub fn run(
+    minutes: &[MinuteCount],
+    groups: &[ClickGroup],
+    links: &HashMap<i64, &LinkPayload>,
+) -> Result<usize> {
     let rules = load_rules()?;
     if rules.is_empty() {
         return Ok(0);
     }
     let campaign_of = |link_id: i64| links.get(&link_id).and_then(|l| l.campaign.clone());
     add_minutes(minutes, &campaign_of)?;
+    // Human clicks with a known country, per (link, minute, country).
+    let mut by_country: HashMap<(i64, i64, &str), i64> = HashMap::new();
+    if rules.iter().any(Rule::per_country) {
+        for g in groups
+            .iter()
+            .filter(|g| !g.is_bot && links.contains_key(&g.link_id))
+        {
+            if let Some(country) = g.country.as_deref() {
+                *by_country
+                    .entry((g.link_id, g.minute, country))
+                    .or_default() += g.clicks;
+            }
+        }
+        add_country_minutes(&by_country, &campaign_of)?;
+    }
+    let touched_countries: HashSet<(i64, &str)> = by_country
+        .keys()
+        .map(|(link, _, country)| (*link, *country))
+        .collect();
     let states = load_states()?;
     let touched_links: HashSet<i64> = minutes
         .iter()
@@ -94,13 +173,42 @@ pub fn run(minutes: &[MinuteCount], links: &HashMap<i64, &LinkPayload>) -> Resul
     let now = unix_now();
     let mut fired = 0;
     for rule in &rules {
-        let mut subjects: Vec<Subject> = match (&rule.link_id, &rule.campaign) {
-            (Some(id), _) if touched_links.contains(id) => vec![Subject::Link(*id)],
-            (None, Some(name)) if touched_campaigns.contains(name) => {
-                vec![Subject::Campaign(name.clone())]
+        let mut subjects: Vec<Subject> = if rule.per_country() {
+            let mut subjects: Vec<Subject> = touched_countries
+                .iter()
+                .filter_map(|&(link_id, country)| {
+                    let scope = match (&rule.link_id, &rule.campaign) {
+                        (Some(id), _) if *id == link_id => Scope::Link(link_id),
+                        (None, Some(name)) if campaign_of(link_id).as_ref() == Some(name) => {
+                            Scope::Campaign(name.clone())
+                        }
+                        (None, None) => Scope::Link(link_id),
+                        _ => return None,
+                    };
+                    Some(Subject {
+                        scope,
+                        country: Some(country.to_string()),
+                    })
+                })
+                .collect();
+            // A campaign's links may share a country.
+            subjects.sort_by(|a, b| a.columns().cmp(&b.columns()));
+            subjects.dedup();
+            subjects
+        } else {
+            match (&rule.link_id, &rule.campaign) {
+                (Some(id), _) if touched_links.contains(id) => {
+                    vec![Subject::whole(Scope::Link(*id))]
+                }
+                (None, Some(name)) if touched_campaigns.contains(name) => {
+                    vec![Subject::whole(Scope::Campaign(name.clone()))]
+                }
+                (None, None) => touched_links
+                    .iter()
+                    .map(|id| Subject::whole(Scope::Link(*id)))
+                    .collect(),
+                _ => Vec::new(),
             }
-            (None, None) => touched_links.iter().map(|id| Subject::Link(*id)).collect(),
-            _ => Vec::new(),
         };
         // Fired subjects are checked on every run, clicks or not, to re-arm them.
         for (rule_id, subject) in states.keys() {
@@ -134,9 +242,9 @@ pub fn run(minutes: &[MinuteCount], links: &HashMap<i64, &LinkPayload>) -> Resul
             match window::step(reached, rule.window_minutes(), state, now) {
                 Step::Stay => {}
                 Step::Fire => {
-                    let link = match &subject {
-                        Subject::Link(id) => links.get(id).copied(),
-                        Subject::Campaign(_) => None,
+                    let link = match &subject.scope {
+                        Scope::Link(id) => links.get(id).copied(),
+                        Scope::Campaign(_) => None,
                     };
                     if fire(rule, &subject, link, counted, window_start, now)? {
                         fired += 1;
@@ -217,21 +325,56 @@ fn add_minutes(minutes: &[MinuteCount], campaign_of: &dyn Fn(i64) -> Option<Stri
     })
 }
 
+fn add_country_minutes(
+    by_country: &HashMap<(i64, i64, &str), i64>,
+    campaign_of: &dyn Fn(i64) -> Option<String>,
+) -> Result<()> {
+    if by_country.is_empty() {
+        return Ok(());
+    }
+    let (mut link_ids, mut minutes, mut countries, mut campaigns, mut humans) =
+        (Vec::new(), Vec::new(), Vec::new(), Vec::new(), Vec::new());
+    for (&(link_id, minute, country), &count) in by_country {
+        link_ids.push(link_id);
+        minutes.push(minute);
+        countries.push(country.to_string());
+        campaigns.push(campaign_of(link_id));
+        humans.push(count);
+    }
+    Spi::connect_mut(|client| -> Result<()> {
+        plans::execute(
+            client,
+            "INSERT INTO linkhooks.country_minutes AS t (minute, link_id, country, campaign, human_clicks)
+             SELECT pg_catalog.to_timestamp(m), l, k, c, h
+               FROM unnest($1::bigint[], $2::bigint[], $3::text[], $4::text[], $5::bigint[]) AS u(l, m, k, c, h)
+             ON CONFLICT (minute, link_id, country) DO UPDATE
+                SET human_clicks = t.human_clicks + excluded.human_clicks",
+            &[INT8_ARRAY, INT8_ARRAY, TEXT_ARRAY, TEXT_ARRAY, INT8_ARRAY],
+            &[
+                link_ids.into(),
+                minutes.into(),
+                countries.into(),
+                campaigns.into(),
+                humans.into(),
+            ],
+        )?;
+        Ok(())
+    })
+}
+
 /// Fired thresholds: (rule, subject) → since when below (Unix seconds), if it is.
 fn load_states() -> Result<HashMap<(i64, Subject), Option<i64>>> {
     Spi::connect(|client| {
         let rows = client.select(
-            "SELECT rule_id, link_id, campaign, pg_catalog.date_part('epoch', below_since)::bigint
+            "SELECT rule_id, link_id, campaign, pg_catalog.date_part('epoch', below_since)::bigint, country
                FROM linkhooks.threshold_state",
             None,
             &[],
         )?;
         let mut states = HashMap::new();
         for r in rows {
-            let subject = match (r.get::<i64>(2)?, r.get::<String>(3)?) {
-                (Some(id), _) => Subject::Link(id),
-                (None, Some(name)) => Subject::Campaign(name),
-                (None, None) => continue,
+            let Some(subject) = Subject::from_columns(r.get(2)?, r.get(3)?, r.get(5)?) else {
+                continue;
             };
             states.insert(
                 (r.get::<i64>(1)?.unwrap_or_default(), subject),
@@ -252,22 +395,59 @@ fn window_counts(
     from: i64,
     until: Option<i64>,
 ) -> Result<HashMap<Subject, i64>> {
-    let link_ids: Vec<i64> = subjects
-        .iter()
-        .filter_map(|s| match s {
-            Subject::Link(id) => Some(*id),
-            Subject::Campaign(_) => None,
-        })
-        .collect();
-    let names: Vec<String> = subjects
-        .iter()
-        .filter_map(|s| match s {
-            Subject::Campaign(name) => Some(name.clone()),
-            Subject::Link(_) => None,
-        })
-        .collect();
+    let (mut link_ids, mut names) = (Vec::new(), Vec::new());
+    let (mut country_links, mut link_countries) = (Vec::new(), Vec::new());
+    let (mut country_campaigns, mut campaign_countries) = (Vec::new(), Vec::new());
+    for subject in subjects {
+        match (&subject.scope, &subject.country) {
+            (Scope::Link(id), None) => link_ids.push(*id),
+            (Scope::Campaign(name), None) => names.push(name.clone()),
+            (Scope::Link(id), Some(country)) => {
+                country_links.push(*id);
+                link_countries.push(country.clone());
+            }
+            (Scope::Campaign(name), Some(country)) => {
+                country_campaigns.push(name.clone());
+                campaign_countries.push(country.clone());
+            }
+        }
+    }
+    let until = until.unwrap_or(LATEST);
     Spi::connect(|client| {
         let mut counts = HashMap::new();
+        if !country_links.is_empty() || !country_campaigns.is_empty() {
+            let rows = plans::query(
+                client,
+                "SELECT link_id, NULL::text, country, pg_catalog.sum(human_clicks)::bigint
+                   FROM linkhooks.country_minutes
+                  WHERE minute >= pg_catalog.to_timestamp($1) AND minute < pg_catalog.to_timestamp($2)
+                    AND (link_id, country) IN (SELECT * FROM unnest($3::bigint[], $4::text[]))
+                  GROUP BY link_id, country
+                 UNION ALL
+                 SELECT NULL, campaign, country, pg_catalog.sum(human_clicks)::bigint
+                   FROM linkhooks.country_minutes
+                  WHERE minute >= pg_catalog.to_timestamp($1) AND minute < pg_catalog.to_timestamp($2)
+                    AND (campaign, country) IN (SELECT * FROM unnest($5::text[], $6::text[]))
+                  GROUP BY campaign, country",
+                &[INT8, INT8, INT8_ARRAY, TEXT_ARRAY, TEXT_ARRAY, TEXT_ARRAY],
+                &[
+                    from.into(),
+                    until.into(),
+                    country_links.into(),
+                    link_countries.into(),
+                    country_campaigns.into(),
+                    campaign_countries.into(),
+                ],
+            )?;
+            for r in rows {
+                if let Some(subject) = Subject::from_columns(r.get(1)?, r.get(2)?, r.get(3)?) {
+                    counts.insert(subject, r.get::<i64>(4)?.unwrap_or(0));
+                }
+            }
+        }
+        if link_ids.is_empty() && names.is_empty() {
+            return Ok(counts);
+        }
         let rows = plans::query(
             client,
             "SELECT link_id, NULL::text, pg_catalog.sum(human_clicks)::bigint FROM linkhooks.link_minutes
@@ -282,26 +462,16 @@ fn window_counts(
                 from.into(),
                 link_ids.into(),
                 names.into(),
-                until.unwrap_or(LATEST).into(),
+                until.into(),
             ],
         )?;
         for r in rows {
-            let subject = match (r.get::<i64>(1)?, r.get::<String>(2)?) {
-                (Some(id), _) => Subject::Link(id),
-                (None, Some(name)) => Subject::Campaign(name),
-                (None, None) => continue,
-            };
-            counts.insert(subject, r.get::<i64>(3)?.unwrap_or(0));
+            if let Some(subject) = Subject::from_columns(r.get(1)?, r.get(2)?, None) {
+                counts.insert(subject, r.get::<i64>(3)?.unwrap_or(0));
+            }
         }
         Ok(counts)
     })
-}
-
-fn subject_columns(subject: &Subject) -> (Option<i64>, Option<&str>) {
-    match subject {
-        Subject::Link(id) => (Some(*id), None),
-        Subject::Campaign(name) => (None, Some(name.as_str())),
-    }
 }
 
 /// Records that the rule fired for the subject and queues its event
@@ -315,17 +485,18 @@ fn fire(
     now: i64,
 ) -> Result<bool> {
     let id = new_event_id().to_string();
-    let (link_id, campaign) = subject_columns(subject);
+    let (link_id, campaign, country) = subject.columns();
     let recorded = Spi::connect_mut(|client| -> Result<bool> {
         let rows = plans::execute(
             client,
-            "INSERT INTO linkhooks.threshold_state (rule_id, link_id, campaign, event_id)
-             VALUES ($1, $2, $3, $4::uuid) ON CONFLICT DO NOTHING RETURNING 1",
-            &[INT8, INT8, TEXT, TEXT],
+            "INSERT INTO linkhooks.threshold_state (rule_id, link_id, campaign, country, event_id)
+             VALUES ($1, $2, $3, $4, $5::uuid) ON CONFLICT DO NOTHING RETURNING 1",
+            &[INT8, INT8, TEXT, TEXT, TEXT],
             &[
                 rule.id.into(),
                 link_id.into(),
                 campaign.into(),
+                country.into(),
                 id.as_str().into(),
             ],
         )?;
@@ -372,12 +543,14 @@ fn fire(
                     SpikeData {
                         link,
                         campaign: campaign_name,
+                        country,
                         rule: SpikeRulePayload {
                             id: rule.id,
                             factor: spike.factor,
                             window_minutes: spike.window_minutes,
                             baseline_minutes: spike.baseline_minutes,
                             min_clicks: spike.min_clicks,
+                            per_country: spike.per_country,
                         },
                         clicks: counted.clicks,
                         expected: (spike.expected(counted.baseline) * 100.0).round() / 100.0,
@@ -401,7 +574,7 @@ fn fire(
 }
 
 /// The five countries and referring hosts with the most clicks (not flagged
-/// as bots) in the window, for a spike's payload.
+/// as bots) in the window, for a spike's payload (of the subject's country only, if it has one).
 fn top_sources(
     subject: &Subject,
     window_start: i64,
@@ -409,7 +582,7 @@ fn top_sources(
     serde_json::Map<String, Value>,
     serde_json::Map<String, Value>,
 )> {
-    let (link_id, campaign) = subject_columns(subject);
+    let (link_id, campaign, country) = subject.columns();
     Spi::connect(|client| {
         let rows = plans::query(
             client,
@@ -419,12 +592,18 @@ fn top_sources(
                            '^[A-Za-z][A-Za-z0-9+.-]*://(?:[^@/?#]*@)?([^/?#:]+)')), '(direct)') AS referrer
                   FROM linkhooks.clicks c
                  WHERE c.clicked_at >= pg_catalog.to_timestamp($1) AND c.is_bot IS NOT TRUE
-                   AND (c.link_id = $2 OR c.link_id IN (SELECT l.id FROM linkhooks.links l WHERE l.campaign = $3)))
+                   AND (c.link_id = $2 OR c.link_id IN (SELECT l.id FROM linkhooks.links l WHERE l.campaign = $3))
+                   AND ($4::text IS NULL OR c.country = $4))
              (SELECT 'country', country, pg_catalog.count(*) FROM recent GROUP BY 2 ORDER BY 3 DESC, 2 LIMIT 5)
              UNION ALL
              (SELECT 'referrer', referrer, pg_catalog.count(*) FROM recent GROUP BY 2 ORDER BY 3 DESC, 2 LIMIT 5)",
-            &[INT8, INT8, TEXT],
-            &[window_start.into(), link_id.into(), campaign.into()],
+            &[INT8, INT8, TEXT, TEXT],
+            &[
+                window_start.into(),
+                link_id.into(),
+                campaign.into(),
+                country.into(),
+            ],
         )?;
         let (mut countries, mut referrers) = (serde_json::Map::new(), serde_json::Map::new());
         for r in rows {
@@ -442,21 +621,29 @@ fn top_sources(
 }
 
 fn set_below_since(rule_id: i64, subject: &Subject, since: Option<i64>) -> Result<()> {
-    let (link_id, campaign) = subject_columns(subject);
+    let (link_id, campaign, country) = subject.columns();
     Spi::run_with_args(
-        "UPDATE linkhooks.threshold_state SET below_since = pg_catalog.to_timestamp($4)
-          WHERE rule_id = $1 AND link_id IS NOT DISTINCT FROM $2 AND campaign IS NOT DISTINCT FROM $3",
-        &[rule_id.into(), link_id.into(), campaign.into(), since.map(|s| s as f64).into()],
+        "UPDATE linkhooks.threshold_state SET below_since = pg_catalog.to_timestamp($5)
+          WHERE rule_id = $1 AND link_id IS NOT DISTINCT FROM $2 AND campaign IS NOT DISTINCT FROM $3
+            AND country IS NOT DISTINCT FROM $4",
+        &[
+            rule_id.into(),
+            link_id.into(),
+            campaign.into(),
+            country.into(),
+            since.map(|s| s as f64).into(),
+        ],
     )?;
     Ok(())
 }
 
 fn rearm(rule_id: i64, subject: &Subject) -> Result<()> {
-    let (link_id, campaign) = subject_columns(subject);
+    let (link_id, campaign, country) = subject.columns();
     Spi::run_with_args(
         "DELETE FROM linkhooks.threshold_state
-          WHERE rule_id = $1 AND link_id IS NOT DISTINCT FROM $2 AND campaign IS NOT DISTINCT FROM $3",
-        &[rule_id.into(), link_id.into(), campaign.into()],
+          WHERE rule_id = $1 AND link_id IS NOT DISTINCT FROM $2 AND campaign IS NOT DISTINCT FROM $3
+            AND country IS NOT DISTINCT FROM $4",
+        &[rule_id.into(), link_id.into(), campaign.into(), country.into()],
     )?;
     Ok(())
 }
@@ -476,11 +663,14 @@ pub fn prune() -> Result<i64> {
          campaigns AS (
             DELETE FROM linkhooks.campaign_minutes
              WHERE minute < pg_catalog.now() - $1 * interval '1 minute' RETURNING 1),
+         countries AS (
+            DELETE FROM linkhooks.country_minutes
+             WHERE minute < pg_catalog.now() - $1 * interval '1 minute' RETURNING 1),
          states AS (
             DELETE FROM linkhooks.threshold_state s
              WHERE NOT EXISTS (SELECT FROM linkhooks.rules r WHERE r.id = s.rule_id) RETURNING 1)
          SELECT (SELECT pg_catalog.count(*) FROM links) + (SELECT pg_catalog.count(*) FROM campaigns)
-              + (SELECT pg_catalog.count(*) FROM states)",
+              + (SELECT pg_catalog.count(*) FROM countries) + (SELECT pg_catalog.count(*) FROM states)",
         &[(keep_minutes as f64).into()],
     )?
     .unwrap_or(0))

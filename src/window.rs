@@ -29,6 +29,8 @@ pub struct Spike {
     pub window_minutes: i64,
     pub baseline_minutes: i64,
     pub min_clicks: i64,
+    /// Each country of the link (or campaign) against its own baseline.
+    pub per_country: bool,
 }
 
 impl Spike {
@@ -116,6 +118,7 @@ mod tests {
             window_minutes: 10,
             baseline_minutes: 1440,
             min_clicks: 50,
+            per_country: false,
         };
         // 1,440 clicks a day is 10 per 10 minutes.
         assert_eq!(spike.expected(1440), 10.0);

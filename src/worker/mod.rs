@@ -9,9 +9,11 @@
 //! - `admission`: how many rows a claim may take (pure logic);
 //! - `claim`: endpoints, the claim, leases;
 //! - `record`: outcomes, the attempt log, dead letters, subscription bookkeeping;
-//! - `status`: `linkhooks.worker_status()`.
+//! - `status`: `linkhooks.worker_status()`;
+//! - `checks`: destination health checks between deliveries.
 
 mod admission;
+mod checks;
 mod claim;
 mod gate;
 mod record;
@@ -29,9 +31,10 @@ use pgrx::prelude::*;
 use crate::error::Result;
 use crate::events::unix_now_micros;
 use crate::guc;
-use crate::sender::{Job, Outcome, Pool};
+use crate::sender::{Done, Job, Outcome, Pool, Work};
 use crate::shared::{self, WorkerState};
 use admission::Flights;
+use checks::Checks;
 use claim::{Endpoint, Held};
 use record::Bookkeeping;
 use settings::Settings;
@@ -140,6 +143,7 @@ pub struct Worker {
     next_aggregation: Instant,
     /// When the aggregator last ran, and the clicks generation it saw then.
     aggregated: (Instant, Option<u64>),
+    checks: Checks,
     extension_ready: bool,
     /// Poll interval while the extension is missing (grows to `gate::MAX_BACKOFF`).
     extension_wait: Duration,
@@ -206,6 +210,7 @@ impl Worker {
             next_maintenance: Instant::now(),
             next_aggregation: Instant::now(),
             aggregated: (Instant::now(), None),
+            checks: Checks::default(),
             extension_ready: false,
             extension_wait: Duration::ZERO,
             released: false,
@@ -238,10 +243,15 @@ impl Worker {
                 self.pool.resize(self.settings.limits.concurrency);
                 woken = true;
             }
-            let arrived = self.pool.drain();
-            let got_outcomes = !arrived.is_empty();
-            for outcome in arrived {
-                self.finish(outcome);
+            let mut got_outcomes = false;
+            for done in self.pool.drain() {
+                match done {
+                    Done::Delivered(outcome) => {
+                        got_outcomes = true;
+                        self.finish(outcome);
+                    }
+                    Done::Checked(probed) => self.checked(probed),
+                }
             }
             let now = Instant::now();
             let plan = self.flights.plan(&self.settings.limits, now);
@@ -296,6 +306,9 @@ impl Worker {
                     self.aggregated = (Instant::now(), Some(generation));
                 }
                 self.next_aggregation = Instant::now() + AGGREGATE_CHECK;
+            }
+            if self.extension_ready {
+                self.run_checks(Instant::now());
             }
             // Requests in flight: claimed rows beyond the threads wait in the pool's queue.
             let in_flight = self.flights.total().min(self.settings.limits.concurrency);
@@ -446,7 +459,7 @@ impl Worker {
             self.flights
                 .start(job.delivery_id, job.subscription_id, now);
             self.held.insert(job.delivery_id, Held { leased: now });
-            self.pool.submit(job);
+            self.pool.submit(Work::Deliver(job));
         }
     }
 
@@ -485,6 +498,9 @@ impl Worker {
                 timeout = timeout
                     .min(until(self.next_maintenance))
                     .min(until(self.next_aggregation));
+                if let Some(t) = self.checks.next_wake(self.settings.limits.concurrency) {
+                    timeout = timeout.min(until(t));
+                }
             }
             if let Some(since) = self.outcomes_since {
                 let at = (since + RECORD_DELAY).max(self.record_hold_off.unwrap_or(since));

@@ -18,6 +18,8 @@ pub struct Settings {
     pub default_timeout: Duration,
     pub disable_after: i32,
     pub maintenance_every: Duration,
+    /// How often a health_check rule without its own interval checks a destination.
+    pub health_check_interval: Duration,
 }
 
 impl Settings {
@@ -43,7 +45,12 @@ impl Settings {
                 Duration::from_secs(30)
             }
         };
+        // Checked when set (guc.rs): a fallback here only guards a bug.
+        let health_check_interval = duration::parse(&guc::string(&guc::HEALTH_CHECK_INTERVAL))
+            .filter(|d| !d.is_zero())
+            .unwrap_or(Duration::from_secs(300));
         Settings {
+            health_check_interval,
             schedule,
             max_attempts,
             batch_size: guc::BATCH_SIZE.get().max(1) as usize,

@@ -5,7 +5,7 @@ import pytest
 from psycopg import sql
 from psycopg.types.json import Jsonb
 
-from harness import Cluster, Receiver
+from harness import Cluster, Destination, Receiver
 
 # Fast retries and loopback targets for tests; everything else at its default.
 SETTINGS = {
@@ -20,7 +20,8 @@ SETTINGS = {
 
 TABLES = ["links", "clicks", "conversions", "campaigns", "subscriptions", "deliveries", "delivery_attempts", "dead_letters",
           "subscription_state", "rules", "link_counts", "campaign_counts", "milestones", "link_misses", "click_keys", "link_minutes", "campaign_minutes",
-          "threshold_state", "digests"]
+          "threshold_state", "digests", "destination_checks",
+          "country_minutes"]
 
 
 # Set to a previous release (e.g. 0.1.0) to run every test against an install
@@ -61,6 +62,14 @@ def receiver():
     r = Receiver()
     yield r
     r.close()
+
+
+@pytest.fixture
+def destination():
+    """A link destination on 127.0.0.1 that answers 500 until the test sets its status."""
+    d = Destination(status=500)
+    yield d
+    d.close()
 
 
 def subscribe(db, receiver, path, **cols):

@@ -208,3 +208,35 @@ class Standby(Cluster):
         with self.connect() as s:
             wait_for(lambda: s.execute("SELECT pg_last_wal_replay_lsn() >= %s::pg_lsn", [target]).fetchone()[0],
                      timeout=timeout, message=f"replay to reach {target}")
+
+
+class Destination:
+    """A link's destination on 127.0.0.1: answers HEAD and GET with the status the test
+    sets (HEAD with its own status if `head` is set) and records the methods it saw."""
+
+    def __init__(self, status=200, head=None):
+        self.status, self.head, self.methods = status, head, []
+        outer = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def log_message(self, *args):
+                pass
+
+            def answer(self):
+                outer.methods.append(self.command)
+                status = outer.head if self.command == "HEAD" and outer.head else outer.status
+                self.send_response(status)
+                self.send_header("Content-Length", "0")
+                self.end_headers()
+
+            do_HEAD = do_GET = answer
+
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+
+    def url(self, path):
+        return f"http://127.0.0.1:{self.server.server_port}{path}"
+
+    def close(self):
+        self.server.shutdown()
+        self.server.server_close()

@@ -1,6 +1,8 @@
 """Reactive events (issue 17): milestones counted off the click path from a
-durable cursor, exactly once under concurrency and across a crash."""
+durable cursor, exactly once under concurrency and across a crash; thresholds,
+spikes, misses, digests; destination health checks against real servers."""
 
+import re
 import threading
 
 import psycopg
@@ -8,7 +10,7 @@ import pytest
 from psycopg.types.json import Jsonb
 
 from conftest import subscribe
-from harness import wait_for
+from harness import Destination, wait_for
 from test_links import IPHONE, link
 
 DESKTOP = ("Mozilla/5.0 (Windows NT 10.0; Win64; x64) AppleWebKit/537.36 (KHTML, like Gecko) "
@@ -328,3 +330,126 @@ def test_a_spike_fires_once_per_episode_and_not_for_a_steady_busy_link(db, recei
     settle(db)
     assert len(receiver.received("/spike")) == 1
     assert db.execute("SELECT count(*) FROM linkhooks.threshold_state").fetchone()[0] == 1
+
+
+def test_a_per_country_spike_fires_for_that_country_alone(db, receiver):
+    subscribe(db, receiver, "/spike", event_types=["link.spike"])
+    rule(db, {"per_country": True, "min_clicks": 20, "baseline": "1h"}, kind="spike")
+    link_id = link(db, "world")
+
+    def clicks(country, per_minute, minutes_ago_from, minutes_ago_to):
+        db.execute("INSERT INTO linkhooks.clicks (link_id, is_bot, clicked_at, country) "
+                   "SELECT %s, false, now() - m * interval '1 minute' - interval '1 second', %s::text "
+                   "FROM generate_series(%s::int, %s::int) m, generate_series(1, %s::int)",
+                   [link_id, country, minutes_ago_to, minutes_ago_from, per_minute])
+
+    # An hour of history: a click a minute each from the US, from Germany and from nowhere known.
+    for country in ("US", "DE", None):
+        clicks(country, 1, 70, 11)
+    settle(db)
+    # The window: Germany at 12 a minute for five minutes (10 expected), the others as usual.
+    clicks("DE", 12, 4, 0)
+    clicks("US", 1, 9, 0)
+    clicks(None, 1, 9, 0)
+    settle(db)
+    wait_for(lambda: receiver.received("/spike"), message="link.spike for DE")
+    settle(db)
+    [event] = [r["json"] for r in receiver.received("/spike")]
+    data = event["data"]
+    assert data["link"]["slug"] == "world" and data["country"] == "DE" and data["clicks"] == 60
+    assert 9 <= data["expected"] <= 11 and data["rule"]["per_country"] is True
+    assert data["top_countries"] == {"DE": 60}
+    assert db.execute("SELECT link_id, country FROM linkhooks.threshold_state").fetchall() == [(link_id, "DE")]
+    # Clicks without a country are not counted per country.
+    assert db.execute("SELECT DISTINCT country FROM linkhooks.country_minutes ORDER BY 1").fetchall() == [("DE",), ("US",)]
+
+
+def health(db, slug):
+    return db.execute("SELECT status, http_status, reason, failures FROM linkhooks.link_health WHERE slug = %s",
+                      [slug]).fetchone()
+
+
+def test_a_destination_that_fails_then_answers_gives_broken_then_recovered(db, receiver, destination):
+    subscribe(db, receiver, "/health", event_types=["link.broken", "link.recovered"])
+    link_id = link(db, "shop", destination.url("/shop"), utm=Jsonb({"utm_source": "news"}))
+    rule(db, {"interval": "1s", "failures": 2}, link_id=link_id, kind="health_check")
+    # The worker finds the rule within 10 s, then checks every second.
+    wait_for(lambda: receiver.received("/health"), timeout=30, message="link.broken")
+    [broken] = [r["json"] for r in receiver.received("/health")]
+    assert broken["type"] == "link.broken" and broken["data"]["link"]["slug"] == "shop"
+    check = broken["data"]["check"]
+    assert check | {"checked_at": None} == {"url": destination.url("/shop?utm_source=news"), "http_status": 500,
+                                            "reason": "HTTP 500", "failures": 2, "checked_at": None}
+    assert set(destination.methods) == {"HEAD"}
+    assert health(db, "shop")[0] == "broken"
+    # Still failing: nothing more is sent, failures go on counting.
+    wait_for(lambda: health(db, "shop")[3] >= 4, timeout=10, message="two more failed checks")
+    assert len(receiver.received("/health")) == 1
+    destination.status = 200
+    wait_for(lambda: len(receiver.received("/health")) == 2, timeout=10, message="link.recovered")
+    recovered = receiver.received("/health")[1]["json"]
+    assert recovered["type"] == "link.recovered"
+    check = recovered["data"]["check"]
+    assert check["http_status"] == 200 and check["reason"] is None and "failures" not in check
+    assert check["broken_since"] <= check["checked_at"]
+    assert health(db, "shop") == ("healthy", 200, None, 0)
+    assert all(r["verified_with"] for r in receiver.received("/health"))
+    # Recorded on the row that reported it.
+    assert db.execute("SELECT event_id::text FROM linkhooks.destination_checks").fetchone()[0] == recovered["id"]
+
+
+def test_campaign_checks_fall_back_to_get_and_report_unreachable_hosts(db, receiver):
+    head_refused = Destination(status=200, head=405)
+    try:
+        subscribe(db, receiver, "/health", event_types=["link.broken", "link.recovered"])
+        link(db, "ok", head_refused.url("/ok"), campaign="launch")
+        link(db, "dead", "http://no-such-host.invalid/x", campaign="launch")
+        link(db, "elsewhere", head_refused.url("/other"))
+        link(db, "off", "http://no-such-host.invalid/y", campaign="launch", disabled=True)
+        rule(db, {"interval": "1s", "failures": 1}, campaign="launch", kind="health_check")
+        wait_for(lambda: receiver.received("/health"), timeout=30, message="link.broken")
+        wait_for(lambda: health(db, "ok") and health(db, "ok")[0] == "healthy", message="the HEAD-refusing link checked")
+        [broken] = [r["json"] for r in receiver.received("/health")]
+        assert broken["type"] == "link.broken" and broken["data"]["link"]["slug"] == "dead"
+        assert broken["data"]["check"]["http_status"] is None
+        assert "failed to lookup address" in broken["data"]["check"]["reason"]
+        # HEAD refused, then GET: healthy, and no event for a link that was never broken.
+        assert health(db, "ok") == ("healthy", 200, None, 0)
+        assert head_refused.methods[:2] == ["HEAD", "GET"] and "/other" not in str(head_refused.methods)
+        # Only the campaign's active links are checked.
+        assert [r[0] for r in db.execute("SELECT slug FROM linkhooks.link_health ORDER BY slug")] == ["dead", "ok"]
+        # The rule gone, so are its checks (at the next discovery).
+        db.execute("DELETE FROM linkhooks.rules")
+        wait_for(lambda: db.execute("SELECT count(*) FROM linkhooks.destination_checks").fetchone()[0] == 0,
+                 timeout=30, message="checks dropped with their rule")
+    finally:
+        head_refused.close()
+
+
+@pytest.mark.parametrize("scope, settings, message", [
+    ({}, {}, "a health_check rule names a link or a campaign"),
+    ({"campaign": "x"}, {"interval": "0s"}, "invalid settings.interval: must be a duration from 1 second to 1 day"),
+    ({"campaign": "x"}, {"method": "POST"}, "invalid settings.method: must be 'HEAD' or 'GET'"),
+    ({"campaign": "x"}, {"failures": 0}, "invalid settings.failures: must be a whole number from 1 to 10"),
+    ({"campaign": "x"}, {"every": "1m"}, "unknown key 'every' for a health_check rule"),
+])
+def test_health_check_rules_are_checked_when_written(db, scope, settings, message):
+    with pytest.raises(psycopg.Error, match=re.escape(message)):
+        rule(db, settings, kind="health_check", **scope)
+
+
+def test_destination_checks_obey_the_private_address_rule(cluster, db, destination):
+    """A link may point anywhere, but the worker's checks resolve like its webhooks: with
+    linkhooks.allow_private_targets off, a destination on 127.0.0.1 is never requested."""
+    cluster.set("linkhooks.allow_private_targets", "off")
+    try:
+        wait_for(lambda: "off" == db.execute("SHOW linkhooks.allow_private_targets").fetchone()[0], message="reload")
+        link_id = link(db, "inside", destination.url("/admin"))
+        rule(db, {"interval": "1s", "failures": 1}, link_id=link_id, kind="health_check")
+        wait_for(lambda: health(db, "inside") and health(db, "inside")[0] == "broken", timeout=30,
+                 message="the check refused")
+        reason = health(db, "inside")[2]
+        assert "allow_private_targets" in reason and "/admin" not in reason
+        assert destination.methods == []
+    finally:
+        cluster.set("linkhooks.allow_private_targets", "on")

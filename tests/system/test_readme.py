@@ -107,7 +107,7 @@ def shape(value, key=None):
     return None
 
 
-def test_payload_examples_have_the_fields_real_events_have(db, receiver):
+def test_payload_examples_have_the_fields_real_events_have(db, receiver, destination):
     examples = {}
     for block in code_blocks(section("## Event payloads", "docs/payloads.md"), "json"):
         example = json.loads(block.replace("…", ""))
@@ -115,7 +115,7 @@ def test_payload_examples_have_the_fields_real_events_have(db, receiver):
     assert set(examples) == {"link.clicked", "qr.scanned", "link.converted", "link.created", "link.updated",
                              "link.expired", "campaign.completed", "webhook.test", "subscription.disabled",
                              "delivery.dead", "link.milestone", "campaign.milestone", "link.miss",
-                             "link.threshold", "link.clicks.digest", "link.spike"}
+                             "link.threshold", "link.clicks.digest", "link.spike", "link.broken", "link.recovered"}
     # An operations endpoint, and one that answers 410 Gone: it is disabled and its event is dead.
     subscribe(db, receiver, "/ops", event_types=["subscription.disabled", "delivery.dead"])
     gone, _ = subscribe(db, receiver, "/gone", event_types=["webhook.test"])
@@ -146,10 +146,20 @@ def test_payload_examples_have_the_fields_real_events_have(db, receiver):
                "WHERE slug = 'promo'", [IPHONE, desktop])
     db.execute("UPDATE linkhooks.links SET destination = 'https://acme.com/winter-sale-2'")
     db.execute("SELECT linkhooks.send_test(%s)", [sid])
+    # A destination that fails, then answers: link.broken, then link.recovered.
+    db.execute("INSERT INTO linkhooks.links (slug, destination, campaign, tags, utm) VALUES "
+               "('landing', %s, 'winter-sale-2026', '{social}', '{\"source\":\"instagram\"}')", [destination.url("/")])
+    db.execute("""INSERT INTO linkhooks.rules (kind, link_id, settings) SELECT 'health_check', id, '{"interval": "1s", "failures": 1}'
+                  FROM linkhooks.links WHERE slug = 'landing'""")
+    wait_for(lambda: any(r["json"]["type"] == "link.broken" for r in receiver.received("/all")), timeout=30,
+             message="link.broken")
+    destination.status = 200
+    # Other links' events are not the examples' shape: the promo link's (for the digest) has no utm,
+    # the landing link's are there for its health checks.
     real = wait_for(lambda: (lambda got: got if set(got) >= set(examples) else None)(
-        # The promo link's own click events (for the digest) are not the examples' shape: no utm.
         {r["json"]["type"]: r for r in receiver.received("/all") + receiver.received("/ops") + receiver.received("/digest")
-         if r["path"] == "/digest" or (r["json"]["data"].get("link") or {}).get("slug") != "promo"}),
+         if r["path"] == "/digest" or r["json"]["type"] in ("link.broken", "link.recovered")
+         or (r["json"]["data"].get("link") or {}).get("slug") not in ("promo", "landing")}),
         message="one event of each type")
     for kind, example in examples.items():
         assert shape(real[kind]["json"]) == shape(example), kind
