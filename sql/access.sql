@@ -4,6 +4,8 @@
 --   analyst — reads links, campaigns, clicks, conversions, delivery logs and views; no secrets, no writes.
 --   admin   — analyst, plus managing links, campaigns and subscriptions (secrets included), replaying,
 --             retrying now and clearing dead letters.
+--   owner   — admin, plus every row of every table (pg_dump, a restore) and handing out levels:
+--             CREATE EXTENSION gives it to the installing role when that is not a superuser.
 -- The queue itself (deliveries, attempts, dead letters) is written only by the
 -- extension's own SECURITY DEFINER functions and triggers. Columns the extension
 -- keeps (ids, event ids, redirect_url, counters, signatures) are granted to no level.
@@ -65,7 +67,8 @@ BEGIN
         RETURN NEXT 'EXECUTE ON FUNCTION @extschema@.resolve(text, text), @extschema@.send_test(bigint), '
                     '@extschema@.replay(bigint), @extschema@.replay_dead_letters(bigint, timestamptz), '
                     '@extschema@.rotate_secret(bigint, interval), @extschema@.run_maintenance(), '
-                    '@extschema@.generate_secret(), @extschema@.retry_now(bigint, bigint)';
+                    '@extschema@.generate_secret(), @extschema@.retry_now(bigint, bigint), '
+                    '@extschema@.recover(bigint, timestamptz, timestamptz)';
         -- Reactive-event rules (the extension keeps id and the timestamps).
         RETURN NEXT 'INSERT (kind, link_id, campaign, settings), UPDATE (kind, link_id, campaign, settings), DELETE '
                     'ON TABLE @extschema@.rules';
@@ -74,13 +77,22 @@ BEGIN
         RETURN NEXT 'DELETE ON TABLE @extschema@.link_misses';
         -- Dead letters an on-call engineer has dealt with may be cleared.
         RETURN NEXT 'DELETE ON TABLE @extschema@.dead_letters';
+    ELSIF access = 'owner' THEN
+        -- The role that installed the extension (given this by CREATE EXTENSION): the install
+        -- is its own. pg_dump reads every row, a restore (with linkhooks.restore on) writes
+        -- them as dumped, and it hands out levels.
+        RETURN QUERY SELECT @extschema@.access_privileges('admin');
+        RETURN NEXT 'SELECT, INSERT, UPDATE, DELETE ON ALL TABLES IN SCHEMA @extschema@';
+        RETURN NEXT 'USAGE, SELECT, UPDATE ON ALL SEQUENCES IN SCHEMA @extschema@';
+        RETURN NEXT 'EXECUTE ON FUNCTION @extschema@.grant_access(text, text), @extschema@.revoke_access(text, text)';
+        RETURN NEXT 'SET ON PARAMETER linkhooks.restore';
     ELSE
-        RAISE EXCEPTION 'invalid access: must be ''writer'', ''analyst'' or ''admin'' (got %)', coalesce(quote_literal(access), 'NULL')
+        RAISE EXCEPTION 'invalid access: must be ''writer'', ''analyst'', ''admin'' or ''owner'' (got %)', coalesce(quote_literal(access), 'NULL')
             USING ERRCODE = 'invalid_parameter_value';
     END IF;
 END
 $$;
-COMMENT ON FUNCTION access_privileges(text) IS 'The privileges behind an access level (writer, analyst, admin), as GRANT clauses.';
+COMMENT ON FUNCTION access_privileges(text) IS 'The privileges behind an access level (writer, analyst, admin, owner), as GRANT clauses.';
 
 -- Grants or revokes one access level; returns the statements it ran.
 CREATE FUNCTION apply_access(action text, role_name text, access text) RETURNS SETOF text
@@ -104,12 +116,14 @@ END
 $$;
 COMMENT ON FUNCTION apply_access(text, text, text) IS 'Shared body of grant_access and revoke_access.';
 
--- Gives a role an access level: writer, analyst or admin.
+-- Gives a role an access level: writer, analyst, admin or owner. Runs as the extension's
+-- objects' owner, so a non-superuser holding 'owner' can use it; the privileges are ours
+-- and the role name is quoted.
 CREATE FUNCTION grant_access(role_name text, access text) RETURNS SETOF text
-LANGUAGE sql SET search_path = pg_catalog, pg_temp AS $$ SELECT @extschema@.apply_access('grant', role_name, access) $$;
-COMMENT ON FUNCTION grant_access(text, text) IS 'GRANTs an access level (writer, analyst, admin) to a role; returns the statements run.';
+LANGUAGE sql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$ SELECT @extschema@.apply_access('grant', role_name, access) $$;
+COMMENT ON FUNCTION grant_access(text, text) IS 'GRANTs an access level (writer, analyst, admin, owner) to a role; returns the statements run.';
 
 -- Takes an access level away again.
 CREATE FUNCTION revoke_access(role_name text, access text) RETURNS SETOF text
-LANGUAGE sql SET search_path = pg_catalog, pg_temp AS $$ SELECT @extschema@.apply_access('revoke', role_name, access) $$;
+LANGUAGE sql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$ SELECT @extschema@.apply_access('revoke', role_name, access) $$;
 COMMENT ON FUNCTION revoke_access(text, text) IS 'REVOKEs an access level from a role; returns the statements run.';

@@ -25,6 +25,7 @@ ALTER FUNCTION replay(bigint) SET search_path = pg_catalog, pg_temp;
 ALTER FUNCTION replay_dead_letters(bigint, timestamptz) SET search_path = pg_catalog, pg_temp;
 ALTER FUNCTION rotate_secret(bigint, interval) SET search_path = pg_catalog, pg_temp;
 ALTER FUNCTION retry_now(bigint, bigint) SET search_path = pg_catalog, pg_temp;
+ALTER FUNCTION recover(bigint, timestamptz, timestamptz) SET search_path = pg_catalog, pg_temp;
 ALTER FUNCTION run_maintenance() SET search_path = pg_catalog, pg_temp;
 ALTER FUNCTION run_aggregation() SET search_path = pg_catalog, pg_temp;
 ALTER FUNCTION record_miss(text, text, text) SET search_path = pg_catalog, pg_temp;
@@ -87,3 +88,16 @@ REVOKE ALL ON ALL FUNCTIONS IN SCHEMA @extschema@ FROM PUBLIC;
 -- Pure helpers anyone may call.
 GRANT EXECUTE ON FUNCTION sign(text, text, bigint, text), verify(text, text, bigint, text, text), uuidv7() TO PUBLIC;
 GRANT USAGE ON SCHEMA @extschema@ TO PUBLIC;
+
+-- A database owner who installed the extension (it is trusted) owns the install: it gets the
+-- 'owner' level (admin, every row for pg_dump and restore, handing out levels). A superuser needs none.
+DO $$
+DECLARE
+    installer name := (SELECT r.rolname FROM pg_catalog.pg_extension e JOIN pg_catalog.pg_roles r ON r.oid = e.extowner
+                        WHERE e.extname = 'pg_linkhooks' AND NOT r.rolsuper);
+BEGIN
+    IF installer IS NOT NULL THEN
+        PERFORM @extschema@.grant_access(installer, 'owner');
+    END IF;
+END
+$$;

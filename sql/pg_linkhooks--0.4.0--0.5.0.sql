@@ -100,7 +100,8 @@ BEGIN
         RETURN NEXT 'EXECUTE ON FUNCTION linkhooks.resolve(text, text), linkhooks.send_test(bigint), '
                     'linkhooks.replay(bigint), linkhooks.replay_dead_letters(bigint, timestamptz), '
                     'linkhooks.rotate_secret(bigint, interval), linkhooks.run_maintenance(), '
-                    'linkhooks.generate_secret(), linkhooks.retry_now(bigint, bigint)';
+                    'linkhooks.generate_secret(), linkhooks.retry_now(bigint, bigint), '
+                    'linkhooks.recover(bigint, timestamptz, timestamptz)';
         -- Reactive-event rules (the extension keeps id and the timestamps).
         RETURN NEXT 'INSERT (kind, link_id, campaign, settings), UPDATE (kind, link_id, campaign, settings), DELETE '
                     'ON TABLE linkhooks.rules';
@@ -109,13 +110,22 @@ BEGIN
         RETURN NEXT 'DELETE ON TABLE linkhooks.link_misses';
         -- Dead letters an on-call engineer has dealt with may be cleared.
         RETURN NEXT 'DELETE ON TABLE linkhooks.dead_letters';
+    ELSIF access = 'owner' THEN
+        -- The role that installed the extension (given this by CREATE EXTENSION): the install
+        -- is its own. pg_dump reads every row, a restore (with linkhooks.restore on) writes
+        -- them as dumped, and it hands out levels.
+        RETURN QUERY SELECT linkhooks.access_privileges('admin');
+        RETURN NEXT 'SELECT, INSERT, UPDATE, DELETE ON ALL TABLES IN SCHEMA linkhooks';
+        RETURN NEXT 'USAGE, SELECT, UPDATE ON ALL SEQUENCES IN SCHEMA linkhooks';
+        RETURN NEXT 'EXECUTE ON FUNCTION linkhooks.grant_access(text, text), linkhooks.revoke_access(text, text)';
+        RETURN NEXT 'SET ON PARAMETER linkhooks.restore';
     ELSE
-        RAISE EXCEPTION 'invalid access: must be ''writer'', ''analyst'' or ''admin'' (got %)', coalesce(quote_literal(access), 'NULL')
+        RAISE EXCEPTION 'invalid access: must be ''writer'', ''analyst'', ''admin'' or ''owner'' (got %)', coalesce(quote_literal(access), 'NULL')
             USING ERRCODE = 'invalid_parameter_value';
     END IF;
 END
 $$;
-COMMENT ON FUNCTION access_privileges(text) IS 'The privileges behind an access level (writer, analyst, admin), as GRANT clauses.';
+COMMENT ON FUNCTION access_privileges(text) IS 'The privileges behind an access level (writer, analyst, admin, owner), as GRANT clauses.';
 
 -- Grants or revokes one access level; returns the statements it ran.
 CREATE OR REPLACE FUNCTION apply_access(action text, role_name text, access text) RETURNS SETOF text
@@ -139,14 +149,15 @@ END
 $$;
 COMMENT ON FUNCTION apply_access(text, text, text) IS 'Shared body of grant_access and revoke_access.';
 
--- Gives a role an access level: writer, analyst or admin.
+-- Gives a role an access level: writer, analyst, admin or owner. Runs as the extension's
+-- objects' owner, so a non-superuser holding 'owner' can use it.
 CREATE OR REPLACE FUNCTION grant_access(role_name text, access text) RETURNS SETOF text
-LANGUAGE sql SET search_path = pg_catalog, pg_temp AS $$ SELECT linkhooks.apply_access('grant', role_name, access) $$;
-COMMENT ON FUNCTION grant_access(text, text) IS 'GRANTs an access level (writer, analyst, admin) to a role; returns the statements run.';
+LANGUAGE sql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$ SELECT linkhooks.apply_access('grant', role_name, access) $$;
+COMMENT ON FUNCTION grant_access(text, text) IS 'GRANTs an access level (writer, analyst, admin, owner) to a role; returns the statements run.';
 
 -- Takes an access level away again.
 CREATE OR REPLACE FUNCTION revoke_access(role_name text, access text) RETURNS SETOF text
-LANGUAGE sql SET search_path = pg_catalog, pg_temp AS $$ SELECT linkhooks.apply_access('revoke', role_name, access) $$;
+LANGUAGE sql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$ SELECT linkhooks.apply_access('revoke', role_name, access) $$;
 COMMENT ON FUNCTION revoke_access(text, text) IS 'REVOKEs an access level from a role; returns the statements run.';
 
 -- Roles granted a level before 0.5.0 hold whole-table privileges: narrow them to
@@ -240,10 +251,16 @@ VOLATILE SECURITY DEFINER LANGUAGE c AS 'MODULE_PATHNAME', 'retry_now_wrapper';
 REVOKE ALL ON FUNCTION retry_now(bigint, bigint) FROM PUBLIC;
 ALTER FUNCTION retry_now(bigint, bigint) SET search_path = pg_catalog, pg_temp;
 
+-- recover: queues again what a subscription missed in a time range.
+CREATE FUNCTION recover(subscription_id bigint, since timestamptz, until timestamptz DEFAULT NULL) RETURNS jsonb
+VOLATILE SECURITY DEFINER LANGUAGE c AS 'MODULE_PATHNAME', 'recover_wrapper';
+REVOKE ALL ON FUNCTION recover(bigint, timestamptz, timestamptz) FROM PUBLIC;
+ALTER FUNCTION recover(bigint, timestamptz, timestamptz) SET search_path = pg_catalog, pg_temp;
+
 -- Roles holding a level get what the level gained in 0.5.0: writers (who may call
 -- record_click) the new function and a link's id by slug; analysts and admins (who
 -- may call worker_status) the new subscription columns; admins (who may replay)
--- retry_now and clearing dead letters.
+-- retry_now, recover and clearing dead letters.
 DO $$
 DECLARE
     g record;
@@ -263,7 +280,8 @@ BEGIN
         ELSIF g.proname = 'worker_status' THEN
             EXECUTE pg_catalog.format('GRANT SELECT (paused, held_since) ON TABLE linkhooks.subscriptions TO %s', g.grantee);
         ELSE
-            EXECUTE pg_catalog.format('GRANT EXECUTE ON FUNCTION linkhooks.retry_now(bigint, bigint) TO %s', g.grantee);
+            EXECUTE pg_catalog.format('GRANT EXECUTE ON FUNCTION linkhooks.retry_now(bigint, bigint), '
+                                      'linkhooks.recover(bigint, timestamptz, timestamptz) TO %s', g.grantee);
             EXECUTE pg_catalog.format('GRANT DELETE ON TABLE linkhooks.dead_letters TO %s', g.grantee);
         END IF;
     END LOOP;

@@ -1,4 +1,30 @@
 -- pg_linkhooks schema: links, clicks and the webhook queue. Created by CREATE EXTENSION.
+
+-- The extension is trusted: a database owner may install it, and this script then runs as a
+-- superuser who owns every object it creates. PostgreSQL made the schema for the installing
+-- role, though, and a schema's owner may drop and replace what is in it: code running as the
+-- superuser would then use the installer's objects. So the schema must hold nothing yet, and
+-- becomes the superuser's, with every privilege granted on it before taken back.
+DO $$
+DECLARE
+    schema_oid oid := pg_catalog.to_regnamespace('@extschema@');
+    grantee oid;
+BEGIN
+    IF EXISTS (SELECT FROM pg_catalog.pg_depend d
+                WHERE d.refclassid = 'pg_catalog.pg_namespace'::pg_catalog.regclass AND d.refobjid = schema_oid
+                  AND d.classid <> 'pg_catalog.pg_extension'::pg_catalog.regclass) THEN
+        RAISE EXCEPTION 'schema "@extschema@" must be empty before CREATE EXTENSION pg_linkhooks'
+            USING HINT = 'Drop the schema, or its objects, and run CREATE EXTENSION again: it creates the schema itself.',
+                  ERRCODE = 'object_not_in_prerequisite_state';
+    END IF;
+    EXECUTE 'ALTER SCHEMA @extschema@ OWNER TO CURRENT_USER';
+    FOR grantee IN SELECT DISTINCT a.grantee FROM pg_catalog.pg_namespace n, pg_catalog.aclexplode(n.nspacl) a
+                    WHERE n.oid = schema_oid AND a.grantee <> n.nspowner LOOP
+        EXECUTE pg_catalog.format('REVOKE ALL ON SCHEMA @extschema@ FROM %s',
+            CASE grantee WHEN 0 THEN 'PUBLIC' ELSE pg_catalog.quote_ident(pg_catalog.pg_get_userbyid(grantee)) END);
+    END LOOP;
+END
+$$;
 -- Hot-path tables have no foreign keys on purpose: a foreign-key check locks
 -- the parent row, which would serialize concurrent clicks on one link.
 

@@ -32,7 +32,8 @@ use crate::payload::{
 use crate::plans::{self, BOOL, INT8_ARRAY, TEXT, TEXT_ARRAY};
 use crate::rules::{self, RuleSettings};
 use crate::tally::ClickGroup;
-use crate::thresholds::{self, MinuteCount};
+use crate::minutes::MinuteCount;
+use crate::thresholds;
 
 /// Counts new clicks, fires the milestones they reach and announces due
 /// misses; returns what it did.

@@ -98,6 +98,60 @@ pub struct ClickFacts<'a> {
     pub is_bot: bool,
 }
 
+/// The facts of a stored event body other than a click's: its link's (or
+/// campaign's) name and tags, and a milestone's threshold and counting.
+#[derive(Debug, Default, PartialEq)]
+pub struct StoredFacts {
+    pub campaign: Option<String>,
+    pub tags: Vec<String>,
+    pub milestone: Option<(i64, Counted)>,
+}
+
+impl StoredFacts {
+    pub fn of_body(body: &Value) -> StoredFacts {
+        let data = &body["data"];
+        let link = &data["link"];
+        let campaign = link["campaign"]
+            .as_str()
+            .or_else(|| data["campaign"]["name"].as_str())
+            .map(str::to_string);
+        let tags = link["tags"]
+            .as_array()
+            .map(|t| {
+                t.iter()
+                    .filter_map(|v| v.as_str().map(str::to_string))
+                    .collect()
+            })
+            .unwrap_or_default();
+        let milestone = data["milestone"]["threshold"].as_i64().map(|threshold| {
+            let counted = match data["milestone"]["counted"].as_str() {
+                Some("all") => Counted::All,
+                _ => Counted::Humans,
+            };
+            (threshold, counted)
+        });
+        StoredFacts {
+            campaign,
+            tags,
+            milestone,
+        }
+    }
+
+    /// As the filters read them; `listed`: whether a milestone came from the rules' lists.
+    pub fn facts(&self, listed: bool) -> Facts<'_> {
+        Facts {
+            campaign: self.campaign.as_deref(),
+            tags: &self.tags,
+            click: None,
+            milestone: self.milestone.map(|(threshold, counted)| MilestoneFacts {
+                threshold,
+                listed,
+                counted,
+            }),
+        }
+    }
+}
+
 impl Filters {
     pub fn parse(value: &Value) -> Result<Filters, FilterError> {
         let Value::Object(obj) = value else {
@@ -375,5 +429,27 @@ mod tests {
         for bad in ["USA", "U", "", "1A", "ÜS"] {
             assert_eq!(country_code(bad), None, "{bad}");
         }
+    }
+
+    #[test]
+    fn stored_bodies_give_their_facts() {
+        let link = serde_json::json!({"type": "link.updated", "data": {"link": {"campaign": "spring", "tags": ["a", "b"]}}});
+        assert_eq!(
+            StoredFacts::of_body(&link),
+            StoredFacts {
+                campaign: Some("spring".into()),
+                tags: vec!["a".into(), "b".into()],
+                milestone: None
+            }
+        );
+        let milestone = serde_json::json!({"data": {"campaign": {"name": "spring"},
+            "milestone": {"threshold": 100, "counted": "all"}}});
+        let facts = StoredFacts::of_body(&milestone);
+        assert_eq!(facts.campaign.as_deref(), Some("spring"));
+        assert_eq!(facts.milestone, Some((100, Counted::All)));
+        assert_eq!(
+            StoredFacts::of_body(&serde_json::json!({})),
+            StoredFacts::default()
+        );
     }
 }

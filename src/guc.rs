@@ -21,6 +21,7 @@ pub static MAX_ATTEMPTS: GucSetting<i32> = GucSetting::<i32>::new(0);
 pub static DEFAULT_TIMEOUT_MS: GucSetting<i32> = GucSetting::<i32>::new(5000);
 pub static REQUIRE_HTTPS: GucSetting<bool> = GucSetting::<bool>::new(true);
 pub static ALLOW_PRIVATE_TARGETS: GucSetting<bool> = GucSetting::<bool>::new(false);
+pub static RESTORE: GucSetting<bool> = GucSetting::<bool>::new(false);
 pub static RETENTION: GucSetting<Option<CString>> = GucSetting::<Option<CString>>::new(Some(c"7d"));
 pub static NOTIFY_CHANNEL: GucSetting<Option<CString>> = GucSetting::<Option<CString>>::new(None);
 pub static DISABLE_AFTER_DEAD_LETTERS: GucSetting<i32> = GucSetting::<i32>::new(20);
@@ -183,6 +184,15 @@ pub fn register() {
         c"",
         &REQUIRE_HTTPS,
         Sighup,
+        none,
+    );
+    // Superuser-only; the extension's owner is granted SET on it (access level 'owner').
+    GucRegistry::define_bool_guc(
+        c"linkhooks.restore",
+        c"While restoring a dump: the extension's triggers store rows as given (no checks, no events).",
+        c"",
+        &RESTORE,
+        GucContext::Suset,
         none,
     );
     GucRegistry::define_bool_guc(

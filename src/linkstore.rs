@@ -16,13 +16,14 @@ use std::hash::{DefaultHasher, Hash, Hasher};
 use std::rc::Rc;
 
 use pgrx::prelude::*;
-use serde_json::Value;
+use serde_json::{Map, Value};
 
 use crate::doorkeeper::Doorkeeper;
 use crate::error::{Error, Result};
+use crate::filters::{ClickFacts, Facts};
 use crate::guc;
-use crate::links::MissReason;
-use crate::payload::LinkPayload;
+use crate::links::{self, MissReason};
+use crate::payload::{Click, LinkPayload};
 use crate::plans::{self, INT8};
 use crate::shared;
 use crate::tuple::SlotColumns;
@@ -126,6 +127,32 @@ impl LinkRow {
             Some(self.target())
         } else {
             self.expired_url.clone()
+        }
+    }
+
+    /// A click's UTM parameters: its own when it has them, else the link's.
+    pub fn click_utm(&self, own: Option<Value>) -> Map<String, Value> {
+        match own {
+            Some(Value::Object(m)) => m,
+            _ => self
+                .utm
+                .as_ref()
+                .and_then(|u| links::normalize_utm(u).ok())
+                .unwrap_or_default(),
+        }
+    }
+
+    /// What subscription filters read from one of this link's clicks.
+    pub fn click_facts<'a>(&'a self, click: &'a Click) -> Facts<'a> {
+        Facts {
+            campaign: self.campaign.as_deref(),
+            tags: &self.tags,
+            click: Some(ClickFacts {
+                country: click.country.as_deref(),
+                device: click.device.as_deref(),
+                is_bot: click.is_bot,
+            }),
+            milestone: None,
         }
     }
 

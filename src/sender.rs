@@ -1,6 +1,6 @@
 //! The HTTP side of delivery: a pool of threads that POST signed webhooks
-//! with ureq (keep-alive, no redirects, per-request timeout) and hand back
-//! outcomes. No Postgres here: the worker's main thread owns all database
+//! with ureq (keep-alive, no redirects, per-request timeout), and check link
+//! destinations (src/probe.rs), and hand back outcomes. No Postgres here: the worker's main thread owns all database
 //! work and is woken through a socket pair when outcomes arrive.
 
 use std::io::{self, Read, Write};

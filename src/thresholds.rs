@@ -15,67 +15,15 @@ use serde_json::Value;
 use crate::error::Result;
 use crate::events::{self, new_event_id, unix_now};
 use crate::filters::Facts;
+use crate::minutes::{self, MinuteCount, Scope, Subject};
 use crate::payload::{
     self, CampaignName, EventType, LinkPayload, SpikeData, SpikeRulePayload, ThresholdData,
     ThresholdRulePayload,
 };
-use crate::plans::{self, INT8, INT8_ARRAY, TEXT, TEXT_ARRAY};
+use crate::plans::{self, INT8, TEXT};
 use crate::rules::{self, RuleSettings};
 use crate::tally::ClickGroup;
 use crate::window::{self, Spike, Step, Threshold};
-
-/// New clicks of one link in one minute of `clicked_at` (Unix seconds).
-pub struct MinuteCount {
-    pub link_id: i64,
-    pub minute: i64,
-    pub clicks: i64,
-    pub humans: i64,
-}
-
-/// Whose clicks a rule counts: one link's, or one campaign's.
-#[derive(Debug, Clone, PartialEq, Eq, Hash)]
-enum Scope {
-    Link(i64),
-    Campaign(String),
-}
-
-/// What a rule counts: a scope's clicks, or those of one country in it.
-#[derive(Debug, Clone, PartialEq, Eq, Hash)]
-struct Subject {
-    scope: Scope,
-    country: Option<String>,
-}
-
-impl Subject {
-    fn whole(scope: Scope) -> Subject {
-        Subject {
-            scope,
-            country: None,
-        }
-    }
-
-    /// The threshold_state columns: (link_id, campaign, country).
-    fn columns(&self) -> (Option<i64>, Option<&str>, Option<&str>) {
-        let country = self.country.as_deref();
-        match &self.scope {
-            Scope::Link(id) => (Some(*id), None, country),
-            Scope::Campaign(name) => (None, Some(name.as_str()), country),
-        }
-    }
-
-    fn from_columns(
-        link_id: Option<i64>,
-        campaign: Option<String>,
-        country: Option<String>,
-    ) -> Option<Subject> {
-        let scope = match (link_id, campaign) {
-            (Some(id), _) => Scope::Link(id),
-            (None, Some(name)) => Scope::Campaign(name),
-            (None, None) => return None,
-        };
-        Some(Subject { scope, country })
-    }
-}
 
 struct Rule {
     id: i64,
@@ -140,7 +88,7 @@ pub fn run(
         return Ok(0);
     }
     let campaign_of = |link_id: i64| links.get(&link_id).and_then(|l| l.campaign.clone());
-    add_minutes(minutes, &campaign_of)?;
+    minutes::add(minutes, &campaign_of)?;
     // Human clicks with a known country, per (link, minute, country).
     let mut by_country: HashMap<(i64, i64, &str), i64> = HashMap::new();
     if rules.iter().any(Rule::per_country) {
@@ -154,7 +102,7 @@ pub fn run(
                     .or_default() += g.clicks;
             }
         }
-        add_country_minutes(&by_country, &campaign_of)?;
+        minutes::add_countries(&by_country, &campaign_of)?;
     }
     let touched_countries: HashSet<(i64, &str)> = by_country
         .keys()
@@ -220,9 +168,9 @@ pub fn run(
             continue;
         }
         let window_start = (now / 60 - (rule.window_minutes() - 1)) * 60;
-        let counts = window_counts(&subjects, window_start, None)?;
+        let counts = minutes::window_counts(&subjects, window_start, None)?;
         let baselines = match rule.measure {
-            Measure::Spike(spike) => window_counts(
+            Measure::Spike(spike) => minutes::window_counts(
                 &subjects,
                 window_start - spike.baseline_minutes * 60,
                 Some(window_start),
@@ -291,77 +239,6 @@ fn load_rules() -> Result<Vec<Rule>> {
     })
 }
 
-fn add_minutes(minutes: &[MinuteCount], campaign_of: &dyn Fn(i64) -> Option<String>) -> Result<()> {
-    if minutes.is_empty() {
-        return Ok(());
-    }
-    let column = |f: fn(&MinuteCount) -> i64| minutes.iter().map(f).collect::<Vec<i64>>();
-    let campaigns: Vec<Option<String>> = minutes.iter().map(|m| campaign_of(m.link_id)).collect();
-    Spi::connect_mut(|client| -> Result<()> {
-        plans::execute(
-            client,
-            "WITH new AS (
-                SELECT pg_catalog.to_timestamp(m) AS minute, l, c, k, h
-                  FROM unnest($1::bigint[], $2::bigint[], $3::text[], $4::bigint[], $5::bigint[]) AS u(l, m, c, k, h)),
-             links AS (
-                INSERT INTO linkhooks.link_minutes AS t (minute, link_id, clicks, human_clicks)
-                SELECT minute, l, k, h FROM new
-                ON CONFLICT (minute, link_id) DO UPDATE
-                   SET clicks = t.clicks + excluded.clicks, human_clicks = t.human_clicks + excluded.human_clicks)
-             INSERT INTO linkhooks.campaign_minutes AS t (minute, campaign, clicks, human_clicks)
-             SELECT minute, c, sum(k), sum(h) FROM new WHERE c IS NOT NULL GROUP BY minute, c
-             ON CONFLICT (minute, campaign) DO UPDATE
-                SET clicks = t.clicks + excluded.clicks, human_clicks = t.human_clicks + excluded.human_clicks",
-            &[INT8_ARRAY, INT8_ARRAY, TEXT_ARRAY, INT8_ARRAY, INT8_ARRAY],
-            &[
-                column(|m| m.link_id).into(),
-                column(|m| m.minute).into(),
-                campaigns.into(),
-                column(|m| m.clicks).into(),
-                column(|m| m.humans).into(),
-            ],
-        )?;
-        Ok(())
-    })
-}
-
-fn add_country_minutes(
-    by_country: &HashMap<(i64, i64, &str), i64>,
-    campaign_of: &dyn Fn(i64) -> Option<String>,
-) -> Result<()> {
-    if by_country.is_empty() {
-        return Ok(());
-    }
-    let (mut link_ids, mut minutes, mut countries, mut campaigns, mut humans) =
-        (Vec::new(), Vec::new(), Vec::new(), Vec::new(), Vec::new());
-    for (&(link_id, minute, country), &count) in by_country {
-        link_ids.push(link_id);
-        minutes.push(minute);
-        countries.push(country.to_string());
-        campaigns.push(campaign_of(link_id));
-        humans.push(count);
-    }
-    Spi::connect_mut(|client| -> Result<()> {
-        plans::execute(
-            client,
-            "INSERT INTO linkhooks.country_minutes AS t (minute, link_id, country, campaign, human_clicks)
-             SELECT pg_catalog.to_timestamp(m), l, k, c, h
-               FROM unnest($1::bigint[], $2::bigint[], $3::text[], $4::text[], $5::bigint[]) AS u(l, m, k, c, h)
-             ON CONFLICT (minute, link_id, country) DO UPDATE
-                SET human_clicks = t.human_clicks + excluded.human_clicks",
-            &[INT8_ARRAY, INT8_ARRAY, TEXT_ARRAY, TEXT_ARRAY, INT8_ARRAY],
-            &[
-                link_ids.into(),
-                minutes.into(),
-                countries.into(),
-                campaigns.into(),
-                humans.into(),
-            ],
-        )?;
-        Ok(())
-    })
-}
-
 /// Fired thresholds: (rule, subject) → since when below (Unix seconds), if it is.
 fn load_states() -> Result<HashMap<(i64, Subject), Option<i64>>> {
     Spi::connect(|client| {
@@ -382,95 +259,6 @@ fn load_states() -> Result<HashMap<(i64, Subject), Option<i64>>> {
             );
         }
         Ok(states)
-    })
-}
-
-/// 9999-12-31, the last second PostgreSQL's timestamps format in four digits.
-const LATEST: i64 = 253_402_300_799;
-
-/// Clicks not flagged as bots per subject, from `from` until `until` (Unix
-/// seconds; None: up to now).
-fn window_counts(
-    subjects: &[Subject],
-    from: i64,
-    until: Option<i64>,
-) -> Result<HashMap<Subject, i64>> {
-    let (mut link_ids, mut names) = (Vec::new(), Vec::new());
-    let (mut country_links, mut link_countries) = (Vec::new(), Vec::new());
-    let (mut country_campaigns, mut campaign_countries) = (Vec::new(), Vec::new());
-    for subject in subjects {
-        match (&subject.scope, &subject.country) {
-            (Scope::Link(id), None) => link_ids.push(*id),
-            (Scope::Campaign(name), None) => names.push(name.clone()),
-            (Scope::Link(id), Some(country)) => {
-                country_links.push(*id);
-                link_countries.push(country.clone());
-            }
-            (Scope::Campaign(name), Some(country)) => {
-                country_campaigns.push(name.clone());
-                campaign_countries.push(country.clone());
-            }
-        }
-    }
-    let until = until.unwrap_or(LATEST);
-    Spi::connect(|client| {
-        let mut counts = HashMap::new();
-        if !country_links.is_empty() || !country_campaigns.is_empty() {
-            let rows = plans::query(
-                client,
-                "SELECT link_id, NULL::text, country, pg_catalog.sum(human_clicks)::bigint
-                   FROM linkhooks.country_minutes
-                  WHERE minute >= pg_catalog.to_timestamp($1) AND minute < pg_catalog.to_timestamp($2)
-                    AND (link_id, country) IN (SELECT * FROM unnest($3::bigint[], $4::text[]))
-                  GROUP BY link_id, country
-                 UNION ALL
-                 SELECT NULL, campaign, country, pg_catalog.sum(human_clicks)::bigint
-                   FROM linkhooks.country_minutes
-                  WHERE minute >= pg_catalog.to_timestamp($1) AND minute < pg_catalog.to_timestamp($2)
-                    AND (campaign, country) IN (SELECT * FROM unnest($5::text[], $6::text[]))
-                  GROUP BY campaign, country",
-                &[INT8, INT8, INT8_ARRAY, TEXT_ARRAY, TEXT_ARRAY, TEXT_ARRAY],
-                &[
-                    from.into(),
-                    until.into(),
-                    country_links.into(),
-                    link_countries.into(),
-                    country_campaigns.into(),
-                    campaign_countries.into(),
-                ],
-            )?;
-            for r in rows {
-                if let Some(subject) = Subject::from_columns(r.get(1)?, r.get(2)?, r.get(3)?) {
-                    counts.insert(subject, r.get::<i64>(4)?.unwrap_or(0));
-                }
-            }
-        }
-        if link_ids.is_empty() && names.is_empty() {
-            return Ok(counts);
-        }
-        let rows = plans::query(
-            client,
-            "SELECT link_id, NULL::text, pg_catalog.sum(human_clicks)::bigint FROM linkhooks.link_minutes
-              WHERE minute >= pg_catalog.to_timestamp($1) AND minute < pg_catalog.to_timestamp($4)
-                AND link_id = ANY ($2) GROUP BY link_id
-             UNION ALL
-             SELECT NULL, campaign, pg_catalog.sum(human_clicks)::bigint FROM linkhooks.campaign_minutes
-              WHERE minute >= pg_catalog.to_timestamp($1) AND minute < pg_catalog.to_timestamp($4)
-                AND campaign = ANY ($3) GROUP BY campaign",
-            &[INT8, INT8_ARRAY, TEXT_ARRAY, INT8],
-            &[
-                from.into(),
-                link_ids.into(),
-                names.into(),
-                until.into(),
-            ],
-        )?;
-        for r in rows {
-            if let Some(subject) = Subject::from_columns(r.get(1)?, r.get(2)?, None) {
-                counts.insert(subject, r.get::<i64>(3)?.unwrap_or(0));
-            }
-        }
-        Ok(counts)
     })
 }
 

@@ -6,6 +6,9 @@ use super::*;
 fn clicks_trigger<'a>(
     trigger: &'a PgTrigger<'a>,
 ) -> Result<Option<PgHeapTuple<'a, AllocatedByPostgres>>, Error> {
+    if guc::RESTORE.get() {
+        return Ok(trigger.new()); // restored as dumped (see restored_row)
+    }
     Ok(with_catalog_search_path(|| on_click(trigger)).or_report())
 }
 
@@ -64,25 +67,9 @@ fn on_click<'a>(
     let txid = unsafe { pg_sys::GetTopFullTransactionId() }.value;
     edits.set_xid8(&new, "txid", txid)?;
     shared::clicks_recorded();
-    let utm = match utm {
-        Some(Value::Object(m)) => m,
-        _ => link
-            .utm
-            .as_ref()
-            .and_then(|u| links::normalize_utm(u).ok())
-            .unwrap_or_default(),
-    };
+    let utm = link.click_utm(utm);
     let link_payload = link.payload();
-    let facts = Facts {
-        campaign: link.campaign.as_deref(),
-        tags: &link.tags,
-        click: Some(ClickFacts {
-            country: click.country.as_deref(),
-            device: click.device.as_deref(),
-            is_bot: click.is_bot,
-        }),
-        milestone: None,
-    };
+    let facts = link.click_facts(&click);
     events::emit(kind, &click.event_id, &facts, |mode: IpMode| {
         payload::click_body(kind, &link_payload, &click, &utm, mode)
     })?;

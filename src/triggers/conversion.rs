@@ -4,6 +4,9 @@ use super::*;
 
 #[pg_trigger]
 fn conversions_trigger<'a>(trigger: &'a PgTrigger<'a>) -> Result<Option<Row<'a>>, Error> {
+    if let Some(row) = restored_row(trigger) {
+        return Ok(row);
+    }
     Ok(on_conversion(trigger).or_report())
 }
 

@@ -19,6 +19,10 @@ const LINK_FIELDS: [&str; 11] = [
 
 #[pg_trigger]
 fn links_trigger<'a>(trigger: &'a PgTrigger<'a>) -> Result<Option<Row<'a>>, Error> {
+    if let Some(row) = restored_row(trigger) {
+        shared::links_changed(); // every link cache still learns of it
+        return Ok(row);
+    }
     Ok(on_link(trigger).or_report())
 }
 

@@ -4,6 +4,9 @@ use super::*;
 
 #[pg_trigger]
 fn rules_trigger<'a>(trigger: &'a PgTrigger<'a>) -> Result<Option<Row<'a>>, Error> {
+    if let Some(row) = restored_row(trigger) {
+        return Ok(row);
+    }
     Ok(Some(on_rule(trigger).or_report()))
 }
 

@@ -4,6 +4,10 @@ use super::*;
 
 #[pg_trigger]
 fn subscriptions_trigger<'a>(trigger: &'a PgTrigger<'a>) -> Result<Option<Row<'a>>, Error> {
+    if let Some(row) = restored_row(trigger) {
+        shared::config_changed(); // every cache still learns of it
+        return Ok(row);
+    }
     Ok(Some(on_subscription(trigger).or_report()))
 }
 

@@ -152,7 +152,7 @@ def test_revoke_access_takes_it_back(cluster, db, roles):
 
 
 def test_grant_access_refuses_bad_input_and_quotes_role_names(cluster, db):
-    with pytest.raises(psycopg.Error, match=r"invalid access: must be 'writer', 'analyst' or 'admin' \(got 'root'\)"):
+    with pytest.raises(psycopg.Error, match=r"invalid access: must be 'writer', 'analyst', 'admin' or 'owner' \(got 'root'\)"):
         db.execute("SELECT linkhooks.grant_access('postgres', 'root')")
     with pytest.raises(psycopg.Error, match="invalid role_name: role nobody_here does not exist"):
         db.execute("SELECT linkhooks.grant_access('nobody_here', 'analyst')")

@@ -277,3 +277,46 @@ def test_an_operations_endpoint_hears_of_disables_and_dead_letters_without_a_loo
     assert db.execute(count).fetchone()[0] == 3  # the 500s, the 410, and /other's 410; none for /ops' own
     db.execute("SELECT linkhooks.run_maintenance()")
     assert db.execute(count).fetchone()[0] == 3
+
+
+def test_recover_sends_what_a_subscription_missed_once_with_the_original_ids(db, receiver):
+    """Events from before a subscription existed (or that its filters left out then): recover()
+    queues what the clicks and the queue still hold, each with its original webhook-id."""
+    subscribe(db, receiver, "/other")  # every event, IPs anonymized (the default)
+    spring = link(db, "rec", campaign="spring")
+    for source in ("link", "link", "qr"):
+        db.execute("INSERT INTO linkhooks.clicks (link_id, user_agent, ip, country, source) "
+                   "VALUES (%s, %s, '203.0.113.42', 'DE', %s)", [spring, IPHONE, source])
+    db.execute("UPDATE linkhooks.links SET tags = '{x}' WHERE id = %s", [spring])
+    autumn = link(db, "elsewhere", campaign="autumn")
+    db.execute("INSERT INTO linkhooks.clicks (link_id, user_agent) VALUES (%s, %s)", [autumn, IPHONE])
+    wait_for(lambda: len(receiver.received("/other")) == 7, message="the events of the other endpoint")
+    originals = {r["json"]["id"]: r["json"] for r in receiver.received("/other")}
+
+    late, _ = subscribe(db, receiver, "/late", filters={"campaign": "spring"}, ip_mode="full")
+    result = db.execute("SELECT linkhooks.recover(%s, now() - interval '1 hour')", [late]).fetchone()[0]
+    assert result == {"queued": 5, "complete": True, "continue_from": None}
+    # Queued in order of occurrence (the order the worker claims them in).
+    assert [r[0] for r in db.execute("SELECT event_type FROM linkhooks.deliveries WHERE subscription_id = %s ORDER BY id",
+                                     [late])] == ["link.created", "link.clicked", "link.clicked", "qr.scanned", "link.updated"]
+    wait_for(lambda: len(receiver.received("/late")) == 5, message="the recovered events")
+    for got in (r["json"] for r in receiver.received("/late")):
+        original = originals[got["id"]]
+        assert got["type"] == original["type"] and got["data"]["link"]["slug"] == "rec"
+        if "click" in got["data"]:
+            # Rebuilt in this subscription's IP mode; otherwise the same click.
+            assert got["data"]["click"]["ip_address"] == "203.0.113.42"
+            assert original["data"]["click"]["ip_address"] == "203.0.113.0"
+            assert {**got["data"]["click"], "ip_address": None} == {**original["data"]["click"], "ip_address": None}
+        else:
+            assert got == original
+    assert all(r["verified_with"] for r in receiver.received("/late"))
+    # Nothing is missing any more: a second call queues nothing.
+    assert db.execute("SELECT linkhooks.recover(%s, now() - interval '1 hour')", [late]).fetchone()[0]["queued"] == 0
+
+    for args, message in [
+        ((late, "now() - interval '8 days'"), "invalid since: must be within linkhooks.retention (7d) of now"),
+        ((late, "now() + interval '1 minute'"), "invalid until: must be after since"),
+        ((99999, "now() - interval '1 hour'"), "invalid subscription_id: subscription 99999 does not exist"),
+    ]:
+        assert message in str(error_of(db, f"SELECT linkhooks.recover(%s, {args[1]})", [args[0]]))
