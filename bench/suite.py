@@ -95,10 +95,11 @@ INSERT INTO bench_outbox_subscriptions VALUES (1, gen_random_bytes(32));
 # Drain cases repeat `drains` times.
 FULL = dict(pairs=5, seconds=5, drains=3, links=100_000, throughput=50_000, latency_seconds=15, milestone_seconds=20,
             isolation=20_000,
-            backlog_small=10_000, backlog_large=1_000_000, callgrind=(100, 1100))
+            backlog_small=10_000, backlog_large=1_000_000, callgrind=(100, 1100), view_clicks=10_000_000,
+            held_events=20_000)
 SMOKE = dict(pairs=1, seconds=1, drains=1, links=1_000, throughput=500, latency_seconds=1, milestone_seconds=2,
              isolation=300,
-             backlog_small=200, backlog_large=1_000, callgrind=(2, 12))
+             backlog_small=200, backlog_large=1_000, callgrind=(2, 12), view_clicks=20_000, held_events=300)
 
 
 class Nginx:
@@ -221,7 +222,8 @@ class Bench:
             try:
                 self.sql("TRUNCATE linkhooks.clicks, linkhooks.deliveries, linkhooks.delivery_attempts, linkhooks.dead_letters, "
                          "linkhooks.subscription_state, bench_plain_clicks, bench_outbox_clicks, bench_outbox, "
-                         "bench_floor_deliveries, linkhooks.link_counts, linkhooks.campaign_counts, linkhooks.milestones")
+                         "bench_floor_deliveries, linkhooks.link_counts, linkhooks.link_hours, linkhooks.campaign_counts, "
+                         "linkhooks.milestones")
                 return
             except psycopg.errors.DeadlockDetected:
                 if attempt == 4:
@@ -412,6 +414,111 @@ class Bench:
         self.record(case, [percentile(latencies, 0.5)], "ms p50")
         self.record(case, [percentile(latencies, 0.99)], "ms p99", target=("≤", 2000), note=f"max {latencies[-1]:.0f} ms")
 
+    # The click views as 0.4.0 defined them, over every raw click: the baseline of `views`.
+    RAW_VIEWS = {
+        "link_stats": "SELECT link_id, count(*), count(*) FILTER (WHERE NOT is_bot), count(*) FILTER (WHERE is_bot), "
+                      "count(*) FILTER (WHERE is_qr), min(clicked_at), max(clicked_at) FROM linkhooks.click_facts {where} "
+                      "GROUP BY link_id",
+        "link_daily_clicks": "SELECT link_id, clicked_at::date, count(*), count(*) FILTER (WHERE NOT is_bot), "
+                             "count(*) FILTER (WHERE is_bot), count(*) FILTER (WHERE is_qr) FROM linkhooks.click_facts "
+                             "{where} GROUP BY 1, 2",
+    }
+
+    def views(self):
+        """The click views at size: `view_clicks` clicks over the links and the last 30 days, already counted (as
+        an install updated with that many clicks is: the update counts them), plus 2,000 committed since the
+        aggregator last ran, which the views add. Each query against the same answer computed from the raw
+        clicks as 0.4.0's views did. Medians of 5."""
+        self.reset_clicks()
+        self.subscriptions([])
+        n, links = self.size["view_clicks"], self.size["links"]
+        self.sql("SET session_replication_role = replica")  # a bulk load: no events, no txid (counted below)
+        self.sql("UPDATE linkhooks.links SET campaign = 'c' || (id %% 100)")  # 100 campaigns (undone below)
+        self.sql("INSERT INTO linkhooks.clicks (event_id, link_id, clicked_at, user_agent, is_bot, source) "
+                 "SELECT gen_random_uuid(), 1 + g %% %s, now() - (g %% 720) * interval '1 hour', 'x', g %% 3 = 0, "
+                 "CASE WHEN g %% 10 = 0 THEN 'qr' ELSE 'link' END FROM generate_series(1, %s) g", [links, n])
+        self.sql("RESET session_replication_role")
+        # What the update to 0.5.0 does with the clicks it finds (sql/pg_linkhooks--0.4.0--0.5.0.sql).
+        self.sql("INSERT INTO linkhooks.link_counts (link_id, clicks, human_clicks, qr_scans, first_click_at, last_click_at) "
+                 "SELECT link_id, count(*), count(*) FILTER (WHERE is_bot IS NOT TRUE), count(*) FILTER (WHERE source = 'qr'), "
+                 "min(clicked_at), max(clicked_at) FROM linkhooks.clicks GROUP BY link_id")
+        self.sql("INSERT INTO linkhooks.link_hours (link_id, hour, clicks, human_clicks, qr_scans) "
+                 "SELECT link_id, to_timestamp(floor(extract(epoch FROM clicked_at) / 3600) * 3600), count(*), "
+                 "count(*) FILTER (WHERE is_bot IS NOT TRUE), count(*) FILTER (WHERE source = 'qr') "
+                 "FROM linkhooks.clicks GROUP BY 1, 2")
+        self.sql("VACUUM ANALYZE linkhooks.clicks, linkhooks.link_counts, linkhooks.link_hours")
+        self.sql("SELECT pg_advisory_lock(19521, 1)")  # the aggregator's runs skip: these stay uncounted
+        try:
+            self.sql("INSERT INTO linkhooks.clicks (link_id, user_agent, source) "
+                     "SELECT 1 + g %% %s, %s, 'link' FROM generate_series(1, 2000) g", [links, UA])
+            uncounted = self.one("SELECT count(*) FROM linkhooks.uncounted_clicks")
+            queries = [
+                ("link_stats, one link", "SELECT * FROM linkhooks.link_stats WHERE link_id = 7",
+                 self.RAW_VIEWS["link_stats"].format(where="WHERE link_id = 7")),
+                ("link_daily_clicks, one link", "SELECT * FROM linkhooks.link_daily_clicks WHERE link_id = 7",
+                 self.RAW_VIEWS["link_daily_clicks"].format(where="WHERE link_id = 7")),
+                (f"link_stats, top 10 of all {links:,} links", "SELECT * FROM linkhooks.link_stats ORDER BY clicks DESC LIMIT 10",
+                 self.RAW_VIEWS["link_stats"].format(where="") + " ORDER BY 2 DESC LIMIT 10"),
+                ("campaign_stats, 100 campaigns", "SELECT * FROM linkhooks.campaign_stats",
+                 "SELECT l.campaign, count(*) FROM linkhooks.click_facts f JOIN linkhooks.links l ON l.id = f.link_id "
+                 "GROUP BY 1"),
+            ]
+
+            def ms(query):
+                times = []
+                for _ in range(5):
+                    start = time.perf_counter()
+                    self.db.execute(query).fetchall()
+                    times.append((time.perf_counter() - start) * 1000)
+                return statistics.median(times)
+
+            for name, ours, raw in queries:
+                ours_ms, raw_ms = ms(ours), ms(raw)
+                self.record(f"{name} at {n:,} clicks ({uncounted:,} not counted yet)", [ours_ms], "ms",
+                            "raw clicks, as 0.4.0", [raw_ms], target=("≤", 50))
+        finally:
+            self.sql("SELECT pg_advisory_unlock(19521, 1)")
+            self.sql("SET session_replication_role = replica")
+            self.sql("UPDATE linkhooks.links SET campaign = NULL")
+            self.sql("RESET session_replication_role")
+
+    def held_snapshot(self):
+        """Five rounds of `held_events` click events queued and drained to nginx, while another session holds
+        a REPEATABLE READ snapshot taken before the first (an analyst's long report) and while none does: the
+        last round's delivery rate and the size of the queue's tables after the five, held against not held."""
+        n = self.size["held_events"]
+        last_rate, size = {}, {}
+        for held in (False, True):
+            self.worker_in("idle")
+            self.reset_clicks()
+            self.subscriptions([self.nginx.url()])
+            self.sql("VACUUM linkhooks.deliveries, linkhooks.delivery_attempts")
+            self.worker_in("bench")
+            holder = None
+            if held:
+                holder = self.cluster.connect(dbname="bench")
+                holder.autocommit = False
+                holder.isolation_level = psycopg.IsolationLevel.REPEATABLE_READ
+                holder.execute("SELECT count(*) FROM linkhooks.deliveries")  # the snapshot is taken here
+            try:
+                for _ in range(5):
+                    self.queue_clicks(n)  # committed: the worker is woken and delivers
+                    started = time.monotonic()
+                    wait_for(lambda: self.one("SELECT NOT EXISTS (SELECT 1 FROM linkhooks.deliveries "
+                                              "WHERE status IN ('pending', 'delivering'))"),
+                             timeout=600, interval=0.05, message="the round drained")
+                    last_rate[held] = n / (time.monotonic() - started)
+                size[held] = self.one("SELECT pg_total_relation_size('linkhooks.deliveries') "
+                                      "+ pg_total_relation_size('linkhooks.delivery_attempts')") / 2**20
+            finally:
+                if holder is not None:
+                    holder.close()
+        case = f"five rounds of {n:,} events → nginx, a REPEATABLE READ snapshot held from the start"
+        self.record(f"{case}: last round's rate", [last_rate[True]], "deliveries/s", "no snapshot held",
+                    [last_rate[False]], [last_rate[True] / last_rate[False]], target=0.9)
+        self.record(f"{case}: deliveries + attempts size", [size[True] / size[False]], "× the size without",
+                    target=("≤", 1.5, "×"), note=f"{size[True]:.0f} MB against {size[False]:.0f} MB")
+
     def isolation(self, slow):
         n = self.size["isolation"]
         alone, beside, ratios = [], [], []
@@ -570,14 +677,16 @@ def format_row(row):
     number = lambda v: f"{v:,.0f}" if abs(v) >= 100 else f"{v:,.2f}"  # noqa: E731
     ratio = lambda v: f"{v:.2f}×"  # noqa: E731
     target = row["target"]
-    target_text = "" if target is None else (f"{target[0]} {target[1]} ms" if isinstance(target, tuple)
+    target_text = "" if target is None else (f"{target[0]} {target[1]}{target[2] if len(target) > 2 else ' ms'}"
+                                             if isinstance(target, tuple)
                                              else (f"≥ {target}×" if row["ratios"] else f"≥ {target:,}"))
     return (f"| {row['case']} | {spread(row['values'], number)} {row['unit']} | "
             f"{(row['baseline_name'] + ': ' + spread(row['baseline'], number)) if row['baseline'] else ''} | "
             f"{spread(row['ratios'], ratio) if row['ratios'] else ''} | {target_text} | {meets(row)} | {row['note']} |")
 
 
-CASES = ["resolve", "click_inserts", "hot_link", "throughput", "latency", "milestones", "isolation", "backlog", "callgrind"]
+CASES = ["resolve", "click_inserts", "hot_link", "throughput", "latency", "milestones", "isolation", "backlog", "views",
+         "held_snapshot", "callgrind"]
 
 
 def main():

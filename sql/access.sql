@@ -41,7 +41,7 @@ BEGIN
                     '@extschema@.dead_letters, @extschema@.delivery_log, @extschema@.subscription_health, '
                     '@extschema@.click_facts, @extschema@.link_stats, @extschema@.link_daily_clicks, '
                     '@extschema@.link_click_breakdown, @extschema@.campaign_stats, @extschema@.rules, '
-                    '@extschema@.link_counts, @extschema@.campaign_counts, @extschema@.link_milestones, @extschema@.link_misses, '
+                    '@extschema@.link_counts, @extschema@.link_hours, @extschema@.uncounted_clicks, @extschema@.campaign_counts, @extschema@.link_milestones, @extschema@.link_misses, '
                     '@extschema@.link_minutes, @extschema@.campaign_minutes, @extschema@.threshold_state, @extschema@.digests, '
                     '@extschema@.link_health, @extschema@.country_minutes';
         -- Every delivery column but the signature (valid for replay for minutes).

@@ -28,6 +28,9 @@ ALTER FUNCTION retry_now(bigint, bigint) SET search_path = pg_catalog, pg_temp;
 ALTER FUNCTION recover(bigint, timestamptz, timestamptz) SET search_path = pg_catalog, pg_temp;
 ALTER FUNCTION run_maintenance() SET search_path = pg_catalog, pg_temp;
 ALTER FUNCTION run_aggregation() SET search_path = pg_catalog, pg_temp;
+-- Its statements are planned for each run's batch: a plan made for a few clicks and reused
+-- for a batch of many (a generic plan) can join them in quadratic time.
+ALTER FUNCTION run_aggregation() SET plan_cache_mode = force_custom_plan;
 ALTER FUNCTION record_miss(text, text, text) SET search_path = pg_catalog, pg_temp;
 ALTER FUNCTION worker_status() SET search_path = pg_catalog, pg_temp;
 
@@ -74,7 +77,7 @@ BEGIN
         'links', 'links_id_seq', 'campaigns', 'clicks', 'clicks_id_seq', 'conversions', 'conversions_id_seq',
         'subscriptions', 'subscriptions_id_seq', 'deliveries', 'deliveries_id_seq', 'delivery_attempts',
         'delivery_attempts_id_seq', 'dead_letters', 'subscription_state', 'rules', 'rules_id_seq',
-        'link_counts', 'campaign_counts', 'milestones', 'link_misses', 'click_keys', 'threshold_state',
+        'link_counts', 'link_hours', 'campaign_counts', 'milestones', 'link_misses', 'click_keys', 'threshold_state',
         'digests', 'destination_checks']
     LOOP
         PERFORM pg_catalog.pg_extension_config_dump(relation::regclass, '');

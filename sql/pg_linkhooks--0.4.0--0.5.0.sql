@@ -74,7 +74,7 @@ BEGIN
                     'linkhooks.dead_letters, linkhooks.delivery_log, linkhooks.subscription_health, '
                     'linkhooks.click_facts, linkhooks.link_stats, linkhooks.link_daily_clicks, '
                     'linkhooks.link_click_breakdown, linkhooks.campaign_stats, linkhooks.rules, '
-                    'linkhooks.link_counts, linkhooks.campaign_counts, linkhooks.link_milestones, linkhooks.link_misses, '
+                    'linkhooks.link_counts, linkhooks.link_hours, linkhooks.uncounted_clicks, linkhooks.campaign_counts, linkhooks.link_milestones, linkhooks.link_misses, '
                     'linkhooks.link_minutes, linkhooks.campaign_minutes, linkhooks.threshold_state, linkhooks.digests, '
                     'linkhooks.link_health, linkhooks.country_minutes';
         -- Every delivery column but the signature (valid for replay for minutes).
@@ -308,12 +308,25 @@ COMMENT ON TABLE rules IS 'Rules for reactive events (milestones): one per kind 
 CREATE UNIQUE INDEX rules_scope ON rules (kind, link_id, campaign) NULLS NOT DISTINCT;
 
 CREATE TABLE link_counts (
-    link_id       bigint PRIMARY KEY,
+    link_id         bigint PRIMARY KEY,
+    clicks          bigint NOT NULL DEFAULT 0,
+    human_clicks    bigint NOT NULL DEFAULT 0,
+    qr_scans        bigint NOT NULL DEFAULT 0,
+    first_click_at  timestamptz,
+    last_click_at   timestamptz,
+    updated_at      timestamptz NOT NULL DEFAULT now()
+);
+COMMENT ON TABLE link_counts IS 'Clicks per link counted by the aggregator (all, non-bot, QR; first and last), a second or so behind.';
+
+CREATE TABLE link_hours (
+    link_id       bigint NOT NULL,
+    hour          timestamptz NOT NULL,
     clicks        bigint NOT NULL DEFAULT 0,
     human_clicks  bigint NOT NULL DEFAULT 0,
-    updated_at    timestamptz NOT NULL DEFAULT now()
+    qr_scans      bigint NOT NULL DEFAULT 0,
+    PRIMARY KEY (link_id, hour)
 );
-COMMENT ON TABLE link_counts IS 'Clicks per link counted by the aggregator (all and non-bot), a second or so behind.';
+COMMENT ON TABLE link_hours IS 'Clicks per link and hour counted by the aggregator (all, non-bot, QR).';
 
 CREATE TABLE campaign_counts (
     campaign      text PRIMARY KEY,
@@ -347,12 +360,61 @@ COMMENT ON TABLE click_cursor IS 'Where the click aggregator is: the snapshot of
 -- The cursor starts at this transaction's snapshot: clicks committed later carry a txid
 -- (the ALTER TABLE above holds off concurrent clicks until this transaction commits).
 INSERT INTO click_cursor (snapshot) VALUES (pg_current_snapshot());
-INSERT INTO link_counts (link_id, clicks, human_clicks)
-SELECT c.link_id, count(*), count(*) FILTER (WHERE c.is_bot IS NOT TRUE)
+INSERT INTO link_counts (link_id, clicks, human_clicks, qr_scans, first_click_at, last_click_at)
+SELECT c.link_id, count(*), count(*) FILTER (WHERE c.is_bot IS NOT TRUE), count(*) FILTER (WHERE c.source = 'qr'),
+       min(c.clicked_at), max(c.clicked_at)
   FROM clicks c JOIN links l ON l.id = c.link_id GROUP BY c.link_id;
+INSERT INTO link_hours (link_id, hour, clicks, human_clicks, qr_scans)
+SELECT c.link_id, to_timestamp(floor(extract(epoch FROM c.clicked_at) / 3600) * 3600), count(*),
+       count(*) FILTER (WHERE c.is_bot IS NOT TRUE), count(*) FILTER (WHERE c.source = 'qr')
+  FROM clicks c JOIN links l ON l.id = c.link_id GROUP BY 1, 2;
 INSERT INTO campaign_counts (campaign, clicks, human_clicks)
 SELECT l.campaign, sum(k.clicks), sum(k.human_clicks)
   FROM link_counts k JOIN links l ON l.id = k.link_id WHERE l.campaign IS NOT NULL GROUP BY l.campaign;
+
+-- link_stats and link_daily_clicks read the counts, plus the clicks not counted yet.
+-- Clicks committed since the aggregator's last run, so not in link_counts and link_hours yet
+-- (at most a second or so of clicks, found by their transaction ids): the views below add
+-- them to those counts and are exact at any moment while reading only recent rows.
+CREATE VIEW uncounted_clicks AS
+SELECT c.id AS click_id, c.link_id, c.clicked_at, coalesce(c.is_bot, false) AS is_bot, c.source = 'qr' AS is_qr
+FROM click_cursor k
+JOIN clicks c ON c.txid >= pg_snapshot_xmin(k.snapshot)
+             AND c.txid < pg_snapshot_xmax(pg_current_snapshot())
+             AND NOT pg_visible_in_snapshot(c.txid, k.snapshot)
+             AND c.id > k.id_floor;
+COMMENT ON VIEW uncounted_clicks IS 'Clicks committed since the aggregator last counted (what the counted views add to their counts).';
+
+-- Per link: clicks (humans, bots, QR), first and last click, conversions and conversion rate.
+CREATE OR REPLACE VIEW link_stats AS
+SELECT l.id AS link_id, l.domain, l.slug, l.campaign,
+       coalesce(k.clicks, 0) + coalesce(u.clicks, 0) AS clicks,
+       coalesce(k.human_clicks, 0) + coalesce(u.human_clicks, 0) AS human_clicks,
+       coalesce(k.clicks - k.human_clicks, 0) + coalesce(u.bot_clicks, 0) AS bot_clicks,
+       coalesce(k.qr_scans, 0) + coalesce(u.qr_scans, 0) AS qr_scans,
+       LEAST(k.first_click_at, u.first_click_at) AS first_click_at,
+       GREATEST(k.last_click_at, u.last_click_at) AS last_click_at,
+       coalesce(v.conversions, 0) AS conversions,
+       round(coalesce(v.conversions, 0)::numeric / nullif(coalesce(k.human_clicks, 0) + coalesce(u.human_clicks, 0), 0), 4)
+         AS conversion_rate
+FROM links l
+LEFT JOIN link_counts k ON k.link_id = l.id
+LEFT JOIN (SELECT link_id, count(*) AS clicks, count(*) FILTER (WHERE NOT is_bot) AS human_clicks,
+                  count(*) FILTER (WHERE is_bot) AS bot_clicks, count(*) FILTER (WHERE is_qr) AS qr_scans,
+                  min(clicked_at) AS first_click_at, max(clicked_at) AS last_click_at
+           FROM uncounted_clicks GROUP BY link_id) u ON u.link_id = l.id
+LEFT JOIN (SELECT link_id, count(*) AS conversions FROM conversions GROUP BY link_id) v ON v.link_id = l.id;
+COMMENT ON VIEW link_stats IS 'Per link: clicks, human and bot clicks, QR scans, first/last click, conversions, conversion rate (conversions per human click).';
+
+-- Per link and day (in the session time zone, to the hour: link_hours are whole UTC hours).
+CREATE OR REPLACE VIEW link_daily_clicks AS
+SELECT link_id, day, sum(clicks)::bigint AS clicks, sum(human_clicks)::bigint AS human_clicks,
+       sum(clicks - human_clicks)::bigint AS bot_clicks, sum(qr_scans)::bigint AS qr_scans
+FROM (SELECT link_id, hour::date AS day, clicks, human_clicks, qr_scans FROM link_hours
+      UNION ALL
+      SELECT link_id, clicked_at::date, 1, (NOT is_bot)::int, is_qr::int FROM uncounted_clicks) x
+GROUP BY link_id, day;
+COMMENT ON VIEW link_daily_clicks IS 'Clicks per link per day: all, human, bot, QR.';
 
 CREATE VIEW link_milestones AS
 SELECT m.scope, m.link_id, l.domain, l.slug, coalesce(m.campaign, l.campaign) AS campaign,
@@ -366,6 +428,7 @@ CREATE FUNCTION run_aggregation() RETURNS jsonb
 STRICT VOLATILE SECURITY DEFINER LANGUAGE c AS 'MODULE_PATHNAME', 'run_aggregation_wrapper';
 REVOKE ALL ON FUNCTION run_aggregation() FROM PUBLIC;
 ALTER FUNCTION run_aggregation() SET search_path = pg_catalog, pg_temp;
+ALTER FUNCTION run_aggregation() SET plan_cache_mode = force_custom_plan;
 
 CREATE FUNCTION rules_trigger() RETURNS trigger
 LANGUAGE c AS 'MODULE_PATHNAME', 'rules_trigger_wrapper';
@@ -378,9 +441,11 @@ CREATE TRIGGER rules_validate BEFORE INSERT OR UPDATE ON rules
 SELECT pg_catalog.pg_extension_config_dump('rules', '');
 SELECT pg_catalog.pg_extension_config_dump('rules_id_seq', '');
 SELECT pg_catalog.pg_extension_config_dump('link_counts', '');
+SELECT pg_catalog.pg_extension_config_dump('link_hours', '');
 SELECT pg_catalog.pg_extension_config_dump('campaign_counts', '');
 SELECT pg_catalog.pg_extension_config_dump('milestones', '');
-REVOKE ALL ON rules, link_counts, campaign_counts, milestones, click_cursor, link_milestones FROM PUBLIC;
+REVOKE ALL ON rules, link_counts, link_hours, campaign_counts, milestones, click_cursor, link_milestones,
+    uncounted_clicks FROM PUBLIC;
 
 -- Roles holding a level get what it gained: analysts (who may call worker_status) read
 -- rules, counts and milestones; admins (who may replay) also write rules and may run the aggregator.
@@ -396,7 +461,8 @@ BEGIN
            AND a.privilege_type = 'EXECUTE' AND a.grantee <> p.proowner AND a.grantee <> 0
     LOOP
         IF g.proname = 'worker_status' THEN
-            EXECUTE pg_catalog.format('GRANT SELECT ON TABLE linkhooks.rules, linkhooks.link_counts, '
+            EXECUTE pg_catalog.format('GRANT SELECT ON TABLE linkhooks.rules, linkhooks.link_counts, linkhooks.link_hours, '
+                'linkhooks.uncounted_clicks, '
                 'linkhooks.campaign_counts, linkhooks.link_milestones TO %s', g.grantee);
         ELSE
             EXECUTE pg_catalog.format('GRANT INSERT (kind, link_id, campaign, settings), '

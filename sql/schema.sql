@@ -223,14 +223,29 @@ COMMENT ON TABLE rules IS 'Rules for reactive events (milestones): one per kind 
 -- One rule per kind and scope.
 CREATE UNIQUE INDEX rules_scope ON rules (kind, link_id, campaign) NULLS NOT DISTINCT;
 
--- Clicks per link as the aggregator counted them: all, and humans (is_bot not true).
+-- Clicks per link as the aggregator counted them: all, humans (is_bot not true), QR scans.
 CREATE TABLE link_counts (
-    link_id       bigint PRIMARY KEY,
+    link_id         bigint PRIMARY KEY,
+    clicks          bigint NOT NULL DEFAULT 0,
+    human_clicks    bigint NOT NULL DEFAULT 0,
+    qr_scans        bigint NOT NULL DEFAULT 0,
+    first_click_at  timestamptz,
+    last_click_at   timestamptz,
+    updated_at      timestamptz NOT NULL DEFAULT now()
+);
+COMMENT ON TABLE link_counts IS 'Clicks per link counted by the aggregator (all, non-bot, QR; first and last), a second or so behind.';
+
+-- Clicks per link and hour (UTC hours) of clicked_at, kept by the aggregator: link_daily_clicks
+-- reads these and the few clicks not counted yet, so it answers fast at any number of clicks.
+CREATE TABLE link_hours (
+    link_id       bigint NOT NULL,
+    hour          timestamptz NOT NULL,
     clicks        bigint NOT NULL DEFAULT 0,
     human_clicks  bigint NOT NULL DEFAULT 0,
-    updated_at    timestamptz NOT NULL DEFAULT now()
+    qr_scans      bigint NOT NULL DEFAULT 0,
+    PRIMARY KEY (link_id, hour)
 );
-COMMENT ON TABLE link_counts IS 'Clicks per link counted by the aggregator (all and non-bot), a second or so behind.';
+COMMENT ON TABLE link_hours IS 'Clicks per link and hour counted by the aggregator (all, non-bot, QR).';
 
 -- The same per campaign (a link's clicks count toward the campaign it has when they are counted).
 CREATE TABLE campaign_counts (

@@ -79,29 +79,47 @@ SELECT c.id AS click_id, c.link_id, c.clicked_at, coalesce(c.is_bot, false) AS i
 FROM clicks c;
 COMMENT ON VIEW click_facts IS 'Clicks with bot, QR and referring-host columns ready for grouping.';
 
+-- Clicks committed since the aggregator's last run, so not in link_counts and link_hours yet
+-- (at most a second or so of clicks, found by their transaction ids): the views below add
+-- them to those counts and are exact at any moment while reading only recent rows.
+CREATE VIEW uncounted_clicks AS
+SELECT c.id AS click_id, c.link_id, c.clicked_at, coalesce(c.is_bot, false) AS is_bot, c.source = 'qr' AS is_qr
+FROM click_cursor k
+JOIN clicks c ON c.txid >= pg_snapshot_xmin(k.snapshot)
+             AND c.txid < pg_snapshot_xmax(pg_current_snapshot())
+             AND NOT pg_visible_in_snapshot(c.txid, k.snapshot)
+             AND c.id > k.id_floor;
+COMMENT ON VIEW uncounted_clicks IS 'Clicks committed since the aggregator last counted (what the counted views add to their counts).';
+
 -- Per link: clicks (humans, bots, QR), first and last click, conversions and conversion rate.
 CREATE VIEW link_stats AS
 SELECT l.id AS link_id, l.domain, l.slug, l.campaign,
-       coalesce(k.clicks, 0) AS clicks, coalesce(k.human_clicks, 0) AS human_clicks,
-       coalesce(k.bot_clicks, 0) AS bot_clicks, coalesce(k.qr_scans, 0) AS qr_scans,
-       k.first_click_at, k.last_click_at,
+       coalesce(k.clicks, 0) + coalesce(u.clicks, 0) AS clicks,
+       coalesce(k.human_clicks, 0) + coalesce(u.human_clicks, 0) AS human_clicks,
+       coalesce(k.clicks - k.human_clicks, 0) + coalesce(u.bot_clicks, 0) AS bot_clicks,
+       coalesce(k.qr_scans, 0) + coalesce(u.qr_scans, 0) AS qr_scans,
+       LEAST(k.first_click_at, u.first_click_at) AS first_click_at,
+       GREATEST(k.last_click_at, u.last_click_at) AS last_click_at,
        coalesce(v.conversions, 0) AS conversions,
-       round(coalesce(v.conversions, 0)::numeric / nullif(k.human_clicks, 0), 4) AS conversion_rate
+       round(coalesce(v.conversions, 0)::numeric / nullif(coalesce(k.human_clicks, 0) + coalesce(u.human_clicks, 0), 0), 4)
+         AS conversion_rate
 FROM links l
+LEFT JOIN link_counts k ON k.link_id = l.id
 LEFT JOIN (SELECT link_id, count(*) AS clicks, count(*) FILTER (WHERE NOT is_bot) AS human_clicks,
                   count(*) FILTER (WHERE is_bot) AS bot_clicks, count(*) FILTER (WHERE is_qr) AS qr_scans,
                   min(clicked_at) AS first_click_at, max(clicked_at) AS last_click_at
-           FROM click_facts GROUP BY link_id) k ON k.link_id = l.id
+           FROM uncounted_clicks GROUP BY link_id) u ON u.link_id = l.id
 LEFT JOIN (SELECT link_id, count(*) AS conversions FROM conversions GROUP BY link_id) v ON v.link_id = l.id;
 COMMENT ON VIEW link_stats IS 'Per link: clicks, human and bot clicks, QR scans, first/last click, conversions, conversion rate (conversions per human click).';
 
--- Per link and day (in the session time zone).
+-- Per link and day (in the session time zone, to the hour: link_hours are whole UTC hours).
 CREATE VIEW link_daily_clicks AS
-SELECT link_id, clicked_at::date AS day, count(*) AS clicks,
-       count(*) FILTER (WHERE NOT is_bot) AS human_clicks, count(*) FILTER (WHERE is_bot) AS bot_clicks,
-       count(*) FILTER (WHERE is_qr) AS qr_scans
-FROM click_facts
-GROUP BY link_id, clicked_at::date;
+SELECT link_id, day, sum(clicks)::bigint AS clicks, sum(human_clicks)::bigint AS human_clicks,
+       sum(clicks - human_clicks)::bigint AS bot_clicks, sum(qr_scans)::bigint AS qr_scans
+FROM (SELECT link_id, hour::date AS day, clicks, human_clicks, qr_scans FROM link_hours
+      UNION ALL
+      SELECT link_id, clicked_at::date, 1, (NOT is_bot)::int, is_qr::int FROM uncounted_clicks) x
+GROUP BY link_id, day;
 COMMENT ON VIEW link_daily_clicks IS 'Clicks per link per day: all, human, bot, QR.';
 
 -- Per link, one row per value of each dimension: referrer (host), country, device, browser, os, source.

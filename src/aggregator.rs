@@ -32,7 +32,7 @@ use crate::payload::{
 use crate::plans::{self, BOOL, INT8_ARRAY, TEXT, TEXT_ARRAY};
 use crate::rules::{self, RuleSettings};
 use crate::tally::ClickGroup;
-use crate::minutes::MinuteCount;
+use crate::minutes::{self, MinuteCount};
 use crate::thresholds;
 
 /// Counts new clicks, fires the milestones they reach and announces due
@@ -88,6 +88,7 @@ fn run() -> Result<Value> {
         return Ok(json!({"skipped": "the snapshot is older than the cursor"}));
     };
     let links = count_links(&batch)?;
+    minutes::add_hours(&batch.minutes)?;
     let campaigns = count_campaigns(&links)?;
     let lists = MilestoneLists::load()?;
     let mut reached = Vec::new();
@@ -202,17 +203,37 @@ struct Batch {
     groups: Vec<ClickGroup>,
 }
 
+/// One link's new clicks in a batch.
+struct PerLink {
+    link_id: i64,
+    clicks: i64,
+    humans: i64,
+    qr: i64,
+    first_micros: i64,
+    last_micros: i64,
+}
+
 impl Batch {
-    /// Per link (ascending): (link_id, clicks, humans).
-    fn per_link(&self) -> Vec<(i64, i64, i64)> {
-        let mut links: Vec<(i64, i64, i64)> = Vec::new();
+    /// Per link, ascending (the minutes come ordered by link, then minute).
+    fn per_link(&self) -> Vec<PerLink> {
+        let mut links: Vec<PerLink> = Vec::new();
         for m in &self.minutes {
             match links.last_mut() {
-                Some(last) if last.0 == m.link_id => {
-                    last.1 += m.clicks;
-                    last.2 += m.humans;
+                Some(last) if last.link_id == m.link_id => {
+                    last.clicks += m.clicks;
+                    last.humans += m.humans;
+                    last.qr += m.qr;
+                    last.first_micros = last.first_micros.min(m.first_micros);
+                    last.last_micros = last.last_micros.max(m.last_micros);
                 }
-                _ => links.push((m.link_id, m.clicks, m.humans)),
+                _ => links.push(PerLink {
+                    link_id: m.link_id,
+                    clicks: m.clicks,
+                    humans: m.humans,
+                    qr: m.qr,
+                    first_micros: m.first_micros,
+                    last_micros: m.last_micros,
+                }),
             }
         }
         links
@@ -231,7 +252,7 @@ fn read_new_clicks(previous: &str, with_groups: bool) -> Result<Option<Batch>> {
                   new AS MATERIALIZED (
                     SELECT c.id, c.link_id, c.is_bot IS TRUE AS is_bot, c.country, c.device, c.source,
                            pg_catalog.date_part('epoch', pg_catalog.date_trunc('minute', c.clicked_at))::bigint AS minute,
-                           c.referer
+                           c.referer, c.clicked_at
                       FROM linkhooks.clicks c, snap, cursor
                      WHERE c.txid >= pg_catalog.pg_snapshot_xmin($1::pg_catalog.pg_snapshot)
                        AND c.txid < pg_catalog.pg_snapshot_xmax(snap.now)
@@ -239,7 +260,10 @@ fn read_new_clicks(previous: &str, with_groups: bool) -> Result<Option<Batch>> {
                        AND c.id > cursor.id_floor),
                   fresh AS (
                     SELECT link_id, minute, pg_catalog.count(*) AS clicks,
-                           pg_catalog.count(*) FILTER (WHERE NOT is_bot) AS humans
+                           pg_catalog.count(*) FILTER (WHERE NOT is_bot) AS humans,
+                           pg_catalog.count(*) FILTER (WHERE source = 'qr') AS qr,
+                           (EXTRACT(epoch FROM pg_catalog.min(clicked_at)) * 1000000)::bigint AS first_at,
+                           (EXTRACT(epoch FROM pg_catalog.max(clicked_at)) * 1000000)::bigint AS last_at
                       FROM new GROUP BY 1, 2),
                   -- For digests only: the same clicks by what a digest counts them by.
                   groups AS (
@@ -252,13 +276,21 @@ fn read_new_clicks(previous: &str, with_groups: bool) -> Result<Option<Batch>> {
              SELECT snap.now::text,
                     pg_catalog.pg_snapshot_xmin(snap.now) >= pg_catalog.pg_snapshot_xmin(snap.prev)
                       AND pg_catalog.pg_snapshot_xmax(snap.now) >= pg_catalog.pg_snapshot_xmax(snap.prev),
-                    (SELECT pg_catalog.max(c.id) FROM linkhooks.clicks c
-                      WHERE c.txid >= pg_catalog.pg_snapshot_xmax(snap.now)),
+                    -- Restored clicks from the future, rare: the newest txid (from its index) says
+                    -- whether to look; a plain max(id) with that filter scans every click backwards.
+                    (SELECT CASE WHEN top.txid >= pg_catalog.pg_snapshot_xmax(snap.now) THEN
+                              (SELECT pg_catalog.max(c.id) FROM linkhooks.clicks c
+                                WHERE c.txid >= pg_catalog.pg_snapshot_xmax(snap.now)) END
+                       FROM (SELECT c.txid FROM linkhooks.clicks c WHERE c.txid IS NOT NULL
+                              ORDER BY c.txid DESC LIMIT 1) top),
                     (SELECT pg_catalog.array_agg(link_id ORDER BY link_id, minute) FROM fresh),
                     (SELECT pg_catalog.array_agg(minute ORDER BY link_id, minute) FROM fresh),
                     (SELECT pg_catalog.array_agg(clicks ORDER BY link_id, minute) FROM fresh),
                     (SELECT pg_catalog.array_agg(humans ORDER BY link_id, minute) FROM fresh),
-                    (SELECT pg_catalog.json_agg(groups)::text FROM groups)
+                    (SELECT pg_catalog.json_agg(groups)::text FROM groups),
+                    (SELECT pg_catalog.array_agg(qr ORDER BY link_id, minute) FROM fresh),
+                    (SELECT pg_catalog.array_agg(first_at ORDER BY link_id, minute) FROM fresh),
+                    (SELECT pg_catalog.array_agg(last_at ORDER BY link_id, minute) FROM fresh)
                FROM snap",
             &[TEXT, BOOL],
             &[previous.into(), with_groups.into()],
@@ -280,6 +312,7 @@ fn read_new_clicks(previous: &str, with_groups: bool) -> Result<Option<Batch>> {
                 .collect())
         };
         let (link_ids, minutes, clicks, humans) = (ints(4)?, ints(5)?, ints(6)?, ints(7)?);
+        let (qr, first, last) = (ints(9)?, ints(10)?, ints(11)?);
         let groups = match row.get::<String>(8)? {
             Some(json) => serde_json::from_str(&json)
                 .map_err(|e| crate::error::Error::Column(format!("click groups: {e}")))?,
@@ -294,6 +327,9 @@ fn read_new_clicks(previous: &str, with_groups: bool) -> Result<Option<Batch>> {
                     minute: minutes[i],
                     clicks: clicks[i],
                     humans: humans[i],
+                    qr: qr[i],
+                    first_micros: first[i],
+                    last_micros: last[i],
                 })
                 .collect(),
             groups,
@@ -307,45 +343,60 @@ fn count_links(batch: &Batch) -> Result<Vec<LinkCount>> {
     if per_link.is_empty() {
         return Ok(Vec::new());
     }
+    let column = |f: fn(&PerLink) -> i64| per_link.iter().map(f).collect::<Vec<i64>>();
     let base_url = guc::string(&guc::BASE_URL);
     Spi::connect_mut(|client| {
         let rows = plans::execute(
             client,
             "WITH new AS (
-                SELECT n.link_id, n.clicks, n.humans
-                  FROM unnest($1::bigint[], $2::bigint[], $3::bigint[]) AS n(link_id, clicks, humans)
+                SELECT n.link_id, n.clicks, n.humans, n.qr,
+                       pg_catalog.to_timestamp(0) + n.first_at * interval '1 microsecond' AS first_at,
+                       pg_catalog.to_timestamp(0) + n.last_at * interval '1 microsecond' AS last_at
+                  FROM unnest($1::bigint[], $2::bigint[], $3::bigint[], $4::bigint[], $5::bigint[], $6::bigint[])
+                       AS n(link_id, clicks, humans, qr, first_at, last_at)
                  WHERE EXISTS (SELECT FROM linkhooks.links l WHERE l.id = n.link_id)),
              counted AS (
-                INSERT INTO linkhooks.link_counts AS k (link_id, clicks, human_clicks)
-                SELECT link_id, clicks, humans FROM new
+                INSERT INTO linkhooks.link_counts AS k
+                       (link_id, clicks, human_clicks, qr_scans, first_click_at, last_click_at)
+                SELECT link_id, clicks, humans, qr, first_at, last_at FROM new
                 ON CONFLICT (link_id) DO UPDATE
                    SET clicks = k.clicks + excluded.clicks,
                        human_clicks = k.human_clicks + excluded.human_clicks,
+                       qr_scans = k.qr_scans + excluded.qr_scans,
+                       first_click_at = LEAST(k.first_click_at, excluded.first_click_at),
+                       last_click_at = GREATEST(k.last_click_at, excluded.last_click_at),
                        updated_at = pg_catalog.now()
                 RETURNING k.link_id, k.clicks, k.human_clicks)
+             -- No join back to `new`: its row estimate is a guess, and a nested loop over
+             -- a CTE scan of tens of thousands of links is quadratic.
              SELECT l.id, l.domain, l.slug, l.destination, l.campaign, l.tags,
-                    counted.clicks, counted.human_clicks, new.clicks, new.humans
+                    counted.clicks, counted.human_clicks
                FROM counted
-               JOIN new ON new.link_id = counted.link_id
                JOIN linkhooks.links l ON l.id = counted.link_id
               ORDER BY l.id",
-            &[INT8_ARRAY, INT8_ARRAY, INT8_ARRAY],
+            &[INT8_ARRAY; 6],
             &[
-                per_link.iter().map(|l| l.0).collect::<Vec<_>>().into(),
-                per_link.iter().map(|l| l.1).collect::<Vec<_>>().into(),
-                per_link.iter().map(|l| l.2).collect::<Vec<_>>().into(),
+                column(|l| l.link_id).into(),
+                column(|l| l.clicks).into(),
+                column(|l| l.humans).into(),
+                column(|l| l.qr).into(),
+                column(|l| l.first_micros).into(),
+                column(|l| l.last_micros).into(),
             ],
         )?;
+        let added: HashMap<i64, &PerLink> = per_link.iter().map(|l| (l.link_id, l)).collect();
         rows.into_iter()
             .map(|r| {
+                let link = linkstore::payload_from_row(&r, &base_url)?;
+                let new = added.get(&link.id);
                 Ok(LinkCount {
-                    link: linkstore::payload_from_row(&r, &base_url)?,
                     totals: Totals {
                         clicks: r.get(7)?.unwrap_or_default(),
                         humans: r.get(8)?.unwrap_or_default(),
-                        new_clicks: r.get(9)?.unwrap_or_default(),
-                        new_humans: r.get(10)?.unwrap_or_default(),
+                        new_clicks: new.map_or(0, |l| l.clicks),
+                        new_humans: new.map_or(0, |l| l.humans),
                     },
+                    link,
                 })
             })
             .collect()

@@ -102,7 +102,7 @@ pub fn register() {
     );
     checked(
         c"linkhooks.maintenance_interval",
-        c"How often the worker runs linkhooks.run_maintenance() (e.g. 30s).",
+        c"How often the housekeeper process runs linkhooks.run_maintenance() (e.g. 30s).",
         &MAINTENANCE_INTERVAL,
         Some(check_positive_duration),
     );

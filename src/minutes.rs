@@ -16,6 +16,11 @@ pub struct MinuteCount {
     pub minute: i64,
     pub clicks: i64,
     pub humans: i64,
+    /// QR scans among them.
+    pub qr: i64,
+    /// The first and last `clicked_at` among them (Unix microseconds).
+    pub first_micros: i64,
+    pub last_micros: i64,
 }
 
 /// Whose clicks a rule counts: one link's, or one campaign's.
@@ -92,6 +97,37 @@ pub fn add(minutes: &[MinuteCount], campaign_of: &dyn Fn(i64) -> Option<String>)
                 campaigns.into(),
                 column(|m| m.clicks).into(),
                 column(|m| m.humans).into(),
+            ],
+        )?;
+        Ok(())
+    })
+}
+
+/// Adds a batch's clicks per link and hour (UTC hours) of `clicked_at` to
+/// `link_hours`, behind `link_daily_clicks`; links deleted meanwhile are skipped.
+pub fn add_hours(minutes: &[MinuteCount]) -> Result<()> {
+    if minutes.is_empty() {
+        return Ok(());
+    }
+    let column = |f: fn(&MinuteCount) -> i64| minutes.iter().map(f).collect::<Vec<i64>>();
+    Spi::connect_mut(|client| -> Result<()> {
+        plans::execute(
+            client,
+            "INSERT INTO linkhooks.link_hours AS t (link_id, hour, clicks, human_clicks, qr_scans)
+             SELECT u.l, pg_catalog.to_timestamp(u.m / 3600 * 3600), pg_catalog.sum(u.k), pg_catalog.sum(u.h), pg_catalog.sum(u.q)
+               FROM unnest($1::bigint[], $2::bigint[], $3::bigint[], $4::bigint[], $5::bigint[]) AS u(l, m, k, h, q)
+              WHERE EXISTS (SELECT FROM linkhooks.links l WHERE l.id = u.l)
+              GROUP BY 1, 2
+             ON CONFLICT (link_id, hour) DO UPDATE
+                SET clicks = t.clicks + excluded.clicks, human_clicks = t.human_clicks + excluded.human_clicks,
+                    qr_scans = t.qr_scans + excluded.qr_scans",
+            &[INT8_ARRAY, INT8_ARRAY, INT8_ARRAY, INT8_ARRAY, INT8_ARRAY],
+            &[
+                column(|m| m.link_id).into(),
+                column(|m| m.minute).into(),
+                column(|m| m.clicks).into(),
+                column(|m| m.humans).into(),
+                column(|m| m.qr).into(),
             ],
         )?;
         Ok(())

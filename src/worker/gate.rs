@@ -166,7 +166,7 @@ pub fn exit_for_restart() -> ! {
 /// owner creates (a `public.format(text, timestamptz)`, an operator) is
 /// found before the built-in one, and every statement also qualifies
 /// extension objects with `linkhooks.` and functions with `pg_catalog.`.
-pub const SESSION_SETTINGS: &[(&str, &str)] = &[
+const SESSION_SETTINGS: &[(&str, &str)] = &[
     ("search_path", "pg_catalog, pg_temp"),
     // No lock wait longer than a second: row locks are taken with SKIP LOCKED
     // and what fails on a lock is retried (see worker::record), so an admin
@@ -174,22 +174,17 @@ pub const SESSION_SETTINGS: &[(&str, &str)] = &[
     ("lock_timeout", "1s"),
     // Safe: a lost worker commit only means a resend.
     ("synchronous_commit", "off"),
-    // The claim must walk deliveries_due in order and stop at its limit. Its generic
-    // plan, costed from an estimate of one due row, otherwise picks a sequential
-    // scan and a sort of the whole backlog (120 ms instead of 2 ms at 50k rows).
-    // Every other statement here is a lookup by key, which these settings favour too.
-    ("enable_seqscan", "off"),
-    ("enable_sort", "off"),
-    // Compiling a short statement would cost it 100 ms (the settings above make every
-    // plan look expensive enough to qualify).
+    // Compiling a short statement would cost it 100 ms, and a batch of the aggregator's
+    // can look expensive enough to qualify.
     ("jit", "off"),
-    ("application_name", "pg_linkhooks worker"),
 ];
 
-/// Applies `SESSION_SETTINGS` for the whole session (not only a transaction).
-pub fn set_up_session() {
+/// Applies `SESSION_SETTINGS` and names the session (`application_name`) for
+/// the whole session (not only a transaction).
+pub fn set_up_session(application_name: &str) {
     BackgroundWorker::transaction(|| {
-        for (name, value) in SESSION_SETTINGS {
+        let name = [("application_name", application_name)];
+        for (name, value) in SESSION_SETTINGS.iter().chain(&name) {
             let (name, value) = (
                 std::ffi::CString::new(*name).expect("no NUL in a setting name"),
                 std::ffi::CString::new(*value).expect("no NUL in a setting value"),

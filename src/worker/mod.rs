@@ -10,12 +10,14 @@
 //! - `claim`: endpoints, the claim, leases;
 //! - `record`: outcomes, the attempt log, dead letters, subscription bookkeeping;
 //! - `status`: `linkhooks.worker_status()`;
-//! - `checks`: destination health checks between deliveries.
+//! - `checks`: destination health checks between deliveries;
+//! - `housekeeper`: the process that counts clicks and runs maintenance beside it.
 
 mod admission;
 mod checks;
 mod claim;
 mod gate;
+mod housekeeper;
 mod record;
 mod settings;
 mod status;
@@ -36,6 +38,7 @@ use crate::shared::{self, WorkerState};
 use admission::Flights;
 use checks::Checks;
 use claim::{Endpoint, Held};
+use housekeeper::{Chores, Housekeeper};
 use record::Bookkeeping;
 use settings::Settings;
 
@@ -44,12 +47,6 @@ const IDLE_POLL: Duration = Duration::from_secs(5);
 /// Outcomes are written in batches: when this many wait, or the oldest has waited `RECORD_DELAY`.
 const RECORD_BATCH: usize = 200;
 const RECORD_DELAY: Duration = Duration::from_millis(5);
-/// How often the worker looks whether clicks or misses were committed since the
-/// click aggregator last ran (a read of shared memory); if so it runs it.
-const AGGREGATE_CHECK: Duration = Duration::from_millis(250);
-/// The aggregator runs at least this often anyway: thresholds re-arm, digest
-/// windows end and misses come due with time, not with clicks.
-const AGGREGATE_IDLE: Duration = Duration::from_secs(5);
 /// After a transaction failed (a lock timeout), wait this long before the next.
 const RETRY_AFTER_ERROR: Duration = Duration::from_secs(1);
 
@@ -85,7 +82,7 @@ pub fn register() {
 pub extern "C-unwind" fn linkhooks_worker_main(_arg: pg_sys::Datum) {
     BackgroundWorker::attach_signal_handlers(SignalWakeFlags::SIGHUP | SignalWakeFlags::SIGTERM);
     let database = gate::connect();
-    gate::set_up_session();
+    gate::set_up_session("pg_linkhooks worker");
     log!("pg_linkhooks worker started for database \"{database}\"");
 
     let allow_private = Arc::new(AtomicBool::new(guc::ALLOW_PRIVATE_TARGETS.get()));
@@ -139,10 +136,10 @@ pub struct Worker {
     more_due: bool,
     /// When to claim again even if nothing wakes us (a retry comes due, the fallback poll).
     next_due: Option<Instant>,
-    next_maintenance: Instant,
-    next_aggregation: Instant,
-    /// When the aggregator last ran, and the clicks generation it saw then.
-    aggregated: (Instant, Option<u64>),
+    housekeeper: Housekeeper,
+    /// The housekeeper's chores, run here only while it cannot start; and when next due.
+    chores: Chores,
+    chores_due: Option<Instant>,
     checks: Checks,
     extension_ready: bool,
     /// Poll interval while the extension is missing (grows to `gate::MAX_BACKOFF`).
@@ -207,9 +204,9 @@ impl Worker {
             bookkeeping: Bookkeeping::default(),
             more_due: true,
             next_due: None,
-            next_maintenance: Instant::now(),
-            next_aggregation: Instant::now(),
-            aggregated: (Instant::now(), None),
+            housekeeper: Housekeeper::default(),
+            chores: Chores::new(),
+            chores_due: None,
             checks: Checks::default(),
             extension_ready: false,
             extension_wait: Duration::ZERO,
@@ -263,7 +260,6 @@ impl Worker {
             } else {
                 timer_due || woken
             };
-            let maintenance_due = self.extension_ready && now >= self.next_maintenance;
             // Subscriptions changed: learn which before sending anything more.
             let subscriptions_changed = self.extension_ready
                 && self.endpoints_generation != Some(shared::config_generation());
@@ -284,28 +280,9 @@ impl Worker {
                 // SAFETY: called between transactions, as Postgres requires.
                 unsafe { pg_sys::pgstat_report_stat(false) };
             }
-            if maintenance_due {
-                // Its own transaction: a maintenance error (a lock timeout) must not hold up delivery.
-                if let Err(e) = gate::try_transaction(|| {
-                    if crate::replication::receives_deliveries()? {
-                        return Ok(()); // the publisher maintains what it sends
-                    }
-                    Spi::run("SELECT linkhooks.run_maintenance()").map_err(Into::into)
-                }) {
-                    self.warn_failure("maintenance", &e);
-                }
-                self.next_maintenance = Instant::now()
-                    .checked_add(self.settings.maintenance_every)
-                    .unwrap_or(now + IDLE_POLL);
-            }
-            if self.extension_ready && now >= self.next_aggregation {
-                let generation = shared::clicks_generation();
-                let (last_run, seen) = self.aggregated;
-                if seen != Some(generation) || now >= last_run + AGGREGATE_IDLE {
-                    self.aggregate();
-                    self.aggregated = (Instant::now(), Some(generation));
-                }
-                self.next_aggregation = Instant::now() + AGGREGATE_CHECK;
+            self.chores_due = None;
+            if self.extension_ready && !self.housekeeper.ensure() {
+                self.chores_due = Some(self.chores.run_due(self.settings.maintenance_every));
             }
             if self.extension_ready {
                 self.run_checks(Instant::now());
@@ -433,25 +410,6 @@ impl Worker {
         Ok(false)
     }
 
-    /// Counts the clicks committed since the last run and queues the milestones
-    /// they reach (src/aggregator.rs), in its own short transaction.
-    fn aggregate(&mut self) {
-        if let Err(e) = gate::try_transaction(|| {
-            if crate::replication::receives_deliveries()? {
-                return Ok(()); // the publisher counts the clicks it sends
-            }
-            let installed = Spi::get_one::<bool>(
-                "SELECT pg_catalog.to_regprocedure('linkhooks.run_aggregation()') IS NOT NULL",
-            )?;
-            if installed == Some(true) {
-                Spi::run("SELECT linkhooks.run_aggregation()")?;
-            }
-            Ok(()) // a schema from before 0.5.0 until it is updated
-        }) {
-            self.warn_failure("click aggregation", &e);
-        }
-    }
-
     /// Hands claimed jobs to the threads: a claim never takes more than are free.
     fn dispatch(&mut self, jobs: Vec<Job>) {
         let now = Instant::now();
@@ -495,9 +453,9 @@ impl Worker {
             let until = |t: Instant| t.saturating_duration_since(now);
             let mut timeout = self.next_due.map_or(IDLE_POLL, until).min(IDLE_POLL);
             if self.extension_ready {
-                timeout = timeout
-                    .min(until(self.next_maintenance))
-                    .min(until(self.next_aggregation));
+                if let Some(t) = self.chores_due {
+                    timeout = timeout.min(until(t));
+                }
                 if let Some(t) = self.checks.next_wake(self.settings.limits.concurrency) {
                     timeout = timeout.min(until(t));
                 }
@@ -527,6 +485,7 @@ impl Worker {
 
     /// Stops promptly: waits briefly for requests in flight and records them.
     fn shutdown(&mut self) {
+        self.housekeeper.stop();
         let deadline = Instant::now() + Duration::from_secs(2);
         while self.flights.total() > 0 && Instant::now() < deadline {
             match self

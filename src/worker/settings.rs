@@ -35,16 +35,6 @@ impl Settings {
             0 => schedule.default_max_attempts(),
             n => n,
         };
-        let interval = guc::string(&guc::MAINTENANCE_INTERVAL);
-        let maintenance_every = match duration::parse(&interval) {
-            Some(d) if !d.is_zero() => d,
-            _ => {
-                warning!(
-                    "invalid linkhooks.maintenance_interval '{interval}': must be a positive duration up to 3650d like '30s'; using 30s"
-                );
-                Duration::from_secs(30)
-            }
-        };
         // Checked when set (guc.rs): a fallback here only guards a bug.
         let health_check_interval = duration::parse(&guc::string(&guc::HEALTH_CHECK_INTERVAL))
             .filter(|d| !d.is_zero())
@@ -57,7 +47,21 @@ impl Settings {
             limits: Limits::new(guc::HTTP_CONCURRENCY.get().max(1) as usize),
             default_timeout: Duration::from_millis(guc::DEFAULT_TIMEOUT_MS.get().max(1) as u64),
             disable_after: guc::DISABLE_AFTER_DEAD_LETTERS.get(),
-            maintenance_every,
+            maintenance_every: maintenance_every(),
+        }
+    }
+}
+
+/// `linkhooks.maintenance_interval` (checked when set: the fallback only guards a bug).
+pub fn maintenance_every() -> Duration {
+    let interval = guc::string(&guc::MAINTENANCE_INTERVAL);
+    match duration::parse(&interval) {
+        Some(d) if !d.is_zero() => d,
+        _ => {
+            warning!(
+                "invalid linkhooks.maintenance_interval '{interval}': must be a positive duration up to 3650d like '30s'; using 30s"
+            );
+            Duration::from_secs(30)
         }
     }
 }

@@ -82,6 +82,51 @@ def test_subscription_health_shows_why_a_subscription_is_disabled(db, receiver):
     assert "410" in h["disabled_reason"] and h["dead_letters"] == 1 and h["consecutive_failures"] == 1
 
 
+RAW_STATS = """SELECT link_id, count(*) AS clicks, count(*) FILTER (WHERE NOT is_bot) AS human_clicks,
+                      count(*) FILTER (WHERE is_bot) AS bot_clicks, count(*) FILTER (WHERE is_qr) AS qr_scans,
+                      min(clicked_at) AS first_click_at, max(clicked_at) AS last_click_at
+                 FROM linkhooks.click_facts GROUP BY link_id ORDER BY link_id"""
+RAW_DAILY = """SELECT link_id, clicked_at::date AS day, count(*) AS clicks, count(*) FILTER (WHERE NOT is_bot) AS human_clicks,
+                      count(*) FILTER (WHERE is_bot) AS bot_clicks, count(*) FILTER (WHERE is_qr) AS qr_scans
+                 FROM linkhooks.click_facts GROUP BY 1, 2 ORDER BY 1, 2"""
+
+
+def test_counted_views_are_exact_before_during_and_after_counting(cluster, db):
+    """link_stats and link_daily_clicks read the aggregator's counts plus the clicks it has not
+    counted yet (issue 18): whatever the aggregator has done, they equal a count of the raw clicks."""
+    a, b = link(db, "ca"), link(db, "cb")
+
+    def add_clicks():
+        db.execute("INSERT INTO linkhooks.clicks (link_id, clicked_at, user_agent, source) "
+                   "SELECT CASE WHEN i %% 3 = 0 THEN %s ELSE %s END, now() - (i %% 50) * interval '1 hour', "
+                   "CASE WHEN i %% 4 = 0 THEN %s ELSE %s END, CASE WHEN i %% 5 = 0 THEN 'qr' ELSE 'link' END "
+                   "FROM generate_series(1, 200) i", [a, b, GOOGLEBOT, IPHONE])
+
+    def check():
+        stats = db.execute("SELECT link_id, clicks, human_clicks, bot_clicks, qr_scans, first_click_at, last_click_at "
+                           "FROM linkhooks.link_stats WHERE clicks > 0 ORDER BY link_id").fetchall()
+        assert stats == db.execute(RAW_STATS).fetchall()
+        assert db.execute("SELECT * FROM linkhooks.link_daily_clicks ORDER BY 1, 2").fetchall() == \
+            db.execute(RAW_DAILY).fetchall()
+
+    def uncounted():
+        return db.execute("SELECT count(*) FROM linkhooks.uncounted_clicks").fetchone()[0]
+
+    with cluster.connect() as holder:
+        holder.execute("SELECT pg_advisory_lock(19521, 1)")  # the aggregator's runs skip meanwhile
+        add_clicks()
+        assert uncounted() == 200
+        check()
+    wait_for(lambda: db.execute("SELECT linkhooks.run_aggregation()") and uncounted() == 0, message="counted")
+    assert db.execute("SELECT sum(clicks) FROM linkhooks.link_counts").fetchone()[0] == 200
+    check()
+    add_clicks()  # half counted, half not (or counted already: the worker may have run)
+    check()
+    wait_for(lambda: db.execute("SELECT linkhooks.run_aggregation()") and uncounted() == 0, message="counted")
+    check()
+    assert db.execute("SELECT sum(clicks) FROM linkhooks.link_hours").fetchone()[0] == 400
+
+
 def test_link_stats_family(db):
     db.execute("INSERT INTO linkhooks.campaigns (name, click_goal) VALUES ('spring', 100), ('empty', 5)")
     a = link(db, "a", campaign="spring")

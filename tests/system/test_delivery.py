@@ -322,6 +322,8 @@ def test_commits_in_another_database_do_not_wake_the_worker(cluster, db, receive
     # Idle first: earlier tests' retries would commit in the worker's database too.
     wait_for(lambda: db.execute("SELECT in_flight = 0 AND queue_depth = 0 FROM linkhooks.worker_status()").fetchone()[0],
              message="the worker idle")
+    wait_for(lambda: db.execute("SELECT NOT EXISTS (SELECT FROM linkhooks.uncounted_clicks)").fetchone()[0],
+             message="the housekeeper done counting earlier tests' clicks")
     try:
         with database(cluster, "other") as other:
             other.execute("CREATE EXTENSION pg_linkhooks")

@@ -280,3 +280,49 @@ def test_a_subscription_the_worker_has_not_loaded_is_delivered_at_once(cluster, 
         link(fresh, "quiet")
     wait_for(lambda: delivered(db, sid) == 1, timeout=10, message=lambda: f"delivery: {status(db)}")
     assert receiver.received("/quiet")[0]["verified_with"] == [secret]
+
+
+def housekeepers(conn):
+    return [r[0] for r in conn.execute("SELECT pid FROM pg_stat_activity WHERE backend_type = 'pg_linkhooks housekeeper' "
+                                       "AND datname = current_database() AND application_name = 'pg_linkhooks housekeeper'")]
+
+
+def counted_clicks(conn, link_id):
+    row = conn.execute("SELECT clicks FROM linkhooks.link_counts WHERE link_id = %s", [link_id]).fetchone()
+    return row[0] if row else 0
+
+
+def test_one_housekeeper_counts_clicks_beside_the_worker_and_comes_back(db):
+    """Click aggregation and maintenance run in a process of their own, so a long batch never holds up a delivery;
+    it is started again when it stops, and a new worker gets a new one (never two)."""
+    first = wait_for(lambda: housekeepers(db), message="a housekeeper")
+    assert len(first) == 1
+    db.execute("SELECT pg_terminate_backend(%s)", [first[0]])
+    second = wait_for(lambda: (h := housekeepers(db)) and h != first and h, timeout=30, message="a new housekeeper")
+    lid = link(db, "housekept")
+    db.execute("INSERT INTO linkhooks.clicks (link_id) VALUES (%s), (%s)", [lid, lid])
+    wait_for(lambda: counted_clicks(db, lid) == 2, message="the clicks counted by the new housekeeper")
+
+    restart_worker(db)
+    third = wait_for(lambda: (h := housekeepers(db)) and len(h) == 1 and h != second and h, timeout=30,
+                     message=lambda: f"only the new worker's housekeeper: {housekeepers(db)}")
+    db.execute("INSERT INTO linkhooks.clicks (link_id) VALUES (%s)", [lid])
+    wait_for(lambda: counted_clicks(db, lid) == 3, message="a click counted after the worker's restart")
+    assert housekeepers(db) == third
+
+
+def test_without_a_slot_for_the_housekeeper_the_worker_does_its_chores(own_cluster):
+    """max_worker_processes leaves room for the delivery worker only: one WARNING naming the setting, and
+    the clicks are still counted (by the worker, between deliveries)."""
+    c = own_cluster(max_worker_processes=1, max_logical_replication_workers=0)
+    conn = database(c, "hooks")
+    try:
+        conn.execute("CREATE EXTENSION pg_linkhooks")
+        lid = link(conn, "crowded")
+        conn.execute("INSERT INTO linkhooks.clicks (link_id) VALUES (%s)", [lid])
+        wait_for(lambda: counted_clicks(conn, lid) == 1, timeout=30, message=lambda: f"the click counted: {status(conn)}")
+        assert "no background worker slot for the housekeeper (raise max_worker_processes)" in c.log()
+        assert housekeepers(conn) == []
+        assert status(conn)["running"] is True
+    finally:
+        conn.close()
