@@ -95,11 +95,11 @@ INSERT INTO bench_outbox_subscriptions VALUES (1, gen_random_bytes(32));
 # Drain cases repeat `drains` times.
 FULL = dict(pairs=5, seconds=5, drains=3, links=100_000, throughput=50_000, latency_seconds=15, milestone_seconds=20,
             isolation=20_000,
-            backlog_small=10_000, backlog_large=1_000_000, callgrind=(100, 1100), view_clicks=10_000_000,
+            backlog_small=10_000, backlog_large=1_000_000, callgrind=(100, 1100), view_clicks=10_000_000, view_deliveries=10_000_000,
             held_events=20_000)
 SMOKE = dict(pairs=1, seconds=1, drains=1, links=1_000, throughput=500, latency_seconds=1, milestone_seconds=2,
              isolation=300,
-             backlog_small=200, backlog_large=1_000, callgrind=(2, 12), view_clicks=20_000, held_events=300)
+             backlog_small=200, backlog_large=1_000, callgrind=(2, 12), view_clicks=20_000, view_deliveries=20_000, held_events=300)
 
 
 class Nginx:
@@ -223,6 +223,7 @@ class Bench:
                 self.sql("TRUNCATE linkhooks.clicks, linkhooks.deliveries, linkhooks.delivery_attempts, linkhooks.dead_letters, "
                          "linkhooks.subscription_state, bench_plain_clicks, bench_outbox_clicks, bench_outbox, "
                          "bench_floor_deliveries, linkhooks.link_counts, linkhooks.link_hours, linkhooks.campaign_counts, "
+                         "linkhooks.subscription_minutes, linkhooks.subscription_latencies, "
                          "linkhooks.milestones")
                 return
             except psycopg.errors.DeadlockDetected:
@@ -446,7 +447,7 @@ class Bench:
                  "SELECT link_id, to_timestamp(floor(extract(epoch FROM clicked_at) / 3600) * 3600), count(*), "
                  "count(*) FILTER (WHERE is_bot IS NOT TRUE), count(*) FILTER (WHERE source = 'qr') "
                  "FROM linkhooks.clicks GROUP BY 1, 2")
-        self.sql("VACUUM ANALYZE linkhooks.clicks, linkhooks.link_counts, linkhooks.link_hours")
+        self.sql("VACUUM ANALYZE linkhooks.links, linkhooks.clicks, linkhooks.link_counts, linkhooks.link_hours")
         self.sql("SELECT pg_advisory_lock(19521, 1)")  # the aggregator's runs skip: these stay uncounted
         try:
             self.sql("INSERT INTO linkhooks.clicks (link_id, user_agent, source) "
@@ -481,6 +482,64 @@ class Bench:
             self.sql("SET session_replication_role = replica")
             self.sql("UPDATE linkhooks.links SET campaign = NULL")
             self.sql("RESET session_replication_role")
+
+    # 0.4.0's subscription_health: a day of the delivery log and the attempts, sorted for percentiles.
+    RAW_HEALTH = """
+        SELECT d.subscription_id, count(*) FILTER (WHERE d.delivered_at >= now() - interval '1 hour'), count(*),
+               percentile_cont(ARRAY[0.5, 0.95, 0.99]) WITHIN GROUP (ORDER BY extract(epoch FROM d.delivered_at - d.created_at))
+                   FILTER (WHERE d.delivered_at >= now() - interval '1 hour'),
+               percentile_cont(ARRAY[0.5, 0.95, 0.99]) WITHIN GROUP (ORDER BY extract(epoch FROM d.delivered_at - d.created_at)),
+               (SELECT count(*) FROM linkhooks.delivery_attempts a
+                 WHERE a.subscription_id = d.subscription_id AND a.started_at >= now() - interval '24 hours'
+                   AND a.status_code BETWEEN 200 AND 299)
+          FROM linkhooks.deliveries d
+         WHERE d.status = 'delivered' AND d.delivered_at >= now() - interval '24 hours'
+         GROUP BY d.subscription_id"""
+
+    def health_view(self):
+        """subscription_health with `view_deliveries` deliveries (and as many attempts) over the last day for 10
+        subscriptions: the view (per-minute rollups) against 0.4.0's query over the log. Medians of 5 (the raw
+        query: of 3)."""
+        self.worker_in("idle")
+        self.reset_clicks()
+        n = self.size["view_deliveries"]
+        subs = self.subscriptions([self.nginx.url()] * 10)
+        # Delivered over the last 24 hours, 0-49 ms after creation; one attempt each, 1 in 20 answered 500.
+        self.sql("INSERT INTO linkhooks.deliveries (event_id, subscription_id, event_type, body, signed_at, signature, "
+                 "status, attempts, created_at, delivered_at, next_attempt_at) "
+                 "SELECT linkhooks.uuidv7(), %s + g %% 10, 'link.clicked', '{}', 0, '', 'delivered', 1, "
+                 "t - (g %% 50) * interval '1 millisecond', t, t "
+                 "FROM generate_series(1, %s) g, LATERAL (SELECT now() - (g %% 86400) * interval '1 second' AS t) x",
+                 [min(subs), n])
+        # Through the attempts trigger, as the worker writes them.
+        self.sql("INSERT INTO linkhooks.delivery_attempts (delivery_id, attempt, started_at, duration_ms, status_code, "
+                 "subscription_id) SELECT id, 1, delivered_at, 1, CASE WHEN id %% 20 = 0 THEN 500 ELSE 200 END, "
+                 "subscription_id FROM linkhooks.deliveries")
+        # What the worker adds as it records deliveries (the same as the update to 0.5.0 does).
+        self.sql("""WITH d AS (SELECT subscription_id, date_trunc('minute', delivered_at, 'UTC') AS minute,
+                                      date_part('epoch', delivered_at - created_at) * 1000 AS ms FROM linkhooks.deliveries),
+                         m AS (INSERT INTO linkhooks.subscription_minutes AS t (subscription_id, minute, delivered)
+                               SELECT subscription_id, minute, count(*) FROM d GROUP BY 1, 2
+                               ON CONFLICT (subscription_id, minute) DO UPDATE SET delivered = excluded.delivered)
+                    INSERT INTO linkhooks.subscription_latencies (subscription_id, minute, bucket, deliveries)
+                    SELECT subscription_id, minute, CASE WHEN ms < 0.1 THEN 0
+                           ELSE LEAST(250, floor(ln(ms / 0.1) / ln(1.1))::int + 1) END, count(*) FROM d GROUP BY 1, 2, 3""")
+        self.sql("VACUUM ANALYZE linkhooks.deliveries, linkhooks.delivery_attempts, linkhooks.subscription_minutes, "
+                 "linkhooks.subscription_latencies")
+
+        def ms(query, runs):
+            times = []
+            for _ in range(runs):
+                start = time.perf_counter()
+                self.db.execute(query).fetchall()
+                times.append((time.perf_counter() - start) * 1000)
+            return statistics.median(times)
+
+        ours, raw = ms("SELECT * FROM linkhooks.subscription_health", 5), ms(self.RAW_HEALTH, 3)
+        self.record(f"subscription_health, 10 subscriptions, {n:,} deliveries and attempts in the last day", [ours],
+                    "ms", "the log, as 0.4.0", [raw], target=("≤", 50))
+        self.reset_clicks()
+        self.subscriptions([])
 
     def held_snapshot(self):
         """Five rounds of `held_events` click events queued and drained to nginx, while another session holds
@@ -686,7 +745,7 @@ def format_row(row):
 
 
 CASES = ["resolve", "click_inserts", "hot_link", "throughput", "latency", "milestones", "isolation", "backlog", "views",
-         "held_snapshot", "callgrind"]
+         "health_view", "held_snapshot", "callgrind"]
 
 
 def main():

@@ -76,7 +76,8 @@ BEGIN
                     'linkhooks.link_click_breakdown, linkhooks.campaign_stats, linkhooks.rules, '
                     'linkhooks.link_counts, linkhooks.link_hours, linkhooks.uncounted_clicks, linkhooks.campaign_counts, linkhooks.link_milestones, linkhooks.link_misses, '
                     'linkhooks.link_minutes, linkhooks.campaign_minutes, linkhooks.threshold_state, linkhooks.digests, '
-                    'linkhooks.link_health, linkhooks.country_minutes';
+                    'linkhooks.link_health, linkhooks.country_minutes, linkhooks.subscription_minutes, '
+                    'linkhooks.subscription_latencies';
         -- Every delivery column but the signature (valid for replay for minutes).
         RETURN NEXT 'SELECT (id, event_id, subscription_id, event_type, body, signed_at, status, attempts, '
                     'next_attempt_at, created_at, delivered_at, last_status_code, last_error) '
@@ -660,6 +661,156 @@ BEGIN
            AND a.privilege_type = 'EXECUTE' AND a.grantee <> p.proowner AND a.grantee <> 0
     LOOP
         EXECUTE pg_catalog.format('GRANT SELECT ON TABLE linkhooks.link_health TO %s', g.grantee);
+    END LOOP;
+END
+$$;
+
+-- subscription_health reads per-minute rollups (issue 18) instead of a day of the delivery log.
+
+-- Attempts, 2xx answers and deliveries per subscription and UTC minute: subscription_health reads
+-- these (a day is 1,440 rows per subscription, whatever the traffic), not the delivery log.
+-- Attempts are counted by a trigger on delivery_attempts, deliveries by the worker as it records them.
+CREATE TABLE subscription_minutes (
+    subscription_id bigint NOT NULL,
+    minute          timestamptz NOT NULL,
+    attempts        integer NOT NULL DEFAULT 0,
+    succeeded       integer NOT NULL DEFAULT 0,   -- attempts answered 2xx
+    delivered       integer NOT NULL DEFAULT 0,   -- deliveries that ended delivered in this minute
+    PRIMARY KEY (subscription_id, minute)
+);
+COMMENT ON TABLE subscription_minutes IS 'Attempts, 2xx answers and deliveries per subscription and minute (last 25 hours); read it through subscription_health.';
+-- Maintenance drops minutes older than 25 hours.
+CREATE INDEX subscription_minutes_minute ON subscription_minutes (minute);
+
+-- Deliveries per subscription, UTC minute and latency bucket (creation to delivery): bucket 0 is
+-- under 0.1 ms, bucket b >= 1 from 0.1 ms * 1.1^(b-1) up to 0.1 ms * 1.1^b (src/latency.rs).
+CREATE TABLE subscription_latencies (
+    subscription_id bigint NOT NULL,
+    minute          timestamptz NOT NULL,
+    bucket          smallint NOT NULL,
+    deliveries      integer NOT NULL,
+    PRIMARY KEY (subscription_id, minute, bucket)
+);
+COMMENT ON TABLE subscription_latencies IS 'Deliveries per subscription, minute and latency bucket (last 25 hours), behind subscription_health''s percentiles.';
+-- Maintenance drops minutes older than 25 hours.
+CREATE INDEX subscription_latencies_minute ON subscription_latencies (minute);
+
+-- The last 25 hours of the log, counted as the worker and the trigger below count from now on
+-- (buckets as in src/latency.rs).
+INSERT INTO subscription_minutes (subscription_id, minute, attempts, succeeded)
+SELECT subscription_id, pg_catalog.date_trunc('minute', started_at, 'UTC'), pg_catalog.count(*),
+       pg_catalog.count(*) FILTER (WHERE status_code BETWEEN 200 AND 299)
+  FROM delivery_attempts
+ WHERE started_at >= pg_catalog.now() - interval '25 hours' AND subscription_id IS NOT NULL
+ GROUP BY 1, 2;
+WITH d AS (
+    SELECT subscription_id, pg_catalog.date_trunc('minute', delivered_at, 'UTC') AS minute,
+           pg_catalog.date_part('epoch', delivered_at - created_at) * 1000 AS ms
+      FROM deliveries
+     WHERE status = 'delivered' AND delivered_at >= pg_catalog.now() - interval '25 hours'),
+ minutes AS (
+    INSERT INTO subscription_minutes AS t (subscription_id, minute, delivered)
+    SELECT subscription_id, minute, pg_catalog.count(*) FROM d GROUP BY 1, 2
+    ON CONFLICT (subscription_id, minute) DO UPDATE SET delivered = excluded.delivered)
+INSERT INTO subscription_latencies (subscription_id, minute, bucket, deliveries)
+SELECT subscription_id, minute,
+       CASE WHEN ms IS NULL OR ms < 0.1 THEN 0
+            ELSE LEAST(250, pg_catalog.floor(pg_catalog.ln(ms / 0.1) / pg_catalog.ln(1.1))::integer + 1) END,
+       pg_catalog.count(*)
+  FROM d GROUP BY 1, 2, 3;
+
+-- Counts each statement's new attempts into subscription_minutes (one upsert per batch the worker
+-- writes, whichever path wrote it). Not while linkhooks.restore is on: the counts are restored too.
+CREATE FUNCTION count_attempts() RETURNS trigger
+LANGUAGE plpgsql SET search_path = pg_catalog, pg_temp AS $$
+BEGIN
+    IF pg_catalog.current_setting('linkhooks.restore', true) = 'on' THEN
+        RETURN NULL;
+    END IF;
+    INSERT INTO linkhooks.subscription_minutes AS t (subscription_id, minute, attempts, succeeded)
+    SELECT n.subscription_id, pg_catalog.date_trunc('minute', n.started_at, 'UTC'), pg_catalog.count(*),
+           pg_catalog.count(*) FILTER (WHERE n.status_code BETWEEN 200 AND 299)
+      FROM new_attempts n
+     WHERE n.subscription_id IS NOT NULL
+     GROUP BY 1, 2
+    ON CONFLICT (subscription_id, minute) DO UPDATE
+       SET attempts = t.attempts + excluded.attempts, succeeded = t.succeeded + excluded.succeeded;
+    RETURN NULL;
+END
+$$;
+CREATE TRIGGER delivery_attempts_counted AFTER INSERT ON delivery_attempts
+    REFERENCING NEW TABLE AS new_attempts FOR EACH STATEMENT EXECUTE FUNCTION count_attempts();
+
+CREATE OR REPLACE VIEW subscription_health AS
+WITH periods (period, since) AS (
+    VALUES ('1h', date_trunc('minute', now(), 'UTC') - interval '59 minutes'),
+           ('24h', date_trunc('minute', now(), 'UTC') - interval '1439 minutes')
+), counted AS (
+    SELECT m.subscription_id, p.period, sum(m.attempts) AS attempts, sum(m.succeeded) AS succeeded,
+           sum(m.delivered) AS delivered
+    FROM subscription_minutes m JOIN periods p ON m.minute >= p.since
+    GROUP BY m.subscription_id, p.period
+), latency AS (
+    SELECT subscription_id, period,
+           min(bucket) FILTER (WHERE below >= 0.50 * total) AS p50,
+           min(bucket) FILTER (WHERE below >= 0.95 * total) AS p95,
+           min(bucket) FILTER (WHERE below >= 0.99 * total) AS p99
+    FROM (SELECT subscription_id, period, bucket,
+                 sum(n) OVER (PARTITION BY subscription_id, period ORDER BY bucket) AS below,
+                 sum(n) OVER (PARTITION BY subscription_id, period) AS total
+          FROM (SELECT l.subscription_id, p.period, l.bucket, sum(l.deliveries) AS n
+                FROM subscription_latencies l JOIN periods p ON l.minute >= p.since
+                GROUP BY l.subscription_id, p.period, l.bucket) b) x
+    GROUP BY subscription_id, period
+), died AS (
+    SELECT l.subscription_id, v.period, v.dead_letters
+    FROM (SELECT subscription_id, count(*) FILTER (WHERE died_at >= now() - interval '1 hour') AS n_1h, count(*) AS n_24h
+          FROM dead_letters
+          WHERE died_at >= now() - interval '24 hours'
+          GROUP BY subscription_id) l
+    CROSS JOIN LATERAL (VALUES ('1h', l.n_1h), ('24h', l.n_24h)) AS v (period, dead_letters)
+), queued AS (
+    SELECT subscription_id, count(*) AS pending, min(created_at) AS oldest
+    FROM deliveries
+    WHERE status IN ('pending', 'delivering')
+    GROUP BY subscription_id
+)
+SELECT s.id AS subscription_id, s.name, p.period, s.enabled, s.disabled_reason,
+       coalesce(c.delivered, 0) AS delivered,
+       coalesce(c.attempts - c.succeeded, 0) AS failed_attempts,
+       coalesce(di.dead_letters, 0) AS dead_letters,
+       round(c.succeeded::numeric / nullif(c.attempts, 0), 4) AS success_rate,
+       round((CASE WHEN lt.p50 = 0 THEN 0.05 ELSE 0.1 * 1.1 ^ (lt.p50 - 0.5) END)::numeric, 1) AS latency_p50_ms,
+       round((CASE WHEN lt.p95 = 0 THEN 0.05 ELSE 0.1 * 1.1 ^ (lt.p95 - 0.5) END)::numeric, 1) AS latency_p95_ms,
+       round((CASE WHEN lt.p99 = 0 THEN 0.05 ELSE 0.1 * 1.1 ^ (lt.p99 - 0.5) END)::numeric, 1) AS latency_p99_ms,
+       coalesce(q.pending, 0) AS pending,
+       now() - q.oldest AS oldest_pending_age,
+       st.last_success_at, st.last_failure_at,
+       coalesce(st.consecutive_failures, 0) AS consecutive_failures
+FROM subscriptions s
+CROSS JOIN periods p
+LEFT JOIN counted c ON c.subscription_id = s.id AND c.period = p.period
+LEFT JOIN latency lt ON lt.subscription_id = s.id AND lt.period = p.period
+LEFT JOIN died di ON di.subscription_id = s.id AND di.period = p.period
+LEFT JOIN queued q ON q.subscription_id = s.id
+LEFT JOIN subscription_state st ON st.subscription_id = s.id;
+
+SELECT pg_catalog.pg_extension_config_dump('subscription_minutes', '');
+SELECT pg_catalog.pg_extension_config_dump('subscription_latencies', '');
+REVOKE ALL ON subscription_minutes, subscription_latencies FROM PUBLIC;
+REVOKE ALL ON FUNCTION count_attempts() FROM PUBLIC;
+DO $$
+DECLARE
+    g record;
+BEGIN
+    FOR g IN
+        SELECT a.grantee::pg_catalog.regrole::pg_catalog.text AS grantee
+          FROM pg_catalog.pg_proc p CROSS JOIN LATERAL pg_catalog.aclexplode(p.proacl) a
+         WHERE p.oid = 'linkhooks.worker_status()'::pg_catalog.regprocedure
+           AND a.privilege_type = 'EXECUTE' AND a.grantee <> p.proowner AND a.grantee <> 0
+    LOOP
+        EXECUTE pg_catalog.format('GRANT SELECT ON TABLE linkhooks.subscription_minutes, linkhooks.subscription_latencies TO %s',
+                                  g.grantee);
     END LOOP;
 END
 $$;

@@ -13,29 +13,30 @@ LEFT JOIN subscriptions s ON s.id = d.subscription_id;
 COMMENT ON VIEW delivery_log IS 'One row per delivery: subscription, event, status, attempts, last error, end-to-end latency.';
 
 -- Per subscription and period ('1h', '24h'): volume, failures, latency, backlog and state.
--- One pass over the last day per source, split into both periods with FILTER.
+-- Volume and latency come from the per-minute rollups (the last 60 or 1,440 UTC minutes, the
+-- current one included), so the view reads at most a day of minutes whatever the traffic;
+-- percentiles are the middle of their latency bucket (within 5%, src/latency.rs).
 CREATE VIEW subscription_health AS
-WITH delivered AS (
-    SELECT d.subscription_id, v.period, v.delivered, v.latency_ms
-    FROM (SELECT subscription_id, count(*) FILTER (WHERE recent) AS n_1h, count(*) AS n_24h,
-                 percentile_cont(ARRAY[0.5, 0.95, 0.99]) WITHIN GROUP (ORDER BY ms) FILTER (WHERE recent) AS ms_1h,
-                 percentile_cont(ARRAY[0.5, 0.95, 0.99]) WITHIN GROUP (ORDER BY ms) AS ms_24h
-          FROM (SELECT subscription_id, delivered_at >= now() - interval '1 hour' AS recent,
-                       extract(epoch FROM delivered_at - created_at) * 1000 AS ms
-                FROM deliveries
-                WHERE status = 'delivered' AND delivered_at >= now() - interval '24 hours') x
-          GROUP BY subscription_id) d
-    CROSS JOIN LATERAL (VALUES ('1h', d.n_1h, d.ms_1h), ('24h', d.n_24h, d.ms_24h)) AS v (period, delivered, latency_ms)
-), attempted AS (
-    SELECT a.subscription_id, v.period, v.attempts, v.succeeded
-    FROM (SELECT subscription_id, count(*) FILTER (WHERE recent) AS n_1h, count(*) AS n_24h,
-                 count(*) FILTER (WHERE recent AND ok) AS ok_1h, count(*) FILTER (WHERE ok) AS ok_24h
-          FROM (SELECT subscription_id, started_at >= now() - interval '1 hour' AS recent,
-                       coalesce(status_code BETWEEN 200 AND 299, false) AS ok
-                FROM delivery_attempts
-                WHERE started_at >= now() - interval '24 hours') x
-          GROUP BY subscription_id) a
-    CROSS JOIN LATERAL (VALUES ('1h', a.n_1h, a.ok_1h), ('24h', a.n_24h, a.ok_24h)) AS v (period, attempts, succeeded)
+WITH periods (period, since) AS (
+    VALUES ('1h', date_trunc('minute', now(), 'UTC') - interval '59 minutes'),
+           ('24h', date_trunc('minute', now(), 'UTC') - interval '1439 minutes')
+), counted AS (
+    SELECT m.subscription_id, p.period, sum(m.attempts) AS attempts, sum(m.succeeded) AS succeeded,
+           sum(m.delivered) AS delivered
+    FROM subscription_minutes m JOIN periods p ON m.minute >= p.since
+    GROUP BY m.subscription_id, p.period
+), latency AS (
+    SELECT subscription_id, period,
+           min(bucket) FILTER (WHERE below >= 0.50 * total) AS p50,
+           min(bucket) FILTER (WHERE below >= 0.95 * total) AS p95,
+           min(bucket) FILTER (WHERE below >= 0.99 * total) AS p99
+    FROM (SELECT subscription_id, period, bucket,
+                 sum(n) OVER (PARTITION BY subscription_id, period ORDER BY bucket) AS below,
+                 sum(n) OVER (PARTITION BY subscription_id, period) AS total
+          FROM (SELECT l.subscription_id, p.period, l.bucket, sum(l.deliveries) AS n
+                FROM subscription_latencies l JOIN periods p ON l.minute >= p.since
+                GROUP BY l.subscription_id, p.period, l.bucket) b) x
+    GROUP BY subscription_id, period
 ), died AS (
     SELECT l.subscription_id, v.period, v.dead_letters
     FROM (SELECT subscription_id, count(*) FILTER (WHERE died_at >= now() - interval '1 hour') AS n_1h, count(*) AS n_24h
@@ -50,21 +51,21 @@ WITH delivered AS (
     GROUP BY subscription_id
 )
 SELECT s.id AS subscription_id, s.name, p.period, s.enabled, s.disabled_reason,
-       coalesce(dl.delivered, 0) AS delivered,
-       coalesce(at.attempts - at.succeeded, 0) AS failed_attempts,
+       coalesce(c.delivered, 0) AS delivered,
+       coalesce(c.attempts - c.succeeded, 0) AS failed_attempts,
        coalesce(di.dead_letters, 0) AS dead_letters,
-       round(at.succeeded::numeric / nullif(at.attempts, 0), 4) AS success_rate,
-       round(dl.latency_ms[1]::numeric, 1) AS latency_p50_ms,
-       round(dl.latency_ms[2]::numeric, 1) AS latency_p95_ms,
-       round(dl.latency_ms[3]::numeric, 1) AS latency_p99_ms,
+       round(c.succeeded::numeric / nullif(c.attempts, 0), 4) AS success_rate,
+       round((CASE WHEN lt.p50 = 0 THEN 0.05 ELSE 0.1 * 1.1 ^ (lt.p50 - 0.5) END)::numeric, 1) AS latency_p50_ms,
+       round((CASE WHEN lt.p95 = 0 THEN 0.05 ELSE 0.1 * 1.1 ^ (lt.p95 - 0.5) END)::numeric, 1) AS latency_p95_ms,
+       round((CASE WHEN lt.p99 = 0 THEN 0.05 ELSE 0.1 * 1.1 ^ (lt.p99 - 0.5) END)::numeric, 1) AS latency_p99_ms,
        coalesce(q.pending, 0) AS pending,
        now() - q.oldest AS oldest_pending_age,
        st.last_success_at, st.last_failure_at,
        coalesce(st.consecutive_failures, 0) AS consecutive_failures
 FROM subscriptions s
-CROSS JOIN (VALUES ('1h'), ('24h')) AS p (period)
-LEFT JOIN delivered dl ON dl.subscription_id = s.id AND dl.period = p.period
-LEFT JOIN attempted at ON at.subscription_id = s.id AND at.period = p.period
+CROSS JOIN periods p
+LEFT JOIN counted c ON c.subscription_id = s.id AND c.period = p.period
+LEFT JOIN latency lt ON lt.subscription_id = s.id AND lt.period = p.period
 LEFT JOIN died di ON di.subscription_id = s.id AND di.period = p.period
 LEFT JOIN queued q ON q.subscription_id = s.id
 LEFT JOIN subscription_state st ON st.subscription_id = s.id;

@@ -9,6 +9,7 @@ mod doorkeeper;
 mod duration;
 mod filters;
 mod health;
+mod latency;
 mod limits;
 mod links;
 mod milestones;

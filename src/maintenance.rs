@@ -34,6 +34,7 @@ fn run_maintenance() -> pgrx::JsonB {
             "misses_dropped": since_0_5(crate::misses::cap_rows)?,
             "keys_pruned": since_0_5(prune_keys)?,
             "minutes_pruned": since_0_5(crate::thresholds::prune)?,
+            "health_minutes_pruned": since_0_5(prune_health_minutes)?,
             "deliveries_pruned": prune()?,
         }))
     };
@@ -157,6 +158,18 @@ fn expire_held() -> Result<i64> {
             SELECT * FROM expired ON CONFLICT (delivery_id) DO NOTHING)
          SELECT pg_catalog.count(*) FROM expired",
         &[BATCH.into(), window_ms.into()],
+    )?
+    .unwrap_or(0))
+}
+
+/// Drops `subscription_health`'s minutes older than 25 hours (it reads the last 24).
+fn prune_health_minutes() -> Result<i64> {
+    Ok(Spi::get_one::<i64>(
+        "WITH m AS (DELETE FROM linkhooks.subscription_minutes
+                     WHERE minute < pg_catalog.now() - interval '25 hours' RETURNING 1),
+              l AS (DELETE FROM linkhooks.subscription_latencies
+                     WHERE minute < pg_catalog.now() - interval '25 hours' RETURNING 1)
+         SELECT (SELECT pg_catalog.count(*) FROM m) + (SELECT pg_catalog.count(*) FROM l)",
     )?
     .unwrap_or(0))
 }

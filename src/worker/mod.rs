@@ -122,7 +122,7 @@ pub struct Worker {
     database: String,
     endpoints: HashMap<i64, Endpoint>,
     endpoints_generation: Option<u64>,
-    /// The schema has 0.5.0's subscription holds (`paused`): see claim.rs.
+    /// The schema is 0.5.0's: subscription holds (`paused`, see claim.rs), health rollups (record.rs).
     schema_holds: bool,
     /// Requests in flight, and how fast each subscription answered.
     flights: Flights,

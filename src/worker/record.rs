@@ -16,6 +16,7 @@ use pgrx::prelude::*;
 use super::Worker;
 use crate::error::Result;
 use crate::health::{self, HealthChange};
+use crate::latency;
 use crate::opsevents;
 use crate::payload::{DeadDelivery, DisabledSubscription};
 use crate::plans::{self, FLOAT8_ARRAY, INT4_ARRAY, INT8_ARRAY, TEXT_ARRAY};
@@ -74,9 +75,12 @@ impl Worker {
             let kept: Vec<_> = outcomes
                 .iter()
                 .zip(&verdicts)
-                .filter(|(o, _)| updated.contains(&o.delivery_id))
+                .filter(|(o, _)| updated.contains_key(&o.delivery_id))
                 .collect();
             log_attempts(client, &kept)?;
+            if self.schema_holds {
+                count_deliveries(client, &kept, &updated)?; // 0.5.0's rollups
+            }
             let dead = add_dead_letters(client, &kept)?;
             Ok((updated, busy, dead))
         })?;
@@ -93,7 +97,7 @@ impl Worker {
                 continue;
             }
             self.held.remove(&o.delivery_id);
-            if !updated.contains(&o.delivery_id) {
+            if !updated.contains_key(&o.delivery_id) {
                 continue;
             }
             match verdict {
@@ -290,12 +294,13 @@ fn update_health(changes: Vec<HealthChange>) -> Result<()> {
 /// row is still the claim the attempt was made for (same event, same attempt,
 /// still delivering): a row marked dead by maintenance meanwhile, or a new row
 /// that took a truncated one's id, is left alone. A row another transaction
-/// holds is skipped (see `still_claimed`). Returns the ids updated.
+/// holds is skipped (see `still_claimed`). Returns the ids updated, with the
+/// latency (creation to delivery, ms) of those delivered.
 fn set_delivery_status(
     client: &mut pgrx::spi::SpiClient<'_>,
     outcomes: &[Outcome],
     verdicts: &[Verdict],
-) -> Result<HashSet<i64>> {
+) -> Result<Updated> {
     let ids: Vec<i64> = outcomes.iter().map(|o| o.delivery_id).collect();
     let events: Vec<&str> = outcomes.iter().map(|o| o.event_id.as_str()).collect();
     let attempts: Vec<i32> = outcomes.iter().map(|o| o.attempt).collect();
@@ -333,7 +338,7 @@ fn set_delivery_status(
            FROM u JOIN locked ON locked.id = u.id
           WHERE d.id = u.id AND d.event_id = u.event_id::uuid AND d.attempts = u.attempt
             AND d.status = 'delivering'
-      RETURNING d.id",
+      RETURNING d.id, pg_catalog.date_part('epoch', d.delivered_at - d.created_at) * 1000",
         &[INT8_ARRAY, TEXT_ARRAY, INT4_ARRAY, TEXT_ARRAY, FLOAT8_ARRAY, INT4_ARRAY, TEXT_ARRAY, FLOAT8_ARRAY],
         &[
             ids.into(),
@@ -346,9 +351,11 @@ fn set_delivery_status(
             finished.into(),
         ],
     )?;
-    let mut kept = HashSet::with_capacity(rows.len());
+    let mut kept = HashMap::with_capacity(rows.len());
     for row in rows {
-        kept.extend(row.get::<i64>(1)?);
+        if let Some(id) = row.get::<i64>(1)? {
+            kept.insert(id, row.get::<f64>(2)?);
+        }
     }
     Ok(kept)
 }
@@ -359,11 +366,11 @@ fn set_delivery_status(
 fn still_claimed(
     client: &mut pgrx::spi::SpiClient<'_>,
     outcomes: &[Outcome],
-    updated: &HashSet<i64>,
+    updated: &Updated,
 ) -> Result<HashSet<i64>> {
     let rest: Vec<&Outcome> = outcomes
         .iter()
-        .filter(|o| !updated.contains(&o.delivery_id))
+        .filter(|o| !updated.contains_key(&o.delivery_id))
         .collect();
     let ids: Vec<i64> = rest.iter().map(|o| o.delivery_id).collect();
     let events: Vec<&str> = rest.iter().map(|o| o.event_id.as_str()).collect();
@@ -421,6 +428,49 @@ fn add_dead_letters(
             })
         })
         .collect()
+}
+
+/// Delivery rows written, by id, with the latency in ms of those delivered.
+type Updated = HashMap<i64, Option<f64>>;
+
+/// Adds the deliveries to `subscription_minutes` and their latencies to
+/// `subscription_latencies` (the attempts are counted by a trigger on the log).
+fn count_deliveries(
+    client: &mut pgrx::spi::SpiClient<'_>,
+    kept: &[(&Outcome, &Verdict)],
+    updated: &Updated,
+) -> Result<()> {
+    let delivered: Vec<(i64, f64, i32)> = kept
+        .iter()
+        .filter_map(|(o, _)| {
+            let ms = updated.get(&o.delivery_id).copied().flatten()?;
+            let finished = o.finished_micros() as f64 / 1e6;
+            Some((o.subscription_id, finished, i32::from(latency::bucket(ms))))
+        })
+        .collect();
+    if delivered.is_empty() {
+        return Ok(());
+    }
+    let subscriptions: Vec<i64> = delivered.iter().map(|d| d.0).collect();
+    let finished: Vec<f64> = delivered.iter().map(|d| d.1).collect();
+    let buckets: Vec<i32> = delivered.iter().map(|d| d.2).collect();
+    plans::execute(
+        client,
+        "WITH d AS (
+            SELECT s, pg_catalog.date_trunc('minute', pg_catalog.to_timestamp(f), 'UTC') AS m, b
+              FROM ROWS FROM (pg_catalog.unnest($1::bigint[]), pg_catalog.unnest($2::float8[]), pg_catalog.unnest($3::int[]))
+                   AS d(s, f, b)),
+         minutes AS (
+            INSERT INTO linkhooks.subscription_minutes AS t (subscription_id, minute, delivered)
+            SELECT s, m, pg_catalog.count(*) FROM d GROUP BY s, m
+            ON CONFLICT (subscription_id, minute) DO UPDATE SET delivered = t.delivered + excluded.delivered)
+         INSERT INTO linkhooks.subscription_latencies AS t (subscription_id, minute, bucket, deliveries)
+         SELECT s, m, b, pg_catalog.count(*) FROM d GROUP BY s, m, b
+         ON CONFLICT (subscription_id, minute, bucket) DO UPDATE SET deliveries = t.deliveries + excluded.deliveries",
+        &[INT8_ARRAY, FLOAT8_ARRAY, INT4_ARRAY],
+        &[subscriptions.into(), finished.into(), buckets.into()],
+    )?;
+    Ok(())
 }
 
 /// Appends the attempts to the delivery log.

@@ -73,6 +73,36 @@ def test_subscription_health_counts_each_outcome(db, receiver):
     assert f["last_failure_at"] > f["last_success_at"]
 
 
+def test_subscription_health_rollups_match_the_delivery_log(db, receiver):
+    """The view reads per-minute rollups kept as outcomes are recorded; they agree with the raw log: counts
+    exactly, latency percentiles within their bucket (5%) of the log's own."""
+    steady, _ = subscribe(db, receiver, "/steady")
+    shaky, _ = subscribe(db, receiver, "/shaky", max_attempts=2)
+    receiver.expect("/shaky", receiver.paths["/shaky"]["secrets"], script=[(500, {}, 0), (200, {}, 0.02)] * 5)
+    for i in range(30):
+        link(db, f"r{i}")
+    wait_for(lambda: settled(db), message="every event delivered or dead")
+    raw = {r["subscription_id"]: r for r in rows(db, """
+        SELECT d.subscription_id, count(*) FILTER (WHERE d.status = 'delivered') AS delivered,
+               (SELECT count(*) FROM linkhooks.delivery_attempts a WHERE a.subscription_id = d.subscription_id) AS attempts,
+               (SELECT count(*) FROM linkhooks.delivery_attempts a WHERE a.subscription_id = d.subscription_id
+                   AND a.status_code BETWEEN 200 AND 299) AS succeeded,
+               percentile_disc(ARRAY[0.5, 0.95, 0.99]) WITHIN GROUP (ORDER BY l.latency_ms)
+                   FILTER (WHERE d.status = 'delivered') AS latency
+          FROM linkhooks.deliveries d JOIN linkhooks.delivery_log l ON l.delivery_id = d.id
+         GROUP BY d.subscription_id""")}
+    assert raw[shaky]["attempts"] > raw[shaky]["succeeded"] > 0, "the shaky endpoint failed some attempts"
+    for period in ("1h", "24h"):
+        for sub in (steady, shaky):
+            h = rows(db, "SELECT * FROM linkhooks.subscription_health WHERE subscription_id = %s AND period = %s",
+                     [sub, period])[0]
+            r = raw[sub]
+            assert (h["delivered"], h["failed_attempts"]) == (r["delivered"], r["attempts"] - r["succeeded"])
+            assert float(h["success_rate"]) == round(r["succeeded"] / r["attempts"], 4)
+            for got, want in zip([h["latency_p50_ms"], h["latency_p95_ms"], h["latency_p99_ms"]], r["latency"]):
+                assert abs(float(got) - float(want)) <= 0.05 * float(want) + 0.1, (period, sub, got, want)  # both rounded to 0.1 ms
+
+
 def test_subscription_health_shows_why_a_subscription_is_disabled(db, receiver):
     subscribe(db, receiver, "/gone", event_types=["link.created"])
     receiver.expect("/gone", receiver.paths["/gone"]["secrets"], script=[(410, {}, 0)])
