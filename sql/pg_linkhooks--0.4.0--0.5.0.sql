@@ -577,21 +577,6 @@ CREATE TABLE country_minutes (
 );
 COMMENT ON TABLE country_minutes IS 'Human clicks per link, country and minute (recent minutes only, while a per_country spike rule exists).';
 REVOKE ALL ON link_minutes, campaign_minutes, threshold_state, country_minutes FROM PUBLIC;
-DO $$
-DECLARE
-    g record;
-BEGIN
-    FOR g IN
-        SELECT a.grantee::pg_catalog.regrole::pg_catalog.text AS grantee
-          FROM pg_catalog.pg_proc p CROSS JOIN LATERAL pg_catalog.aclexplode(p.proacl) a
-         WHERE p.oid = 'linkhooks.worker_status()'::pg_catalog.regprocedure
-           AND a.privilege_type = 'EXECUTE' AND a.grantee <> p.proowner AND a.grantee <> 0
-    LOOP
-        EXECUTE pg_catalog.format('GRANT SELECT ON TABLE linkhooks.link_minutes, linkhooks.campaign_minutes, '
-                                  'linkhooks.threshold_state, linkhooks.country_minutes TO %s', g.grantee);
-    END LOOP;
-END
-$$;
 
 -- link.clicks.digest windows being filled.
 CREATE TABLE digests (
@@ -606,20 +591,6 @@ COMMENT ON TABLE digests IS 'link.clicks.digest windows not sent yet (the aggreg
 CREATE INDEX digests_ending ON digests (window_end);
 SELECT pg_catalog.pg_extension_config_dump('digests', '');
 REVOKE ALL ON digests FROM PUBLIC;
-DO $$
-DECLARE
-    g record;
-BEGIN
-    FOR g IN
-        SELECT a.grantee::pg_catalog.regrole::pg_catalog.text AS grantee
-          FROM pg_catalog.pg_proc p CROSS JOIN LATERAL pg_catalog.aclexplode(p.proacl) a
-         WHERE p.oid = 'linkhooks.worker_status()'::pg_catalog.regprocedure
-           AND a.privilege_type = 'EXECUTE' AND a.grantee <> p.proowner AND a.grantee <> 0
-    LOOP
-        EXECUTE pg_catalog.format('GRANT SELECT ON TABLE linkhooks.digests TO %s', g.grantee);
-    END LOOP;
-END
-$$;
 
 -- Destination health checks: one row per active link a health_check rule covers (its own or
 -- its campaign's), kept by the worker: it adds and drops rows, checks the due ones and
@@ -650,40 +621,26 @@ ORDER BY d.status = 'broken' DESC, d.status_since;
 COMMENT ON VIEW link_health IS 'Destination health checks (link.broken, link.recovered): each checked link''s status, last answer and reason.';
 SELECT pg_catalog.pg_extension_config_dump('destination_checks', '');
 REVOKE ALL ON destination_checks, link_health FROM PUBLIC;
-DO $$
-DECLARE
-    g record;
-BEGIN
-    FOR g IN
-        SELECT a.grantee::pg_catalog.regrole::pg_catalog.text AS grantee
-          FROM pg_catalog.pg_proc p CROSS JOIN LATERAL pg_catalog.aclexplode(p.proacl) a
-         WHERE p.oid = 'linkhooks.worker_status()'::pg_catalog.regprocedure
-           AND a.privilege_type = 'EXECUTE' AND a.grantee <> p.proowner AND a.grantee <> 0
-    LOOP
-        EXECUTE pg_catalog.format('GRANT SELECT ON TABLE linkhooks.link_health TO %s', g.grantee);
-    END LOOP;
-END
-$$;
 
 -- subscription_health reads per-minute rollups (issue 18) instead of a day of the delivery log.
 
--- Attempts, 2xx answers and deliveries per subscription and UTC minute: subscription_health reads
--- these (a day is 1,440 rows per subscription, whatever the traffic), not the delivery log.
--- Attempts are counted by a trigger on delivery_attempts, deliveries by the worker as it records them.
+-- Attempts and 2xx answers per subscription and UTC minute, counted by a trigger on
+-- delivery_attempts: subscription_health reads these (a day is 1,440 rows per subscription,
+-- whatever the traffic), not the delivery log.
 CREATE TABLE subscription_minutes (
     subscription_id bigint NOT NULL,
     minute          timestamptz NOT NULL,
     attempts        integer NOT NULL DEFAULT 0,
     succeeded       integer NOT NULL DEFAULT 0,   -- attempts answered 2xx
-    delivered       integer NOT NULL DEFAULT 0,   -- deliveries that ended delivered in this minute
     PRIMARY KEY (subscription_id, minute)
 );
-COMMENT ON TABLE subscription_minutes IS 'Attempts, 2xx answers and deliveries per subscription and minute (last 25 hours); read it through subscription_health.';
+COMMENT ON TABLE subscription_minutes IS 'Attempts and 2xx answers per subscription and minute (last 25 hours); read it through subscription_health.';
 -- Maintenance drops minutes older than 25 hours.
 CREATE INDEX subscription_minutes_minute ON subscription_minutes (minute);
 
--- Deliveries per subscription, UTC minute and latency bucket (creation to delivery): bucket 0 is
--- under 0.1 ms, bucket b >= 1 from 0.1 ms * 1.1^(b-1) up to 0.1 ms * 1.1^b (src/latency.rs).
+-- Deliveries per subscription, UTC minute of delivery and latency bucket (creation to delivery),
+-- counted by the worker as it records them: bucket 0 is under 0.1 ms, bucket b >= 1 from
+-- 0.1 ms * 1.1^(b-1) up to 0.1 ms * 1.1^b (src/latency.rs). Summed, the deliveries per minute.
 CREATE TABLE subscription_latencies (
     subscription_id bigint NOT NULL,
     minute          timestamptz NOT NULL,
@@ -707,11 +664,7 @@ WITH d AS (
     SELECT subscription_id, pg_catalog.date_trunc('minute', delivered_at, 'UTC') AS minute,
            pg_catalog.date_part('epoch', delivered_at - created_at) * 1000 AS ms
       FROM deliveries
-     WHERE status = 'delivered' AND delivered_at >= pg_catalog.now() - interval '25 hours'),
- minutes AS (
-    INSERT INTO subscription_minutes AS t (subscription_id, minute, delivered)
-    SELECT subscription_id, minute, pg_catalog.count(*) FROM d GROUP BY 1, 2
-    ON CONFLICT (subscription_id, minute) DO UPDATE SET delivered = excluded.delivered)
+     WHERE status = 'delivered' AND delivered_at >= pg_catalog.now() - interval '25 hours')
 INSERT INTO subscription_latencies (subscription_id, minute, bucket, deliveries)
 SELECT subscription_id, minute,
        CASE WHEN ms IS NULL OR ms < 0.1 THEN 0
@@ -746,12 +699,12 @@ WITH periods (period, since) AS (
     VALUES ('1h', date_trunc('minute', now(), 'UTC') - interval '59 minutes'),
            ('24h', date_trunc('minute', now(), 'UTC') - interval '1439 minutes')
 ), counted AS (
-    SELECT m.subscription_id, p.period, sum(m.attempts) AS attempts, sum(m.succeeded) AS succeeded,
-           sum(m.delivered) AS delivered
+    SELECT m.subscription_id, p.period, sum(m.attempts) AS attempts, sum(m.succeeded) AS succeeded
     FROM subscription_minutes m JOIN periods p ON m.minute >= p.since
     GROUP BY m.subscription_id, p.period
-), latency AS (
-    SELECT subscription_id, period,
+), delivered AS (
+    -- Deliveries, and per percentile the first latency bucket reaching that share of them.
+    SELECT subscription_id, period, max(total)::bigint AS delivered,
            min(bucket) FILTER (WHERE below >= 0.50 * total) AS p50,
            min(bucket) FILTER (WHERE below >= 0.95 * total) AS p95,
            min(bucket) FILTER (WHERE below >= 0.99 * total) AS p99
@@ -776,13 +729,13 @@ WITH periods (period, since) AS (
     GROUP BY subscription_id
 )
 SELECT s.id AS subscription_id, s.name, p.period, s.enabled, s.disabled_reason,
-       coalesce(c.delivered, 0) AS delivered,
+       coalesce(dl.delivered, 0) AS delivered,
        coalesce(c.attempts - c.succeeded, 0) AS failed_attempts,
        coalesce(di.dead_letters, 0) AS dead_letters,
        round(c.succeeded::numeric / nullif(c.attempts, 0), 4) AS success_rate,
-       round((CASE WHEN lt.p50 = 0 THEN 0.05 ELSE 0.1 * 1.1 ^ (lt.p50 - 0.5) END)::numeric, 1) AS latency_p50_ms,
-       round((CASE WHEN lt.p95 = 0 THEN 0.05 ELSE 0.1 * 1.1 ^ (lt.p95 - 0.5) END)::numeric, 1) AS latency_p95_ms,
-       round((CASE WHEN lt.p99 = 0 THEN 0.05 ELSE 0.1 * 1.1 ^ (lt.p99 - 0.5) END)::numeric, 1) AS latency_p99_ms,
+       round((CASE WHEN dl.p50 = 0 THEN 0.05 ELSE 0.1 * 1.1 ^ (dl.p50 - 0.5) END)::numeric, 1) AS latency_p50_ms,
+       round((CASE WHEN dl.p95 = 0 THEN 0.05 ELSE 0.1 * 1.1 ^ (dl.p95 - 0.5) END)::numeric, 1) AS latency_p95_ms,
+       round((CASE WHEN dl.p99 = 0 THEN 0.05 ELSE 0.1 * 1.1 ^ (dl.p99 - 0.5) END)::numeric, 1) AS latency_p99_ms,
        coalesce(q.pending, 0) AS pending,
        now() - q.oldest AS oldest_pending_age,
        st.last_success_at, st.last_failure_at,
@@ -790,7 +743,7 @@ SELECT s.id AS subscription_id, s.name, p.period, s.enabled, s.disabled_reason,
 FROM subscriptions s
 CROSS JOIN periods p
 LEFT JOIN counted c ON c.subscription_id = s.id AND c.period = p.period
-LEFT JOIN latency lt ON lt.subscription_id = s.id AND lt.period = p.period
+LEFT JOIN delivered dl ON dl.subscription_id = s.id AND dl.period = p.period
 LEFT JOIN died di ON di.subscription_id = s.id AND di.period = p.period
 LEFT JOIN queued q ON q.subscription_id = s.id
 LEFT JOIN subscription_state st ON st.subscription_id = s.id;
@@ -799,6 +752,9 @@ SELECT pg_catalog.pg_extension_config_dump('subscription_minutes', '');
 SELECT pg_catalog.pg_extension_config_dump('subscription_latencies', '');
 REVOKE ALL ON subscription_minutes, subscription_latencies FROM PUBLIC;
 REVOKE ALL ON FUNCTION count_attempts() FROM PUBLIC;
+
+-- Roles holding the analyst level (they may call worker_status) read the reactive-event and
+-- health tables and views added above.
 DO $$
 DECLARE
     g record;
@@ -809,8 +765,9 @@ BEGIN
          WHERE p.oid = 'linkhooks.worker_status()'::pg_catalog.regprocedure
            AND a.privilege_type = 'EXECUTE' AND a.grantee <> p.proowner AND a.grantee <> 0
     LOOP
-        EXECUTE pg_catalog.format('GRANT SELECT ON TABLE linkhooks.subscription_minutes, linkhooks.subscription_latencies TO %s',
-                                  g.grantee);
+        EXECUTE pg_catalog.format('GRANT SELECT ON TABLE linkhooks.link_minutes, linkhooks.campaign_minutes, '
+            'linkhooks.threshold_state, linkhooks.country_minutes, linkhooks.digests, linkhooks.link_health, '
+            'linkhooks.subscription_minutes, linkhooks.subscription_latencies TO %s', g.grantee);
     END LOOP;
 END
 $$;

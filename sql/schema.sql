@@ -395,23 +395,23 @@ COMMENT ON TABLE destination_checks IS 'Destination health of the links health_c
 -- The worker's claim: due checks, soonest first.
 CREATE INDEX destination_checks_due ON destination_checks (next_check_at);
 
--- Attempts, 2xx answers and deliveries per subscription and UTC minute: subscription_health reads
--- these (a day is 1,440 rows per subscription, whatever the traffic), not the delivery log.
--- Attempts are counted by a trigger on delivery_attempts, deliveries by the worker as it records them.
+-- Attempts and 2xx answers per subscription and UTC minute, counted by a trigger on
+-- delivery_attempts: subscription_health reads these (a day is 1,440 rows per subscription,
+-- whatever the traffic), not the delivery log.
 CREATE TABLE subscription_minutes (
     subscription_id bigint NOT NULL,
     minute          timestamptz NOT NULL,
     attempts        integer NOT NULL DEFAULT 0,
     succeeded       integer NOT NULL DEFAULT 0,   -- attempts answered 2xx
-    delivered       integer NOT NULL DEFAULT 0,   -- deliveries that ended delivered in this minute
     PRIMARY KEY (subscription_id, minute)
 );
-COMMENT ON TABLE subscription_minutes IS 'Attempts, 2xx answers and deliveries per subscription and minute (last 25 hours); read it through subscription_health.';
+COMMENT ON TABLE subscription_minutes IS 'Attempts and 2xx answers per subscription and minute (last 25 hours); read it through subscription_health.';
 -- Maintenance drops minutes older than 25 hours.
 CREATE INDEX subscription_minutes_minute ON subscription_minutes (minute);
 
--- Deliveries per subscription, UTC minute and latency bucket (creation to delivery): bucket 0 is
--- under 0.1 ms, bucket b >= 1 from 0.1 ms * 1.1^(b-1) up to 0.1 ms * 1.1^b (src/latency.rs).
+-- Deliveries per subscription, UTC minute of delivery and latency bucket (creation to delivery),
+-- counted by the worker as it records them: bucket 0 is under 0.1 ms, bucket b >= 1 from
+-- 0.1 ms * 1.1^(b-1) up to 0.1 ms * 1.1^b (src/latency.rs). Summed, the deliveries per minute.
 CREATE TABLE subscription_latencies (
     subscription_id bigint NOT NULL,
     minute          timestamptz NOT NULL,

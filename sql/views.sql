@@ -21,12 +21,12 @@ WITH periods (period, since) AS (
     VALUES ('1h', date_trunc('minute', now(), 'UTC') - interval '59 minutes'),
            ('24h', date_trunc('minute', now(), 'UTC') - interval '1439 minutes')
 ), counted AS (
-    SELECT m.subscription_id, p.period, sum(m.attempts) AS attempts, sum(m.succeeded) AS succeeded,
-           sum(m.delivered) AS delivered
+    SELECT m.subscription_id, p.period, sum(m.attempts) AS attempts, sum(m.succeeded) AS succeeded
     FROM subscription_minutes m JOIN periods p ON m.minute >= p.since
     GROUP BY m.subscription_id, p.period
-), latency AS (
-    SELECT subscription_id, period,
+), delivered AS (
+    -- Deliveries, and per percentile the first latency bucket reaching that share of them.
+    SELECT subscription_id, period, max(total)::bigint AS delivered,
            min(bucket) FILTER (WHERE below >= 0.50 * total) AS p50,
            min(bucket) FILTER (WHERE below >= 0.95 * total) AS p95,
            min(bucket) FILTER (WHERE below >= 0.99 * total) AS p99
@@ -51,13 +51,13 @@ WITH periods (period, since) AS (
     GROUP BY subscription_id
 )
 SELECT s.id AS subscription_id, s.name, p.period, s.enabled, s.disabled_reason,
-       coalesce(c.delivered, 0) AS delivered,
+       coalesce(dl.delivered, 0) AS delivered,
        coalesce(c.attempts - c.succeeded, 0) AS failed_attempts,
        coalesce(di.dead_letters, 0) AS dead_letters,
        round(c.succeeded::numeric / nullif(c.attempts, 0), 4) AS success_rate,
-       round((CASE WHEN lt.p50 = 0 THEN 0.05 ELSE 0.1 * 1.1 ^ (lt.p50 - 0.5) END)::numeric, 1) AS latency_p50_ms,
-       round((CASE WHEN lt.p95 = 0 THEN 0.05 ELSE 0.1 * 1.1 ^ (lt.p95 - 0.5) END)::numeric, 1) AS latency_p95_ms,
-       round((CASE WHEN lt.p99 = 0 THEN 0.05 ELSE 0.1 * 1.1 ^ (lt.p99 - 0.5) END)::numeric, 1) AS latency_p99_ms,
+       round((CASE WHEN dl.p50 = 0 THEN 0.05 ELSE 0.1 * 1.1 ^ (dl.p50 - 0.5) END)::numeric, 1) AS latency_p50_ms,
+       round((CASE WHEN dl.p95 = 0 THEN 0.05 ELSE 0.1 * 1.1 ^ (dl.p95 - 0.5) END)::numeric, 1) AS latency_p95_ms,
+       round((CASE WHEN dl.p99 = 0 THEN 0.05 ELSE 0.1 * 1.1 ^ (dl.p99 - 0.5) END)::numeric, 1) AS latency_p99_ms,
        coalesce(q.pending, 0) AS pending,
        now() - q.oldest AS oldest_pending_age,
        st.last_success_at, st.last_failure_at,
@@ -65,7 +65,7 @@ SELECT s.id AS subscription_id, s.name, p.period, s.enabled, s.disabled_reason,
 FROM subscriptions s
 CROSS JOIN periods p
 LEFT JOIN counted c ON c.subscription_id = s.id AND c.period = p.period
-LEFT JOIN latency lt ON lt.subscription_id = s.id AND lt.period = p.period
+LEFT JOIN delivered dl ON dl.subscription_id = s.id AND dl.period = p.period
 LEFT JOIN died di ON di.subscription_id = s.id AND di.period = p.period
 LEFT JOIN queued q ON q.subscription_id = s.id
 LEFT JOIN subscription_state st ON st.subscription_id = s.id;

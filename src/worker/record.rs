@@ -433,8 +433,8 @@ fn add_dead_letters(
 /// Delivery rows written, by id, with the latency in ms of those delivered.
 type Updated = HashMap<i64, Option<f64>>;
 
-/// Adds the deliveries to `subscription_minutes` and their latencies to
-/// `subscription_latencies` (the attempts are counted by a trigger on the log).
+/// Counts the deliveries by minute and latency in `subscription_latencies`
+/// (attempts are counted by a trigger on the log).
 fn count_deliveries(
     client: &mut pgrx::spi::SpiClient<'_>,
     kept: &[(&Outcome, &Verdict)],
@@ -456,16 +456,11 @@ fn count_deliveries(
     let buckets: Vec<i32> = delivered.iter().map(|d| d.2).collect();
     plans::execute(
         client,
-        "WITH d AS (
-            SELECT s, pg_catalog.date_trunc('minute', pg_catalog.to_timestamp(f), 'UTC') AS m, b
-              FROM ROWS FROM (pg_catalog.unnest($1::bigint[]), pg_catalog.unnest($2::float8[]), pg_catalog.unnest($3::int[]))
-                   AS d(s, f, b)),
-         minutes AS (
-            INSERT INTO linkhooks.subscription_minutes AS t (subscription_id, minute, delivered)
-            SELECT s, m, pg_catalog.count(*) FROM d GROUP BY s, m
-            ON CONFLICT (subscription_id, minute) DO UPDATE SET delivered = t.delivered + excluded.delivered)
-         INSERT INTO linkhooks.subscription_latencies AS t (subscription_id, minute, bucket, deliveries)
-         SELECT s, m, b, pg_catalog.count(*) FROM d GROUP BY s, m, b
+        "INSERT INTO linkhooks.subscription_latencies AS t (subscription_id, minute, bucket, deliveries)
+         SELECT s, pg_catalog.date_trunc('minute', pg_catalog.to_timestamp(f), 'UTC'), b, pg_catalog.count(*)
+           FROM ROWS FROM (pg_catalog.unnest($1::bigint[]), pg_catalog.unnest($2::float8[]), pg_catalog.unnest($3::int[]))
+                AS d(s, f, b)
+          GROUP BY 1, 2, 3
          ON CONFLICT (subscription_id, minute, bucket) DO UPDATE SET deliveries = t.deliveries + excluded.deliveries",
         &[INT8_ARRAY, FLOAT8_ARRAY, INT4_ARRAY],
         &[subscriptions.into(), finished.into(), buckets.into()],
