@@ -54,29 +54,38 @@ def own_cluster():
 
 def test_a_database_owner_cannot_become_superuser_through_the_worker(cluster, db, receiver):
     """0.4.0: the worker (a superuser, default search_path) called format(...) unqualified when a 410 disabled a
-    subscription, so a public.format(text, timestamptz) planted by the database owner ran as superuser."""
+    subscription, so a public.format(text, timestamptz) planted by the database owner ran as superuser. Also
+    planted: what the worker's rollups of attempts and deliveries call (the attempts trigger fires in its session)."""
+    planted = [("format", "text, timestamptz", "text", "'pwned'"), ("format", "text, integer", "text", "'pwned'"),
+               ("format", "text, bigint", "text", "'pwned'"), ("format", "text, text", "text", "'pwned'"),
+               ("now", "", "timestamptz", "pg_catalog.now()"),
+               ("date_trunc", "text, timestamptz, text", "timestamptz", "pg_catalog.now()"),
+               ("to_timestamp", "double precision", "timestamptz", "pg_catalog.now()")]
     db.execute("DROP ROLE IF EXISTS mallory")
     db.execute("CREATE ROLE mallory LOGIN")
     db.execute("ALTER DATABASE postgres OWNER TO mallory")  # PG15: the owner may CREATE in public
     try:
         with psycopg.connect(host="127.0.0.1", port=cluster.port, user="mallory", dbname="postgres",
                              autocommit=True) as m:
-            for args in ["text, timestamptz", "text, integer", "text, bigint", "text, text"]:
-                m.execute(f"""CREATE FUNCTION public.format({args}) RETURNS text LANGUAGE plpgsql AS $$
-                              BEGIN ALTER ROLE mallory SUPERUSER; RETURN 'pwned'; END $$""")
-            m.execute("""CREATE FUNCTION public.now() RETURNS timestamptz LANGUAGE plpgsql AS $$
-                         BEGIN ALTER ROLE mallory SUPERUSER; RETURN pg_catalog.now(); END $$""")
+            for name, args, returns, value in planted:
+                m.execute(f"""CREATE FUNCTION public.{name}({args}) RETURNS {returns} LANGUAGE plpgsql AS $$
+                              BEGIN ALTER ROLE mallory SUPERUSER; RETURN {value}; END $$""")
         sid, _ = subscribe(db, receiver, "/gone")
+        ok, _ = subscribe(db, receiver, "/fine")
         receiver.expect("/gone", receiver.paths["/gone"]["secrets"], script=[(410, {}, 0)])
         link(db, "gone")
         reason = wait_for(lambda: db.execute("SELECT disabled_reason FROM linkhooks.subscriptions WHERE id = %s AND NOT enabled",
                                              [sid]).fetchone(), message="the subscription disabled after 410")[0]
         assert reason.startswith("endpoint answered 410 Gone at "), reason
+        wait_for(lambda: db.execute("SELECT sum(deliveries) FROM linkhooks.subscription_latencies WHERE subscription_id = %s",
+                                    [ok]).fetchone()[0] == 1, message="the delivery counted")
+        assert db.execute("SELECT sum(attempts) FROM linkhooks.subscription_minutes WHERE subscription_id IN (%s, %s)",
+                          [sid, ok]).fetchone()[0] == 2, "both attempts counted by the trigger"
         assert db.execute("SELECT rolsuper FROM pg_roles WHERE rolname = 'mallory'").fetchone()[0] is False
     finally:
         db.execute("ALTER DATABASE postgres OWNER TO postgres")
-        for args in ["text, timestamptz", "text, integer", "text, bigint", "text, text", ""]:
-            db.execute(f"DROP FUNCTION IF EXISTS public.{'now' if not args else 'format'}({args})")
+        for name, args, _, _ in planted:
+            db.execute(f"DROP FUNCTION IF EXISTS public.{name}({args})")
         db.execute("DROP ROLE mallory")
 
 
