@@ -467,15 +467,16 @@ fn retry_now(
                 "give exactly one of delivery_id and subscription_id",
             ));
         }
+        let due = crate::queue::due_at();
         let pending = Spi::connect_mut(|client| -> Result<i64> {
             Ok(client
                 .update(
                     "UPDATE linkhooks.deliveries
-                        SET next_attempt_at = LEAST(next_attempt_at, now())
+                        SET next_attempt_at = LEAST(next_attempt_at, $3)
                       WHERE status = 'pending'
                         AND (id = $1 OR subscription_id = $2)",
                     None,
-                    &[delivery_id.into(), subscription_id.into()],
+                    &[delivery_id.into(), subscription_id.into(), due.into()],
                 )?
                 .len() as i64)
         })?;

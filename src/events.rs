@@ -18,7 +18,7 @@ use crate::guc;
 use crate::limits;
 use crate::linkstore;
 use crate::payload::{EventType, IpMode};
-use crate::plans::{self, INT8, INT8_ARRAY, TEXT, TEXT_ARRAY};
+use crate::plans::{self, INT8, INT8_ARRAY, TEXT, TEXT_ARRAY, TIMESTAMPTZ};
 use crate::queue;
 pub use crate::queue::Queued;
 use crate::shared;
@@ -291,14 +291,15 @@ fn insert_with_sql(
     signed_at: i64,
     queued: &[Queued],
 ) -> Result<Vec<i64>> {
+    let due = crate::queue::due_at();
     Spi::connect_mut(|client| -> Result<Vec<i64>> {
         let rows = match queued {
             // Most events have one subscriber: a plain VALUES row costs far less to execute than unnest().
             [one] => plans::execute(
                 client,
-                "INSERT INTO linkhooks.deliveries (event_id, event_type, signed_at, subscription_id, body, signature)
-                 VALUES ($1::uuid, $2, $3, $4, $5, $6) RETURNING id",
-                &[TEXT, TEXT, INT8, INT8, TEXT, TEXT],
+                "INSERT INTO linkhooks.deliveries (event_id, event_type, signed_at, subscription_id, body, signature, next_attempt_at)
+                 VALUES ($1::uuid, $2, $3, $4, $5, $6, $7) RETURNING id",
+                &[TEXT, TEXT, INT8, INT8, TEXT, TEXT, TIMESTAMPTZ],
                 &[
                     event_id.into(),
                     kind.as_str().into(),
@@ -306,6 +307,7 @@ fn insert_with_sql(
                     one.subscription_id.into(),
                     (&*one.body).into(),
                     one.signature.as_str().into(),
+                    due.into(),
                 ],
             )?,
             many => {
@@ -314,11 +316,11 @@ fn insert_with_sql(
                 let signatures: Vec<&str> = many.iter().map(|q| q.signature.as_str()).collect();
                 plans::execute(
                     client,
-                    "INSERT INTO linkhooks.deliveries (event_id, event_type, signed_at, subscription_id, body, signature)
-                     SELECT $1::uuid, $2, $3, s, b, g FROM unnest($4::bigint[], $5::text[], $6::text[]) AS u(s, b, g)
+                    "INSERT INTO linkhooks.deliveries (event_id, event_type, signed_at, subscription_id, body, signature, next_attempt_at)
+                     SELECT $1::uuid, $2, $3, s, b, g, $7 FROM unnest($4::bigint[], $5::text[], $6::text[]) AS u(s, b, g)
                      RETURNING id",
-                    &[TEXT, TEXT, INT8, INT8_ARRAY, TEXT_ARRAY, TEXT_ARRAY],
-                    &[event_id.into(), kind.as_str().into(), signed_at.into(), ids.into(), bodies.into(), signatures.into()],
+                    &[TEXT, TEXT, INT8, INT8_ARRAY, TEXT_ARRAY, TEXT_ARRAY, TIMESTAMPTZ],
+                    &[event_id.into(), kind.as_str().into(), signed_at.into(), ids.into(), bodies.into(), signatures.into(), due.into()],
                 )?
             }
         };

@@ -1,10 +1,11 @@
 //! Per-subscription delivery health from one batch of finished attempts: the
 //! last success, the last failure, and the run of failures since the last
-//! success. The worker folds each batch into `linkhooks.subscription_state`.
+//! success. The worker folds the batches of each second into `linkhooks.subscription_state`.
 
 use std::collections::BTreeMap;
 
 /// One finished HTTP attempt, in the order attempts finished.
+#[derive(Clone)]
 pub struct Attempt {
     pub subscription_id: i64,
     pub succeeded: bool,

@@ -8,6 +8,7 @@ mod destination;
 mod doorkeeper;
 mod duration;
 mod filters;
+mod floors;
 mod health;
 mod latency;
 mod limits;

@@ -47,6 +47,7 @@ enum Value {
     Pending,
     ZeroAttempts,
     Now,
+    DueStamp,
     Null,
 }
 
@@ -62,7 +63,7 @@ const COLUMNS: [(&str, pg_sys::Oid, Value); 14] = [
     ("signature", pg_sys::TEXTOID, Value::Signature),
     ("status", pg_sys::TEXTOID, Value::Pending),
     ("attempts", pg_sys::INT4OID, Value::ZeroAttempts),
-    ("next_attempt_at", pg_sys::TIMESTAMPTZOID, Value::Now),
+    ("next_attempt_at", pg_sys::TIMESTAMPTZOID, Value::DueStamp),
     ("created_at", pg_sys::TIMESTAMPTZOID, Value::Now),
     ("delivered_at", pg_sys::TIMESTAMPTZOID, Value::Null),
     ("last_status_code", pg_sys::INT4OID, Value::Null),
@@ -131,6 +132,28 @@ unsafe extern "C-unwind" fn forget_layout(_: pg_sys::Datum, relid: pg_sys::Oid) 
             *l = None;
         }
     });
+}
+
+/// When a row this transaction queues comes due: the clock read once the
+/// transaction holds its id, not the transaction's start. The worker starts
+/// each subscription's walk of the due index at a floor (see `floors`) no later
+/// than the oldest start among transactions holding an id when it looked; one
+/// that takes its id after that reads the clock later, so its rows never fall
+/// below a floor. Every writer of a due time a concurrent claim might not see
+/// uses this.
+pub fn due_stamp() -> pg_sys::TimestampTz {
+    // SAFETY: assigns this transaction's id if it has none (the caller is about
+    // to write a row, which would), then reads the clock.
+    unsafe {
+        pg_sys::GetCurrentTransactionId();
+        pg_sys::GetCurrentTimestamp()
+    }
+}
+
+/// `due_stamp` as SQL takes it.
+pub fn due_at() -> pgrx::datum::TimestampWithTimeZone {
+    pgrx::datum::TimestampWithTimeZone::try_from(due_stamp())
+        .expect("the clock reads a valid timestamp")
 }
 
 fn layout() -> Result<Rc<Layout>> {
@@ -299,6 +322,7 @@ pub fn insert(
         pg_sys::AfterTriggerBeginQuery();
         let slot = pg_sys::table_slot_create(rel, &mut (*estate).es_tupleTable);
         let now = pg_sys::Datum::from(pg_sys::GetCurrentTransactionStartTimestamp());
+        let due = pg_sys::Datum::from(due_stamp());
         let uuid_datum = pgrx::Uuid::from_bytes(*event_uuid.as_bytes()).into_datum();
         let type_datum = event_type.into_datum();
         let pending = "pending".into_datum();
@@ -319,6 +343,7 @@ pub fn insert(
                     Value::Pending => pending,
                     Value::ZeroAttempts => Some(0i32.into()),
                     Value::Now => Some(now),
+                    Value::DueStamp => Some(due),
                     Value::Null => None,
                 };
                 *(*slot).tts_values.add(n) = datum.unwrap_or(pg_sys::Datum::from(0));

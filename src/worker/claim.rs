@@ -13,20 +13,19 @@ use std::sync::Arc;
 use std::sync::LazyLock;
 use std::time::{Duration, Instant};
 
-use pgrx::pg_sys::PgOid;
+use pgrx::datum::TimestampWithTimeZone;
 use pgrx::prelude::*;
 
 use super::Worker;
 use super::admission::Plan;
 use crate::error::Result;
 use crate::events::unix_now;
+use crate::floors::{ClaimSeen, HORIZON_REUSE, Micros};
 use crate::linkstore;
-use crate::plans::{self, FLOAT8, INT4_ARRAY, INT8, INT8_ARRAY, TEXT};
+use crate::plans::{self, BOOL, FLOAT8, INT4_ARRAY, INT8, INT8_ARRAY, TEXT, TIMESTAMPTZ_ARRAY};
 use crate::sender::Job;
 use crate::shared;
 use crate::signing::KeyRing;
-
-const BOOL: PgOid = PgOid::BuiltIn(pgrx::pg_sys::BuiltinOid::BOOLOID);
 
 /// How long a claim holds a row before another claim may take it.
 pub const LEASE: Duration = Duration::from_secs(600);
@@ -40,24 +39,33 @@ const ENDPOINTS: &str = "SELECT id, url, secret, previous_secret,
  FROM linkhooks.subscriptions WHERE enabled AND NOT paused";
 const NEXT_DUE: &str = "SELECT (pg_catalog.date_part('epoch', pg_catalog.min(c.next_attempt_at) - pg_catalog.now()) * 1000)::float8
                    FROM linkhooks.subscriptions s
+                   LEFT JOIN ROWS FROM (pg_catalog.unnest($4::bigint[]), pg_catalog.unnest($5::timestamptz[])) AS fl(sub, floor)
+                     ON fl.sub = s.id
                   CROSS JOIN LATERAL (
                         SELECT d.next_attempt_at FROM linkhooks.deliveries d
                          WHERE d.subscription_id = s.id AND d.status IN ('pending', 'delivering')
+                           AND d.next_attempt_at >= COALESCE(fl.floor, '-infinity')
                          ORDER BY d.next_attempt_at
                          LIMIT 1) c
                   WHERE s.enabled AND NOT s.paused AND s.id <> ALL ($1)
                     AND (NOT $3 OR s.id IN (SELECT f.id FROM pg_catalog.unnest($2::bigint[]) AS f(id)))";
-// Each eligible subscription's earliest due rows, at most its room under the
-// cap (an index range each, so a busy subscription's backlog is never walked),
-// merged in due order; only the rows chosen are locked.
+// Each eligible subscription's earliest due rows from its floor (see
+// `floors`), at most its room under the cap (an index range each, so a busy
+// subscription's backlog is never walked), merged in due order; only the rows
+// chosen are locked. Returns the rows taken, then (with a NULL id) the rows
+// walked past and not taken, with their due times, for the floors.
 const CLAIM: &str = "WITH flying AS (
                 SELECT f.sub, f.n FROM ROWS FROM (pg_catalog.unnest($2::bigint[]), pg_catalog.unnest($3::int[])) AS f(sub, n)),
+             floors AS (
+                SELECT f.sub, f.floor FROM ROWS FROM (pg_catalog.unnest($9::bigint[]), pg_catalog.unnest($10::timestamptz[])) AS f(sub, floor)),
              due AS (
-                SELECT c.id FROM linkhooks.subscriptions s
+                SELECT c.id, c.next_attempt_at, s.id AS sub FROM linkhooks.subscriptions s
                   LEFT JOIN flying f ON f.sub = s.id
+                  LEFT JOIN floors fl ON fl.sub = s.id
                  CROSS JOIN LATERAL (
                        SELECT d.id, d.next_attempt_at FROM linkhooks.deliveries d
                         WHERE d.subscription_id = s.id AND d.status IN ('pending', 'delivering')
+                          AND d.next_attempt_at >= COALESCE(fl.floor, '-infinity')
                           AND d.next_attempt_at <= pg_catalog.now()
                         ORDER BY d.next_attempt_at
                         LIMIT GREATEST($4 - COALESCE(f.n, 0), 0)) c
@@ -67,7 +75,7 @@ const CLAIM: &str = "WITH flying AS (
                  ORDER BY c.next_attempt_at
                  LIMIT $1),
              locked AS (
-                SELECT d.id, d.status AS was, d.attempts AS attempt, d.subscription_id AS sub,
+                SELECT d.id, d.status AS was, d.attempts AS attempt, d.subscription_id AS sub, d.next_attempt_at AS due_at,
                        d.next_attempt_at - pg_catalog.make_interval(secs => $7) AS leased_at
                   FROM linkhooks.deliveries d JOIN due USING (id)
                  WHERE d.status IN ('pending', 'delivering') AND d.next_attempt_at <= pg_catalog.now()
@@ -76,13 +84,18 @@ const CLAIM: &str = "WITH flying AS (
              -- stopped mid-attempt: that attempt gets its row, so attempt numbers have no gaps.
              lost AS (
                 INSERT INTO linkhooks.delivery_attempts (delivery_id, attempt, started_at, duration_ms, error, subscription_id)
-                SELECT l.id, l.attempt, l.leased_at, 0, $8, l.sub FROM locked l WHERE l.was = 'delivering')
-             UPDATE linkhooks.deliveries d
-                SET status = 'delivering', attempts = d.attempts + 1,
-                    next_attempt_at = pg_catalog.now() + pg_catalog.make_interval(secs => $7)
-               FROM locked, linkhooks.subscriptions sub
-              WHERE d.id = locked.id AND sub.id = d.subscription_id
-           RETURNING d.id, d.subscription_id, d.event_id::text, d.body, d.attempts, sub.xmin::text";
+                SELECT l.id, l.attempt, l.leased_at, 0, $8, l.sub FROM locked l WHERE l.was = 'delivering'),
+             claimed AS (
+                UPDATE linkhooks.deliveries d
+                   SET status = 'delivering', attempts = d.attempts + 1,
+                       next_attempt_at = pg_catalog.now() + pg_catalog.make_interval(secs => $7)
+                  FROM locked, linkhooks.subscriptions sub
+                 WHERE d.id = locked.id AND sub.id = d.subscription_id
+             RETURNING d.id, d.subscription_id, d.event_id::text, d.body, d.attempts, sub.xmin::text, locked.due_at)
+        SELECT * FROM claimed
+        UNION ALL
+        SELECT NULL, due.sub, NULL, NULL, NULL, NULL, due.next_attempt_at FROM due
+         WHERE due.id NOT IN (SELECT c.id FROM claimed c)";
 static ENDPOINTS_BEFORE_0_5: LazyLock<String> = LazyLock::new(|| before_holds(ENDPOINTS));
 static NEXT_DUE_BEFORE_0_5: LazyLock<String> = LazyLock::new(|| before_holds(NEXT_DUE));
 static CLAIM_BEFORE_0_5: LazyLock<String> = LazyLock::new(|| before_holds(CLAIM));
@@ -156,6 +169,7 @@ impl Worker {
         })?;
         self.flights
             .retain_subscriptions(|sub| endpoints.contains_key(&sub));
+        self.floors.retain(|sub| endpoints.contains_key(&sub));
         self.endpoints = endpoints;
         self.endpoints_generation = Some(generation);
         self.schema_holds = holds;
@@ -167,14 +181,22 @@ impl Worker {
     pub(super) fn claim(&mut self, plan: &Plan) -> Result<Vec<Job>> {
         let limit = plan.free.min(self.settings.batch_size);
         let unproven_limit = plan.unproven_room.min(limit);
-        let mut rows = claim_rows(self, plan, unproven_limit, false)?;
+        // Read before the claims' snapshots: rows they cannot see are due after it.
+        let horizon = self.horizon()?;
+        let floors = FloorArgs::new(self.floors.for_claim(Instant::now()));
+        let mut seen = ClaimSeen {
+            horizon,
+            ..ClaimSeen::default()
+        };
+        let mut rows = claim_rows(self, plan, unproven_limit, false, &floors, &mut seen)?;
         let mut filled = unproven_limit > 0 && rows.len() >= unproven_limit;
         let fast_limit = limit - rows.len();
         if fast_limit > 0 && !plan.fast.is_empty() {
-            let fast = claim_rows(self, plan, fast_limit, true)?;
+            let fast = claim_rows(self, plan, fast_limit, true, &floors, &mut seen)?;
             filled |= fast.len() >= fast_limit;
             rows.extend(fast);
         }
+        self.claim_seen = Some(seen);
         if rows.iter().any(|r| {
             self.endpoints
                 .get(&r.subscription_id)
@@ -223,7 +245,7 @@ impl Worker {
         self.next_due = if filled {
             None
         } else {
-            Some(self.next_due_time(plan, &jobs)?)
+            Some(self.next_due_time(plan, &jobs, &floors)?)
         };
         Ok(jobs)
     }
@@ -232,7 +254,7 @@ impl Worker {
     /// comes due, at the latest the fallback poll. Subscriptions at their cap,
     /// and unproven ones when their share is taken, get a claim when an
     /// outcome frees a thread.
-    fn next_due_time(&self, plan: &Plan, claimed: &[Job]) -> Result<Instant> {
+    fn next_due_time(&self, plan: &Plan, claimed: &[Job], floors: &FloorArgs) -> Result<Instant> {
         let mut in_flight: HashMap<i64, usize> =
             plan.busy.iter().map(|(s, n)| (*s, *n as usize)).collect();
         let mut unproven = 0;
@@ -257,8 +279,14 @@ impl Worker {
                 } else {
                     NEXT_DUE_BEFORE_0_5.as_str()
                 },
-                &[INT8_ARRAY, INT8_ARRAY, BOOL],
-                &[capped.into(), plan.fast.clone().into(), only_fast.into()],
+                &[INT8_ARRAY, INT8_ARRAY, BOOL, INT8_ARRAY, TIMESTAMPTZ_ARRAY],
+                &[
+                    capped.into(),
+                    plan.fast.clone().into(),
+                    only_fast.into(),
+                    floors.subscriptions.clone().into(),
+                    floors.at.clone().into(),
+                ],
             )?;
             Ok(rows.first().get(1)?)
         })?;
@@ -350,7 +378,14 @@ const INTERRUPTED: &str = "outcome unknown: the worker stopped during this attem
 
 /// Claims up to `limit` due rows of enabled subscriptions that are (`fast`)
 /// or are not (`!fast`) in `plan.fast`, each subscription under its cap.
-fn claim_rows(worker: &Worker, plan: &Plan, limit: usize, fast: bool) -> Result<Vec<Claimed>> {
+fn claim_rows(
+    worker: &Worker,
+    plan: &Plan,
+    limit: usize,
+    fast: bool,
+    floors: &FloorArgs,
+    seen: &mut ClaimSeen,
+) -> Result<Vec<Claimed>> {
     if limit == 0 {
         return Ok(Vec::new());
     }
@@ -364,7 +399,16 @@ fn claim_rows(worker: &Worker, plan: &Plan, limit: usize, fast: bool) -> Result<
                 CLAIM_BEFORE_0_5.as_str()
             },
             &[
-                INT8, INT8_ARRAY, INT4_ARRAY, INT8, INT8_ARRAY, BOOL, FLOAT8, TEXT,
+                INT8,
+                INT8_ARRAY,
+                INT4_ARRAY,
+                INT8,
+                INT8_ARRAY,
+                BOOL,
+                FLOAT8,
+                TEXT,
+                INT8_ARRAY,
+                TIMESTAMPTZ_ARRAY,
             ],
             &[
                 (limit as i64).into(),
@@ -375,19 +419,84 @@ fn claim_rows(worker: &Worker, plan: &Plan, limit: usize, fast: bool) -> Result<
                 fast.into(),
                 LEASE.as_secs_f64().into(),
                 INTERRUPTED.into(),
+                floors.subscriptions.clone().into(),
+                floors.at.clone().into(),
             ],
         )?;
-        rows.into_iter()
-            .map(|row| {
-                Ok(Claimed {
-                    delivery_id: row.get(1)?.unwrap_or_default(),
-                    subscription_id: row.get(2)?.unwrap_or_default(),
-                    event_id: row.get(3)?.unwrap_or_default(),
-                    body: row.get(4)?.unwrap_or_default(),
-                    attempt: row.get(5)?.unwrap_or(1),
-                    subscription_version: row.get(6)?.unwrap_or_default(),
-                })
-            })
-            .collect()
+        let mut claimed = Vec::new();
+        for row in rows {
+            let subscription_id: i64 = row.get(2)?.unwrap_or_default();
+            let due_at = row
+                .get::<TimestampWithTimeZone>(7)?
+                .map_or(Micros::MIN, |t| t.into_inner());
+            let Some(delivery_id) = row.get::<i64>(1)? else {
+                seen.skipped.push((subscription_id, due_at));
+                continue;
+            };
+            seen.taken.push((subscription_id, due_at));
+            claimed.push(Claimed {
+                delivery_id,
+                subscription_id,
+                event_id: row.get(3)?.unwrap_or_default(),
+                body: row.get(4)?.unwrap_or_default(),
+                attempt: row.get(5)?.unwrap_or(1),
+                subscription_version: row.get(6)?.unwrap_or_default(),
+            });
+        }
+        Ok(claimed)
     })
 }
+
+/// The floors a claim starts from, as its statements take them.
+struct FloorArgs {
+    subscriptions: Vec<i64>,
+    at: Vec<TimestampWithTimeZone>,
+}
+
+impl FloorArgs {
+    fn new(floors: Vec<(i64, Micros)>) -> FloorArgs {
+        // A floor that is no valid timestamp is left out: that walk starts at the beginning.
+        let (subscriptions, at) = floors
+            .into_iter()
+            .filter_map(|(sub, f)| Some((sub, TimestampWithTimeZone::try_from(f).ok()?)))
+            .unzip();
+        FloorArgs { subscriptions, at }
+    }
+}
+
+/// The oldest start among other transactions holding an id, or the clock
+/// read before looking when none does (see `floors`); `None` while a prepared
+/// transaction exists or a transaction's start cannot be read. Read at most
+/// every `HORIZON_REUSE`.
+impl Worker {
+    fn horizon(&mut self) -> Result<Option<Micros>> {
+        let now = Instant::now();
+        if let Some((at, horizon)) = self.horizon
+            && now.saturating_duration_since(at) < HORIZON_REUSE
+        {
+            return Ok(horizon);
+        }
+        // SAFETY: reads the clock, as clock_timestamp() does.
+        let clock = unsafe { pg_sys::GetCurrentTimestamp() };
+        self.floors.clock_read(clock);
+        let horizon = Spi::connect(|client| -> Result<Option<Micros>> {
+            // pg_stat_activity is read once per transaction unless cleared.
+            client.select("SELECT pg_catalog.pg_stat_clear_snapshot()", None, &[])?;
+            let rows = plans::query(client, HORIZON, &[], &[])?;
+            let row = rows.first();
+            if row.get::<bool>(1)?.unwrap_or(true) {
+                return Ok(None);
+            }
+            let oldest = row.get::<TimestampWithTimeZone>(2)?.map(|t| t.into_inner());
+            Ok(Some(oldest.map_or(clock, |t| t.min(clock))))
+        })?;
+        self.horizon = Some((now, horizon));
+        Ok(horizon)
+    }
+}
+
+const HORIZON: &str = "SELECT EXISTS (SELECT FROM pg_catalog.pg_prepared_xacts)
+            OR EXISTS (SELECT FROM pg_catalog.pg_stat_activity a
+                        WHERE a.backend_xid IS NOT NULL AND a.xact_start IS NULL),
+       (SELECT pg_catalog.min(a.xact_start) FROM pg_catalog.pg_stat_activity a
+         WHERE a.backend_xid IS NOT NULL AND a.pid <> pg_catalog.pg_backend_pid())";

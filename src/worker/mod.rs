@@ -32,6 +32,7 @@ use pgrx::prelude::*;
 
 use crate::error::Result;
 use crate::events::unix_now_micros;
+use crate::floors::{ClaimSeen, Floors, Micros};
 use crate::guc;
 use crate::sender::{Done, Job, Outcome, Pool, Work};
 use crate::shared::{self, WorkerState};
@@ -39,7 +40,7 @@ use admission::Flights;
 use checks::Checks;
 use claim::{Endpoint, Held};
 use housekeeper::{Chores, Housekeeper};
-use record::Bookkeeping;
+use record::{Bookkeeping, HealthLog};
 use settings::Settings;
 
 /// Longest sleep when nothing is due: the fallback poll.
@@ -132,10 +133,16 @@ pub struct Worker {
     /// When the oldest unrecorded outcome arrived.
     outcomes_since: Option<Instant>,
     bookkeeping: Bookkeeping,
+    health: HealthLog,
     /// The last claim filled its limit: more rows are probably due.
     more_due: bool,
     /// When to claim again even if nothing wakes us (a retry comes due, the fallback poll).
     next_due: Option<Instant>,
+    /// Where each subscription's claim starts its walk (see `floors`); what the
+    /// current transaction's claim saw, applied once it commits; the last horizon read.
+    floors: Floors,
+    claim_seen: Option<ClaimSeen>,
+    horizon: Option<(Instant, Option<Micros>)>,
     housekeeper: Housekeeper,
     /// The housekeeper's chores, run here only while it cannot start; and when next due.
     chores: Chores,
@@ -202,8 +209,12 @@ impl Worker {
             outcomes: Vec::new(),
             outcomes_since: None,
             bookkeeping: Bookkeeping::default(),
+            health: HealthLog::default(),
             more_due: true,
             next_due: None,
+            floors: Floors::default(),
+            claim_seen: None,
+            horizon: None,
             housekeeper: Housekeeper::default(),
             chores: Chores::new(),
             chores_due: None,
@@ -270,8 +281,9 @@ impl Worker {
                     || self.outcomes.len() >= RECORD_BATCH
                     || self.outcomes_since.is_some_and(|t| now >= t + RECORD_DELAY)
                     || self.flights.total() == 0);
-            let other_due =
-                (!self.bookkeeping.is_empty() && timer_due) || self.lease_renewal_due(now);
+            let other_due = (!self.bookkeeping.is_empty() && timer_due)
+                || self.lease_renewal_due(now)
+                || self.health.due_at().is_some_and(|t| now >= t);
             let held_off = self.tick_hold_off.is_some_and(|t| now < t);
             if !held_off && (want_claim || record_due || subscriptions_changed || other_due) {
                 self.tick(want_claim, record_due, &plan);
@@ -308,15 +320,20 @@ impl Worker {
         };
         let saved_outcomes = outcomes.clone();
         let saved_bookkeeping = self.bookkeeping.clone();
+        let saved_health = self.health.clone();
         let released = self.released;
         let result = gate::try_transaction(|| self.tick_body(claim, outcomes, plan));
         match result {
             Ok(jobs) => {
                 self.tick_hold_off = None;
+                if let Some(seen) = self.claim_seen.take() {
+                    self.floors.advance(seen);
+                }
                 self.dispatch(jobs)
             }
             Err(e) => {
                 self.warn_failure("delivery bookkeeping", &e);
+                self.claim_seen = None; // rolled back: the floors stay where they were
                 let mut outcomes = saved_outcomes;
                 outcomes.append(&mut self.outcomes);
                 if !outcomes.is_empty() {
@@ -324,6 +341,7 @@ impl Worker {
                 }
                 self.outcomes = outcomes;
                 self.bookkeeping = saved_bookkeeping;
+                self.health = saved_health;
                 self.released = released;
                 self.more_due = false;
                 // Check the extension again first (DROP EXTENSION ends up here too).
@@ -370,9 +388,13 @@ impl Worker {
         self.write_bookkeeping()?;
         again |= !self.bookkeeping.is_empty();
         self.renew_leases()?;
+        self.write_health(false)?;
         let jobs = if claim { self.claim(plan)? } else { Vec::new() };
         if again {
             let at = Instant::now() + RETRY_AFTER_ERROR;
+            self.next_due = Some(self.next_due.map_or(at, |t| t.min(at)));
+        }
+        if let Some(at) = self.health.due_at() {
             self.next_due = Some(self.next_due.map_or(at, |t| t.min(at)));
         }
         Ok(jobs)
@@ -496,11 +518,12 @@ impl Worker {
                 None => break,
             }
         }
-        if !self.outcomes.is_empty() && self.extension_ready {
+        if (!self.outcomes.is_empty() || self.health.due_at().is_some()) && self.extension_ready {
             let outcomes = std::mem::take(&mut self.outcomes);
             if let Err(e) = gate::try_transaction(|| {
                 self.record_outcomes(outcomes)?;
-                self.write_bookkeeping()
+                self.write_bookkeeping()?;
+                self.write_health(true)
             }) {
                 warning!(
                     "pg_linkhooks worker: outcomes not recorded at exit (their rows are sent again): {e}"

@@ -9,7 +9,7 @@
 //! transaction is retried with nothing lost (see `gate::try_transaction`).
 
 use std::collections::{HashMap, HashSet};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use pgrx::prelude::*;
 
@@ -56,7 +56,56 @@ impl Bookkeeping {
     }
 }
 
+/// How often the worker writes one subscription's row of subscription_state.
+const HEALTH_EVERY: Duration = Duration::from_secs(1);
+
+/// Finished attempts not yet folded into subscription_state. Each
+/// subscription's row is written at most once a second rather than once a
+/// batch: under a snapshot held elsewhere every version of the row stays, and
+/// each write walks them all.
+#[derive(Clone, Default)]
+pub struct HealthLog {
+    attempts: Vec<health::Attempt>,
+    written: HashMap<i64, Instant>,
+}
+
+impl HealthLog {
+    /// When the row of a subscription with attempts waiting may be written next.
+    fn due_for(&self, subscription_id: i64, now: Instant) -> Instant {
+        self.written
+            .get(&subscription_id)
+            .map_or(now, |t| *t + HEALTH_EVERY)
+    }
+
+    /// When the earliest waiting attempts must be written, if any wait.
+    pub fn due_at(&self) -> Option<Instant> {
+        let now = Instant::now();
+        self.attempts
+            .iter()
+            .map(|a| self.due_for(a.subscription_id, now))
+            .min()
+    }
+}
+
 impl Worker {
+    /// Folds the finished attempts of each subscription whose row was last
+    /// written a second ago or more (of every one when `all`) into subscription_state.
+    pub(super) fn write_health(&mut self, all: bool) -> Result<()> {
+        let now = Instant::now();
+        let (due, waiting): (Vec<_>, Vec<_>) = std::mem::take(&mut self.health.attempts)
+            .into_iter()
+            .partition(|a| all || self.health.due_for(a.subscription_id, now) <= now);
+        self.health.attempts = waiting;
+        let changes = health::summarize(due);
+        for change in &changes {
+            self.health.written.insert(change.subscription_id, now);
+        }
+        self.health
+            .written
+            .retain(|_, t| now.saturating_duration_since(*t) < HEALTH_EVERY);
+        update_health(changes)
+    }
+
     /// Writes the finished attempts. Returns the outcomes whose delivery row
     /// another transaction holds: they are recorded by a later call.
     pub(super) fn record_outcomes(&mut self, outcomes: Vec<Outcome>) -> Result<Vec<Outcome>> {
@@ -117,7 +166,7 @@ impl Worker {
             let due = std::time::Instant::now() + delay;
             self.next_due = Some(self.next_due.map_or(due, |t| t.min(due)));
         }
-        update_health(health::summarize(attempts))?;
+        self.health.attempts.extend(attempts); // written by `write_health`
         Ok(retained)
     }
 

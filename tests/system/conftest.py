@@ -16,6 +16,7 @@ SETTINGS = {
     "linkhooks.default_timeout_ms": "2000",
     "linkhooks.base_url": "'https://go.acme.co'",
     "linkhooks.maintenance_interval": "'1s'",
+    "max_prepared_transactions": "2",  # test_queue_floors prepares a transaction
 }
 
 TABLES = ["links", "clicks", "conversions", "campaigns", "subscriptions", "deliveries", "delivery_attempts", "dead_letters",

@@ -47,6 +47,10 @@ def test_subscription_health_counts_each_outcome(db, receiver):
     wait_for(lambda: db.execute("SELECT count(*) FROM linkhooks.dead_letters").fetchone()[0] == 1, message="dead letter")
     link(db, "h2")
     wait_for(lambda: settled(db), message="h2 delivered to both")
+    # The worker writes each subscription's last success and failure at most once a second.
+    wait_for(lambda: db.execute("SELECT bool_and(last_success_at IS NOT NULL) FROM linkhooks.subscription_health").fetchone()[0]
+             and db.execute("SELECT bool_and(consecutive_failures = 0) FROM linkhooks.subscription_health").fetchone()[0],
+             message="every subscription's last success written")
     health = {(r["name"], r["period"]): r for r in rows(db, "SELECT * FROM linkhooks.subscription_health")}
     assert set(health) == {("healthy", "1h"), ("healthy", "24h"), ("flaky", "1h"), ("flaky", "24h")}
     for period in ("1h", "24h"):
@@ -108,6 +112,8 @@ def test_subscription_health_shows_why_a_subscription_is_disabled(db, receiver):
     receiver.expect("/gone", receiver.paths["/gone"]["secrets"], script=[(410, {}, 0)])
     link(db, "g")
     wait_for(lambda: not rows(db, "SELECT enabled FROM linkhooks.subscription_health LIMIT 1")[0]["enabled"], message="disabled")
+    wait_for(lambda: rows(db, "SELECT last_failure_at FROM linkhooks.subscription_health LIMIT 1")[0]["last_failure_at"],
+             message="the failure written (at most a second after the last write)")
     h = rows(db, "SELECT * FROM linkhooks.subscription_health WHERE period = '1h'")[0]
     assert "410" in h["disabled_reason"] and h["dead_letters"] == 1 and h["consecutive_failures"] == 1
 

@@ -298,7 +298,7 @@ def test_click_deliveries_follow_what_a_dba_changes_on_the_table(cluster):
             link_id = install()
             event = click(link_id)
             # ids: 1 is the link's link.created
-            assert delivery(event, "id, event_type, status, attempts, next_attempt_at = created_at, last_error") == \
+            assert delivery(event, "id, event_type, status, attempts, next_attempt_at >= created_at, last_error") == \
                 [(2, "link.clicked", "pending", 0, True, None)]
 
             admin.execute("ALTER TABLE linkhooks.deliveries ADD COLUMN region text NOT NULL DEFAULT 'eu'")
