@@ -169,7 +169,11 @@ impl Worker {
         })?;
         self.flights
             .retain_subscriptions(|sub| endpoints.contains_key(&sub));
-        self.floors.retain(|sub| endpoints.contains_key(&sub));
+        // A subscription row written since (or restored, with its old queue) walks from the start once.
+        let old = &self.endpoints;
+        self.floors.retain(|sub| {
+            matches!((old.get(&sub), endpoints.get(&sub)), (Some(a), Some(b)) if a.version == b.version)
+        });
         self.endpoints = endpoints;
         self.endpoints_generation = Some(generation);
         self.schema_holds = holds;

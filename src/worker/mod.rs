@@ -416,6 +416,7 @@ impl Worker {
                 );
             }
             self.extension_ready = true;
+            self.floors = Floors::default(); // installed again, perhaps restored: nothing known holds
             self.extension_wait = Duration::ZERO;
             shared::set_worker_state(WorkerState::Delivering);
             return Ok(true);
