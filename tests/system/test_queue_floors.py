@@ -25,6 +25,13 @@ def move_the_floor_past(db, receiver, path, link_id, since):
             return sent
 
 
+def assert_arrives_with_the_rest(receiver, path, referer, sent):
+    """The late click (told apart by its referer) arrives at once, beside the `sent` clicks before it."""
+    wait_for(lambda: any(r["json"]["data"]["click"]["referer"] == referer for r in receiver.received(path)),
+             timeout=10, message=f"the click from {referer} delivered")
+    assert len(receiver.received(path)) == sent + 1
+
+
 def test_a_transaction_begun_before_the_floor_moved_still_gets_its_delivery(cluster, db, receiver):
     subscribe(db, receiver, "/late", event_types=["link.clicked"], filters={"exclude_bots": False})
     link_id = link(db, "late")
@@ -34,9 +41,7 @@ def test_a_transaction_begun_before_the_floor_moved_still_gets_its_delivery(clus
         sent = move_the_floor_past(db, receiver, "/late", link_id, time.monotonic())
         slow.execute("INSERT INTO linkhooks.clicks (link_id, referer) VALUES (%s, 'https://late.example/')", [link_id])
         slow.execute("COMMIT")
-    wait_for(lambda: any(r["json"]["data"]["click"]["referer"] == "https://late.example/"
-                         for r in receiver.received("/late")), timeout=10, message="the late click delivered")
-    assert len(receiver.received("/late")) == sent + 1
+    assert_arrives_with_the_rest(receiver, "/late", "https://late.example/", sent)
 
 
 def test_retry_now_in_an_old_transaction_is_not_left_below_the_floor(cluster, db, receiver):
@@ -72,9 +77,7 @@ def test_a_prepared_transaction_holds_the_floors_until_it_commits(cluster, db, r
         sent = move_the_floor_past(db, receiver, "/prepared", link_id, time.monotonic())
     finally:
         db.execute("COMMIT PREPARED 'lh_floor'")
-    wait_for(lambda: any(r["json"]["data"]["click"]["referer"] == "https://prepared.example/"
-                         for r in receiver.received("/prepared")), timeout=10, message="the prepared click delivered")
-    assert len(receiver.received("/prepared")) == sent + 1
+    assert_arrives_with_the_rest(receiver, "/prepared", "https://prepared.example/", sent)
 
 
 def test_a_held_snapshot_does_not_stop_delivery(cluster, db, receiver):
