@@ -66,27 +66,16 @@ CREATE TRIGGER rules_validate BEFORE INSERT OR UPDATE ON rules
 -- Validates subscriptions and refreshes every backend's subscription cache on commit.
 CREATE TRIGGER subscriptions_validate BEFORE INSERT OR UPDATE OR DELETE ON subscriptions
     FOR EACH ROW EXECUTE FUNCTION subscriptions_trigger();
--- Counts each statement's new attempts into subscription_minutes (one upsert per batch the worker
--- writes, whichever path wrote it). Not while linkhooks.restore is on: the counts are restored too.
-CREATE FUNCTION count_attempts() RETURNS trigger
-LANGUAGE plpgsql SET search_path = pg_catalog, pg_temp AS $$
+-- TRUNCATE of delivery_attempts starts the ids again, and the worker's count of them with it.
+CREATE FUNCTION reset_attempt_cursor() RETURNS trigger
+LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
 BEGIN
-    IF pg_catalog.current_setting('linkhooks.restore', true) = 'on' THEN
-        RETURN NULL;
-    END IF;
-    INSERT INTO @extschema@.subscription_minutes AS t (subscription_id, minute, attempts, succeeded)
-    SELECT n.subscription_id, pg_catalog.date_trunc('minute', n.started_at, 'UTC'), pg_catalog.count(*),
-           pg_catalog.count(*) FILTER (WHERE n.status_code BETWEEN 200 AND 299)
-      FROM new_attempts n
-     WHERE n.subscription_id IS NOT NULL
-     GROUP BY 1, 2
-    ON CONFLICT (subscription_id, minute) DO UPDATE
-       SET attempts = t.attempts + excluded.attempts, succeeded = t.succeeded + excluded.succeeded;
+    UPDATE @extschema@.attempt_cursor SET counted_id = 0;
     RETURN NULL;
 END
 $$;
-CREATE TRIGGER delivery_attempts_counted AFTER INSERT ON delivery_attempts
-    REFERENCING NEW TABLE AS new_attempts FOR EACH STATEMENT EXECUTE FUNCTION count_attempts();
+CREATE TRIGGER delivery_attempts_truncated AFTER TRUNCATE ON delivery_attempts
+    FOR EACH STATEMENT EXECUTE FUNCTION reset_attempt_cursor();
 
 -- pg_dump dumps the contents of these tables and sequences (restore with
 -- session_replication_role = replica so restored rows do not emit events again).
@@ -99,7 +88,7 @@ BEGIN
         'subscriptions', 'subscriptions_id_seq', 'deliveries', 'deliveries_id_seq', 'delivery_attempts',
         'delivery_attempts_id_seq', 'dead_letters', 'subscription_state', 'rules', 'rules_id_seq',
         'link_counts', 'link_hours', 'campaign_counts', 'milestones', 'link_misses', 'click_keys', 'threshold_state',
-        'digests', 'destination_checks', 'subscription_minutes', 'subscription_latencies']
+        'digests', 'destination_checks', 'subscription_minutes', 'subscription_latencies', 'attempt_cursor']
     LOOP
         PERFORM pg_catalog.pg_extension_config_dump(relation::regclass, '');
     END LOOP;

@@ -624,7 +624,7 @@ REVOKE ALL ON destination_checks, link_health FROM PUBLIC;
 
 -- subscription_health reads per-minute rollups (issue 18) instead of a day of the delivery log.
 
--- Attempts and 2xx answers per subscription and UTC minute, counted by a trigger on
+-- Attempts and 2xx answers per subscription and UTC minute, counted by the worker from
 -- delivery_attempts: subscription_health reads these (a day is 1,440 rows per subscription,
 -- whatever the traffic), not the delivery log.
 CREATE TABLE subscription_minutes (
@@ -637,6 +637,15 @@ CREATE TABLE subscription_minutes (
 COMMENT ON TABLE subscription_minutes IS 'Attempts and 2xx answers per subscription and minute (last 25 hours); read it through subscription_health.';
 -- Maintenance drops minutes older than 25 hours.
 CREATE INDEX subscription_minutes_minute ON subscription_minutes (minute);
+
+-- How far subscription_minutes has counted delivery_attempts (one row, made by the worker's first
+-- count; none means nothing counted yet): the worker folds newer attempts in about once a second,
+-- and subscription_health adds the ones not folded in yet. Dumped with the attempts it counted.
+CREATE TABLE attempt_cursor (
+    single      boolean PRIMARY KEY DEFAULT true CHECK (single),
+    counted_id  bigint NOT NULL DEFAULT 0   -- attempts up to this id are in subscription_minutes
+);
+COMMENT ON TABLE attempt_cursor IS 'Where subscription_minutes has counted delivery_attempts up to.';
 
 -- Deliveries per subscription, UTC minute of delivery and latency bucket (creation to delivery),
 -- counted by the worker as it records them: bucket 0 is under 0.1 ms, bucket b >= 1 from
@@ -652,8 +661,9 @@ COMMENT ON TABLE subscription_latencies IS 'Deliveries per subscription, minute 
 -- Maintenance drops minutes older than 25 hours.
 CREATE INDEX subscription_latencies_minute ON subscription_latencies (minute);
 
--- The last 25 hours of the log, counted as the worker and the trigger below count from now on
--- (buckets as in src/latency.rs).
+-- The last 25 hours of the log, counted as the worker counts from now on (buckets as in
+-- src/latency.rs); the cursor starts after the attempts counted here.
+INSERT INTO attempt_cursor (counted_id) SELECT coalesce(pg_catalog.max(id), 0) FROM delivery_attempts;
 INSERT INTO subscription_minutes (subscription_id, minute, attempts, succeeded)
 SELECT subscription_id, pg_catalog.date_trunc('minute', started_at, 'UTC'), pg_catalog.count(*),
        pg_catalog.count(*) FILTER (WHERE status_code BETWEEN 200 AND 299)
@@ -672,27 +682,16 @@ SELECT subscription_id, minute,
        pg_catalog.count(*)
   FROM d GROUP BY 1, 2, 3;
 
--- Counts each statement's new attempts into subscription_minutes (one upsert per batch the worker
--- writes, whichever path wrote it). Not while linkhooks.restore is on: the counts are restored too.
-CREATE FUNCTION count_attempts() RETURNS trigger
-LANGUAGE plpgsql SET search_path = pg_catalog, pg_temp AS $$
+-- TRUNCATE of delivery_attempts starts the ids again, and the worker's count of them with it.
+CREATE FUNCTION reset_attempt_cursor() RETURNS trigger
+LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
 BEGIN
-    IF pg_catalog.current_setting('linkhooks.restore', true) = 'on' THEN
-        RETURN NULL;
-    END IF;
-    INSERT INTO linkhooks.subscription_minutes AS t (subscription_id, minute, attempts, succeeded)
-    SELECT n.subscription_id, pg_catalog.date_trunc('minute', n.started_at, 'UTC'), pg_catalog.count(*),
-           pg_catalog.count(*) FILTER (WHERE n.status_code BETWEEN 200 AND 299)
-      FROM new_attempts n
-     WHERE n.subscription_id IS NOT NULL
-     GROUP BY 1, 2
-    ON CONFLICT (subscription_id, minute) DO UPDATE
-       SET attempts = t.attempts + excluded.attempts, succeeded = t.succeeded + excluded.succeeded;
+    UPDATE linkhooks.attempt_cursor SET counted_id = 0;
     RETURN NULL;
 END
 $$;
-CREATE TRIGGER delivery_attempts_counted AFTER INSERT ON delivery_attempts
-    REFERENCING NEW TABLE AS new_attempts FOR EACH STATEMENT EXECUTE FUNCTION count_attempts();
+CREATE TRIGGER delivery_attempts_truncated AFTER TRUNCATE ON delivery_attempts
+    FOR EACH STATEMENT EXECUTE FUNCTION reset_attempt_cursor();
 
 CREATE OR REPLACE VIEW subscription_health AS
 WITH periods (period, since) AS (
@@ -700,7 +699,14 @@ WITH periods (period, since) AS (
            ('24h', date_trunc('minute', now(), 'UTC') - interval '1439 minutes')
 ), counted AS (
     SELECT m.subscription_id, p.period, sum(m.attempts) AS attempts, sum(m.succeeded) AS succeeded
-    FROM subscription_minutes m JOIN periods p ON m.minute >= p.since
+    FROM (SELECT subscription_id, minute, attempts, succeeded FROM subscription_minutes
+          UNION ALL
+          -- attempts the worker has not folded in yet (about a second of them)
+          SELECT a.subscription_id, date_trunc('minute', a.started_at, 'UTC'), 1,
+                 CASE WHEN a.status_code BETWEEN 200 AND 299 THEN 1 ELSE 0 END
+          FROM delivery_attempts a
+          WHERE a.id > coalesce((SELECT counted_id FROM attempt_cursor), 0) AND a.subscription_id IS NOT NULL) m
+    JOIN periods p ON m.minute >= p.since
     GROUP BY m.subscription_id, p.period
 ), delivered AS (
     -- Deliveries, and per percentile the first latency bucket reaching that share of them.
@@ -750,8 +756,9 @@ LEFT JOIN subscription_state st ON st.subscription_id = s.id;
 
 SELECT pg_catalog.pg_extension_config_dump('subscription_minutes', '');
 SELECT pg_catalog.pg_extension_config_dump('subscription_latencies', '');
-REVOKE ALL ON subscription_minutes, subscription_latencies FROM PUBLIC;
-REVOKE ALL ON FUNCTION count_attempts() FROM PUBLIC;
+SELECT pg_catalog.pg_extension_config_dump('attempt_cursor', '');
+REVOKE ALL ON subscription_minutes, subscription_latencies, attempt_cursor FROM PUBLIC;
+REVOKE ALL ON FUNCTION reset_attempt_cursor() FROM PUBLIC;
 
 -- Roles holding the analyst level (they may call worker_status) read the reactive-event and
 -- health tables and views added above.

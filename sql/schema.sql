@@ -395,7 +395,7 @@ COMMENT ON TABLE destination_checks IS 'Destination health of the links health_c
 -- The worker's claim: due checks, soonest first.
 CREATE INDEX destination_checks_due ON destination_checks (next_check_at);
 
--- Attempts and 2xx answers per subscription and UTC minute, counted by a trigger on
+-- Attempts and 2xx answers per subscription and UTC minute, counted by the worker from
 -- delivery_attempts: subscription_health reads these (a day is 1,440 rows per subscription,
 -- whatever the traffic), not the delivery log.
 CREATE TABLE subscription_minutes (
@@ -408,6 +408,15 @@ CREATE TABLE subscription_minutes (
 COMMENT ON TABLE subscription_minutes IS 'Attempts and 2xx answers per subscription and minute (last 25 hours); read it through subscription_health.';
 -- Maintenance drops minutes older than 25 hours.
 CREATE INDEX subscription_minutes_minute ON subscription_minutes (minute);
+
+-- How far subscription_minutes has counted delivery_attempts (one row, made by the worker's first
+-- count; none means nothing counted yet): the worker folds newer attempts in about once a second,
+-- and subscription_health adds the ones not folded in yet. Dumped with the attempts it counted.
+CREATE TABLE attempt_cursor (
+    single      boolean PRIMARY KEY DEFAULT true CHECK (single),
+    counted_id  bigint NOT NULL DEFAULT 0   -- attempts up to this id are in subscription_minutes
+);
+COMMENT ON TABLE attempt_cursor IS 'Where subscription_minutes has counted delivery_attempts up to.';
 
 -- Deliveries per subscription, UTC minute of delivery and latency bucket (creation to delivery),
 -- counted by the worker as it records them: bucket 0 is under 0.1 ms, bucket b >= 1 from

@@ -22,7 +22,14 @@ WITH periods (period, since) AS (
            ('24h', date_trunc('minute', now(), 'UTC') - interval '1439 minutes')
 ), counted AS (
     SELECT m.subscription_id, p.period, sum(m.attempts) AS attempts, sum(m.succeeded) AS succeeded
-    FROM subscription_minutes m JOIN periods p ON m.minute >= p.since
+    FROM (SELECT subscription_id, minute, attempts, succeeded FROM subscription_minutes
+          UNION ALL
+          -- attempts the worker has not folded in yet (about a second of them)
+          SELECT a.subscription_id, date_trunc('minute', a.started_at, 'UTC'), 1,
+                 CASE WHEN a.status_code BETWEEN 200 AND 299 THEN 1 ELSE 0 END
+          FROM delivery_attempts a
+          WHERE a.id > coalesce((SELECT counted_id FROM attempt_cursor), 0) AND a.subscription_id IS NOT NULL) m
+    JOIN periods p ON m.minute >= p.since
     GROUP BY m.subscription_id, p.period
 ), delivered AS (
     -- Deliveries, and per percentile the first latency bucket reaching that share of them.

@@ -56,17 +56,21 @@ impl Bookkeeping {
     }
 }
 
-/// How often the worker writes one subscription's row of subscription_state.
+/// How often the worker writes one subscription's row of subscription_state,
+/// and folds the new attempts into subscription_minutes.
 const HEALTH_EVERY: Duration = Duration::from_secs(1);
 
-/// Finished attempts not yet folded into subscription_state. Each
-/// subscription's row is written at most once a second rather than once a
-/// batch: under a snapshot held elsewhere every version of the row stays, and
-/// each write walks them all.
+/// Health not yet written: finished attempts not folded into
+/// subscription_state, and whether attempts were logged since
+/// subscription_minutes last counted them. Each row is written at most once a
+/// second rather than once a batch: under a snapshot held elsewhere every
+/// version of a row stays, and each write walks them all.
 #[derive(Clone, Default)]
 pub struct HealthLog {
     attempts: Vec<health::Attempt>,
     written: HashMap<i64, Instant>,
+    uncounted: bool,
+    counted: Option<Instant>,
 }
 
 impl HealthLog {
@@ -77,19 +81,45 @@ impl HealthLog {
             .map_or(now, |t| *t + HEALTH_EVERY)
     }
 
-    /// When the earliest waiting attempts must be written, if any wait.
+    /// When new attempts may be counted next, if any wait.
+    fn count_due(&self, now: Instant) -> Option<Instant> {
+        self.uncounted
+            .then(|| self.counted.map_or(now, |t| t + HEALTH_EVERY))
+    }
+
+    /// When the earliest waiting write is due, if any waits.
     pub fn due_at(&self) -> Option<Instant> {
         let now = Instant::now();
         self.attempts
             .iter()
             .map(|a| self.due_for(a.subscription_id, now))
+            .chain(self.count_due(now))
             .min()
     }
 }
 
+/// Folds the attempts logged since the cursor into subscription_minutes
+/// (subscription_health adds those not folded yet, so it is exact meanwhile).
+const COUNT_ATTEMPTS: &str = "WITH new AS (
+        SELECT a.id, a.subscription_id, a.started_at, a.status_code FROM linkhooks.delivery_attempts a
+         WHERE a.id > coalesce((SELECT c.counted_id FROM linkhooks.attempt_cursor c FOR UPDATE), 0)),
+     counted AS (
+        INSERT INTO linkhooks.subscription_minutes AS t (subscription_id, minute, attempts, succeeded)
+        SELECT n.subscription_id, pg_catalog.date_trunc('minute', n.started_at, 'UTC'), pg_catalog.count(*),
+               pg_catalog.count(*) FILTER (WHERE n.status_code BETWEEN 200 AND 299)
+          FROM new n WHERE n.subscription_id IS NOT NULL
+         GROUP BY 1, 2
+        ON CONFLICT (subscription_id, minute) DO UPDATE
+           SET attempts = t.attempts + excluded.attempts, succeeded = t.succeeded + excluded.succeeded)
+INSERT INTO linkhooks.attempt_cursor AS c (counted_id)
+SELECT m.top FROM (SELECT pg_catalog.max(n.id) AS top FROM new n) m WHERE m.top IS NOT NULL
+    ON CONFLICT (single) DO UPDATE SET counted_id = excluded.counted_id";
+
 impl Worker {
     /// Folds the finished attempts of each subscription whose row was last
-    /// written a second ago or more (of every one when `all`) into subscription_state.
+    /// written a second ago or more (of every one when `all`) into
+    /// subscription_state, and counts new attempts into subscription_minutes
+    /// when a second has passed since the last time (or when `all`).
     pub(super) fn write_health(&mut self, all: bool) -> Result<()> {
         let now = Instant::now();
         let (due, waiting): (Vec<_>, Vec<_>) = std::mem::take(&mut self.health.attempts)
@@ -103,7 +133,18 @@ impl Worker {
         self.health
             .written
             .retain(|_, t| now.saturating_duration_since(*t) < HEALTH_EVERY);
-        update_health(changes)
+        update_health(changes)?;
+        if self.health.count_due(now).is_some_and(|t| all || t <= now) {
+            // A schema before 0.5.0 has neither the cursor nor subscription_minutes.
+            if self.schema_holds {
+                Spi::connect_mut(|client| {
+                    plans::execute(client, COUNT_ATTEMPTS, &[], &[]).map(|_| ())
+                })?;
+            }
+            self.health.uncounted = false;
+            self.health.counted = Some(now);
+        }
+        Ok(())
     }
 
     /// Writes the finished attempts. Returns the outcomes whose delivery row
@@ -166,7 +207,9 @@ impl Worker {
             let due = std::time::Instant::now() + delay;
             self.next_due = Some(self.next_due.map_or(due, |t| t.min(due)));
         }
-        self.health.attempts.extend(attempts); // written by `write_health`
+        // Written by `write_health`.
+        self.health.attempts.extend(attempts);
+        self.health.uncounted = true;
         Ok(retained)
     }
 

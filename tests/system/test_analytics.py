@@ -1,6 +1,8 @@
 """The analyst and operator surface: delivery log, subscription health, click
 analytics and worker status, each with real clicks and real deliveries (issue 5)."""
 
+from decimal import Decimal
+
 from conftest import subscribe
 from harness import wait_for
 from test_links import IPHONE, link
@@ -105,6 +107,36 @@ def test_subscription_health_rollups_match_the_delivery_log(db, receiver):
             assert float(h["success_rate"]) == round(r["succeeded"] / r["attempts"], 4)
             for got, want in zip([h["latency_p50_ms"], h["latency_p95_ms"], h["latency_p99_ms"]], r["latency"]):
                 assert abs(float(got) - float(want)) <= 0.05 * float(want) + 0.1, (period, sub, got, want)  # both rounded to 0.1 ms
+
+
+def test_attempts_are_folded_into_minutes_from_a_cursor_and_the_view_counts_the_rest(db, receiver):
+    sub_id, _ = subscribe(db, receiver, "/folded", event_types=["link.created"])
+
+    def folded():
+        return db.execute("SELECT coalesce(sum(attempts), 0) FROM linkhooks.subscription_minutes").fetchone()[0]
+
+    def logged():
+        return db.execute("SELECT count(*) FROM linkhooks.delivery_attempts").fetchone()[0]
+
+    def in_view():
+        return db.execute("SELECT failed_attempts, success_rate FROM linkhooks.subscription_health "
+                          "WHERE subscription_id = %s AND period = '1h'", [sub_id]).fetchone()
+
+    for i in range(3):
+        link(db, f"f{i}")
+    wait_for(lambda: settled(db) and folded() == logged() == 3, message="three attempts folded in by the worker")
+    assert db.execute("SELECT counted_id FROM linkhooks.attempt_cursor").fetchone()[0] == \
+        db.execute("SELECT max(id) FROM linkhooks.delivery_attempts").fetchone()[0]
+    # Attempts past the cursor are counted by the view at once (one failed, written by hand).
+    db.execute("INSERT INTO linkhooks.delivery_attempts (delivery_id, attempt, started_at, duration_ms, status_code, "
+               "subscription_id) SELECT id, 9, now(), 1, 500, subscription_id FROM linkhooks.deliveries LIMIT 1")
+    assert in_view() == (1, Decimal("0.7500"))
+    # TRUNCATE starts the ids again, and the cursor with them: new attempts are folded in.
+    db.execute("TRUNCATE linkhooks.delivery_attempts, linkhooks.subscription_minutes RESTART IDENTITY")
+    assert db.execute("SELECT counted_id FROM linkhooks.attempt_cursor").fetchone()[0] == 0
+    link(db, "after")
+    wait_for(lambda: settled(db) and folded() == logged() == 1, message="the attempt after TRUNCATE folded in")
+    assert in_view() == (0, Decimal("1.0000"))
 
 
 def test_subscription_health_shows_why_a_subscription_is_disabled(db, receiver):
