@@ -171,3 +171,18 @@ FROM destination_checks d
 JOIN links l ON l.id = d.link_id
 ORDER BY d.status = 'broken' DESC, d.status_since;
 COMMENT ON VIEW link_health IS 'Destination health checks (link.broken, link.recovered): each checked link''s status, last answer and reason.';
+
+-- Partitions of the time-partitioned tables and the times each holds (the default partition:
+-- NULL, it holds what no other does), for DBAs checking maintenance.
+CREATE VIEW partitions AS
+SELECT parent.relname::text AS table_name, child.relname::text AS partition,
+       CASE WHEN b[1] = 'MINVALUE' THEN '-infinity' ELSE btrim(b[1], '''') END::timestamptz AS range_start,
+       CASE WHEN b[2] = 'MAXVALUE' THEN 'infinity' ELSE btrim(b[2], '''') END::timestamptz AS range_end,
+       pg_total_relation_size(child.oid) AS bytes
+FROM pg_inherits i
+JOIN pg_class parent ON parent.oid = i.inhparent
+JOIN pg_class child ON child.oid = i.inhrelid
+CROSS JOIN LATERAL regexp_match(pg_get_expr(child.relpartbound, child.oid), '^FOR VALUES FROM \((.+)\) TO \((.+)\)$') AS b
+WHERE parent.relnamespace = '@extschema@'::regnamespace AND parent.relkind = 'p'
+ORDER BY 1, 3 NULLS LAST;
+COMMENT ON VIEW partitions IS 'Partitions of clicks: name, time range (NULL for the default partition) and size.';

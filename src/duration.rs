@@ -60,6 +60,16 @@ pub fn parse(text: &str) -> Option<Duration> {
     (secs.is_finite() && secs <= MAX_DURATION.as_secs_f64()).then(|| Duration::from_secs_f64(secs))
 }
 
+/// A retention: `never` (or nothing) keeps for ever, `Some(None)`; else a
+/// duration, `Some(Some(d))`. None when malformed.
+pub fn parse_retention(text: &str) -> Option<Option<Duration>> {
+    let text = text.trim();
+    if text.is_empty() || text.eq_ignore_ascii_case("never") {
+        return Some(None);
+    }
+    parse(text).map(Some)
+}
+
 /// A leading non-negative decimal number and the text after it.
 fn split_number(text: &str) -> Option<(f64, &str)> {
     let end = text
@@ -73,6 +83,18 @@ fn split_number(text: &str) -> Option<(f64, &str)> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn retentions_are_durations_or_never() {
+        assert_eq!(parse_retention("never"), Some(None));
+        assert_eq!(parse_retention(" Never "), Some(None));
+        assert_eq!(parse_retention(""), Some(None));
+        assert_eq!(
+            parse_retention("400d"),
+            Some(Some(Duration::from_secs(400 * 86_400)))
+        );
+        assert_eq!(parse_retention("forever"), None);
+    }
 
     #[test]
     fn short_forms() {

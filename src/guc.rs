@@ -4,6 +4,7 @@
 //! error at SET, ALTER SYSTEM or reload instead of a fallback later.
 
 use std::ffi::{CStr, CString, c_char, c_void};
+use std::time::Duration;
 
 use pgrx::{GucContext, GucFlags, GucRegistry, GucSetting, pg_guard, pg_sys};
 
@@ -23,6 +24,10 @@ pub static REQUIRE_HTTPS: GucSetting<bool> = GucSetting::<bool>::new(true);
 pub static ALLOW_PRIVATE_TARGETS: GucSetting<bool> = GucSetting::<bool>::new(false);
 pub static RESTORE: GucSetting<bool> = GucSetting::<bool>::new(false);
 pub static RETENTION: GucSetting<Option<CString>> = GucSetting::<Option<CString>>::new(Some(c"7d"));
+pub static CLICK_RETENTION: GucSetting<Option<CString>> =
+    GucSetting::<Option<CString>>::new(Some(c"never"));
+pub static PARTITION_INTERVAL: GucSetting<Option<CString>> =
+    GucSetting::<Option<CString>>::new(Some(c"1d"));
 pub static NOTIFY_CHANNEL: GucSetting<Option<CString>> = GucSetting::<Option<CString>>::new(None);
 pub static DISABLE_AFTER_DEAD_LETTERS: GucSetting<i32> = GucSetting::<i32>::new(20);
 pub static MAX_BODY_BYTES: GucSetting<i32> =
@@ -81,6 +86,18 @@ pub fn register() {
         c"How long delivered deliveries and attempts are kept (e.g. '7d' or '7 days').",
         &RETENTION,
         Some(check_duration),
+    );
+    checked(
+        c"linkhooks.click_retention",
+        c"How long clicks are kept, whole partitions at a time ('never', or e.g. '400d').",
+        &CLICK_RETENTION,
+        Some(check_click_retention),
+    );
+    checked(
+        c"linkhooks.partition_interval",
+        c"How much time each new partition of clicks holds (at least 1 minute; e.g. '1d').",
+        &PARTITION_INTERVAL,
+        Some(check_partition_interval),
     );
     checked(
         c"linkhooks.miss_interval",
@@ -258,6 +275,50 @@ unsafe extern "C-unwind" fn check_positive_duration(
     _source: pg_sys::GucSource::Type,
 ) -> bool {
     unsafe { check_with(newval, |v| duration_rule(v, true)) }
+}
+
+#[pg_guard]
+unsafe extern "C-unwind" fn check_click_retention(
+    newval: *mut *mut c_char,
+    _extra: *mut *mut c_void,
+    _source: pg_sys::GucSource::Type,
+) -> bool {
+    unsafe { check_with(newval, |v| optional_duration(v).map(|_| ())) }
+}
+
+#[pg_guard]
+unsafe extern "C-unwind" fn check_partition_interval(
+    newval: *mut *mut c_char,
+    _extra: *mut *mut c_void,
+    _source: pg_sys::GucSource::Type,
+) -> bool {
+    unsafe { check_with(newval, |v| partition_width(v).map(|_| ())) }
+}
+
+/// `linkhooks.click_retention`'s rule.
+fn optional_duration(value: &str) -> Result<Option<Duration>, String> {
+    duration::parse_retention(value)
+        .ok_or_else(|| format!("must be 'never' or {}; '{value}' is not", duration::SYNTAX))
+}
+
+/// A partition width: a duration of at least a minute (maintain_partitions' rule).
+fn partition_width(value: &str) -> Result<Duration, String> {
+    match duration::parse(value) {
+        Some(d) if d >= Duration::from_secs(60) => Ok(d),
+        Some(_) => Err(format!("must be at least 1 minute; '{value}' is shorter")),
+        None => Err(format!("must be {}; '{value}' is not", duration::SYNTAX)),
+    }
+}
+
+/// `linkhooks.click_retention` (None: keep every click) and `linkhooks.partition_interval`,
+/// both checked when set.
+pub fn click_partitioning() -> (Duration, Option<Duration>) {
+    let width =
+        partition_width(&string(&PARTITION_INTERVAL)).unwrap_or(Duration::from_secs(86_400));
+    (
+        width,
+        optional_duration(&string(&CLICK_RETENTION)).unwrap_or(None),
+    )
 }
 
 fn duration_rule(value: &str, positive: bool) -> Result<(), String> {

@@ -36,9 +36,22 @@ fn run_maintenance() -> pgrx::JsonB {
             "minutes_pruned": since_0_5(crate::thresholds::prune)?,
             "health_minutes_pruned": since_0_5(prune_health_minutes)?,
             "deliveries_pruned": prune()?,
+            "partitions": if current { maintain_partitions()? } else { serde_json::Value::Null },
         }))
     };
     pgrx::JsonB(run().or_report())
+}
+
+/// Clicks' partitions: created ahead, dropped behind (sql/schema.sql, `maintain_partitions`).
+fn maintain_partitions() -> Result<serde_json::Value> {
+    let (width, keep) = guc::click_partitioning();
+    let millis = |d: std::time::Duration| d.as_millis() as f64;
+    let done = Spi::get_one_with_args::<pgrx::JsonB>(
+        "SELECT linkhooks.maintain_partitions(pg_catalog.now(), $1 * interval '1 millisecond',
+                                              $2 * interval '1 millisecond')",
+        &[millis(width).into(), keep.map(millis).into()],
+    )?;
+    Ok(done.map_or(serde_json::Value::Null, |j| j.0))
 }
 
 fn expire_links() -> Result<usize> {

@@ -118,9 +118,11 @@ fn enrich_click(
         .get::<pgrx::Uuid>("event_id")?
         .map(|u| uuid_text(&u))
         .unwrap_or_else(new_event_id);
-    let clicked_at = new
-        .get::<TimestampWithTimeZone>("clicked_at")?
-        .map_or_else(unix_now_micros, unix_micros);
+    let clicked_at = match new.get::<TimestampWithTimeZone>("clicked_at")? {
+        None => unix_now_micros(),
+        Some(at) if at.is_finite() => unix_micros(at),
+        Some(_) => return Err(Error::invalid("clicked_at", "must be a time, not infinity")),
+    };
     let ip = new.ip("ip")?;
     let user_agent = capped("user_agent", MAX_HEADER_LEN)?;
     let referer = capped("referer", MAX_HEADER_LEN)?;

@@ -70,6 +70,8 @@ def test_settings_are_checked_when_set_and_the_workers_cannot_be_set_per_session
         ("linkhooks.retry_schedule", "banana", "must be a comma-separated list of delays"),
         ("linkhooks.retention", "7 dayz", "must be a duration like '30s', '7d' or '7 days'"),
         ("linkhooks.maintenance_interval", "0s", "must be longer than zero"),
+        ("linkhooks.partition_interval", "30s", "must be at least 1 minute"),
+        ("linkhooks.click_retention", "forever", "must be 'never' or a duration like '30s'"),
     ]:
         err = error_of(db, f"ALTER SYSTEM SET {name} = '{value}'")
         assert f'invalid value for parameter "{name}"' in err.diag.message_primary

@@ -97,8 +97,14 @@ def test_update_from_previous_release_equals_fresh_install(cluster, previous_rel
                                  "(delivery_id, attempt, started_at, duration_ms, status_code, subscription_id) "
                                  "SELECT id, 1, now(), 3.5, 500, subscription_id FROM linkhooks.deliveries "
                                  "WHERE event_type = 'link.clicked'")
+            clicks = "SELECT id, event_id, link_id, clicked_at FROM linkhooks.clicks ORDER BY id"
+            clicks_before = upgraded.execute(clicks).fetchall()
             upgraded.execute("ALTER EXTENSION pg_linkhooks UPDATE")
 
+            # clicks became partitioned; its rows, ids and event ids are all kept, in clicks_history.
+            assert upgraded.execute(clicks).fetchall() == clicks_before and clicks_before
+            assert upgraded.execute("SELECT DISTINCT tableoid::regclass::text FROM linkhooks.clicks").fetchall() == \
+                [("linkhooks.clicks_history",)]
             assert upgraded.execute("SELECT extversion FROM pg_extension WHERE extname = 'pg_linkhooks'").fetchone()[0] == \
                 fresh.execute("SELECT extversion FROM pg_extension WHERE extname = 'pg_linkhooks'").fetchone()[0]
             before, after = catalog(fresh), catalog(upgraded)
@@ -118,6 +124,8 @@ def test_update_from_previous_release_equals_fresh_install(cluster, previous_rel
                 "attempts from the earlier release are attributed to their subscription"
             assert upgraded.execute("SELECT linkhooks.record_click('up', user_agent => %s)", [IPHONE]).fetchone()[0] == "https://acme.com/up?utm_source=mail"
             assert upgraded.execute("SELECT count(*) FROM linkhooks.delivery_log WHERE event_type = 'link.clicked'").fetchone()[0] == 2
+            # The identity carries on after the rows written before the update.
+            assert upgraded.execute("SELECT max(id) FROM linkhooks.clicks").fetchone()[0] == clicks_before[-1][0] + 1
             # The worker serves `postgres`, not this database: the status says so.
             wait_for(lambda: upgraded.execute("SELECT running, state FROM linkhooks.worker_status()").fetchone() ==
                      (False, "serving another database"), message="the status of a database the worker does not serve")
@@ -138,7 +146,12 @@ def test_dump_and_restore_keep_every_row_without_emitting_again(cluster):
     try:
         with database(cluster, "lh_source") as source:
             source.execute("CREATE EXTENSION pg_linkhooks")
+            # Clicks in a dated partition made by maintenance (not one of the extension's
+            # objects) and, older than every partition, in the default one.
+            source.execute("SELECT linkhooks.maintain_partitions(now(), '1 day', NULL)")
             fill(source)
+            source.execute("INSERT INTO linkhooks.clicks (link_id, clicked_at) "
+                           "SELECT id, now() - interval '30 days' FROM linkhooks.links")
             run_as_postgres(cluster, "pg_dump", "-Fc", "-f", dump, "lh_source")
             with database(cluster, "lh_restored") as restored:
                 run_as_postgres(cluster, "pg_restore", "-d", "lh_restored", dump,
@@ -146,6 +159,13 @@ def test_dump_and_restore_keep_every_row_without_emitting_again(cluster):
                 for table in tables:
                     query = f"SELECT * FROM linkhooks.{table} ORDER BY 1"
                     assert restored.execute(query).fetchall() == source.execute(query).fetchall(), table
+                where = "SELECT tableoid::regclass::text, id FROM linkhooks.clicks ORDER BY id"
+                assert restored.execute(where).fetchall() == source.execute(where).fetchall()
+                assert {r[0] for r in restored.execute(where)} == {"linkhooks.clicks_default", "linkhooks." +
+                    source.execute("SELECT partition FROM linkhooks.partitions WHERE now() >= range_start AND now() < range_end").fetchone()[0]}
+                listing = "SELECT * FROM linkhooks.partitions WHERE range_start IS NOT NULL"
+                assert restored.execute(listing).fetchall() and \
+                    [r[:4] for r in restored.execute(listing)] == [r[:4] for r in source.execute(listing)]
                 # Identity sequences continue, triggers work again, and new events are queued.
                 restored.execute("INSERT INTO linkhooks.links (slug, destination) VALUES ('after', 'https://acme.com/after')")
                 assert restored.execute("SELECT linkhooks.record_click('after', user_agent => %s)", [IPHONE]).fetchone()[0] == "https://acme.com/after"

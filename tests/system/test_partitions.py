@@ -1,0 +1,139 @@
+"""clicks is partitioned by time (issue 18): partitions are made ahead and
+dropped behind by the extension's own maintenance, retention drops only what
+is due, and no click is refused or lost on the way. Tests that move the clock
+run maintain_partitions with an as_of of their choice in a database of their
+own, where no worker runs maintenance with the real clock."""
+
+from datetime import datetime, timedelta, timezone
+
+import psycopg
+import pytest
+
+from conftest import database, drop_database
+from harness import wait_for
+from test_links import IPHONE, link
+
+DAY = timedelta(days=1)
+T0 = datetime(2026, 1, 10, 12, 0, tzinfo=timezone.utc)
+
+
+def partitions(db):
+    return [(name, start, end) for name, start, end in db.execute(
+        "SELECT partition, range_start, range_end FROM linkhooks.partitions WHERE table_name = 'clicks'").fetchall()]
+
+
+def maintain(db, as_of, keep=None, width="1 day"):
+    return db.execute("SELECT linkhooks.maintain_partitions(%s, %s::interval, %s::interval)",
+                      [as_of, width, keep]).fetchone()[0]
+
+
+def clicks_by_partition(db):
+    return db.execute("SELECT tableoid::regclass::text, id FROM linkhooks.clicks ORDER BY id").fetchall()
+
+
+@pytest.fixture
+def own_db(cluster):
+    with database(cluster, "lh_partitions") as conn:
+        conn.execute("CREATE EXTENSION pg_linkhooks")
+        yield conn
+    drop_database(cluster, "lh_partitions")
+
+
+def day(n):
+    """Midnight UTC, n days after T0's."""
+    return datetime(2026, 1, 10, tzinfo=timezone.utc) + n * DAY
+
+
+def test_the_worker_keeps_partitions_ahead_and_clicks_land_in_them(db):
+    def covered():
+        return db.execute("SELECT count(*) FROM linkhooks.partitions WHERE table_name = 'clicks' "
+                          "AND range_start <= now() + interval '2 days' AND range_end > now() + interval '2 days'").fetchone()[0]
+    wait_for(lambda: covered() == 1, message="a partition for two days ahead, made by the worker's maintenance")
+    link(db, "p")
+    db.execute("SELECT linkhooks.record_click('p', user_agent => %s)", [IPHONE])
+    partition = db.execute("SELECT tableoid::regclass::text FROM linkhooks.clicks").fetchone()[0]
+    assert partition == db.execute("SELECT 'linkhooks.' || partition FROM linkhooks.partitions "
+                                   "WHERE table_name = 'clicks' AND now() >= range_start AND now() < range_end").fetchone()[0]
+    assert partition != "linkhooks.clicks_default"
+
+
+def test_partitions_are_made_ahead_aligned_to_utc_days(own_db):
+    assert maintain(own_db, T0)["partitions_created"] == 4
+    assert partitions(own_db) == [(f"clicks_p202601{10 + n}_000000", day(n), day(n + 1)) for n in range(4)] + \
+        [("clicks_default", None, None)]
+    # A later run makes only what is missing, from where the last one ended.
+    assert maintain(own_db, T0 + DAY)["partitions_created"] == 1
+    assert partitions(own_db)[-2][1:] == (day(4), day(5))
+    with pytest.raises(psycopg.errors.InvalidParameterValue, match="width must be at least 1 minute"):
+        maintain(own_db, T0, width="30 seconds")
+
+
+def test_retention_drops_only_what_is_due_and_keeps_the_counts(own_db):
+    maintain(own_db, T0)
+    link_id = link(own_db, "r")
+    times = {"old": T0 - 300 * DAY, "day0": T0, "day1": T0 + DAY, "day2": T0 + 2 * DAY}
+    for label, at in times.items():
+        own_db.execute("INSERT INTO linkhooks.clicks (link_id, clicked_at, user_agent) VALUES (%s, %s, %s)",
+                       [link_id, at, IPHONE])
+    ids = dict(zip(times, [r[0] for r in own_db.execute("SELECT id FROM linkhooks.clicks ORDER BY id")]))
+    assert dict(clicks_by_partition(own_db))["linkhooks.clicks_default"] == ids["old"], \
+        "a click older than every partition is kept in the default partition"
+    own_db.execute("SELECT linkhooks.run_aggregation()")
+
+    # Two days later with a retention of 12 hours: day 0 ended 36 hours before, day 1
+    # exactly 12 hours before (due), day 2 has not ended.
+    done = maintain(own_db, T0 + 2 * DAY, keep="12 hours")
+    assert (done["partitions_dropped"], done["clicks_pruned"]) == (2, 1)
+    assert [r[0] for r in own_db.execute("SELECT id FROM linkhooks.clicks ORDER BY id")] == [ids["day2"]]
+    assert partitions(own_db)[0][1] == day(2)
+    # The counts the views read stay: retention drops raw clicks, not what was counted.
+    assert own_db.execute("SELECT clicks FROM linkhooks.link_stats").fetchone()[0] == 4
+
+
+def test_a_click_no_partition_covers_is_kept_then_moved_into_a_partition_of_its_time(own_db):
+    maintain(own_db, T0)
+    link_id = link(own_db, "f")
+    past, future = T0 - 40 * DAY, T0 + 10 * DAY
+    inserted = own_db.execute("INSERT INTO linkhooks.clicks (link_id, clicked_at) VALUES (%s, %s), (%s, %s) "
+                              "RETURNING id, event_id, clicked_at", [link_id, past, link_id, future]).fetchall()
+    (past_id, _, _), (future_id, _, _) = inserted
+    assert clicks_by_partition(own_db) == [("linkhooks.clicks_default", past_id), ("linkhooks.clicks_default", future_id)]
+    # The next run gives the old click a partition of its day; the future one waits for its time.
+    maintain(own_db, T0)
+    assert clicks_by_partition(own_db) == [("linkhooks.clicks_p20251201_000000", past_id),
+                                           ("linkhooks.clicks_default", future_id)]
+    maintain(own_db, future)
+    assert clicks_by_partition(own_db) == [("linkhooks.clicks_p20251201_000000", past_id),
+                                           ("linkhooks.clicks_p20260120_000000", future_id)]
+    assert own_db.execute("SELECT id, event_id, clicked_at FROM linkhooks.clicks ORDER BY id").fetchall() == inserted
+    # A time no partition can hold is refused, naming the column.
+    for endless in ("infinity", "-infinity"):
+        with pytest.raises(psycopg.errors.InvalidParameterValue, match="invalid clicked_at: must be a time, not infinity"):
+            own_db.execute("INSERT INTO linkhooks.clicks (link_id, clicked_at) VALUES (%s, %s)", [link_id, endless])
+
+
+def test_a_drop_that_would_wait_for_a_lock_waits_for_the_next_run(cluster, own_db):
+    maintain(own_db, T0)
+    with cluster.connect(dbname="lh_partitions") as reader:
+        reader.execute("BEGIN")
+        reader.execute("SELECT count(*) FROM linkhooks.clicks")  # an analyst's report holds its lock
+        done = maintain(own_db, T0 + 3 * DAY, keep="1 day")
+        assert done["partitions_dropped"] == 0 and done["partitions_busy"] >= 1
+        reader.execute("COMMIT")
+    assert maintain(own_db, T0 + 3 * DAY, keep="1 day")["partitions_dropped"] == 2
+
+
+def test_only_the_owner_may_run_partition_maintenance(cluster, own_db):
+    own_db.execute("DROP ROLE IF EXISTS lh_part_admin")
+    own_db.execute("CREATE ROLE lh_part_admin LOGIN")
+    try:
+        own_db.execute("SELECT linkhooks.grant_access('lh_part_admin', 'admin')")
+        with psycopg.connect(host="127.0.0.1", port=cluster.port, user="lh_part_admin", dbname="lh_partitions",
+                             autocommit=True) as admin:
+            with pytest.raises(psycopg.errors.InsufficientPrivilege):
+                admin.execute("SELECT linkhooks.maintain_partitions(now() + interval '1 year', '1 day', '1 day')")
+            # run_maintenance (admins may run it) uses the settings and the real clock.
+            assert admin.execute("SELECT linkhooks.run_maintenance() -> 'partitions' ->> 'partitions_dropped'").fetchone()[0] == "0"
+        own_db.execute("SELECT linkhooks.revoke_access('lh_part_admin', 'admin')")
+    finally:
+        own_db.execute("DROP ROLE IF EXISTS lh_part_admin")
