@@ -31,6 +31,9 @@ ALTER FUNCTION run_aggregation() SET search_path = pg_catalog, pg_temp;
 -- Its statements are planned for each run's batch: a plan made for a few clicks and reused
 -- for a batch of many (a generic plan) can join them in quadratic time.
 ALTER FUNCTION run_aggregation() SET plan_cache_mode = force_custom_plan;
+-- Nor compiled: with many partitions of clicks its reads can look costly enough to JIT, which
+-- then takes seconds (the worker's own sessions run with jit off).
+ALTER FUNCTION run_aggregation() SET jit = off;
 ALTER FUNCTION record_miss(text, text, text) SET search_path = pg_catalog, pg_temp;
 ALTER FUNCTION worker_status() SET search_path = pg_catalog, pg_temp;
 
@@ -85,7 +88,7 @@ DECLARE
 BEGIN
     FOREACH relation IN ARRAY ARRAY[
         'links', 'links_id_seq', 'campaigns', 'clicks', 'clicks_default', 'clicks_id_seq', 'conversions', 'conversions_id_seq',
-        'subscriptions', 'subscriptions_id_seq', 'deliveries', 'deliveries_id_seq', 'delivery_attempts',
+        'subscriptions', 'subscriptions_id_seq', 'deliveries', 'deliveries_id_seq', 'delivery_attempts', 'delivery_attempts_default',
         'delivery_attempts_id_seq', 'dead_letters', 'subscription_state', 'rules', 'rules_id_seq',
         'link_counts', 'link_hours', 'campaign_counts', 'milestones', 'link_misses', 'click_keys', 'threshold_state',
         'digests', 'destination_checks', 'subscription_minutes', 'subscription_latencies', 'attempt_cursor']

@@ -90,13 +90,15 @@ COMMENT ON VIEW click_facts IS 'Clicks with bot, QR and referring-host columns r
 -- Clicks committed since the aggregator's last run, so not in link_counts and link_hours yet
 -- (at most a second or so of clicks, found by their transaction ids): the views below add
 -- them to those counts and are exact at any moment while reading only recent rows.
+-- The cursor is read as scalars: the planner then knows it is one row (joined, an unanalyzed
+-- cursor counted as a thousand rows made every partition's scan look expensive enough to JIT).
 CREATE VIEW uncounted_clicks AS
 SELECT c.id AS click_id, c.link_id, c.clicked_at, coalesce(c.is_bot, false) AS is_bot, c.source = 'qr' AS is_qr
-FROM click_cursor k
-JOIN clicks c ON c.txid >= pg_snapshot_xmin(k.snapshot)
-             AND c.txid < pg_snapshot_xmax(pg_current_snapshot())
-             AND NOT pg_visible_in_snapshot(c.txid, k.snapshot)
-             AND c.id > k.id_floor;
+FROM clicks c
+WHERE c.txid >= pg_snapshot_xmin((SELECT k.snapshot FROM click_cursor k))
+  AND c.txid < pg_snapshot_xmax(pg_current_snapshot())
+  AND NOT pg_visible_in_snapshot(c.txid, (SELECT k.snapshot FROM click_cursor k))
+  AND c.id > (SELECT k.id_floor FROM click_cursor k);
 COMMENT ON VIEW uncounted_clicks IS 'Clicks committed since the aggregator last counted (what the counted views add to their counts).';
 
 -- Per link: clicks (humans, bots, QR), first and last click, conversions and conversion rate.
@@ -185,4 +187,4 @@ JOIN pg_class child ON child.oid = i.inhrelid
 CROSS JOIN LATERAL regexp_match(pg_get_expr(child.relpartbound, child.oid), '^FOR VALUES FROM \((.+)\) TO \((.+)\)$') AS b
 WHERE parent.relnamespace = '@extschema@'::regnamespace AND parent.relkind = 'p'
 ORDER BY 1, 3 NULLS LAST;
-COMMENT ON VIEW partitions IS 'Partitions of clicks: name, time range (NULL for the default partition) and size.';
+COMMENT ON VIEW partitions IS 'Partitions of clicks and delivery_attempts: name, time range (NULL for the default partition) and size.';

@@ -95,7 +95,7 @@ pub fn register() {
     );
     checked(
         c"linkhooks.partition_interval",
-        c"How much time each new partition of clicks holds (at least 1 minute; e.g. '1d').",
+        c"How much time each new partition of clicks and delivery_attempts holds (at least 1 minute; e.g. '1d').",
         &PARTITION_INTERVAL,
         Some(check_partition_interval),
     );
@@ -310,15 +310,14 @@ fn partition_width(value: &str) -> Result<Duration, String> {
     }
 }
 
-/// `linkhooks.click_retention` (None: keep every click) and `linkhooks.partition_interval`,
-/// both checked when set.
-pub fn click_partitioning() -> (Duration, Option<Duration>) {
-    let width =
-        partition_width(&string(&PARTITION_INTERVAL)).unwrap_or(Duration::from_secs(86_400));
-    (
-        width,
-        optional_duration(&string(&CLICK_RETENTION)).unwrap_or(None),
-    )
+/// `linkhooks.partition_interval` (checked when set; a day if unreadable).
+pub fn partition_interval() -> Duration {
+    partition_width(&string(&PARTITION_INTERVAL)).unwrap_or(Duration::from_secs(86_400))
+}
+
+/// `linkhooks.click_retention`: None keeps every click (so does an unreadable value).
+pub fn click_retention() -> Option<Duration> {
+    optional_duration(&string(&CLICK_RETENTION)).unwrap_or(None)
 }
 
 fn duration_rule(value: &str, positive: bool) -> Result<(), String> {

@@ -42,16 +42,28 @@ fn run_maintenance() -> pgrx::JsonB {
     pgrx::JsonB(run().or_report())
 }
 
-/// Clicks' partitions: created ahead, dropped behind (sql/schema.sql, `maintain_partitions`).
+/// The partitions of clicks and delivery_attempts: made ahead, dropped behind
+/// (sql/schema.sql, `maintain_partitions`).
 fn maintain_partitions() -> Result<serde_json::Value> {
-    let (width, keep) = guc::click_partitioning();
+    let width = guc::partition_interval();
+    let retention = duration::parse(&guc::string(&guc::RETENTION));
     let millis = |d: std::time::Duration| d.as_millis() as f64;
-    let done = Spi::get_one_with_args::<pgrx::JsonB>(
-        "SELECT linkhooks.maintain_partitions(pg_catalog.now(), $1 * interval '1 millisecond',
-                                              $2 * interval '1 millisecond')",
-        &[millis(width).into(), keep.map(millis).into()],
-    )?;
-    Ok(done.map_or(serde_json::Value::Null, |j| j.0))
+    let mut done = serde_json::Map::new();
+    for (table, keep) in [
+        ("clicks", guc::click_retention()),
+        ("delivery_attempts", retention),
+    ] {
+        let report = Spi::get_one_with_args::<pgrx::JsonB>(
+            "SELECT linkhooks.maintain_partitions($1, pg_catalog.now(), $2 * interval '1 millisecond',
+                                                  $3 * interval '1 millisecond')",
+            &[table.into(), millis(width).into(), keep.map(millis).into()],
+        )?;
+        done.insert(
+            table.into(),
+            report.map_or(serde_json::Value::Null, |j| j.0),
+        );
+    }
+    Ok(done.into())
 }
 
 fn expire_links() -> Result<usize> {
@@ -212,14 +224,14 @@ fn prune() -> Result<i64> {
         warning!("invalid linkhooks.retention; nothing pruned (use e.g. '7d')");
         return Ok(0);
     };
+    // Their attempts go with their partitions (maintain_partitions).
     Ok(Spi::get_one_with_args::<i64>(
         "WITH old AS (
             DELETE FROM linkhooks.deliveries
              WHERE id IN (SELECT id FROM linkhooks.deliveries
                            WHERE status = 'delivered' AND delivered_at < pg_catalog.now() - $1 * interval '1 millisecond'
                            LIMIT $2 FOR UPDATE SKIP LOCKED)
-         RETURNING id),
-         attempts AS (DELETE FROM linkhooks.delivery_attempts a USING old WHERE a.delivery_id = old.id)
+         RETURNING id)
          SELECT pg_catalog.count(*) FROM old",
         &[(retention.as_millis() as f64).into(), BATCH.into()],
     )?

@@ -9,7 +9,7 @@ from datetime import datetime, timedelta, timezone
 import psycopg
 import pytest
 
-from conftest import database, drop_database
+from conftest import database, drop_database, subscribe
 from harness import wait_for
 from test_links import IPHONE, link
 
@@ -22,9 +22,9 @@ def partitions(db):
         "SELECT partition, range_start, range_end FROM linkhooks.partitions WHERE table_name = 'clicks'").fetchall()]
 
 
-def maintain(db, as_of, keep=None, width="1 day"):
-    return db.execute("SELECT linkhooks.maintain_partitions(%s, %s::interval, %s::interval)",
-                      [as_of, width, keep]).fetchone()[0]
+def maintain(db, as_of, keep=None, width="1 day", table="clicks"):
+    return db.execute("SELECT linkhooks.maintain_partitions(%s, %s, %s::interval, %s::interval)",
+                      [table, as_of, width, keep]).fetchone()[0]
 
 
 def clicks_by_partition(db):
@@ -44,17 +44,22 @@ def day(n):
     return datetime(2026, 1, 10, tzinfo=timezone.utc) + n * DAY
 
 
-def test_the_worker_keeps_partitions_ahead_and_clicks_land_in_them(db):
-    def covered():
-        return db.execute("SELECT count(*) FROM linkhooks.partitions WHERE table_name = 'clicks' "
-                          "AND range_start <= now() + interval '2 days' AND range_end > now() + interval '2 days'").fetchone()[0]
-    wait_for(lambda: covered() == 1, message="a partition for two days ahead, made by the worker's maintenance")
+def test_the_worker_keeps_partitions_ahead_and_clicks_and_attempts_land_in_them(db, receiver):
+    def covered(table):
+        return db.execute("SELECT count(*) FROM linkhooks.partitions WHERE table_name = %s AND range_start <= "
+                          "now() + interval '2 days' AND range_end > now() + interval '2 days'", [table]).fetchone()[0]
+    for table in ("clicks", "delivery_attempts"):
+        wait_for(lambda: covered(table) == 1, message=f"a partition of {table} for two days ahead, made by the worker")
+    subscribe(db, receiver, "/p", event_types=["link.clicked"], filters={"exclude_bots": False})
     link(db, "p")
     db.execute("SELECT linkhooks.record_click('p', user_agent => %s)", [IPHONE])
-    partition = db.execute("SELECT tableoid::regclass::text FROM linkhooks.clicks").fetchone()[0]
-    assert partition == db.execute("SELECT 'linkhooks.' || partition FROM linkhooks.partitions "
-                                   "WHERE table_name = 'clicks' AND now() >= range_start AND now() < range_end").fetchone()[0]
-    assert partition != "linkhooks.clicks_default"
+    wait_for(lambda: db.execute("SELECT count(*) FROM linkhooks.delivery_attempts").fetchone()[0] == 1,
+             message="the click delivered")
+    for table, column in (("clicks", "clicked_at"), ("delivery_attempts", "started_at")):
+        partition, at = db.execute(f"SELECT tableoid::regclass::text, {column} FROM linkhooks.{table}").fetchone()
+        assert partition == db.execute("SELECT 'linkhooks.' || partition FROM linkhooks.partitions WHERE table_name = %s "
+                                       "AND %s >= range_start AND %s < range_end", [table, at, at]).fetchone()[0]
+        assert not partition.endswith("_default"), table
 
 
 def test_partitions_are_made_ahead_aligned_to_utc_days(own_db):
@@ -83,7 +88,7 @@ def test_retention_drops_only_what_is_due_and_keeps_the_counts(own_db):
     # Two days later with a retention of 12 hours: day 0 ended 36 hours before, day 1
     # exactly 12 hours before (due), day 2 has not ended.
     done = maintain(own_db, T0 + 2 * DAY, keep="12 hours")
-    assert (done["partitions_dropped"], done["clicks_pruned"]) == (2, 1)
+    assert (done["partitions_dropped"], done["rows_pruned"]) == (2, 1)
     assert [r[0] for r in own_db.execute("SELECT id FROM linkhooks.clicks ORDER BY id")] == [ids["day2"]]
     assert partitions(own_db)[0][1] == day(2)
     # The counts the views read stay: retention drops raw clicks, not what was counted.
@@ -112,6 +117,38 @@ def test_a_click_no_partition_covers_is_kept_then_moved_into_a_partition_of_its_
             own_db.execute("INSERT INTO linkhooks.clicks (link_id, clicked_at) VALUES (%s, %s)", [link_id, endless])
 
 
+def test_attempts_are_kept_for_the_retention_a_partition_at_a_time(own_db):
+    assert maintain(own_db, T0, table="delivery_attempts")["partitions_created"] == 4
+    for at in (T0 - 300 * DAY, T0, T0 + 2 * DAY):
+        own_db.execute("INSERT INTO linkhooks.delivery_attempts (delivery_id, attempt, started_at, duration_ms, status_code) "
+                       "VALUES (1, 1, %s, 3.5, 200)", [at])
+    done = maintain(own_db, T0 + 2 * DAY, keep="12 hours", table="delivery_attempts")
+    assert (done["partitions_dropped"], done["rows_pruned"]) == (2, 1)
+    assert own_db.execute("SELECT tableoid::regclass::text, started_at FROM linkhooks.delivery_attempts").fetchall() == \
+        [("linkhooks.delivery_attempts_p20260112_000000", T0 + 2 * DAY)]
+    with pytest.raises(psycopg.errors.InvalidParameterValue, match="table_name must be clicks or delivery_attempts"):
+        maintain(own_db, T0, table="links")
+
+
+def test_hundreds_of_partitions_do_not_make_the_views_look_costly_enough_to_compile(own_db):
+    """Joined to an unanalyzed cursor (counted as a thousand rows), 300 partitions' scans
+    looked costly enough for JIT, which then took 8 s a query here."""
+    assert own_db.execute("SELECT pg_jit_available() AND current_setting('jit')::boolean").fetchone()[0], \
+        "this server would compile plans costly enough"
+    link_id = link(own_db, "j")
+    own_db.execute("SET session_replication_role = replica")
+    own_db.execute("INSERT INTO linkhooks.clicks (event_id, link_id, clicked_at) "
+                   "SELECT gen_random_uuid(), %s, %s - g * interval '1 day' FROM generate_series(1, 300) g", [link_id, T0])
+    own_db.execute("RESET session_replication_role")
+    for _ in range(3):  # at most 100 partitions a run
+        maintain(own_db, T0)
+    assert len(partitions(own_db)) > 300
+    for view in ("link_stats", "link_daily_clicks", "uncounted_clicks"):
+        plan = own_db.execute(f"EXPLAIN (FORMAT JSON) SELECT * FROM linkhooks.{view}").fetchone()[0][0]
+        assert "JIT" not in plan, view
+    assert "jit=off" in own_db.execute("SELECT proconfig FROM pg_proc WHERE proname = 'run_aggregation'").fetchone()[0]
+
+
 def test_a_drop_that_would_wait_for_a_lock_waits_for_the_next_run(cluster, own_db):
     maintain(own_db, T0)
     with cluster.connect(dbname="lh_partitions") as reader:
@@ -131,9 +168,9 @@ def test_only_the_owner_may_run_partition_maintenance(cluster, own_db):
         with psycopg.connect(host="127.0.0.1", port=cluster.port, user="lh_part_admin", dbname="lh_partitions",
                              autocommit=True) as admin:
             with pytest.raises(psycopg.errors.InsufficientPrivilege):
-                admin.execute("SELECT linkhooks.maintain_partitions(now() + interval '1 year', '1 day', '1 day')")
+                admin.execute("SELECT linkhooks.maintain_partitions('clicks', now() + interval '1 year', '1 day', '1 day')")
             # run_maintenance (admins may run it) uses the settings and the real clock.
-            assert admin.execute("SELECT linkhooks.run_maintenance() -> 'partitions' ->> 'partitions_dropped'").fetchone()[0] == "0"
+            assert admin.execute("SELECT linkhooks.run_maintenance() -> 'partitions' -> 'clicks' ->> 'partitions_dropped'").fetchone()[0] == "0"
         own_db.execute("SELECT linkhooks.revoke_access('lh_part_admin', 'admin')")
     finally:
         own_db.execute("DROP ROLE IF EXISTS lh_part_admin")

@@ -103,8 +103,9 @@ def test_update_from_previous_release_equals_fresh_install(cluster, previous_rel
 
             # clicks became partitioned; its rows, ids and event ids are all kept, in clicks_history.
             assert upgraded.execute(clicks).fetchall() == clicks_before and clicks_before
-            assert upgraded.execute("SELECT DISTINCT tableoid::regclass::text FROM linkhooks.clicks").fetchall() == \
-                [("linkhooks.clicks_history",)]
+            for table in ("clicks", "delivery_attempts"):
+                assert upgraded.execute(f"SELECT DISTINCT tableoid::regclass::text FROM linkhooks.{table}").fetchall() == \
+                    [(f"linkhooks.{table}_history",)]
             assert upgraded.execute("SELECT extversion FROM pg_extension WHERE extname = 'pg_linkhooks'").fetchone()[0] == \
                 fresh.execute("SELECT extversion FROM pg_extension WHERE extname = 'pg_linkhooks'").fetchone()[0]
             before, after = catalog(fresh), catalog(upgraded)
@@ -148,7 +149,7 @@ def test_dump_and_restore_keep_every_row_without_emitting_again(cluster):
             source.execute("CREATE EXTENSION pg_linkhooks")
             # Clicks in a dated partition made by maintenance (not one of the extension's
             # objects) and, older than every partition, in the default one.
-            source.execute("SELECT linkhooks.maintain_partitions(now(), '1 day', NULL)")
+            source.execute("SELECT linkhooks.maintain_partitions('clicks', now(), '1 day', NULL)")
             fill(source)
             source.execute("INSERT INTO linkhooks.clicks (link_id, clicked_at) "
                            "SELECT id, now() - interval '30 days' FROM linkhooks.links")
@@ -174,6 +175,33 @@ def test_dump_and_restore_keep_every_row_without_emitting_again(cluster):
     finally:
         drop_database(cluster, "lh_source")
         drop_database(cluster, "lh_restored")
+
+
+def test_an_updated_install_dumps_and_restores_with_its_clicks_history(cluster):
+    """The update keeps 0.4.0's clicks table as the partition clicks_history, no longer one
+    of the extension's objects: pg_dump dumps it like any table, with its rows."""
+    dump = os.path.join(cluster.dir, "lh_updated.dump")
+    clicks = "SELECT tableoid::regclass::text, id, event_id, clicked_at FROM linkhooks.clicks ORDER BY id"
+    try:
+        with database(cluster, "lh_updated") as source:
+            source.execute("CREATE EXTENSION pg_linkhooks VERSION '0.4.0'")
+            fill(source)
+            source.execute("ALTER EXTENSION pg_linkhooks UPDATE")
+            source.execute("SELECT linkhooks.maintain_partitions('clicks', now(), '1 day', NULL)")
+            source.execute("SELECT linkhooks.record_click('up', user_agent => %s)", [IPHONE])
+            assert {r[0] for r in source.execute(clicks)} == {"linkhooks.clicks_history"}, \
+                "today's clicks go to clicks_history, which covers the day of the update"
+            run_as_postgres(cluster, "pg_dump", "-Fc", "-f", dump, "lh_updated")
+            with database(cluster, "lh_updated_restored") as restored:
+                run_as_postgres(cluster, "pg_restore", "-d", "lh_updated_restored", dump,
+                                env={"PGOPTIONS": "-c session_replication_role=replica"})
+                assert restored.execute(clicks).fetchall() == source.execute(clicks).fetchall()
+                listing = "SELECT table_name, partition, range_start::text, range_end::text FROM linkhooks.partitions"
+                assert restored.execute(listing).fetchall() == source.execute(listing).fetchall()
+                assert restored.execute("SELECT linkhooks.record_click('up')").fetchone()[0].startswith("https://acme.com/up")
+    finally:
+        drop_database(cluster, "lh_updated")
+        drop_database(cluster, "lh_updated_restored")
 
 
 def test_update_to_0_5_0_narrows_grants_made_before_it(cluster):
