@@ -630,12 +630,16 @@ class Bench:
                             "AND clicked_at < %s::timestamptz + interval '1 day'", [day, day]) == n
 
         def drop(day):
-            started = time.perf_counter()
-            done = self.one("SELECT linkhooks.maintain_partitions('clicks', %s::timestamptz + interval '25 hours', '1 day', '1 hour')",
-                            [day])
-            elapsed = (time.perf_counter() - started) * 1000
-            assert done["partitions_dropped"] == 1, done
-            return elapsed
+            """The run that detaches the day's partition (inserts into clicks wait for it: it holds their
+            lock until it commits), then the next run, which removes the detached table's files."""
+            as_of = "%s::timestamptz + interval '25 hours'"
+            timings = []
+            for expect in ("partitions_dropped", "expired_removed"):
+                started = time.perf_counter()
+                done = self.one(f"SELECT linkhooks.maintain_partitions('clicks', {as_of}, '1 day', '1 hour')", [day])
+                timings.append((time.perf_counter() - started) * 1000)
+                assert done[expect] == 1, done
+            return timings
 
         small_ms, large_ms, delete_ms = [], [], []
         for i in range(self.size["drains"]):
@@ -649,9 +653,13 @@ class Bench:
             small_ms.append(drop(day))
         day_of(large, "2020-02-01")
         large_ms.append(drop("2020-02-01"))
-        self.record(f"retention: dropping a day of {large:,} clicks", large_ms, "ms", f"a day of {small:,}", small_ms,
-                    [large_ms[0] / statistics.median(small_ms)], target=("≤", 2, "×"),
-                    note=f"DELETE of the {small:,}-click day: {statistics.median(delete_ms):,.0f} ms")
+        small_detach, small_remove = [t[0] for t in small_ms], [t[1] for t in small_ms]
+        self.record(f"retention: detaching a day of {large:,} clicks (what holds clicks' lock)", [large_ms[0][0]], "ms",
+                    f"a day of {small:,}", small_detach, [large_ms[0][0] / statistics.median(small_detach)],
+                    target=("≤", 2, "×"), note=f"DELETE of the {small:,}-click day: {statistics.median(delete_ms):,.0f} ms")
+        self.record(f"retention: the next run, removing the detached day's files ({large:,} clicks)", [large_ms[0][1]], "ms",
+                    f"a day of {small:,}", small_remove, [large_ms[0][1] / statistics.median(small_remove)],
+                    note="holds no lock on clicks: in proportion to the bytes the kernel frees")
 
     def isolation(self, slow):
         n = self.size["isolation"]

@@ -725,6 +725,47 @@ $$;
 -- are: the old table becomes the partition clicks_history with its indexes, and maintenance
 -- makes the partitions after it. Every row, id and event id is kept, and the identity
 -- sequence carries on where it was.
+-- Moves an old table under its partitioned successor: who held privileges on the old table
+-- holds them on the partitioned one (where rows are read and written) and no longer on the
+-- partition; then the old rows become the first partition, holding all time up to the end of
+-- today (or of the latest row). An empty old table is dropped instead.
+CREATE FUNCTION pg_temp.linkhooks_adopt(old text, new text, key text) RETURNS void
+LANGUAGE plpgsql SET search_path = pg_catalog, pg_temp AS $$
+DECLARE
+    grant_ record;
+    bound timestamptz;
+BEGIN
+    FOR grant_ IN
+        SELECT a.grantee::pg_catalog.regrole::pg_catalog.text AS grantee, a.privilege_type, NULL::text AS column_name
+          FROM pg_catalog.pg_class c CROSS JOIN LATERAL pg_catalog.aclexplode(c.relacl) a
+         WHERE c.oid = pg_catalog.format('linkhooks.%I', old)::pg_catalog.regclass
+           AND a.grantee <> c.relowner AND a.grantee <> 0
+        UNION ALL
+        SELECT a.grantee::pg_catalog.regrole::pg_catalog.text, a.privilege_type, pg_catalog.quote_ident(t.attname)
+          FROM pg_catalog.pg_attribute t JOIN pg_catalog.pg_class c ON c.oid = t.attrelid
+         CROSS JOIN LATERAL pg_catalog.aclexplode(t.attacl) a
+         WHERE t.attrelid = pg_catalog.format('linkhooks.%I', old)::pg_catalog.regclass
+           AND a.grantee <> c.relowner AND a.grantee <> 0
+    LOOP
+        EXECUTE pg_catalog.format('GRANT %s %s ON TABLE linkhooks.%I TO %s', grant_.privilege_type,
+                                  '(' || grant_.column_name || ')', new, grant_.grantee);
+        EXECUTE pg_catalog.format('REVOKE ALL ON TABLE linkhooks.%I FROM %s', old, grant_.grantee);
+    END LOOP;
+    EXECUTE pg_catalog.format('SELECT pg_catalog.max(%I) FROM linkhooks.%I', key, old) INTO bound;
+    IF bound = 'infinity' THEN
+        RAISE EXCEPTION 'linkhooks.% has rows with % = infinity, which no partition can hold', new, key
+            USING HINT = pg_catalog.format('Give them a time (UPDATE linkhooks.%I SET %I = ... WHERE %I = ''infinity''), then update again.',
+                                           new, key, key),
+                  ERRCODE = 'invalid_parameter_value';
+    ELSIF bound IS NULL THEN
+        EXECUTE pg_catalog.format('DROP TABLE linkhooks.%I', old);
+    ELSE
+        EXECUTE pg_catalog.format('ALTER TABLE linkhooks.%I ATTACH PARTITION linkhooks.%I FOR VALUES FROM (MINVALUE) TO (%L)',
+                                  new, old, GREATEST(pg_catalog.date_trunc('day', pg_catalog.now(), 'UTC') + interval '1 day',
+                                                     bound + interval '1 microsecond'));
+    END IF;
+END
+$$;
 CREATE TEMP TABLE linkhooks_clicks_sequence AS SELECT last_value, is_called FROM clicks_id_seq;
 ALTER EXTENSION pg_linkhooks DROP SEQUENCE clicks_id_seq;
 ALTER EXTENSION pg_linkhooks DROP TABLE clicks;
@@ -773,39 +814,7 @@ SELECT c.id AS click_id, c.link_id, c.clicked_at, coalesce(c.is_bot, false) AS i
        coalesce(c.country, '(unknown)') AS country, coalesce(c.device, 'unknown') AS device,
        coalesce(c.browser, '(unknown)') AS browser, coalesce(c.os, '(unknown)') AS os, c.source
 FROM clicks c;
-DO $$
-DECLARE
-    grant_ record;
-BEGIN
-    -- Who held privileges on the old table holds them on the partitioned one (where rows
-    -- are read and written) and no longer on the partition.
-    FOR grant_ IN
-        SELECT a.grantee::pg_catalog.regrole::pg_catalog.text AS grantee, a.privilege_type, NULL::text AS column_name
-          FROM pg_catalog.pg_class c CROSS JOIN LATERAL pg_catalog.aclexplode(c.relacl) a
-         WHERE c.oid = 'linkhooks.clicks_history'::pg_catalog.regclass AND a.grantee <> c.relowner AND a.grantee <> 0
-        UNION ALL
-        SELECT a.grantee::pg_catalog.regrole::pg_catalog.text, a.privilege_type, pg_catalog.quote_ident(t.attname)
-          FROM pg_catalog.pg_attribute t JOIN pg_catalog.pg_class c ON c.oid = t.attrelid
-         CROSS JOIN LATERAL pg_catalog.aclexplode(t.attacl) a
-         WHERE t.attrelid = 'linkhooks.clicks_history'::pg_catalog.regclass AND a.grantee <> c.relowner AND a.grantee <> 0
-    LOOP
-        EXECUTE pg_catalog.format('GRANT %s %s ON TABLE linkhooks.clicks TO %s', grant_.privilege_type,
-                                  '(' || grant_.column_name || ')', grant_.grantee);
-        EXECUTE pg_catalog.format('REVOKE ALL ON TABLE linkhooks.clicks_history FROM %s', grant_.grantee);
-    END LOOP;
-    -- The old rows become the first partition, holding all time up to the end of today (or of
-    -- the latest row); an empty old table is dropped instead.
-    IF NOT EXISTS (SELECT FROM linkhooks.clicks_history) THEN
-        DROP TABLE linkhooks.clicks_history;
-    ELSE
-        EXECUTE pg_catalog.format(
-            'ALTER TABLE linkhooks.clicks ATTACH PARTITION linkhooks.clicks_history FOR VALUES FROM (MINVALUE) TO (%L)',
-            (SELECT GREATEST(pg_catalog.date_trunc('day', pg_catalog.now(), 'UTC') + interval '1 day',
-                             pg_catalog.max(clicked_at) + interval '1 microsecond')
-               FROM linkhooks.clicks_history));
-    END IF;
-END
-$$;
+SELECT pg_temp.linkhooks_adopt('clicks_history', 'clicks', 'clicked_at');
 
 -- delivery_attempts likewise, the old table becoming delivery_attempts_history.
 CREATE TEMP TABLE linkhooks_attempts_sequence AS SELECT last_value, is_called FROM delivery_attempts_id_seq;
@@ -891,39 +900,8 @@ LEFT JOIN delivered dl ON dl.subscription_id = s.id AND dl.period = p.period
 LEFT JOIN died di ON di.subscription_id = s.id AND di.period = p.period
 LEFT JOIN queued q ON q.subscription_id = s.id
 LEFT JOIN subscription_state st ON st.subscription_id = s.id;
-DO $$
-DECLARE
-    grant_ record;
-BEGIN
-    -- Who held privileges on the old table holds them on the partitioned one (where rows
-    -- are read and written) and no longer on the partition.
-    FOR grant_ IN
-        SELECT a.grantee::pg_catalog.regrole::pg_catalog.text AS grantee, a.privilege_type, NULL::text AS column_name
-          FROM pg_catalog.pg_class c CROSS JOIN LATERAL pg_catalog.aclexplode(c.relacl) a
-         WHERE c.oid = 'linkhooks.delivery_attempts_history'::pg_catalog.regclass AND a.grantee <> c.relowner AND a.grantee <> 0
-        UNION ALL
-        SELECT a.grantee::pg_catalog.regrole::pg_catalog.text, a.privilege_type, pg_catalog.quote_ident(t.attname)
-          FROM pg_catalog.pg_attribute t JOIN pg_catalog.pg_class c ON c.oid = t.attrelid
-         CROSS JOIN LATERAL pg_catalog.aclexplode(t.attacl) a
-         WHERE t.attrelid = 'linkhooks.delivery_attempts_history'::pg_catalog.regclass AND a.grantee <> c.relowner AND a.grantee <> 0
-    LOOP
-        EXECUTE pg_catalog.format('GRANT %s %s ON TABLE linkhooks.delivery_attempts TO %s', grant_.privilege_type,
-                                  '(' || grant_.column_name || ')', grant_.grantee);
-        EXECUTE pg_catalog.format('REVOKE ALL ON TABLE linkhooks.delivery_attempts_history FROM %s', grant_.grantee);
-    END LOOP;
-    -- The old rows become the first partition, holding all time up to the end of today (or of
-    -- the latest row); an empty old table is dropped instead.
-    IF NOT EXISTS (SELECT FROM linkhooks.delivery_attempts_history) THEN
-        DROP TABLE linkhooks.delivery_attempts_history;
-    ELSE
-        EXECUTE pg_catalog.format(
-            'ALTER TABLE linkhooks.delivery_attempts ATTACH PARTITION linkhooks.delivery_attempts_history FOR VALUES FROM (MINVALUE) TO (%L)',
-            (SELECT GREATEST(pg_catalog.date_trunc('day', pg_catalog.now(), 'UTC') + interval '1 day',
-                             pg_catalog.max(started_at) + interval '1 microsecond')
-               FROM linkhooks.delivery_attempts_history));
-    END IF;
-END
-$$;
+SELECT pg_temp.linkhooks_adopt('delivery_attempts_history', 'delivery_attempts', 'started_at');
+DROP FUNCTION pg_temp.linkhooks_adopt(text, text, text);
 
 -- Attempts whose time no partition covers, as clicks_default for clicks; the template of
 -- every partition's keys and indexes.
@@ -945,14 +923,17 @@ CREATE INDEX clicks_default_link_time ON clicks_default (link_id, clicked_at);
 CREATE INDEX clicks_default_txid ON clicks_default (txid);
 
 -- Keeps the partitions of clicks or delivery_attempts (docs/operations.md, "Partitions and
--- retention"): drops those wholly older than as_of - keep and deletes such rows from the
--- default partition (keep NULL: keep every row); gives each row left in the default partition
--- before the newest partition a partition of its own time; and makes partitions up to three
--- widths ahead of as_of. Partitions are UTC-aligned, take the default partition's keys and
--- indexes, and take in the rows it holds for them. Dropping or attaching needs a lock that
--- the table's inserts also take: it waits at most lock_timeout, and a step that times out
--- waits for the next run. The worker's maintenance calls it with now(),
--- linkhooks.partition_interval and linkhooks.click_retention or linkhooks.retention.
+-- retention"), in this order: drops the tables it detached in an earlier run; deletes rows
+-- older than as_of - keep from the default partition (keep NULL: keep every row); gives each
+-- row left there before the newest partition a partition of its own time; makes partitions up
+-- to three widths ahead of as_of; and last detaches the partitions wholly older than
+-- as_of - keep, renamed <partition>_expired. Partitions are UTC-aligned, take the default
+-- partition's keys and indexes, and take in the rows it holds for them.
+-- Detaching takes a lock that the table's inserts conflict with until the caller commits, so
+-- it comes last, waits at most lock_timeout (a step that times out waits for the next run),
+-- and removing the files, which takes time in proportion to their size, is left to the next
+-- run, when the table is no longer a partition. The worker's maintenance calls it last, with
+-- now(), linkhooks.partition_interval and linkhooks.click_retention or linkhooks.retention.
 CREATE FUNCTION maintain_partitions(table_name text, as_of timestamptz, width interval, keep interval)
 RETURNS jsonb
 LANGUAGE plpgsql SET search_path = pg_catalog, pg_temp SET lock_timeout = '100ms' AS $$
@@ -968,7 +949,8 @@ DECLARE
     part record;
     partition text;
     created integer := 0;
-    dropped integer := 0;
+    detached integer := 0;
+    removed integer := 0;
     busy integer := 0;
     pruned bigint := 0;
 BEGIN
@@ -979,17 +961,14 @@ BEGIN
     END IF;
     -- One run per table at a time (the housekeeper's, an admin's): another finds the lock taken and skips.
     IF NOT pg_try_advisory_xact_lock(19521, CASE table_name WHEN 'clicks' THEN 2 ELSE 3 END) THEN
-        RETURN jsonb_build_object('partitions_created', 0, 'partitions_dropped', 0, 'rows_pruned', 0, 'partitions_busy', 1);
+        RETURN jsonb_build_object('partitions_created', 0, 'partitions_dropped', 0, 'expired_removed', 0,
+                                  'rows_pruned', 0, 'partitions_busy', 1);
     END IF;
-    FOR part IN SELECT p.partition FROM @extschema@.partitions p
-                 WHERE p.table_name = maintain_partitions.table_name AND p.range_end <= as_of - keep
-                 ORDER BY p.range_end LOOP
-        BEGIN
-            EXECUTE format('DROP TABLE @extschema@.%I', part.partition);
-            dropped := dropped + 1;
-        EXCEPTION WHEN lock_not_available THEN
-            busy := busy + 1;
-        END;
+    FOR part IN SELECT c.relname FROM pg_class c
+                 WHERE c.relnamespace = '@extschema@'::regnamespace AND c.relkind = 'r' AND NOT c.relispartition
+                   AND starts_with(c.relname, table_name || '_') AND c.relname LIKE '%\_expired' LOOP
+        EXECUTE format('DROP TABLE @extschema@.%I', part.relname);
+        removed := removed + 1;
     END LOOP;
     IF keep IS NOT NULL THEN
         EXECUTE format('DELETE FROM @extschema@.%I WHERE %I < $1', default_partition, key) USING as_of - keep;
@@ -1006,8 +985,8 @@ BEGIN
         frontier := date_bin(width, as_of, origin);
     END IF;
     LOOP
-        -- First the oldest row in the default partition that no partition covers, its partition
-        -- bounded by its neighbours'; then the partitions ahead.
+        -- First the oldest row in the default partition that no partition covers (and retention
+        -- keeps), its partition bounded by its neighbours'; then the partitions ahead.
         EXECUTE format('SELECT min(%I) FROM @extschema@.%I WHERE %I < $1 AND isfinite(%I)', key, default_partition, key, key)
             INTO oldest USING frontier;
         IF oldest IS NOT NULL THEN
@@ -1039,7 +1018,19 @@ BEGIN
             EXIT;
         END;
     END LOOP;
-    RETURN jsonb_build_object('partitions_created', created, 'partitions_dropped', dropped,
+
+    FOR part IN SELECT p.partition FROM @extschema@.partitions p
+                 WHERE p.table_name = maintain_partitions.table_name AND p.range_end <= as_of - keep
+                 ORDER BY p.range_end LOOP
+        BEGIN
+            EXECUTE format('ALTER TABLE @extschema@.%I DETACH PARTITION @extschema@.%I', table_name, part.partition);
+            EXECUTE format('ALTER TABLE @extschema@.%I RENAME TO %I', part.partition, part.partition || '_expired');
+            detached := detached + 1;
+        EXCEPTION WHEN lock_not_available THEN
+            busy := busy + 1;
+        END;
+    END LOOP;
+    RETURN jsonb_build_object('partitions_created', created, 'partitions_dropped', detached, 'expired_removed', removed,
                               'rows_pruned', pruned, 'partitions_busy', busy);
 END
 $$;

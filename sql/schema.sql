@@ -448,14 +448,17 @@ CREATE INDEX clicks_default_link_time ON clicks_default (link_id, clicked_at);
 CREATE INDEX clicks_default_txid ON clicks_default (txid);
 
 -- Keeps the partitions of clicks or delivery_attempts (docs/operations.md, "Partitions and
--- retention"): drops those wholly older than as_of - keep and deletes such rows from the
--- default partition (keep NULL: keep every row); gives each row left in the default partition
--- before the newest partition a partition of its own time; and makes partitions up to three
--- widths ahead of as_of. Partitions are UTC-aligned, take the default partition's keys and
--- indexes, and take in the rows it holds for them. Dropping or attaching needs a lock that
--- the table's inserts also take: it waits at most lock_timeout, and a step that times out
--- waits for the next run. The worker's maintenance calls it with now(),
--- linkhooks.partition_interval and linkhooks.click_retention or linkhooks.retention.
+-- retention"), in this order: drops the tables it detached in an earlier run; deletes rows
+-- older than as_of - keep from the default partition (keep NULL: keep every row); gives each
+-- row left there before the newest partition a partition of its own time; makes partitions up
+-- to three widths ahead of as_of; and last detaches the partitions wholly older than
+-- as_of - keep, renamed <partition>_expired. Partitions are UTC-aligned, take the default
+-- partition's keys and indexes, and take in the rows it holds for them.
+-- Detaching takes a lock that the table's inserts conflict with until the caller commits, so
+-- it comes last, waits at most lock_timeout (a step that times out waits for the next run),
+-- and removing the files, which takes time in proportion to their size, is left to the next
+-- run, when the table is no longer a partition. The worker's maintenance calls it last, with
+-- now(), linkhooks.partition_interval and linkhooks.click_retention or linkhooks.retention.
 CREATE FUNCTION maintain_partitions(table_name text, as_of timestamptz, width interval, keep interval)
 RETURNS jsonb
 LANGUAGE plpgsql SET search_path = pg_catalog, pg_temp SET lock_timeout = '100ms' AS $$
@@ -471,7 +474,8 @@ DECLARE
     part record;
     partition text;
     created integer := 0;
-    dropped integer := 0;
+    detached integer := 0;
+    removed integer := 0;
     busy integer := 0;
     pruned bigint := 0;
 BEGIN
@@ -482,17 +486,14 @@ BEGIN
     END IF;
     -- One run per table at a time (the housekeeper's, an admin's): another finds the lock taken and skips.
     IF NOT pg_try_advisory_xact_lock(19521, CASE table_name WHEN 'clicks' THEN 2 ELSE 3 END) THEN
-        RETURN jsonb_build_object('partitions_created', 0, 'partitions_dropped', 0, 'rows_pruned', 0, 'partitions_busy', 1);
+        RETURN jsonb_build_object('partitions_created', 0, 'partitions_dropped', 0, 'expired_removed', 0,
+                                  'rows_pruned', 0, 'partitions_busy', 1);
     END IF;
-    FOR part IN SELECT p.partition FROM @extschema@.partitions p
-                 WHERE p.table_name = maintain_partitions.table_name AND p.range_end <= as_of - keep
-                 ORDER BY p.range_end LOOP
-        BEGIN
-            EXECUTE format('DROP TABLE @extschema@.%I', part.partition);
-            dropped := dropped + 1;
-        EXCEPTION WHEN lock_not_available THEN
-            busy := busy + 1;
-        END;
+    FOR part IN SELECT c.relname FROM pg_class c
+                 WHERE c.relnamespace = '@extschema@'::regnamespace AND c.relkind = 'r' AND NOT c.relispartition
+                   AND starts_with(c.relname, table_name || '_') AND c.relname LIKE '%\_expired' LOOP
+        EXECUTE format('DROP TABLE @extschema@.%I', part.relname);
+        removed := removed + 1;
     END LOOP;
     IF keep IS NOT NULL THEN
         EXECUTE format('DELETE FROM @extschema@.%I WHERE %I < $1', default_partition, key) USING as_of - keep;
@@ -509,8 +510,8 @@ BEGIN
         frontier := date_bin(width, as_of, origin);
     END IF;
     LOOP
-        -- First the oldest row in the default partition that no partition covers, its partition
-        -- bounded by its neighbours'; then the partitions ahead.
+        -- First the oldest row in the default partition that no partition covers (and retention
+        -- keeps), its partition bounded by its neighbours'; then the partitions ahead.
         EXECUTE format('SELECT min(%I) FROM @extschema@.%I WHERE %I < $1 AND isfinite(%I)', key, default_partition, key, key)
             INTO oldest USING frontier;
         IF oldest IS NOT NULL THEN
@@ -542,7 +543,19 @@ BEGIN
             EXIT;
         END;
     END LOOP;
-    RETURN jsonb_build_object('partitions_created', created, 'partitions_dropped', dropped,
+
+    FOR part IN SELECT p.partition FROM @extschema@.partitions p
+                 WHERE p.table_name = maintain_partitions.table_name AND p.range_end <= as_of - keep
+                 ORDER BY p.range_end LOOP
+        BEGIN
+            EXECUTE format('ALTER TABLE @extschema@.%I DETACH PARTITION @extschema@.%I', table_name, part.partition);
+            EXECUTE format('ALTER TABLE @extschema@.%I RENAME TO %I', part.partition, part.partition || '_expired');
+            detached := detached + 1;
+        EXCEPTION WHEN lock_not_available THEN
+            busy := busy + 1;
+        END;
+    END LOOP;
+    RETURN jsonb_build_object('partitions_created', created, 'partitions_dropped', detached, 'expired_removed', removed,
                               'rows_pruned', pruned, 'partitions_busy', busy);
 END
 $$;

@@ -91,6 +91,11 @@ def test_retention_drops_only_what_is_due_and_keeps_the_counts(own_db):
     assert (done["partitions_dropped"], done["rows_pruned"]) == (2, 1)
     assert [r[0] for r in own_db.execute("SELECT id FROM linkhooks.clicks ORDER BY id")] == [ids["day2"]]
     assert partitions(own_db)[0][1] == day(2)
+    # Detached, the two days wait as tables of their own; the next run removes their files.
+    expired = "SELECT count(*) FROM pg_class WHERE relname LIKE 'clicks\\_p%\\_expired'"
+    assert own_db.execute(expired).fetchone()[0] == 2
+    assert maintain(own_db, T0 + 2 * DAY, keep="12 hours")["expired_removed"] == 2
+    assert own_db.execute(expired).fetchone()[0] == 0
     # The counts the views read stay: retention drops raw clicks, not what was counted.
     assert own_db.execute("SELECT clicks FROM linkhooks.link_stats").fetchone()[0] == 4
 

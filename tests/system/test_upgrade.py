@@ -204,6 +204,27 @@ def test_an_updated_install_dumps_and_restores_with_its_clicks_history(cluster):
         drop_database(cluster, "lh_updated_restored")
 
 
+def test_the_update_refuses_clicks_no_partition_can_hold_and_changes_nothing(cluster):
+    import psycopg
+    try:
+        with database(cluster, "lh_endless") as db:
+            db.execute("CREATE EXTENSION pg_linkhooks VERSION '0.4.0'")
+            fill(db)
+            db.execute("SET session_replication_role = replica")  # as a restore wrote it
+            db.execute("INSERT INTO linkhooks.clicks (event_id, link_id, clicked_at) "
+                       "SELECT gen_random_uuid(), id, 'infinity' FROM linkhooks.links")
+            db.execute("RESET session_replication_role")
+            with pytest.raises(psycopg.errors.InvalidParameterValue,
+                               match="linkhooks.clicks has rows with clicked_at = infinity, which no partition can hold"):
+                db.execute("ALTER EXTENSION pg_linkhooks UPDATE")
+            assert db.execute("SELECT extversion FROM pg_extension WHERE extname = 'pg_linkhooks'").fetchone()[0] == "0.4.0"
+            db.execute("UPDATE linkhooks.clicks SET clicked_at = now() WHERE clicked_at = 'infinity'")
+            db.execute("ALTER EXTENSION pg_linkhooks UPDATE")
+            assert db.execute("SELECT count(*) FROM linkhooks.clicks").fetchone()[0] == 2
+    finally:
+        drop_database(cluster, "lh_endless")
+
+
 def test_update_to_0_5_0_narrows_grants_made_before_it(cluster):
     """Roles given a level at 0.4.0 held whole tables: after the update a writer can no
     longer choose an event id and an analyst can no longer read signatures."""
