@@ -315,6 +315,11 @@ pub fn partition_interval() -> Duration {
     partition_width(&string(&PARTITION_INTERVAL)).unwrap_or(Duration::from_secs(86_400))
 }
 
+/// `linkhooks.retention` (checked when set; None only if unreadable).
+pub fn retention() -> Option<Duration> {
+    duration::parse(&string(&RETENTION))
+}
+
 /// `linkhooks.click_retention`: None keeps every click (so does an unreadable value).
 pub fn click_retention() -> Option<Duration> {
     optional_duration(&string(&CLICK_RETENTION)).unwrap_or(None)

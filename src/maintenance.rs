@@ -9,7 +9,6 @@
 use pgrx::prelude::*;
 use serde_json::json;
 
-use crate::duration;
 use crate::error::{OrReport, Result};
 use crate::events::unix_now_micros;
 use crate::guc;
@@ -46,7 +45,7 @@ fn run_maintenance() -> pgrx::JsonB {
 /// (sql/schema.sql, `maintain_partitions`).
 fn maintain_partitions() -> Result<serde_json::Value> {
     let width = guc::partition_interval();
-    let retention = duration::parse(&guc::string(&guc::RETENTION));
+    let retention = guc::retention();
     let millis = |d: std::time::Duration| d.as_millis() as f64;
     let mut done = serde_json::Map::new();
     for (table, keep) in [
@@ -202,7 +201,7 @@ fn prune_health_minutes() -> Result<i64> {
 /// Idempotency keys are kept as long as delivered deliveries (linkhooks.retention):
 /// a retry later than that records a new click.
 fn prune_keys() -> Result<i64> {
-    let Some(retention) = duration::parse(&guc::string(&guc::RETENTION)) else {
+    let Some(retention) = guc::retention() else {
         return Ok(0); // prune() says why
     };
     Ok(Spi::get_one_with_args::<i64>(
@@ -220,7 +219,7 @@ fn prune_keys() -> Result<i64> {
 
 /// Deletes delivered deliveries (and their attempts) older than linkhooks.retention.
 fn prune() -> Result<i64> {
-    let Some(retention) = duration::parse(&guc::string(&guc::RETENTION)) else {
+    let Some(retention) = guc::retention() else {
         warning!("invalid linkhooks.retention; nothing pruned (use e.g. '7d')");
         return Ok(0);
     };

@@ -1,6 +1,6 @@
-"""clicks is partitioned by time (issue 18): partitions are made ahead and
-dropped behind by the extension's own maintenance, retention drops only what
-is due, and no click is refused or lost on the way. Tests that move the clock
+"""clicks and delivery_attempts are partitioned by time (issue 18): partitions
+are made ahead and dropped behind by the extension's own maintenance,
+retention drops only what is due, and no row is refused or lost on the way. Tests that move the clock
 run maintain_partitions with an as_of of their choice in a database of their
 own, where no worker runs maintenance with the real clock."""
 
