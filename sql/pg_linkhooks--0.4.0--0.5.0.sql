@@ -959,6 +959,10 @@ BEGIN
                         'width must be at least 1 minute and keep not negative'
             USING ERRCODE = 'invalid_parameter_value';
     END IF;
+    -- A table handed over to pg_partman (use_pg_partman) is its to keep.
+    IF @extschema@.partitions_managed_by_pg_partman(table_name) THEN
+        RETURN jsonb_build_object('managed_by', 'pg_partman');
+    END IF;
     -- One run per table at a time (the housekeeper's, an admin's): another finds the lock taken and skips.
     IF NOT pg_try_advisory_xact_lock(19521, CASE table_name WHEN 'clicks' THEN 2 ELSE 3 END) THEN
         RETURN jsonb_build_object('partitions_created', 0, 'partitions_dropped', 0, 'expired_removed', 0,
@@ -1035,6 +1039,119 @@ BEGIN
 END
 $$;
 
+-- Whether pg_partman manages the partitions of clicks or delivery_attempts (then maintain_partitions
+-- leaves them alone).
+CREATE FUNCTION partitions_managed_by_pg_partman(table_name text) RETURNS boolean
+LANGUAGE plpgsql STABLE SET search_path = pg_catalog, pg_temp AS $$
+DECLARE
+    partman text;
+    managed boolean;
+BEGIN
+    SELECT n.nspname INTO partman FROM pg_extension e JOIN pg_namespace n ON n.oid = e.extnamespace
+     WHERE e.extname = 'pg_partman';
+    IF partman IS NULL THEN
+        RETURN false;
+    END IF;
+    EXECUTE format('SELECT EXISTS (SELECT FROM %I.part_config WHERE parent_table = $1)', partman)
+        INTO managed USING '@extschema@.' || table_name;
+    RETURN managed;
+END
+$$;
+
+-- Hands the partitions of clicks or delivery_attempts over to pg_partman (docs/operations.md,
+-- "pg_partman instead"), in one transaction: sorts the default partition's rows into
+-- partitions, registers the table with pg_partman (create_parent, native, this width),
+-- renames the existing partitions the way pg_partman names and orders them, and sets its
+-- retention (NULL: keep everything) with partitions made ahead of the clock
+-- (infinite_time_partitions). The default partition stays the extension's own, and is the
+-- template pg_partman copies each partition's keys and indexes from. From then on
+-- maintain_partitions leaves the table to pg_partman; deleting its part_config row gives it back.
+CREATE FUNCTION use_pg_partman(table_name text, retention interval DEFAULT NULL, premake integer DEFAULT 4)
+RETURNS jsonb
+LANGUAGE plpgsql SET search_path = pg_catalog, pg_temp SET lock_timeout = '5s' SET timezone = 'UTC' AS $$
+DECLARE
+    key text := CASE table_name WHEN 'clicks' THEN 'clicked_at' WHEN 'delivery_attempts' THEN 'started_at' END;
+    parent text := '@extschema@.' || table_name;
+    default_partition text := table_name || '_default';
+    aside text := table_name || '_default_aside';
+    partman text;
+    width interval;
+    frontier timestamptz;
+    stray bigint;
+    suffix text;
+    part record;
+    sorted jsonb;
+    -- The zone pg_partman's own maintenance will name partitions in (this session's default).
+    zone text := (SELECT s.reset_val FROM pg_settings s WHERE s.name = 'TimeZone');
+BEGIN
+    IF key IS NULL OR premake IS NULL OR premake < 1 OR retention < interval '0' THEN
+        RAISE EXCEPTION 'use_pg_partman: table_name must be clicks or delivery_attempts, premake at least 1 and retention not negative'
+            USING ERRCODE = 'invalid_parameter_value';
+    END IF;
+    SELECT n.nspname INTO partman FROM pg_extension e JOIN pg_namespace n ON n.oid = e.extnamespace
+     WHERE e.extname = 'pg_partman';
+    IF partman IS NULL THEN
+        RAISE EXCEPTION 'use_pg_partman: pg_partman is not installed in this database'
+            USING ERRCODE = 'undefined_object', HINT = 'CREATE EXTENSION pg_partman SCHEMA partman; then call use_pg_partman again.';
+    END IF;
+    IF @extschema@.partitions_managed_by_pg_partman(table_name) THEN
+        RAISE EXCEPTION 'use_pg_partman: % is already managed by pg_partman', parent USING ERRCODE = 'object_in_use';
+    END IF;
+    IF EXISTS (SELECT FROM @extschema@.partitions p WHERE p.table_name = use_pg_partman.table_name AND p.range_start = '-infinity') THEN
+        RAISE EXCEPTION 'use_pg_partman: %_history (the rows from before 0.5.0) has no lower bound, which pg_partman cannot read', parent
+            USING ERRCODE = 'object_not_in_prerequisite_state',
+                  HINT = format('Detach it to keep its rows as a table of their own (ALTER TABLE %s DETACH PARTITION %s_history), or hand over once retention has removed it.', parent, parent);
+    END IF;
+    SELECT p.range_end - p.range_start INTO width FROM @extschema@.partitions p
+     WHERE p.table_name = use_pg_partman.table_name AND p.range_end IS NOT NULL ORDER BY p.range_end DESC LIMIT 1;
+    width := coalesce(width, interval '1 day');
+    IF width >= interval '28 days' THEN
+        RAISE EXCEPTION 'use_pg_partman: partitions of % are wider than pg_partman aligns like linkhooks does (under 28 days)', width
+            USING ERRCODE = 'feature_not_supported';
+    END IF;
+    -- The default partition's rows go into partitions first (moved, not inserted: no trigger
+    -- runs twice); maintenance runs are held off until commit by the lock it takes.
+    PERFORM pg_advisory_xact_lock(19521, CASE table_name WHEN 'clicks' THEN 2 ELSE 3 END);
+    sorted := @extschema@.maintain_partitions(table_name, now(), width, NULL);
+    SELECT max(p.range_end) INTO frontier FROM @extschema@.partitions p WHERE p.table_name = use_pg_partman.table_name;
+    EXECUTE format('SELECT count(*) FROM @extschema@.%I WHERE %I >= $1', default_partition, key) INTO stray USING frontier;
+    IF (sorted->>'partitions_busy')::int > 0 OR stray > 0 THEN
+        RAISE EXCEPTION 'use_pg_partman: % holds % rows dated after % that pg_partman''s partitions would cover', default_partition, stray, frontier
+            USING ERRCODE = 'object_not_in_prerequisite_state',
+                  HINT = 'Move or delete them (or, if it names none, wait for the tables maintenance was waiting for), then call use_pg_partman again.';
+    END IF;
+
+    -- pg_partman makes a default partition of its own: ours steps aside while it does, then
+    -- takes its place, keeping the rows, the name and its membership of the extension.
+    EXECUTE format('ALTER TABLE @extschema@.%I DETACH PARTITION @extschema@.%I', table_name, default_partition);
+    EXECUTE format('ALTER TABLE @extschema@.%I RENAME TO %I', default_partition, aside);
+    EXECUTE format('SELECT %I.create_parent(p_parent_table := $1, p_control := $2, p_type := ''native'', p_interval := $3, '
+                   'p_premake := $4, p_start_partition := $5, p_template_table := $6)', partman)
+        USING parent, key, width::text, premake, frontier::text, '@extschema@.' || aside;
+    EXECUTE format('ALTER TABLE @extschema@.%I DETACH PARTITION @extschema@.%I', table_name, default_partition);
+    EXECUTE format('DROP TABLE @extschema@.%I', default_partition);
+    EXECUTE format('ALTER TABLE @extschema@.%I RENAME TO %I', aside, default_partition);
+    EXECUTE format('ALTER TABLE @extschema@.%I ATTACH PARTITION @extschema@.%I DEFAULT', table_name, default_partition);
+    EXECUTE format('UPDATE %I.part_config SET template_table = $1, infinite_time_partitions = true, retention = $2, '
+                   'retention_keep_table = false WHERE parent_table = $3 RETURNING datetime_string', partman)
+        INTO suffix USING '@extschema@.' || default_partition, retention::text, parent;
+    -- pg_partman orders partitions by the time in their names, in its session's zone. Two passes:
+    -- a partition's new name may be another's old one.
+    FOR part IN SELECT p.partition FROM @extschema@.partitions p
+                 WHERE p.table_name = use_pg_partman.table_name AND p.range_end IS NOT NULL LOOP
+        EXECUTE format('ALTER TABLE @extschema@.%I RENAME TO %I', part.partition, part.partition || '_');
+    END LOOP;
+    FOR part IN SELECT p.partition, p.table_name || '_p' || to_char(p.range_start AT TIME ZONE zone, suffix) AS name
+                  FROM @extschema@.partitions p
+                 WHERE p.table_name = use_pg_partman.table_name AND p.range_end IS NOT NULL LOOP
+        EXECUTE format('ALTER TABLE @extschema@.%I RENAME TO %I', part.partition, part.name);
+    END LOOP;
+    RETURN jsonb_build_object('pg_partman_schema', partman, 'width', width::text,
+                              'partitions', (SELECT count(*) FROM @extschema@.partitions p
+                                              WHERE p.table_name = use_pg_partman.table_name AND p.range_end IS NOT NULL));
+END
+$$;
+
 -- Partitions of the time-partitioned tables and the times each holds (the default partition:
 -- NULL, it holds what no other does), for DBAs checking maintenance.
 CREATE VIEW partitions AS
@@ -1058,3 +1175,4 @@ SELECT pg_catalog.pg_extension_config_dump('delivery_attempts_default', '');
 SELECT pg_catalog.pg_extension_config_dump('delivery_attempts_id_seq', '');
 REVOKE ALL ON clicks, clicks_default, delivery_attempts, delivery_attempts_default, partitions FROM PUBLIC;
 REVOKE ALL ON FUNCTION maintain_partitions(text, timestamptz, interval, interval) FROM PUBLIC;
+REVOKE ALL ON FUNCTION use_pg_partman(text, interval, integer), partitions_managed_by_pg_partman(text) FROM PUBLIC;

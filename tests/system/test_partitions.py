@@ -4,7 +4,9 @@ retention drops only what is due, and no row is refused or lost on the way. Test
 run maintain_partitions with an as_of of their choice in a database of their
 own, where no worker runs maintenance with the real clock."""
 
+import os
 from datetime import datetime, timedelta, timezone
+from zoneinfo import ZoneInfo
 
 import psycopg
 import pytest
@@ -12,6 +14,7 @@ import pytest
 from conftest import database, drop_database, subscribe
 from harness import wait_for
 from test_links import IPHONE, link
+from test_upgrade import run_as_postgres
 
 DAY = timedelta(days=1)
 T0 = datetime(2026, 1, 10, 12, 0, tzinfo=timezone.utc)
@@ -174,8 +177,88 @@ def test_only_the_owner_may_run_partition_maintenance(cluster, own_db):
                              autocommit=True) as admin:
             with pytest.raises(psycopg.errors.InsufficientPrivilege):
                 admin.execute("SELECT linkhooks.maintain_partitions('clicks', now() + interval '1 year', '1 day', '1 day')")
+            with pytest.raises(psycopg.errors.InsufficientPrivilege):
+                admin.execute("SELECT linkhooks.use_pg_partman('clicks', interval '1 second')")
             # run_maintenance (admins may run it) uses the settings and the real clock.
             assert admin.execute("SELECT linkhooks.run_maintenance() -> 'partitions' -> 'clicks' ->> 'partitions_dropped'").fetchone()[0] == "0"
         own_db.execute("SELECT linkhooks.revoke_access('lh_part_admin', 'admin')")
     finally:
         own_db.execute("DROP ROLE IF EXISTS lh_part_admin")
+
+
+def test_pg_partman_takes_the_partitions_over_keeping_every_row_and_the_extensions_default(cluster):
+    """pg_partman (Debian's 4.7) names partitions by their start in its session's time zone
+    and orders them by those names: a database whose zone is not UTC shows both."""
+    dump = os.path.join(cluster.dir, "lh_partman.dump")
+    names = "SELECT partition, range_start, range_end FROM linkhooks.partitions WHERE table_name = 'clicks' AND range_end IS NOT NULL"
+    rows = "SELECT tableoid::regclass::text, id, event_id, clicked_at FROM linkhooks.clicks ORDER BY id"
+    try:
+        with cluster.connect() as c:
+            c.execute("DROP DATABASE IF EXISTS lh_partman WITH (FORCE)")
+            c.execute("CREATE DATABASE lh_partman")
+            c.execute("ALTER DATABASE lh_partman SET timezone = 'America/New_York'")
+        with cluster.connect(dbname="lh_partman") as db:
+            db.execute("CREATE EXTENSION pg_linkhooks")
+            with pytest.raises(psycopg.errors.UndefinedObject, match="pg_partman is not installed in this database"):
+                db.execute("SELECT linkhooks.use_pg_partman('clicks')")
+            db.execute("CREATE SCHEMA partman")
+            db.execute("CREATE EXTENSION pg_partman SCHEMA partman")
+            maintain(db, "now")
+            link_id = link(db, "pm", "https://acme.com/pm")
+            db.execute("INSERT INTO linkhooks.subscriptions (name, url) VALUES ('pm', 'https://hooks.example.com/pm')")
+            # Ten days old (in the default partition until it is sorted) and now.
+            for at in ("now() - interval '10 days'", "now()"):
+                db.execute(f"INSERT INTO linkhooks.clicks (link_id, clicked_at) VALUES (%s, {at})", [link_id])
+            before = db.execute(rows).fetchall()
+
+            done = db.execute("SELECT linkhooks.use_pg_partman('clicks', retention => '7 days')").fetchone()[0]
+            assert (done["pg_partman_schema"], done["width"]) == ("partman", "1 day")
+            for name, start, end in db.execute(names):
+                assert name == "clicks_p" + start.astimezone(ZoneInfo("America/New_York")).strftime("%Y_%m_%d")
+                assert end - start == DAY and start.astimezone(timezone.utc).time() == datetime.min.time(), \
+                    "still UTC days, as linkhooks made them"
+            after = db.execute(rows).fetchall()
+            assert [r[1:] for r in after] == [r[1:] for r in before], "every click kept with its ids and time"
+            assert not any(r[0].endswith("_default") for r in after), "the old click was sorted into a partition of its day"
+            assert db.execute("SELECT template_table, retention, infinite_time_partitions FROM partman.part_config "
+                              "WHERE parent_table = 'linkhooks.clicks'").fetchone() == ("linkhooks.clicks_default", "7 days", True)
+            assert db.execute("SELECT pg_get_expr(c.relpartbound, c.oid), d.deptype FROM pg_class c "
+                              "JOIN pg_depend d ON d.objid = c.oid AND d.refclassid = 'pg_extension'::regclass "
+                              "WHERE c.oid = 'linkhooks.clicks_default'::regclass").fetchone() == ("DEFAULT", "e"), \
+                "the default partition is still the extension's, so a restore's CREATE EXTENSION makes it"
+            with pytest.raises(psycopg.errors.ObjectInUse, match="already managed by pg_partman"):
+                db.execute("SELECT linkhooks.use_pg_partman('clicks')")
+
+            # linkhooks' maintenance leaves the table to pg_partman, whose maintenance makes
+            # partitions ahead (with the default partition's keys and indexes) and drops behind.
+            listed = db.execute(names).fetchall()
+            assert db.execute("SELECT linkhooks.run_maintenance() -> 'partitions' -> 'clicks'").fetchone()[0] == \
+                {"managed_by": "pg_partman"}
+            assert db.execute(names).fetchall() == listed
+            db.execute("UPDATE partman.part_config SET premake = premake + 2 WHERE parent_table = 'linkhooks.clicks'")
+            db.execute("SELECT partman.run_maintenance('linkhooks.clicks')")
+            listed = db.execute(names).fetchall()
+            assert all(a[2] == b[1] for a, b in zip(listed, listed[1:])), "no gap between partitions"
+            assert listed[0][1] > before[0][3] and len(db.execute(rows).fetchall()) == 1, "the ten-day-old click dropped"
+            newest = db.execute(f"SELECT 'linkhooks.' || max(partition) FROM ({names}) p").fetchone()[0]
+            indexes = "SELECT indisprimary, regexp_replace(pg_get_indexdef(indexrelid), '^.* USING ', '') " \
+                      "FROM pg_index WHERE indrelid = %s::regclass ORDER BY 2"
+            assert db.execute(indexes, [newest]).fetchall() == db.execute(indexes, ["linkhooks.clicks_default"]).fetchall()
+            # Clicks go on as before: in the partition of their day, each queuing its event.
+            queued = "SELECT count(*) FROM linkhooks.deliveries"
+            before_click = db.execute(queued).fetchone()[0]
+            db.execute("SELECT linkhooks.record_click('pm', user_agent => %s)", [IPHONE])
+            assert db.execute(queued).fetchone()[0] == before_click + 1
+            assert not db.execute(rows).fetchall()[-1][0].endswith("_default")
+
+            run_as_postgres(cluster, "pg_dump", "-Fc", "-f", dump, "lh_partman")
+            with database(cluster, "lh_partman_restored") as restored:
+                run_as_postgres(cluster, "pg_restore", "-d", "lh_partman_restored", dump,
+                                env={"PGOPTIONS": "-c session_replication_role=replica"})
+                assert restored.execute(rows).fetchall() == db.execute(rows).fetchall()
+                assert restored.execute(names).fetchall() == db.execute(names).fetchall()
+                restored.execute("SELECT partman.run_maintenance('linkhooks.clicks')")
+                assert restored.execute("SELECT linkhooks.record_click('pm')").fetchone()[0] == "https://acme.com/pm"
+    finally:
+        drop_database(cluster, "lh_partman")
+        drop_database(cluster, "lh_partman_restored")

@@ -225,6 +225,29 @@ def test_the_update_refuses_clicks_no_partition_can_hold_and_changes_nothing(clu
         drop_database(cluster, "lh_endless")
 
 
+def test_an_updated_install_hands_over_to_pg_partman_once_clicks_history_is_detached(cluster):
+    """pg_partman reads each partition's bounds and cannot read clicks_history's MINVALUE."""
+    import psycopg
+    try:
+        with database(cluster, "lh_updated_partman") as db:
+            db.execute("CREATE EXTENSION pg_linkhooks VERSION '0.4.0'")
+            fill(db)
+            db.execute("ALTER EXTENSION pg_linkhooks UPDATE")
+            db.execute("CREATE SCHEMA partman")
+            db.execute("CREATE EXTENSION pg_partman SCHEMA partman")
+            with pytest.raises(psycopg.errors.ObjectNotInPrerequisiteState, match="clicks_history") as refused:
+                db.execute("SELECT linkhooks.use_pg_partman('clicks')")
+            hint = refused.value.diag.message_hint
+            assert "ALTER TABLE linkhooks.clicks DETACH PARTITION linkhooks.clicks_history" in hint
+            assert db.execute("SELECT count(*) FROM partman.part_config").fetchone()[0] == 0, "nothing changed"
+            db.execute("ALTER TABLE linkhooks.clicks DETACH PARTITION linkhooks.clicks_history")
+            db.execute("SELECT linkhooks.use_pg_partman('clicks')")
+            assert db.execute("SELECT count(*) FROM linkhooks.clicks_history").fetchone()[0] == 1, "kept as a table"
+            assert db.execute("SELECT linkhooks.record_click('up')").fetchone()[0].startswith("https://acme.com/up")
+    finally:
+        drop_database(cluster, "lh_updated_partman")
+
+
 def test_update_to_0_5_0_narrows_grants_made_before_it(cluster):
     """Roles given a level at 0.4.0 held whole tables: after the update a writer can no
     longer choose an event id and an analyst can no longer read signatures."""
