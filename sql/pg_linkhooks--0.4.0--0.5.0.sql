@@ -1176,3 +1176,7 @@ SELECT pg_catalog.pg_extension_config_dump('delivery_attempts_id_seq', '');
 REVOKE ALL ON clicks, clicks_default, delivery_attempts, delivery_attempts_default, partitions FROM PUBLIC;
 REVOKE ALL ON FUNCTION maintain_partitions(text, timestamptz, interval, interval) FROM PUBLIC;
 REVOKE ALL ON FUNCTION use_pg_partman(text, interval, integer), partitions_managed_by_pg_partman(text) FROM PUBLIC;
+
+-- Maintenance's retention of dead letters: replayed ones by when, the others by when they died.
+CREATE INDEX dead_letters_replayed ON dead_letters (replayed_at) WHERE replayed_at IS NOT NULL;
+CREATE INDEX dead_letters_unreplayed ON dead_letters (died_at) WHERE replayed_at IS NULL;

@@ -428,6 +428,10 @@ COMMENT ON TABLE subscription_latencies IS 'Deliveries per subscription, minute 
 -- Maintenance drops minutes older than 25 hours.
 CREATE INDEX subscription_latencies_minute ON subscription_latencies (minute);
 
+-- Maintenance's retention of dead letters: replayed ones by when, the others by when they died.
+CREATE INDEX dead_letters_replayed ON dead_letters (replayed_at) WHERE replayed_at IS NOT NULL;
+CREATE INDEX dead_letters_unreplayed ON dead_letters (died_at) WHERE replayed_at IS NULL;
+
 -- Attempts whose time no partition covers, as clicks_default for clicks; the template of
 -- every partition's keys and indexes.
 CREATE TABLE delivery_attempts_default PARTITION OF delivery_attempts (PRIMARY KEY (id)) DEFAULT;

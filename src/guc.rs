@@ -26,6 +26,8 @@ pub static RESTORE: GucSetting<bool> = GucSetting::<bool>::new(false);
 pub static RETENTION: GucSetting<Option<CString>> = GucSetting::<Option<CString>>::new(Some(c"7d"));
 pub static CLICK_RETENTION: GucSetting<Option<CString>> =
     GucSetting::<Option<CString>>::new(Some(c"never"));
+pub static DEAD_LETTER_RETENTION: GucSetting<Option<CString>> =
+    GucSetting::<Option<CString>>::new(Some(c"never"));
 pub static PARTITION_INTERVAL: GucSetting<Option<CString>> =
     GucSetting::<Option<CString>>::new(Some(c"1d"));
 pub static NOTIFY_CHANNEL: GucSetting<Option<CString>> = GucSetting::<Option<CString>>::new(None);
@@ -91,7 +93,13 @@ pub fn register() {
         c"linkhooks.click_retention",
         c"How long clicks are kept, whole partitions at a time ('never', or e.g. '400d').",
         &CLICK_RETENTION,
-        Some(check_click_retention),
+        Some(check_optional_duration),
+    );
+    checked(
+        c"linkhooks.dead_letter_retention",
+        c"How long dead letters not replayed are kept ('never', or e.g. '90d'); replayed ones go after linkhooks.retention.",
+        &DEAD_LETTER_RETENTION,
+        Some(check_optional_duration),
     );
     checked(
         c"linkhooks.partition_interval",
@@ -278,7 +286,7 @@ unsafe extern "C-unwind" fn check_positive_duration(
 }
 
 #[pg_guard]
-unsafe extern "C-unwind" fn check_click_retention(
+unsafe extern "C-unwind" fn check_optional_duration(
     newval: *mut *mut c_char,
     _extra: *mut *mut c_void,
     _source: pg_sys::GucSource::Type,
@@ -295,7 +303,7 @@ unsafe extern "C-unwind" fn check_partition_interval(
     unsafe { check_with(newval, |v| partition_width(v).map(|_| ())) }
 }
 
-/// `linkhooks.click_retention`'s rule.
+/// The rule of `linkhooks.click_retention` and `dead_letter_retention`.
 fn optional_duration(value: &str) -> Result<Option<Duration>, String> {
     duration::parse_retention(value)
         .ok_or_else(|| format!("must be 'never' or {}; '{value}' is not", duration::SYNTAX))
@@ -323,6 +331,12 @@ pub fn retention() -> Option<Duration> {
 /// `linkhooks.click_retention`: None keeps every click (so does an unreadable value).
 pub fn click_retention() -> Option<Duration> {
     optional_duration(&string(&CLICK_RETENTION)).unwrap_or(None)
+}
+
+/// `linkhooks.dead_letter_retention`: None keeps dead letters until replayed (so does an
+/// unreadable value).
+pub fn dead_letter_retention() -> Option<Duration> {
+    optional_duration(&string(&DEAD_LETTER_RETENTION)).unwrap_or(None)
 }
 
 fn duration_rule(value: &str, positive: bool) -> Result<(), String> {

@@ -35,6 +35,7 @@ fn run_maintenance() -> pgrx::JsonB {
             "minutes_pruned": since_0_5(crate::thresholds::prune)?,
             "health_minutes_pruned": since_0_5(prune_health_minutes)?,
             "deliveries_pruned": prune()?,
+            "dead_letters_pruned": prune_dead_letters()?,
             "partitions": if current { maintain_partitions()? } else { serde_json::Value::Null },
         }))
     };
@@ -213,6 +214,45 @@ fn prune_keys() -> Result<i64> {
          RETURNING 1)
          SELECT pg_catalog.count(*) FROM old",
         &[(retention.as_millis() as f64).into(), BATCH.into()],
+    )?
+    .unwrap_or(0))
+}
+
+/// Deletes dead letters, with their dead delivery, once replayed longer ago than
+/// linkhooks.retention (the replay is a delivery of its own), or, not replayed, once
+/// older than linkhooks.dead_letter_retention (default never).
+fn prune_dead_letters() -> Result<i64> {
+    let Some(retention) = guc::retention() else {
+        return Ok(0); // prune() says why
+    };
+    let millis = |d: std::time::Duration| d.as_millis() as f64;
+    let mut pruned = delete_dead_letters(
+        "replayed_at < pg_catalog.now() - $1 * interval '1 millisecond'",
+        millis(retention),
+    )?;
+    if let Some(keep) = guc::dead_letter_retention() {
+        pruned += delete_dead_letters(
+            "replayed_at IS NULL AND died_at < pg_catalog.now() - $1 * interval '1 millisecond'",
+            millis(keep),
+        )?;
+    }
+    Ok(pruned)
+}
+
+/// One batch of dead letters matching `due` (a fixed condition on $1, milliseconds).
+fn delete_dead_letters(due: &str, millis: f64) -> Result<i64> {
+    Ok(Spi::get_one_with_args::<i64>(
+        &format!(
+            "WITH old AS (
+                DELETE FROM linkhooks.dead_letters
+                 WHERE delivery_id IN (SELECT delivery_id FROM linkhooks.dead_letters WHERE {due}
+                                        LIMIT $2 FOR UPDATE SKIP LOCKED)
+             RETURNING delivery_id),
+             deliveries AS (
+                DELETE FROM linkhooks.deliveries d USING old WHERE d.id = old.delivery_id AND d.status = 'dead')
+             SELECT pg_catalog.count(*) FROM old"
+        ),
+        &[millis.into(), BATCH.into()],
     )?
     .unwrap_or(0))
 }

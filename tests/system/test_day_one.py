@@ -72,6 +72,7 @@ def test_settings_are_checked_when_set_and_the_workers_cannot_be_set_per_session
         ("linkhooks.maintenance_interval", "0s", "must be longer than zero"),
         ("linkhooks.partition_interval", "30s", "must be at least 1 minute"),
         ("linkhooks.click_retention", "forever", "must be 'never' or a duration like '30s'"),
+        ("linkhooks.dead_letter_retention", "until replayed", "must be 'never' or a duration like '30s'"),
     ]:
         err = error_of(db, f"ALTER SYSTEM SET {name} = '{value}'")
         assert f'invalid value for parameter "{name}"' in err.diag.message_primary
@@ -97,6 +98,32 @@ def test_retention_takes_postgres_interval_syntax(cluster, db, receiver):
         db.execute("SELECT linkhooks.run_maintenance()")
         assert [r[0] for r in db.execute("SELECT id FROM linkhooks.deliveries")] == [recent]
     assert "invalid linkhooks.retention" not in cluster.log()
+
+
+def test_dead_letters_are_kept_until_replayed_or_for_their_own_retention(cluster, db, receiver):
+    sub_id, secret = subscribe(db, receiver, "/dead", event_types=["link.clicked"], filters={"exclude_bots": False},
+                               max_attempts=1)
+    receiver.expect("/dead", [secret], script=[(500, {}, 0)] * 3)
+    db.execute("INSERT INTO linkhooks.clicks (link_id) SELECT %s FROM generate_series(1, 3)", [link(db, "dl")])
+    letters = "SELECT delivery_id FROM linkhooks.dead_letters WHERE subscription_id = %s ORDER BY 1"
+    wait_for(lambda: len(db.execute(letters, [sub_id]).fetchall()) == 3, message="three dead letters")
+    fresh, replayed, old = [r[0] for r in db.execute(letters, [sub_id])]
+    replay_id = db.execute("SELECT linkhooks.replay(%s)", [replayed]).fetchone()[0]
+    wait_for(lambda: db.execute("SELECT status FROM linkhooks.deliveries WHERE id = %s", [replay_id]).fetchone()[0] == "delivered",
+             message="the replay delivered")
+    db.execute("UPDATE linkhooks.dead_letters SET replayed_at = now() - interval '8 days' WHERE delivery_id = %s", [replayed])
+    db.execute("UPDATE linkhooks.dead_letters SET died_at = now() - interval '40 days' WHERE delivery_id = %s", [old])
+    kept = "SELECT d.id FROM linkhooks.deliveries d WHERE d.id = ANY(%s) ORDER BY 1"
+
+    # By default a dead letter stays until replayed, then as long as deliveries (linkhooks.retention, 7d).
+    db.execute("SELECT linkhooks.run_maintenance()")
+    assert [r[0] for r in db.execute(letters, [sub_id])] == [fresh, old]
+    assert [r[0] for r in db.execute(kept, [[fresh, replayed, old, replay_id]])] == [fresh, old, replay_id], \
+        "the replayed dead delivery goes with its dead letter; the replay is a delivery of its own"
+    with server_setting(cluster, "linkhooks.dead_letter_retention", "30d"):
+        db.execute("SELECT linkhooks.run_maintenance()")
+        assert [r[0] for r in db.execute(letters, [sub_id])] == [fresh]
+        assert [r[0] for r in db.execute(kept, [[fresh, old]])] == [fresh]
 
 
 def test_auto_disables_are_logged_without_the_url(cluster, db, receiver):
