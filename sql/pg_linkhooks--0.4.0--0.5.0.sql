@@ -1115,10 +1115,13 @@ BEGIN
     sorted := @extschema@.maintain_partitions(table_name, now(), width, NULL);
     SELECT max(p.range_end) INTO frontier FROM @extschema@.partitions p WHERE p.table_name = use_pg_partman.table_name;
     EXECUTE format('SELECT count(*) FROM @extschema@.%I WHERE %I >= $1', default_partition, key) INTO stray USING frontier;
-    IF (sorted->>'partitions_busy')::int > 0 OR stray > 0 THEN
-        RAISE EXCEPTION 'use_pg_partman: % holds % rows dated after % that pg_partman''s partitions would cover', default_partition, stray, frontier
-            USING ERRCODE = 'object_not_in_prerequisite_state',
-                  HINT = 'Move or delete them (or, if it names none, wait for the tables maintenance was waiting for), then call use_pg_partman again.';
+    IF (sorted->>'partitions_busy')::int > 0 THEN
+        RAISE EXCEPTION 'use_pg_partman: the rows of % could not be sorted into partitions: a lock wait timed out', default_partition
+            USING ERRCODE = 'lock_not_available', HINT = 'Call use_pg_partman again.';
+    END IF;
+    IF stray > 0 THEN
+        RAISE EXCEPTION 'use_pg_partman: % holds % rows dated from % on, where pg_partman''s partitions would go', default_partition, stray, frontier
+            USING ERRCODE = 'object_not_in_prerequisite_state', HINT = 'Move or delete them, then call use_pg_partman again.';
     END IF;
 
     -- pg_partman makes a default partition of its own: ours steps aside while it does, then
