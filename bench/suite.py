@@ -25,7 +25,7 @@ from psycopg.types.json import Jsonb
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.join(ROOT, "tests", "system"))
-from harness import BIN, Cluster, free_port, wait_for  # noqa: E402
+from harness import BIN, Cluster, Standby, free_port, wait_for  # noqa: E402
 
 UA = ("Mozilla/5.0 (iPhone; CPU iPhone OS 17_2 like Mac OS X) AppleWebKit/605.1.15 "
       "(KHTML, like Gecko) Version/17.2 Mobile/15E148 Safari/604.1")
@@ -100,10 +100,10 @@ INSERT INTO bench_outbox_subscriptions VALUES (1, gen_random_bytes(32));
 FULL = dict(pairs=5, seconds=5, drains=3, links=100_000, throughput=50_000, latency_seconds=15, milestone_seconds=20,
             isolation=20_000,
             backlog_small=10_000, backlog_large=1_000_000, callgrind=(100, 1100), view_clicks=10_000_000, view_deliveries=10_000_000,
-            held_events=20_000, retention=(100_000, 10_000_000))
+            held_events=20_000, retention=(100_000, 10_000_000), visibility_changes=50)
 SMOKE = dict(pairs=1, seconds=1, drains=1, links=1_000, throughput=500, latency_seconds=1, milestone_seconds=2,
              isolation=300,
-             backlog_small=200, backlog_large=1_000, callgrind=(2, 12), view_clicks=20_000, view_deliveries=20_000, held_events=300, retention=(1_000, 20_000))
+             backlog_small=200, backlog_large=1_000, callgrind=(2, 12), view_clicks=20_000, view_deliveries=20_000, held_events=300, retention=(1_000, 20_000), visibility_changes=5)
 
 
 class Nginx:
@@ -207,16 +207,17 @@ class Bench:
     def one(self, query, params=()):
         return self.db.execute(query, params).fetchone()[0]
 
-    def pgbench(self, script, clients=8, seconds=None, rate=None):
-        """Transactions per second of a pgbench script (prepared statements, 2 threads)."""
+    def pgbench(self, script, clients=8, seconds=None, rate=None, port=None, dbname="bench"):
+        """Transactions per second of a pgbench script (prepared statements, 2 threads), on this cluster or
+        the one on `port`."""
         path = os.path.join(self.workdir, "script.sql")
         with open(path, "w") as f:
             f.write(script)
-        args = [f"{BIN}/pgbench", "-h", "127.0.0.1", "-p", str(self.cluster.port), "-U", "postgres", "-n", "-M", "prepared",
+        args = [f"{BIN}/pgbench", "-h", "127.0.0.1", "-p", str(port or self.cluster.port), "-U", "postgres", "-n", "-M", "prepared",
                 "-c", str(clients), "-j", "2", "-T", str(seconds or self.size["seconds"]), "-f", path]
         if rate:
             args += ["-R", str(rate)]
-        out = subprocess.run(args + ["bench"], capture_output=True, text=True)
+        out = subprocess.run(args + [dbname], capture_output=True, text=True)
         if out.returncode != 0:
             raise RuntimeError(f"pgbench failed: {out.stderr.strip()}")
         return float(re.search(r"^tps = ([\d.]+)", out.stdout, re.M).group(1))
@@ -257,21 +258,24 @@ class Bench:
     def worker_pid(self):
         return self.one("SELECT pid FROM pg_stat_activity WHERE backend_type = 'pg_linkhooks'")
 
-    def compare(self, case, script, baseline_script, baseline_name, target, clients=8, before_each=None):
-        """Alternates baseline and case runs; records medians, min and max and the ratio per pair."""
-        self.pgbench(script, clients, seconds=1)  # warm caches and plans
+    def compare(self, case, script, baseline_script, baseline_name, target, clients=8, before_each=None, port=None,
+                dbname="bench"):
+        """Alternates baseline and case runs; records medians, min and max and the ratio per pair. The case
+        runs in the database on `port` if given (the baseline always here)."""
+        elsewhere = dict(port=port, dbname=dbname)
+        self.pgbench(script, clients, seconds=1, **elsewhere)  # warm caches and plans
         self.pgbench(baseline_script, clients, seconds=1)
         ours, theirs, ratios = [], [], []
 
-        def run(pgbench_script):
+        def run(pgbench_script, **where):
             if before_each:
                 before_each()
             self.sql("CHECKPOINT")
-            return self.pgbench(pgbench_script, clients)
+            return self.pgbench(pgbench_script, clients, **where)
 
         for _ in range(self.size["pairs"]):
             b = run(baseline_script)
-            a = run(script)
+            a = run(script, **elsewhere)
             ours.append(a), theirs.append(b), ratios.append(a / b)
         self.record(case, ours, "tps", baseline_name, theirs, ratios, target)
 
@@ -293,6 +297,70 @@ class Bench:
                          pick + "SELECT linkhooks.resolve('l' || :n);\n",
                          pick + "SELECT destination FROM linkhooks.links WHERE domain = '' AND slug = 'l' || :n;\n",
                          "bare SELECT by (domain, slug)", 0.9)
+
+    def standby_resolve(self):
+        """`resolve` on a streaming hot standby (pg_basebackup) against the same script on the primary; then
+        how soon a link change reaches a standby session that has the link cached, against how soon the standby
+        replays the change's commit (polled alternately, one session each)."""
+        links = self.size["links"]
+        standby = Standby(self.cluster)
+        standby.start()
+        try:
+            standby.caught_up(timeout=120)
+            for name, pick in [("uniform", f"\\set n random(1, {links})\n"),
+                               ("Zipf s=1.1", f"\\set n random_zipfian(1, {links}, 1.1)\n")]:
+                script = pick + "SELECT linkhooks.resolve('l' || :n);\n"
+                self.compare(f"`resolve(slug)` on a hot standby over {links:,} links, 8 clients, {name} traffic",
+                             script, script, "the same on the primary", 0.9, port=standby.port)
+            with standby.connect(dbname="bench") as reader, standby.connect(dbname="bench") as replay:
+                reader.execute("SELECT linkhooks.resolve('hot')")  # cached in this session from now on
+                visible, replayed = [], []
+                for i in range(self.size["visibility_changes"]):
+                    url = f"https://acme.com/hot/{i}"
+                    self.sql("UPDATE linkhooks.links SET destination = %s WHERE slug = 'hot'", [url])
+                    committed = time.perf_counter()
+                    lsn = self.one("SELECT pg_current_wal_insert_lsn()")
+                    seen_at = replayed_at = None
+                    while seen_at is None or replayed_at is None:
+                        if replayed_at is None and replay.execute("SELECT pg_last_wal_replay_lsn() >= %s::pg_lsn",
+                                                                  [lsn]).fetchone()[0]:
+                            replayed_at = time.perf_counter()
+                        if seen_at is None and reader.execute("SELECT linkhooks.resolve('hot')").fetchone()[0] == url:
+                            seen_at = time.perf_counter()
+                    visible.append((seen_at - committed) * 1000)
+                    replayed.append((replayed_at - committed) * 1000)
+            self.record("link change on the primary → `resolve` answers it in a standby session that cached the link",
+                        [statistics.median(visible)], "ms", "the standby replayed its commit", [statistics.median(replayed)],
+                        [statistics.median(visible) / statistics.median(replayed)], target=("≤", 1.1),
+                        note=f"median of {len(visible)} changes; max {max(visible):.1f} vs {max(replayed):.1f} ms")
+        finally:
+            standby.destroy()
+
+    def router(self):
+        """`record_click` through a PL/Proxy router (docs/scale-out.md) whose one shard is this database,
+        against `record_click` on the shard itself: what the hop costs."""
+        links = self.size["links"]
+        self.subscriptions([self.nginx.url()])
+        router = Cluster({"shared_preload_libraries": "''"})
+        router.start()
+        try:
+            with router.connect() as c:
+                c.execute("CREATE DATABASE router")
+            with router.connect(dbname="router") as r:
+                r.execute("CREATE EXTENSION plproxy")
+                r.execute(sql.SQL("CREATE SERVER linkhooks_shards FOREIGN DATA WRAPPER plproxy OPTIONS (p0 {})").format(
+                    sql.Literal(f"host=127.0.0.1 port={self.cluster.port} dbname=bench")))
+                r.execute("CREATE USER MAPPING FOR PUBLIC SERVER linkhooks_shards OPTIONS (user 'postgres')")
+                with open(os.path.join(ROOT, "docs", "scale-out", "router.sql")) as f:
+                    r.execute(f.read())
+                r.execute("INSERT INTO linkhooks_router.layout (shards) VALUES (1)")
+            click = (f"\\set n random(1, {links})\n"
+                     "SELECT linkhooks.record_click('l' || :n, '203.0.113.1', '" + UA + "');\n")
+            self.compare("`record_click`, 1 subscription, through a PL/Proxy router to its shard", click, click,
+                         "`record_click` on the shard", None, before_each=self.reset_clicks, port=router.port,
+                         dbname="router")
+        finally:
+            router.destroy()
 
     def click_inserts(self):
         links = self.size["links"]
@@ -827,7 +895,7 @@ def format_row(row):
             f"{spread(row['ratios'], ratio) if row['ratios'] else ''} | {target_text} | {meets(row)} | {row['note']} |")
 
 
-CASES = ["resolve", "click_inserts", "hot_link", "throughput", "latency", "milestones", "isolation", "backlog", "views",
+CASES = ["resolve", "standby_resolve", "router", "click_inserts", "hot_link", "throughput", "latency", "milestones", "isolation", "backlog", "views",
          "health_view", "held_snapshot", "retention", "callgrind"]
 
 

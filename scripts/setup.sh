@@ -5,7 +5,7 @@
 set -euo pipefail
 PG_CONFIG=/usr/lib/postgresql/15/bin/pg_config
 need_apt=()
-for pkg in postgresql-15 postgresql-server-dev-15 postgresql-15-partman libclang-dev clang sudo python3-venv; do
+for pkg in postgresql-15 postgresql-server-dev-15 postgresql-15-partman postgresql-15-plproxy libclang-dev clang sudo python3-venv; do
   dpkg -s "$pkg" >/dev/null 2>&1 || need_apt+=("$pkg")
 done
 if ((${#need_apt[@]})); then

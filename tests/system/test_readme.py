@@ -13,7 +13,7 @@ from harness import wait_for
 from test_links import IPHONE
 
 ROOT = os.path.join(os.path.dirname(__file__), "..", "..")
-DOCS = ["README.md", "SECURITY.md"] + [os.path.join("docs", f) for f in sorted(os.listdir(os.path.join(ROOT, "docs")))]
+DOCS = ["README.md", "SECURITY.md"] + [os.path.join("docs", f) for f in sorted(os.listdir(os.path.join(ROOT, "docs"))) if f.endswith(".md")]
 
 
 def read(doc):

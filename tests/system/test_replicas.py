@@ -4,11 +4,13 @@ link before sees every committed change once it is replayed or applied; the
 analyst views and worker_status() answer on a standby; and a database that
 receives deliveries by logical replication does not send them again."""
 
+import psycopg
 import pytest
 
 from conftest import SETTINGS, subscribe
 from harness import Cluster, Standby, wait_for
 from test_links import IPHONE, link, resolve
+from test_readme import code_blocks, section, statements
 
 VIEWS = ["link_stats", "link_daily_clicks", "link_click_breakdown", "campaign_stats", "click_facts",
          "delivery_log", "subscription_health"]
@@ -110,6 +112,32 @@ def test_worker_status_and_the_analyst_views_answer_on_a_standby(db, standby, re
         assert s.execute("SELECT clicks FROM linkhooks.link_stats WHERE slug = 'seen'").fetchone() == (1,)
         assert s.execute("SELECT count(*) FROM linkhooks.delivery_log WHERE status = 'delivered'").fetchone() == (delivered,)
         assert s.execute("SELECT count(*) FROM linkhooks.subscription_health WHERE name = 'sb'").fetchone() == (2,)
+
+
+def test_the_readmes_redirect_service_resolves_on_the_standby_and_records_on_the_primary_as_a_writer(db, standby):
+    [block] = code_blocks(section("## Redirects from read replicas"), "sql")
+    (resolving, _), (lag, _), (inserting, _) = statements(block)
+    link(db, "sale", "https://acme.com/winter-sale", max_clicks=2)
+    db.execute("DROP ROLE IF EXISTS lh_redirector")
+    db.execute("CREATE ROLE lh_redirector LOGIN")
+    try:
+        db.execute("SELECT linkhooks.grant_access('lh_redirector', 'writer')")
+        standby.caught_up()
+        as_writer = dict(host="127.0.0.1", user="lh_redirector", dbname="postgres", autocommit=True)
+        with psycopg.connect(port=standby.port, **as_writer) as replica, \
+                psycopg.connect(port=db.info.port, **as_writer) as primary:
+            assert replica.execute(resolving).fetchone()[0] == "https://acme.com/winter-sale"
+            assert replica.execute(lag).fetchone()[0] is not None
+            primary.execute(inserting)
+            primary.execute(inserting)
+            # At the limit the primary refuses the next click (which a replica may have redirected
+            # before replaying the limit).
+            with pytest.raises(psycopg.errors.CheckViolation, match="has reached its max_clicks of 2"):
+                primary.execute(inserting)
+        assert db.execute("SELECT count(*) FROM linkhooks.clicks").fetchone()[0] == 2
+        db.execute("SELECT linkhooks.revoke_access('lh_redirector', 'writer')")
+    finally:
+        db.execute("DROP ROLE IF EXISTS lh_redirector")
 
 
 def test_a_subscriber_session_that_cached_a_link_sees_every_applied_change(pair):
