@@ -25,7 +25,7 @@ from psycopg.types.json import Jsonb
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.join(ROOT, "tests", "system"))
-from harness import BIN, Cluster, Standby, free_port, wait_for  # noqa: E402
+from harness import BIN, Cluster, Router, Standby, free_port, wait_for  # noqa: E402
 
 UA = ("Mozilla/5.0 (iPhone; CPU iPhone OS 17_2 like Mac OS X) AppleWebKit/605.1.15 "
       "(KHTML, like Gecko) Version/17.2 Mobile/15E148 Safari/604.1")
@@ -344,19 +344,9 @@ class Bench:
         against `record_click` on the shard itself: what the hop costs."""
         links = self.size["links"]
         self.subscriptions([self.nginx.url()])
-        router = Cluster({"shared_preload_libraries": "''"})
+        router = Router([("127.0.0.1", self.cluster.port, "bench")])
         router.start()
         try:
-            with router.connect() as c:
-                c.execute("CREATE DATABASE router")
-            with router.connect(dbname="router") as r:
-                r.execute("CREATE EXTENSION plproxy")
-                r.execute(sql.SQL("CREATE SERVER linkhooks_shards FOREIGN DATA WRAPPER plproxy OPTIONS (p0 {})").format(
-                    sql.Literal(f"host=127.0.0.1 port={self.cluster.port} dbname=bench")))
-                r.execute("CREATE USER MAPPING FOR PUBLIC SERVER linkhooks_shards OPTIONS (user 'postgres')")
-                with open(os.path.join(ROOT, "docs", "scale-out", "router.sql")) as f:
-                    r.execute(f.read())
-                r.execute("INSERT INTO linkhooks_router.layout (shards) VALUES (1)")
             click = (f"\\set n random(1, {links})\n"
                      "SELECT linkhooks.record_click('l' || :n, '203.0.113.1', '" + UA + "');\n")
             # Eight clients: throughput, with the router's backends on the shard's CPUs (one machine here);

@@ -15,6 +15,7 @@ import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import psycopg
+from psycopg import sql
 from standardwebhooks.webhooks import Webhook
 
 BIN = "/usr/lib/postgresql/15/bin"
@@ -208,6 +209,33 @@ class Standby(Cluster):
         with self.connect() as s:
             wait_for(lambda: s.execute("SELECT pg_last_wal_replay_lsn() >= %s::pg_lsn", [target]).fetchone()[0],
                      timeout=timeout, message=f"replay to reach {target}")
+
+
+class Router(Cluster):
+    """A PL/Proxy router database (docs/scale-out.md, docs/scale-out/router.sql) on a cluster of
+    its own, without pg_linkhooks, in front of `shards`: (host, port, dbname) of each."""
+
+    LAYOUT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "..", "docs", "scale-out")
+
+    def __init__(self, shards):
+        super().__init__({"shared_preload_libraries": "''"})
+        self.shards = shards
+
+    def start(self):
+        super().start()
+        with self.connect() as c:
+            c.execute("CREATE DATABASE router")
+        with self.connect(dbname="router") as r:
+            r.execute("CREATE EXTENSION plproxy")
+            # p0 … p(n-1), then p0 again up to a power of two.
+            partitions = [self.shards[k % len(self.shards)] for k in range(1 << (len(self.shards) - 1).bit_length())]
+            r.execute(sql.SQL("CREATE SERVER linkhooks_shards FOREIGN DATA WRAPPER plproxy OPTIONS ({})").format(
+                sql.SQL(", ").join(sql.SQL("{} {}").format(sql.Identifier(f"p{k}"), sql.Literal(
+                    f"host={host} port={port} dbname={dbname}")) for k, (host, port, dbname) in enumerate(partitions))))
+            r.execute("CREATE USER MAPPING FOR PUBLIC SERVER linkhooks_shards OPTIONS (user 'postgres')")
+            with open(os.path.join(self.LAYOUT, "router.sql")) as f:
+                r.execute(f.read())
+            r.execute("INSERT INTO linkhooks_router.layout (shards) VALUES (%s)", [len(self.shards)])
 
 
 class Destination:

@@ -9,18 +9,16 @@ import os
 
 import psycopg
 import pytest
-from psycopg import sql
 
 from conftest import SETTINGS, subscribe
-from harness import Cluster, wait_for
+from harness import Cluster, Router, wait_for
 from test_links import IPHONE
 
-LAYOUT = os.path.join(os.path.dirname(__file__), "..", "..", "docs", "scale-out")
 SHARDS = 3
 
 
-def layout_sql(name):
-    with open(os.path.join(LAYOUT, name)) as f:
+def shard_sql():
+    with open(os.path.join(Router.LAYOUT, "shard.sql")) as f:
         return f.read()
 
 
@@ -32,7 +30,7 @@ def shards():
             shard.start()
             with shard.connect() as c:
                 c.execute("CREATE EXTENSION pg_linkhooks")
-                c.execute(layout_sql("shard.sql"))
+                c.execute(shard_sql())
                 c.execute("SELECT shard.number_ids(%s, %s)", [k, SHARDS])
         yield clusters
     finally:
@@ -42,26 +40,14 @@ def shards():
 
 @pytest.fixture(scope="module")
 def router(shards):
-    """The router database, on a cluster of its own (no pg_linkhooks there), set up as
-    docs/scale-out.md says."""
-    cluster = Cluster({"shared_preload_libraries": "''"})
-    cluster.start()
+    """The router, set up as docs/scale-out.md says."""
+    r = Router([(s.dir, s.port, "postgres") for s in shards])
+    r.start()
     try:
-        with cluster.connect() as c:
-            c.execute("CREATE DATABASE router")
-        with cluster.connect(dbname="router") as r:
-            r.execute("CREATE EXTENSION plproxy")
-            # p0 … p(n-1), then p0 again up to a power of two.
-            partitions = [shards[k % SHARDS] for k in range(4)]
-            r.execute(sql.SQL("CREATE SERVER linkhooks_shards FOREIGN DATA WRAPPER plproxy OPTIONS ({})").format(
-                sql.SQL(", ").join(sql.SQL("{} {}").format(sql.Identifier(f"p{k}"), sql.Literal(
-                    f"host={s.dir} port={s.port} dbname=postgres")) for k, s in enumerate(partitions))))
-            r.execute("CREATE USER MAPPING FOR PUBLIC SERVER linkhooks_shards OPTIONS (user 'postgres')")
-            r.execute(layout_sql("router.sql"))
-            r.execute("INSERT INTO linkhooks_router.layout (shards) VALUES (%s)", [SHARDS])
-            yield r
+        with r.connect(dbname="router") as conn:
+            yield conn
     finally:
-        cluster.destroy()
+        r.destroy()
 
 
 class OneNode:
