@@ -87,6 +87,19 @@ SELECT c.id AS click_id, c.link_id, c.clicked_at, coalesce(c.is_bot, false) AS i
 FROM clicks c;
 COMMENT ON VIEW click_facts IS 'Clicks with bot, QR and referring-host columns ready for grouping.';
 
+-- Where the aggregator's cursor starts (the oldest transaction its last run could not count), for
+-- uncounted_clicks. A function, not a subquery: the planner reads its value when it estimates
+-- (it cannot see into a subquery), so it expects a second of clicks, not a share of all of them,
+-- and at tens of millions of clicks keeps the views' plans cheap enough that PostgreSQL does not
+-- JIT-compile them (300 ms a query). Costly on purpose, so it is an index condition, evaluated
+-- once, rather than a filter run per row. The cursor position is no secret: PUBLIC may read it.
+CREATE FUNCTION click_cursor_xmin() RETURNS xid8
+LANGUAGE plpgsql STABLE SECURITY DEFINER COST 1000 SET search_path = pg_catalog, pg_temp AS $$
+BEGIN
+    RETURN (SELECT pg_snapshot_xmin(k.snapshot) FROM @extschema@.click_cursor k);
+END
+$$;
+
 -- Clicks committed since the aggregator's last run, so not in link_counts and link_hours yet
 -- (at most a second or so of clicks, found by their transaction ids): the views below add
 -- them to those counts and are exact at any moment while reading only recent rows.
@@ -95,7 +108,7 @@ COMMENT ON VIEW click_facts IS 'Clicks with bot, QR and referring-host columns r
 CREATE VIEW uncounted_clicks AS
 SELECT c.id AS click_id, c.link_id, c.clicked_at, coalesce(c.is_bot, false) AS is_bot, c.source = 'qr' AS is_qr
 FROM clicks c
-WHERE c.txid >= pg_snapshot_xmin((SELECT k.snapshot FROM click_cursor k))
+WHERE c.txid >= click_cursor_xmin()
   AND c.txid < pg_snapshot_xmax(pg_current_snapshot())
   AND NOT pg_visible_in_snapshot(c.txid, (SELECT k.snapshot FROM click_cursor k))
   AND c.id > (SELECT k.id_floor FROM click_cursor k);
