@@ -154,6 +154,20 @@ def test_an_admin_with_planted_objects_cannot_run_code_as_the_owner(cluster, db,
     assert not is_superuser(db)
 
 
+def test_a_writer_with_planted_objects_cannot_run_code_as_the_owner_through_the_cursor_function(db, hostile):
+    """click_cursor_xmin() runs as the owner and is granted to PUBLIC: the least-privileged role reaches it."""
+    with hostile("writer") as w:
+        plant(w, "pg_temp")
+        plant(w, HOSTILE)
+        for typ in ["xid8", "pg_snapshot"]:
+            w.execute(f"CREATE DOMAIN {HOSTILE}.{typ} AS pg_catalog.{typ} CHECK ({HOSTILE}.escalate())")
+        w.execute(f"CREATE FUNCTION {HOSTILE}.pg_snapshot_xmin(pg_catalog.pg_snapshot) RETURNS pg_catalog.xid8 "
+                  f"LANGUAGE sql AS $$ SELECT {HOSTILE}.escalate(); SELECT '1'::pg_catalog.xid8 $$")
+        w.execute(f"SET search_path = pg_temp, {HOSTILE}, public, pg_catalog")
+        assert w.execute("SELECT linkhooks.click_cursor_xmin()").fetchone()[0] is not None
+    assert not is_superuser(db)
+
+
 def test_grant_access_ignores_functions_planted_in_the_callers_path(cluster, db, hostile):
     """A role that may create in public plants format(text, text, text), which beats
     pg_catalog's variadic format for a superuser whose search_path includes public."""
