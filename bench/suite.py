@@ -41,7 +41,7 @@ SETTINGS = {
     "track_commit_timestamp": "on",  # commit time of each click, for end-to-end latency
     "max_connections": "100",
     "shared_buffers": "'256MB'",
-    "linkhooks.database": "'idle'",  # the worker waits in an empty database until a case sends it to 'bench'
+    "linkhooks.databases": "'idle'",  # no worker (idle has no extension) until a case serves 'bench'
     "linkhooks.allow_private_targets": "on",
     "linkhooks.require_https": "off",
     "linkhooks.base_url": "'https://go.acme.co'",
@@ -250,10 +250,12 @@ class Bench:
                          [f"s{i}", url]) for i, url in enumerate(urls)]
 
     def worker_in(self, database):
-        """Moves the worker to a database and waits until it runs there."""
-        self.cluster.set("linkhooks.database", database)
-        wait_for(lambda: self.one("SELECT count(*) FROM pg_stat_activity WHERE backend_type = 'pg_linkhooks' "
-                                  "AND datname = %s", [database]) == 1, timeout=30, message=f"the worker in {database}")
+        """Serves only this database (linkhooks.databases) and waits until just its worker runs: one in
+        'bench'; none in 'idle', which has no extension."""
+        self.cluster.set("linkhooks.databases", database)
+        wanted = ["bench"] if database == "bench" else []
+        running = "SELECT datname FROM pg_stat_activity WHERE backend_type = 'pg_linkhooks'"
+        wait_for(lambda: [r[0] for r in self.sql(running)] == wanted, timeout=30, message=f"the worker in {database}")
 
     def worker_pid(self):
         return self.one("SELECT pid FROM pg_stat_activity WHERE backend_type = 'pg_linkhooks'")

@@ -15,7 +15,6 @@ listen_addresses = '127.0.0.1'
 port = $port
 unix_socket_directories = '$dir'
 shared_preload_libraries = 'pg_linkhooks'
-linkhooks.database = 'postgres'
 max_connections = 100
 ${4:-}
 CONF

@@ -1024,6 +1024,9 @@ BEGIN
         EXIT WHEN created >= 100;
         partition := table_name || '_p' || to_char(range_start AT TIME ZONE 'UTC', 'YYYYMMDD"_"HH24MISS');
         BEGIN
+            -- An INSERT routed to the default partition before the ATTACH would fail its
+            -- constraint after it: inserts finish first, and new ones wait for this commit.
+            EXECUTE format('LOCK TABLE @extschema@.%I IN SHARE MODE', table_name);
             EXECUTE format('CREATE TABLE @extschema@.%I (LIKE @extschema@.%I INCLUDING INDEXES)', partition, default_partition);
             EXECUTE format('WITH moved AS (DELETE FROM @extschema@.%I WHERE %I >= $1 AND %I < $2 RETURNING %s) '
                            'INSERT INTO @extschema@.%I (%s) SELECT %s FROM moved',

@@ -11,8 +11,9 @@ use pgrx::{GucContext, GucFlags, GucRegistry, GucSetting, pg_guard, pg_sys};
 use crate::duration;
 use crate::retry::Schedule;
 
-pub static DATABASE: GucSetting<Option<CString>> =
-    GucSetting::<Option<CString>>::new(Some(c"postgres"));
+pub static DATABASES: GucSetting<Option<CString>> = GucSetting::<Option<CString>>::new(None);
+/// 0.4.0's name: one database. Read as part of the allow-list.
+pub static DATABASE: GucSetting<Option<CString>> = GucSetting::<Option<CString>>::new(None);
 pub static BASE_URL: GucSetting<Option<CString>> = GucSetting::<Option<CString>>::new(None);
 pub static HTTP_CONCURRENCY: GucSetting<i32> = GucSetting::<i32>::new(32);
 pub static BATCH_SIZE: GucSetting<i32> = GucSetting::<i32>::new(500);
@@ -60,8 +61,14 @@ pub fn register() {
         }
     };
     s(
+        c"linkhooks.databases",
+        c"Databases that get a delivery worker, e.g. 'app,crm'; empty: every database with the extension.",
+        &DATABASES,
+        Sighup,
+    );
+    s(
         c"linkhooks.database",
-        c"Database the delivery worker serves.",
+        c"Before 0.5.0, the one database served; now read as part of linkhooks.databases.",
         &DATABASE,
         Sighup,
     );
@@ -353,6 +360,11 @@ pub fn hold_window_ms() -> i64 {
 }
 
 /// A string setting's value, '' when unset.
+/// The databases `linkhooks.databases` and `linkhooks.database` name; empty: every database.
+pub fn served_databases() -> Vec<String> {
+    crate::allowlist::parse(&[&string(&DATABASES), &string(&DATABASE)])
+}
+
 pub fn string(setting: &GucSetting<Option<CString>>) -> String {
     setting
         .get()

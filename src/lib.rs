@@ -4,6 +4,7 @@
 use pgrx::prelude::*;
 
 // Pure logic: no Postgres inside, plain unit tests.
+mod allowlist;
 mod destination;
 mod doorkeeper;
 mod duration;
@@ -45,9 +46,11 @@ mod queue;
 mod recover;
 mod replication;
 mod shared;
+mod slots;
 mod thresholds;
 mod triggers;
 mod tuple;
+mod utility;
 mod worker;
 
 pgrx::pg_module_magic!();
@@ -68,6 +71,7 @@ pub extern "C-unwind" fn _PG_init() {
         return;
     }
     shared::init();
+    utility::install();
     worker::register();
 }
 
@@ -78,7 +82,7 @@ pub mod pg_test {
     pub fn postgresql_conf_options() -> Vec<&'static str> {
         vec![
             "shared_preload_libraries = 'pg_linkhooks'",
-            "linkhooks.database = 'pgrx_tests'",
+            "linkhooks.databases = 'pgrx_tests'",
             "linkhooks.base_url = 'https://go.acme.co'",
         ]
     }

@@ -1,51 +1,28 @@
 //! State shared between backends and the worker through shared memory, and
-//! the per-transaction hooks that use it: wake the worker when a transaction
-//! that queued deliveries commits (never before, never on rollback), and tell
-//! every backend that subscriptions, campaign goals or links changed.
+//! the per-transaction hooks that use it: wake this database's worker when a
+//! transaction that queued deliveries commits (never before, never on
+//! rollback), the launcher when one created the extension, and tell every
+//! backend that subscriptions, campaign goals or links changed.
 
-use std::cell::Cell;
-use std::sync::atomic::{
-    AtomicBool, AtomicI32, AtomicI64, AtomicU32, AtomicU64, AtomicUsize, Ordering,
-};
+use std::cell::{Cell, RefCell};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 
 use pgrx::prelude::*;
 use pgrx::{PgAtomic, pg_shmem_init};
 
-static WORKER_LATCH: PgAtomic<AtomicUsize> = unsafe { PgAtomic::new(c"linkhooks_worker_latch") };
-static WORKER_PID: PgAtomic<AtomicI32> = unsafe { PgAtomic::new(c"linkhooks_worker_pid") };
-static WORKER_DATABASE: PgAtomic<AtomicU32> =
-    unsafe { PgAtomic::new(c"linkhooks_worker_database") };
-static WORKER_IN_FLIGHT: PgAtomic<AtomicI64> =
-    unsafe { PgAtomic::new(c"linkhooks_worker_in_flight") };
-static WORKER_LAST_LOOP_MS: PgAtomic<AtomicI64> =
-    unsafe { PgAtomic::new(c"linkhooks_worker_last_loop") };
-static WORKER_STATE: PgAtomic<AtomicU32> = unsafe { PgAtomic::new(c"linkhooks_worker_state") };
-/// Set by a worker that found its database, for the restarted worker that connects to it.
-static DATABASE_CONFIRMED: PgAtomic<AtomicBool> =
-    unsafe { PgAtomic::new(c"linkhooks_worker_database_confirmed") };
 static CONFIG_GENERATION: PgAtomic<AtomicU64> =
     unsafe { PgAtomic::new(c"linkhooks_config_generation") };
 static LINKS_GENERATION: PgAtomic<AtomicU64> =
     unsafe { PgAtomic::new(c"linkhooks_links_generation") };
-/// Moves when a transaction that recorded clicks or misses in the worker's database commits.
-static CLICKS_GENERATION: PgAtomic<AtomicU64> =
-    unsafe { PgAtomic::new(c"linkhooks_clicks_generation") };
 
 /// Set in the postmaster's `_PG_init` when loaded through shared_preload_libraries;
 /// inherited by every backend it forks.
 static PRELOADED: AtomicBool = AtomicBool::new(false);
 
 pub fn init() {
-    pg_shmem_init!(WORKER_LATCH);
-    pg_shmem_init!(WORKER_PID);
-    pg_shmem_init!(WORKER_DATABASE);
-    pg_shmem_init!(WORKER_IN_FLIGHT);
-    pg_shmem_init!(WORKER_LAST_LOOP_MS);
-    pg_shmem_init!(WORKER_STATE);
-    pg_shmem_init!(DATABASE_CONFIRMED);
     pg_shmem_init!(CONFIG_GENERATION);
     pg_shmem_init!(LINKS_GENERATION);
-    pg_shmem_init!(CLICKS_GENERATION);
+    crate::slots::init();
     PRELOADED.store(true, Ordering::Relaxed);
 }
 
@@ -71,121 +48,24 @@ pub fn links_generation() -> u64 {
     }
 }
 
-/// Called by the worker when it starts (Some) and stops (None), with the database it serves.
-pub fn set_worker(latch: Option<*mut pg_sys::Latch>, pid: i32, database: pg_sys::Oid) {
-    if !preloaded() {
-        return;
-    }
-    // Before the latch: a backend that sees the latch also sees its database.
-    WORKER_DATABASE
-        .get()
-        .store(database.to_u32(), Ordering::Relaxed);
-    WORKER_LATCH
-        .get()
-        .store(latch.map_or(0, |l| l as usize), Ordering::Release);
-    WORKER_PID
-        .get()
-        .store(if latch.is_some() { pid } else { 0 }, Ordering::Release);
-}
-
-pub fn record_loop(in_flight: i64, now_ms: i64) {
-    if preloaded() {
-        WORKER_IN_FLIGHT.get().store(in_flight, Ordering::Relaxed);
-        WORKER_LAST_LOOP_MS.get().store(now_ms, Ordering::Relaxed);
-    }
-}
-
-/// What the worker is doing, for `worker_status().state`.
-#[derive(Clone, Copy, PartialEq, Eq, Debug)]
-#[repr(u32)]
-pub enum WorkerState {
-    Stopped = 0,
-    WaitingForDatabase = 1,
-    WaitingForExtension = 2,
-    Delivering = 3,
-}
-
-pub fn set_worker_state(state: WorkerState) {
-    if preloaded() {
-        WORKER_STATE.get().store(state as u32, Ordering::Relaxed);
-    }
-}
-
-/// Marks (or takes, clearing it) "the database exists": see `worker::gate`.
-pub fn set_database_confirmed(confirmed: bool) {
-    if preloaded() {
-        DATABASE_CONFIRMED.get().store(confirmed, Ordering::Release);
-    }
-}
-
-pub fn take_database_confirmed() -> bool {
-    preloaded() && DATABASE_CONFIRMED.get().swap(false, Ordering::AcqRel)
-}
-
-/// The worker as shared memory shows it.
-pub struct WorkerSnapshot {
-    /// 0 when no worker is connected to a database.
-    pub pid: i32,
-    pub database: pg_sys::Oid,
-    pub in_flight: i64,
-    pub last_loop_ms: i64,
-    pub state: WorkerState,
-}
-
-pub fn worker_snapshot() -> WorkerSnapshot {
-    if !preloaded() {
-        return WorkerSnapshot {
-            pid: 0,
-            database: pg_sys::InvalidOid,
-            in_flight: 0,
-            last_loop_ms: 0,
-            state: WorkerState::Stopped,
-        };
-    }
-    let state = match WORKER_STATE.get().load(Ordering::Relaxed) {
-        1 => WorkerState::WaitingForDatabase,
-        2 => WorkerState::WaitingForExtension,
-        3 => WorkerState::Delivering,
-        _ => WorkerState::Stopped,
-    };
-    WorkerSnapshot {
-        pid: WORKER_PID.get().load(Ordering::Acquire),
-        database: pg_sys::Oid::from(WORKER_DATABASE.get().load(Ordering::Relaxed)),
-        in_flight: WORKER_IN_FLIGHT.get().load(Ordering::Relaxed),
-        last_loop_ms: WORKER_LAST_LOOP_MS.get().load(Ordering::Relaxed),
-        state,
-    }
-}
-
-/// Whether this backend is in the database the worker serves.
-fn in_workers_database() -> bool {
+/// This backend's database.
+pub fn my_database() -> pg_sys::Oid {
     // SAFETY: MyDatabaseId is this backend's database, set once at connection.
-    WORKER_DATABASE.get().load(Ordering::Relaxed) == unsafe { pg_sys::MyDatabaseId }.to_u32()
+    unsafe { pg_sys::MyDatabaseId }
 }
 
-/// How many transactions that recorded clicks or misses committed in the worker's
-/// database: the worker runs the click aggregator when it moves (a read, no signal).
-pub fn clicks_generation() -> u64 {
-    if preloaded() {
-        CLICKS_GENERATION.get().load(Ordering::Acquire)
-    } else {
-        0
-    }
-}
-
-fn wake_worker() {
-    if !preloaded() {
-        return;
-    }
-    let latch = WORKER_LATCH.get().load(Ordering::Acquire);
-    // Only the worker's own database has deliveries it will claim; waking it for
-    // another's costs a signal per commit and a pointless transaction in the worker.
-    let ours = in_workers_database();
-    if latch != 0 && ours {
-        // SAFETY: the latch lives in the worker's PGPROC in shared memory, mapped
-        // at the same address in every backend; SetLatch on another process's
-        // latch is how Postgres itself wakes processes.
-        unsafe { pg_sys::SetLatch(latch as *mut pg_sys::Latch) };
+/// This backend's database's name (in a transaction: it reads the catalog).
+pub fn my_database_name() -> String {
+    // SAFETY: get_database_name returns a palloc'd copy, or NULL for a database just dropped.
+    unsafe {
+        let name = pg_sys::get_database_name(pg_sys::MyDatabaseId);
+        if name.is_null() {
+            String::new()
+        } else {
+            std::ffi::CStr::from_ptr(name)
+                .to_string_lossy()
+                .into_owned()
+        }
     }
 }
 
@@ -195,6 +75,9 @@ thread_local! {
     static CONFIG_CHANGED: Cell<bool> = const { Cell::new(false) };
     static LINKS_CHANGED: Cell<bool> = const { Cell::new(false) };
     static CLICKS_RECORDED: Cell<bool> = const { Cell::new(false) };
+    static EXTENSION_CREATED: Cell<bool> = const { Cell::new(false) };
+    /// Databases whose workers this transaction holds off (src/utility.rs).
+    static PAUSED: RefCell<Vec<pg_sys::Oid>> = const { RefCell::new(Vec::new()) };
 }
 
 /// This transaction recorded clicks or misses: the aggregator counts them once it commits.
@@ -209,6 +92,29 @@ pub fn clicks_recorded() {
 pub fn wake_on_commit() {
     register_hook();
     WAKE_ON_COMMIT.set(true);
+}
+
+/// This transaction ran CREATE EXTENSION pg_linkhooks: the launcher starts a
+/// worker for this database once it commits.
+pub fn extension_created() {
+    register_hook();
+    EXTENSION_CREATED.set(true);
+}
+
+/// Lets `database`'s worker start again when this transaction ends.
+pub fn unpause_at_end(database: pg_sys::Oid) {
+    register_hook();
+    PAUSED.with_borrow_mut(|paused| paused.push(database));
+}
+
+fn unpause_all() {
+    let paused = PAUSED.take();
+    for &database in &paused {
+        crate::slots::unpause(database);
+    }
+    if !paused.is_empty() {
+        crate::slots::wake_launcher();
+    }
 }
 
 /// This transaction changed subscriptions or campaign goals: drop this
@@ -245,8 +151,9 @@ unsafe extern "C-unwind" fn on_xact_event(
     use pg_sys::XactEvent::*;
     match event {
         XACT_EVENT_COMMIT | XACT_EVENT_PARALLEL_COMMIT => {
-            if WAKE_ON_COMMIT.replace(false) {
-                wake_worker();
+            if WAKE_ON_COMMIT.replace(false) && preloaded() {
+                // Only this database's worker: waking another costs it a pointless transaction.
+                crate::slots::wake(my_database());
             }
             if CONFIG_CHANGED.replace(false) {
                 if preloaded() {
@@ -258,9 +165,13 @@ unsafe extern "C-unwind" fn on_xact_event(
             if LINKS_CHANGED.replace(false) && preloaded() {
                 LINKS_GENERATION.get().fetch_add(1, Ordering::AcqRel);
             }
-            if CLICKS_RECORDED.replace(false) && preloaded() && in_workers_database() {
-                CLICKS_GENERATION.get().fetch_add(1, Ordering::AcqRel);
+            if CLICKS_RECORDED.replace(false) && preloaded() {
+                crate::slots::clicks_committed(my_database());
             }
+            if EXTENSION_CREATED.replace(false) && preloaded() {
+                crate::slots::extension_created(my_database());
+            }
+            unpause_all();
         }
         // COMMIT PREPARED runs in whichever backend, without this one's flags.
         XACT_EVENT_PRE_PREPARE if LINKS_CHANGED.get() || CONFIG_CHANGED.get() => {
@@ -272,6 +183,8 @@ unsafe extern "C-unwind" fn on_xact_event(
             WAKE_ON_COMMIT.set(false);
             LINKS_CHANGED.set(false);
             CLICKS_RECORDED.set(false);
+            EXTENSION_CREATED.set(false);
+            unpause_all();
             if CONFIG_CHANGED.replace(false) {
                 crate::events::invalidate_cache();
             }

@@ -1,14 +1,5 @@
-//! Getting the worker to its database without a FATAL loop, and making its
-//! session safe once there.
-//!
-//! `BackgroundWorkerInitializeConnection` FATALs on a missing database, and a
-//! process can connect only once. So the worker starts in two steps: a
-//! process connected to no database (shared catalogs only) waits, with a
-//! WARNING once and a growing poll, until the database exists and accepts
-//! connections, marks that in shared memory and exits with code 1; the
-//! postmaster starts it again after the restart time, and that process, seeing
-//! the mark, connects. A database dropped between the check and the connect
-//! costs one FATAL, after which the next start checks again.
+//! Helpers of the worker processes: a session made safe once connected,
+//! transactions whose errors are retried rather than fatal, waits and exits.
 
 use std::panic::AssertUnwindSafe;
 use std::time::Duration;
@@ -18,118 +9,6 @@ use pgrx::pg_sys::panic::CaughtError;
 use pgrx::prelude::*;
 
 use crate::error::Result;
-use crate::guc;
-use crate::shared::{self, WorkerState};
-
-/// Polls for a missing database or extension: 1 s, doubling, at most this.
-pub const MAX_BACKOFF: Duration = Duration::from_secs(10);
-
-/// The next wait after `current`.
-pub fn backoff(current: Duration) -> Duration {
-    (current * 2).clamp(Duration::from_secs(1), MAX_BACKOFF)
-}
-
-/// Connects to `linkhooks.database`, or waits for it (see the module comment);
-/// returns the database name. Exits the process unless connected.
-pub fn connect() -> String {
-    let database = guc::string(&guc::DATABASE);
-    if shared::take_database_confirmed() {
-        BackgroundWorker::connect_worker_to_spi(Some(&database), None);
-        return database;
-    }
-    BackgroundWorker::connect_worker_to_spi(None, None);
-    shared::set_worker_state(WorkerState::WaitingForDatabase);
-    let mut database = database;
-    let mut wait = Duration::ZERO;
-    let mut warned = false;
-    loop {
-        if BackgroundWorker::sighup_received() {
-            // SAFETY: reloading the configuration file between transactions, as backends do.
-            unsafe { pg_sys::ProcessConfigFile(pg_sys::GucContext::PGC_SIGHUP) };
-            let name = guc::string(&guc::DATABASE);
-            if name != database {
-                database = name;
-                warned = false;
-                wait = Duration::ZERO;
-            }
-        }
-        if BackgroundWorker::sigterm_received() {
-            exit_for_restart();
-        }
-        match BackgroundWorker::transaction(|| database_state(&database)) {
-            DatabaseState::Ready => {
-                if warned {
-                    log!(
-                        "pg_linkhooks: database \"{database}\" exists now; the worker connects to it"
-                    );
-                }
-                shared::set_database_confirmed(true);
-                // Restarted after the restart time (1 s), connected this time.
-                exit_for_restart();
-            }
-            state if !warned => {
-                warning!(
-                    "pg_linkhooks: linkhooks.database names \"{database}\", which {}; webhooks wait until it does (checked again every few seconds)",
-                    match state {
-                        DatabaseState::Missing => "does not exist",
-                        _ => "does not accept connections",
-                    }
-                );
-                warned = true;
-            }
-            _ => {}
-        }
-        wait = backoff(wait);
-        wait_latch(wait);
-    }
-}
-
-#[derive(PartialEq, Eq)]
-enum DatabaseState {
-    Missing,
-    Closed,
-    Ready,
-}
-
-fn database_state(name: &str) -> DatabaseState {
-    // A heap scan of pg_database, as the autovacuum launcher does: a process
-    // with no database cannot open catalog indexes that the shared relcache
-    // init file does not hold yet (right after initdb it does not exist).
-    // SAFETY: inside a transaction; pg_database is a shared, nailed catalog,
-    // readable without a database; the scan and the relation are closed here.
-    unsafe {
-        let rel = pg_sys::table_open(
-            pg_sys::DatabaseRelationId,
-            pg_sys::AccessShareLock as pg_sys::LOCKMODE,
-        );
-        let scan = pg_sys::table_beginscan_catalog(rel, 0, std::ptr::null_mut());
-        let mut state = DatabaseState::Missing;
-        loop {
-            let tuple = pg_sys::heap_getnext(scan, pg_sys::ScanDirection::ForwardScanDirection);
-            if tuple.is_null() {
-                break;
-            }
-            let header = (*tuple).t_data;
-            let form = header
-                .cast::<u8>()
-                .add((*header).t_hoff as usize)
-                .cast::<pg_sys::FormData_pg_database>();
-            let datname = std::ffi::CStr::from_ptr((*form).datname.data.as_ptr());
-            if datname.to_bytes() == name.as_bytes() {
-                // datconnlimit -2 marks a database whose DROP was interrupted.
-                state = if (*form).datallowconn && (*form).datconnlimit != -2 {
-                    DatabaseState::Ready
-                } else {
-                    DatabaseState::Closed
-                };
-                break;
-            }
-        }
-        pg_sys::table_endscan(scan);
-        pg_sys::table_close(rel, pg_sys::AccessShareLock as pg_sys::LOCKMODE);
-        state
-    }
-}
 
 /// Sleeps on the latch (signals wake it) for at most `wait`.
 pub fn wait_latch(wait: Duration) {
@@ -146,13 +25,11 @@ pub fn wait_latch(wait: Duration) {
     pgrx::check_for_interrupts!();
 }
 
-/// Exits so that the postmaster starts the worker again after its restart
-/// time. Code 0 would unregister it for good (pg_terminate_backend and
-/// DROP DATABASE ... WITH (FORCE) then stopped delivery until a server
-/// restart); during a server shutdown the postmaster restarts nothing, so
-/// code 1 there only adds a LOG line.
+/// Exits with code 1, so that the postmaster starts the launcher again after
+/// its restart time (code 0 would unregister it for good; the launcher starts
+/// workers again itself). During a server shutdown the postmaster restarts
+/// nothing, so code 1 there only adds a LOG line.
 pub fn exit_for_restart() -> ! {
-    shared::set_worker_state(WorkerState::Stopped);
     // SAFETY: proc_exit runs the exit callbacks and does not return.
     unsafe { pg_sys::proc_exit(1) };
     #[allow(unreachable_code)]

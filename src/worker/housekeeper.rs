@@ -3,7 +3,7 @@
 //! runs maintenance, so that neither ever holds up a delivery (and on a
 //! machine with two cores both go on at once). The delivery worker starts it
 //! once its database has the extension and starts it again if it stops; it
-//! exits when that worker does. With no process slot free
+//! exits when that worker does (the worker's slot shows another pid, or none). With no process slot free
 //! (`max_worker_processes`), the delivery worker does these chores itself
 //! between deliveries and says so.
 
@@ -18,7 +18,7 @@ use pgrx::prelude::*;
 
 use super::gate;
 use super::settings;
-use crate::shared;
+use crate::slots;
 
 /// How often it looks whether clicks or misses were committed since the
 /// aggregator last ran (a read of shared memory); if so it runs it.
@@ -34,6 +34,8 @@ const WARN_EVERY: Duration = Duration::from_secs(60);
 /// The chores and when each is due; run by the housekeeper, or by the
 /// delivery worker when no housekeeper could start.
 pub struct Chores {
+    /// The delivery worker's slot, whose clicks generation says when to aggregate.
+    slot: usize,
     next_maintenance: Instant,
     next_aggregation: Instant,
     /// When the aggregator last ran, and the clicks generation it saw then.
@@ -42,9 +44,10 @@ pub struct Chores {
 }
 
 impl Chores {
-    pub fn new() -> Chores {
+    pub fn new(slot: usize) -> Chores {
         let now = Instant::now();
         Chores {
+            slot,
             next_maintenance: now,
             next_aggregation: now,
             aggregated: (now, None),
@@ -65,7 +68,7 @@ impl Chores {
                 .unwrap_or(now + AGGREGATE_IDLE);
         }
         if now >= self.next_aggregation {
-            let generation = shared::clicks_generation();
+            let generation = slots::clicks_generation(self.slot);
             let (last_run, seen) = self.aggregated;
             if seen != Some(generation) || now >= last_run + AGGREGATE_IDLE {
                 if let Err(e) = gate::try_transaction(aggregate) {
@@ -117,8 +120,9 @@ fn installed(function: &str) -> crate::error::Result<bool> {
 }
 
 /// The delivery worker's handle on its housekeeper.
-#[derive(Default)]
 pub struct Housekeeper {
+    /// The delivery worker's slot.
+    slot: usize,
     handle: Option<DynamicBackgroundWorker>,
     /// No new start before this (after one stopped or could not start).
     hold_off: Option<Instant>,
@@ -126,6 +130,15 @@ pub struct Housekeeper {
 }
 
 impl Housekeeper {
+    pub fn new(slot: usize) -> Housekeeper {
+        Housekeeper {
+            slot,
+            handle: None,
+            hold_off: None,
+            last_warning: None,
+        }
+    }
+
     /// Whether a housekeeper runs (or is starting); starts one if none does.
     /// False means the caller must do the chores itself.
     pub fn ensure(&mut self) -> bool {
@@ -155,7 +168,7 @@ impl Housekeeper {
                     .enable_spi_access()
                     .set_start_time(BgWorkerStartTime::RecoveryFinished)
                     .set_restart_time(None)
-                    .set_extra(&format!("{} {pid}", database.to_u32()))
+                    .set_extra(&format!("{} {pid} {}", database.to_u32(), self.slot))
                     .set_notify_pid(pid)
                     .load_dynamic()
             })
@@ -191,16 +204,21 @@ pub extern "C-unwind" fn linkhooks_housekeeper_main(_arg: pg_sys::Datum) {
     BackgroundWorker::attach_signal_handlers(SignalWakeFlags::SIGHUP | SignalWakeFlags::SIGTERM);
     let mut extra = BackgroundWorker::get_extra().split(' ');
     let mut next = || extra.next().and_then(|s| s.parse::<u32>().ok());
-    let (Some(database), Some(parent)) = (next(), next()) else {
+    let (Some(database), Some(parent), Some(slot)) = (next(), next(), next()) else {
         warning!("pg_linkhooks housekeeper: started without its database and worker");
         return;
     };
+    let slot = slot as usize;
+    if slot >= slots::MAX_DATABASES {
+        warning!("pg_linkhooks housekeeper: started with slot {slot}, which does not exist");
+        return;
+    }
     BackgroundWorker::connect_worker_to_spi_by_oid(Some(pg_sys::Oid::from(database)), None);
     gate::set_up_session("pg_linkhooks housekeeper");
     let mut maintenance_every = settings::maintenance_every();
-    let mut chores = Chores::new();
+    let mut chores = Chores::new(slot);
     // It serves the worker that started it: once another runs (or none), it is done.
-    while !BackgroundWorker::sigterm_received() && shared::worker_snapshot().pid == parent as i32 {
+    while !BackgroundWorker::sigterm_received() && slots::worker_pid(slot) == parent as i32 {
         if BackgroundWorker::sighup_received() {
             // SAFETY: between transactions, as backends reload their configuration.
             unsafe { pg_sys::ProcessConfigFile(pg_sys::GucContext::PGC_SIGHUP) };

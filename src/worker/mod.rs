@@ -11,13 +11,15 @@
 //! - `record`: outcomes, the attempt log, dead letters, subscription bookkeeping;
 //! - `status`: `linkhooks.worker_status()`;
 //! - `checks`: destination health checks between deliveries;
-//! - `housekeeper`: the process that counts clicks and runs maintenance beside it.
+//! - `housekeeper`: the process that counts clicks and runs maintenance beside it;
+//! - `launcher`: the process that starts a worker for every database with the extension.
 
 mod admission;
 mod checks;
 mod claim;
 mod gate;
 mod housekeeper;
+mod launcher;
 mod record;
 mod settings;
 mod status;
@@ -27,15 +29,15 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
-use pgrx::bgworkers::{BackgroundWorker, BackgroundWorkerBuilder, SignalWakeFlags};
+use pgrx::bgworkers::{BackgroundWorker, SignalWakeFlags};
 use pgrx::prelude::*;
 
 use crate::error::Result;
-use crate::events::unix_now_micros;
 use crate::floors::{ClaimSeen, Floors, Micros};
 use crate::guc;
 use crate::sender::{Done, Job, Outcome, Pool, Work};
-use crate::shared::{self, WorkerState};
+use crate::shared;
+use crate::slots::{self, SlotState};
 use admission::Flights;
 use checks::Checks;
 use claim::{Endpoint, Held};
@@ -69,22 +71,33 @@ fn take_wakeup() -> bool {
 }
 
 pub fn register() {
-    BackgroundWorkerBuilder::new("pg_linkhooks delivery worker")
-        .set_type("pg_linkhooks")
-        .set_library("pg_linkhooks")
-        .set_function("linkhooks_worker_main")
-        .enable_spi_access()
-        .set_restart_time(Some(Duration::from_secs(1)))
-        .load();
+    launcher::register();
 }
 
+/// A delivery worker, started by the launcher for one database: its slot is
+/// the argument, the database and the launcher's pid are the extra text.
 #[pg_guard]
 #[unsafe(no_mangle)]
-pub extern "C-unwind" fn linkhooks_worker_main(_arg: pg_sys::Datum) {
+pub extern "C-unwind" fn linkhooks_worker_main(arg: pg_sys::Datum) {
     BackgroundWorker::attach_signal_handlers(SignalWakeFlags::SIGHUP | SignalWakeFlags::SIGTERM);
-    let database = gate::connect();
+    let slot = arg.value();
+    let mut extra = BackgroundWorker::get_extra().split(' ');
+    let mut next = || extra.next().and_then(|s| s.parse::<u32>().ok());
+    let (Some(database), Some(launcher)) = (next(), next()) else {
+        warning!("pg_linkhooks worker: started without its database and launcher");
+        return;
+    };
+    if slot >= slots::MAX_DATABASES {
+        warning!("pg_linkhooks worker: started with slot {slot}, which does not exist");
+        return;
+    }
+    BackgroundWorker::connect_worker_to_spi_by_oid(Some(pg_sys::Oid::from(database)), None);
+    // SAFETY: registering an exit callback of this process; its argument is the slot.
+    unsafe { pg_sys::before_shmem_exit(Some(leave_slot), pg_sys::Datum::from(slot)) };
+    // SAFETY: MyLatch and MyProcPid are this process's own, valid while it runs.
+    unsafe { slots::worker_started(slot, pg_sys::MyLatch, pg_sys::MyProcPid) };
     gate::set_up_session("pg_linkhooks worker");
-    log!("pg_linkhooks worker started for database \"{database}\"");
+    let database = BackgroundWorker::transaction(shared::my_database_name);
 
     let allow_private = Arc::new(AtomicBool::new(guc::ALLOW_PRIVATE_TARGETS.get()));
     let user_agent = format!("pg_linkhooks/{}", env!("CARGO_PKG_VERSION"));
@@ -100,20 +113,17 @@ pub extern "C-unwind" fn linkhooks_worker_main(_arg: pg_sys::Datum) {
             gate::exit_for_restart();
         }
     };
-    // SAFETY: MyLatch, MyProcPid and MyDatabaseId are this process's own, valid while it runs.
-    unsafe {
-        shared::set_worker(
-            Some(pg_sys::MyLatch),
-            pg_sys::MyProcPid,
-            pg_sys::MyDatabaseId,
-        )
-    };
-    shared::set_worker_state(WorkerState::WaitingForExtension);
-    let mut worker = Worker::new(pool, allow_private, database, settings);
+    let mut worker = Worker::new(pool, allow_private, database, settings, slot, launcher as i32);
     worker.run();
-    shared::set_worker(None, 0, pg_sys::InvalidOid);
-    log!("pg_linkhooks worker stopped");
-    gate::exit_for_restart();
+    // The launcher starts it again if it should run; code 0 keeps the log quiet.
+    // SAFETY: proc_exit runs the exit callbacks (leave_slot) and does not return.
+    unsafe { pg_sys::proc_exit(0) };
+}
+
+/// The worker's exit, however it happens: backends stop waking it.
+#[pg_guard]
+unsafe extern "C-unwind" fn leave_slot(_code: i32, slot: pg_sys::Datum) {
+    slots::worker_stopped(slot.value());
 }
 
 pub struct Worker {
@@ -121,6 +131,9 @@ pub struct Worker {
     pool: Pool,
     allow_private: Arc<AtomicBool>,
     database: String,
+    /// This worker's slot in shared memory, and the launcher that started it.
+    slot: usize,
+    launcher: i32,
     endpoints: HashMap<i64, Endpoint>,
     endpoints_generation: Option<u64>,
     /// The schema is 0.5.0's: subscription holds (`paused`, see claim.rs), health rollups (record.rs).
@@ -149,8 +162,10 @@ pub struct Worker {
     chores_due: Option<Instant>,
     checks: Checks,
     extension_ready: bool,
-    /// Poll interval while the extension is missing (grows to `gate::MAX_BACKOFF`).
-    extension_wait: Duration,
+    /// The extension is not (or no longer) installed here: the worker stops.
+    extension_missing: bool,
+    /// It was installed when the worker started or since.
+    extension_seen: bool,
     /// Rows a previous worker claimed but never finished were made due again.
     released: bool,
     /// After a failed transaction: no other before this.
@@ -168,6 +183,8 @@ impl Worker {
         allow_private: Arc<AtomicBool>,
         database: String,
         settings: Settings,
+        slot: usize,
+        launcher: i32,
     ) -> Worker {
         // SAFETY: a wait set in TopMemoryContext lives as long as the process; the
         // descriptors (our latch, the pool's socket) outlive it.
@@ -201,6 +218,8 @@ impl Worker {
             pool,
             allow_private,
             database,
+            slot,
+            launcher,
             endpoints: HashMap::new(),
             endpoints_generation: None,
             schema_holds: true,
@@ -215,12 +234,13 @@ impl Worker {
             floors: Floors::default(),
             claim_seen: None,
             horizon: None,
-            housekeeper: Housekeeper::default(),
-            chores: Chores::new(),
+            housekeeper: Housekeeper::new(slot),
+            chores: Chores::new(slot),
             chores_due: None,
             checks: Checks::default(),
             extension_ready: false,
-            extension_wait: Duration::ZERO,
+            extension_missing: false,
+            extension_seen: false,
             released: false,
             last_failure_warning: None,
             tick_hold_off: None,
@@ -232,18 +252,18 @@ impl Worker {
     fn run(&mut self) {
         let mut woken = true;
         loop {
-            if BackgroundWorker::sigterm_received() {
+            // Also when the extension is gone, or the launcher that started us (a new
+            // one hands out the slots afresh and starts workers of its own).
+            if BackgroundWorker::sigterm_received()
+                || self.extension_missing
+                || slots::launcher_pid() != self.launcher
+            {
                 self.shutdown();
                 return;
             }
             if BackgroundWorker::sighup_received() {
                 // SAFETY: between transactions, as backends reload their configuration.
                 unsafe { pg_sys::ProcessConfigFile(pg_sys::GucContext::PGC_SIGHUP) };
-                if guc::string(&guc::DATABASE) != self.database {
-                    log!("pg_linkhooks: linkhooks.database changed; restarting the worker");
-                    self.shutdown();
-                    return;
-                }
                 self.settings = Settings::read();
                 log!("pg_linkhooks: worker reloaded its settings");
                 self.allow_private
@@ -292,6 +312,9 @@ impl Worker {
                 // SAFETY: called between transactions, as Postgres requires.
                 unsafe { pg_sys::pgstat_report_stat(false) };
             }
+            if self.extension_missing {
+                continue; // stops at the top of the loop
+            }
             self.chores_due = None;
             if self.extension_ready && !self.housekeeper.ensure() {
                 self.chores_due = Some(self.chores.run_due(self.settings.maintenance_every));
@@ -301,7 +324,7 @@ impl Worker {
             }
             // Requests in flight: claimed rows beyond the threads wait in the pool's queue.
             let in_flight = self.flights.total().min(self.settings.limits.concurrency);
-            shared::record_loop(in_flight as i64, unix_now_micros() / 1000);
+            slots::record_loop(self.slot, in_flight as i64);
             self.wait();
             woken = take_wakeup();
         }
@@ -332,7 +355,10 @@ impl Worker {
                 self.dispatch(jobs)
             }
             Err(e) => {
-                self.warn_failure("delivery bookkeeping", &e);
+                // DROP EXTENSION ends up here too: then the worker stops without a WARNING.
+                if gate::try_transaction(|| self.check_extension()) != Ok(false) {
+                    self.warn_failure("delivery bookkeeping", &e);
+                }
                 self.claim_seen = None; // rolled back: the floors stay where they were
                 let mut outcomes = saved_outcomes;
                 outcomes.append(&mut self.outcomes);
@@ -400,36 +426,34 @@ impl Worker {
         Ok(jobs)
     }
 
-    /// Is the extension installed in our database? Says so once while it is
-    /// not, and polls with a growing interval (a commit that queues a
-    /// delivery wakes the worker at once anyway).
+    /// Is the extension installed in our database? If not, the worker stops
+    /// and says so in its slot: the launcher starts one again after a CREATE
+    /// EXTENSION pg_linkhooks commits.
     fn check_extension(&mut self) -> Result<bool> {
+        slots::checking_extension(self.slot);
         let ready = Spi::get_one::<bool>(
             "SELECT pg_catalog.to_regclass('linkhooks.deliveries') IS NOT NULL",
         )?
         .unwrap_or(false);
         if ready {
-            if !self.extension_wait.is_zero() {
-                log!(
-                    "pg_linkhooks: the extension is installed in database \"{}\" now; delivering",
-                    self.database
-                );
+            if !self.extension_seen {
+                log!("pg_linkhooks worker delivering for database \"{}\"", self.database);
             }
             self.extension_ready = true;
+            self.extension_seen = true;
             self.floors = Floors::default(); // installed again, perhaps restored: nothing known holds
-            self.extension_wait = Duration::ZERO;
-            shared::set_worker_state(WorkerState::Delivering);
+            slots::set_state(self.slot, SlotState::Delivering);
             return Ok(true);
         }
-        if self.extension_wait.is_zero() {
-            warning!(
-                "pg_linkhooks: the extension is not installed in database \"{}\" (linkhooks.database); run CREATE EXTENSION pg_linkhooks there. Webhooks wait until then",
+        if self.extension_seen {
+            log!(
+                "pg_linkhooks: the extension was dropped from database \"{}\"; its worker stops",
                 self.database
             );
         }
-        self.extension_wait = gate::backoff(self.extension_wait);
+        slots::set_state(self.slot, SlotState::NoExtension);
+        self.extension_missing = true;
         self.more_due = false;
-        self.next_due = Some(Instant::now() + self.extension_wait);
         Ok(false)
     }
 

@@ -1,15 +1,16 @@
-//! `linkhooks.worker_status()`: is the worker delivering for this database?
+//! `linkhooks.worker_status()`: is a worker delivering for this database?
 
 use pgrx::prelude::*;
 
 use crate::error::{Error, OrReport};
-use crate::shared::{self, WorkerState};
+use crate::slots::{self, SlotState};
+use crate::{allowlist, guc, shared};
 
 /// Is the delivery worker running for this database, and how busy is it? One row.
 ///
-/// `running` is true only in the database the worker serves (`database`
-/// names it); `state` says what the worker is doing. Works on a standby and
-/// in read-only transactions: it only reads.
+/// Each database with the extension has a worker of its own (unless
+/// `linkhooks.databases` leaves it out); `state` says what it is doing. Works
+/// on a standby and in read-only transactions: it only reads.
 #[pg_extern(volatile)]
 fn worker_status() -> TableIterator<
     'static,
@@ -36,19 +37,23 @@ fn worker_status() -> TableIterator<
     .map_err(Error::from)
     .or_report()
     .unwrap_or(0);
-    let database = crate::guc::string(&crate::guc::DATABASE);
-    let worker = shared::worker_snapshot();
-    // SAFETY: MyDatabaseId is this backend's database, set once at connection.
-    let here = worker.database == unsafe { pg_sys::MyDatabaseId };
-    let state = match worker.state {
-        WorkerState::Stopped => "stopped",
-        WorkerState::WaitingForDatabase => "waiting for its database",
-        _ if worker.pid == 0 => "stopped",
-        _ if !here => "serving another database",
-        WorkerState::WaitingForExtension => "waiting for the extension",
-        WorkerState::Delivering => "delivering",
+    let database = shared::my_database_name();
+    let worker = shared::preloaded()
+        .then(|| slots::view(shared::my_database()))
+        .flatten();
+    let state = match &worker {
+        Some(w) if w.pid != 0 && w.state == SlotState::Delivering => "delivering",
+        Some(w) if w.state == SlotState::NoProcess => {
+            "waiting for a background worker slot (max_worker_processes)"
+        }
+        Some(_) => "starting",
+        None if !shared::preloaded() || slots::launcher_pid() == 0 => "stopped",
+        None if !allowlist::allows(&guc::served_databases(), &database) => {
+            "not in linkhooks.databases"
+        }
+        None => "starting",
     };
-    let row = if worker.pid != 0 && here {
+    let row = if let Some(worker) = worker.filter(|_| state == "delivering") {
         let last_loop = pgrx::datum::TimestampWithTimeZone::try_from(
             worker.last_loop_ms * 1000 - crate::triggers::PG_EPOCH_OFFSET_MICROS,
         )

@@ -45,6 +45,23 @@ def cluster():
 
 
 @pytest.fixture
+def clusters():
+    """Makes clusters of a test's own (settings on top of SETTINGS; every database served unless they say
+    otherwise), destroyed after it."""
+    made = []
+
+    def make(**settings):
+        c = Cluster({**SETTINGS, "linkhooks.databases": "''", **settings})
+        made.append(c)
+        c.start()
+        return c
+
+    yield make
+    for c in made:
+        c.destroy()
+
+
+@pytest.fixture
 def db(cluster):
     """A connection to a clean schema."""
     with cluster.connect() as conn:

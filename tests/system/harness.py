@@ -53,7 +53,7 @@ class Cluster:
             "port": self.port,
             "unix_socket_directories": f"'{self.dir}'",
             "shared_preload_libraries": "'pg_linkhooks'",
-            "linkhooks.database": "'postgres'",
+            "linkhooks.databases": "'postgres'",
             **settings,
         }
         with open(os.path.join(self.dir, "postgresql.conf"), "a") as f:

@@ -5,6 +5,7 @@ run maintain_partitions with an as_of of their choice in a database of their
 own, where no worker runs maintenance with the real clock."""
 
 import os
+import threading
 from datetime import datetime, timedelta, timezone
 from zoneinfo import ZoneInfo
 
@@ -172,6 +173,38 @@ def test_the_planner_expects_only_the_clicks_after_the_cursor_to_be_uncounted(ow
     plan = own_db.execute("EXPLAIN (FORMAT JSON) SELECT * FROM linkhooks.uncounted_clicks").fetchone()[0][0]["Plan"]
     assert plan["Plan Rows"] < 100, plan["Plan Rows"]
     assert own_db.execute("SELECT count(*) FROM linkhooks.uncounted_clicks").fetchone()[0] == 0
+
+
+def test_clicks_inserted_while_maintenance_attaches_their_partition_are_not_refused(cluster, own_db):
+    """Before the first maintenance (right after CREATE EXTENSION) clicks go to the default partition. An INSERT
+    routed there just before maintenance attached the partition for its time failed that partition's constraint
+    once the ATTACH committed: a click refused."""
+    lid = link(own_db, "race")
+    stop, errors, inserted = threading.Event(), [], []
+
+    def insert():
+        with cluster.connect(dbname="lh_partitions") as conn:
+            while not stop.is_set():
+                try:
+                    conn.execute("INSERT INTO linkhooks.clicks (link_id) VALUES (%s)", [lid])
+                    inserted.append(1)
+                except psycopg.Error as e:
+                    errors.append(str(e))
+
+    threads = [threading.Thread(target=insert) for _ in range(4)]
+    for t in threads:
+        t.start()
+    try:
+        wait_for(lambda: len(inserted) >= 200, message="clicks going into the default partition")
+        assert maintain(own_db, datetime.now(timezone.utc))["partitions_created"] >= 1
+        after = len(inserted)
+        wait_for(lambda: len(inserted) >= after + 200, message="clicks after the partition was attached")
+    finally:
+        stop.set()
+        for t in threads:
+            t.join()
+    assert errors == []
+    assert own_db.execute("SELECT count(*) FROM linkhooks.clicks").fetchone()[0] == len(inserted)
 
 
 def test_a_drop_that_would_wait_for_a_lock_waits_for_the_next_run(cluster, own_db):

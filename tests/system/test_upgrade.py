@@ -127,9 +127,9 @@ def test_update_from_previous_release_equals_fresh_install(cluster, previous_rel
             assert upgraded.execute("SELECT count(*) FROM linkhooks.delivery_log WHERE event_type = 'link.clicked'").fetchone()[0] == 2
             # The identity carries on after the rows written before the update.
             assert upgraded.execute("SELECT max(id) FROM linkhooks.clicks").fetchone()[0] == clicks_before[-1][0] + 1
-            # The worker serves `postgres`, not this database: the status says so.
+            # Workers serve `postgres` only here (linkhooks.databases): the status says so.
             wait_for(lambda: upgraded.execute("SELECT running, state FROM linkhooks.worker_status()").fetchone() ==
-                     (False, "serving another database"), message="the status of a database the worker does not serve")
+                     (False, "not in linkhooks.databases"), message="the status of a database left out of the allow-list")
     finally:
         drop_database(cluster, "lh_fresh")
         drop_database(cluster, "lh_upgraded")

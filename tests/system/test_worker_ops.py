@@ -8,8 +8,8 @@ import time
 import psycopg
 import pytest
 
-from conftest import SETTINGS, database, drop_database, subscribe
-from harness import Cluster, Receiver, wait_for
+from conftest import database, drop_database, subscribe
+from harness import Receiver, wait_for
 from test_links import link
 
 
@@ -37,19 +37,10 @@ def restart_worker(db):
 
 
 @pytest.fixture
-def own_cluster():
-    """A cluster of its own, for faults that would disturb the shared one (its worker serves 'hooks')."""
-    made = []
-
-    def make(**settings):
-        c = Cluster({**SETTINGS, "linkhooks.database": "'hooks'", **settings})
-        made.append(c)
-        c.start()
-        return c
-
-    yield make
-    for c in made:
-        c.destroy()
+def own_cluster(clusters):
+    """A cluster of its own, for faults that would disturb the shared one. Its worker serves 'hooks', named in
+    linkhooks.database, 0.4.0's form of the allow-list."""
+    return lambda **settings: clusters(**{"linkhooks.database": "'hooks'", **settings})
 
 
 def test_a_database_owner_cannot_become_superuser_through_the_worker(cluster, db, receiver):
@@ -122,8 +113,8 @@ def test_a_missing_database_is_one_warning_not_a_fatal_loop(own_cluster):
     c = own_cluster()
     with c.connect() as pg:
         pg.execute("CREATE EXTENSION pg_linkhooks")  # only to call worker_status() from here
-        wait_for(lambda: status(pg)["state"] == "waiting for its database", message="the worker waiting")
-        wait_for(lambda: "linkhooks.database names \"hooks\", which does not exist" in c.log(), message="the warning")
+        assert status(pg)["state"] == "not in linkhooks.databases"
+        wait_for(lambda: "linkhooks.databases names \"hooks\", which does not exist" in c.log(), message="the warning")
         # An observation window, not synchronisation: 0.4.0 logged a FATAL every second here.
         time.sleep(3)
         log = c.log()
@@ -195,7 +186,7 @@ def test_worker_status_in_a_database_the_worker_does_not_serve(cluster, db):
         other.execute("CREATE EXTENSION pg_linkhooks")
         s = status(other)
         assert s["running"] is False and s["pid"] is None, s
-        assert s["database"] == "postgres" and s["state"] == "serving another database"
+        assert s["database"] == "elsewhere" and s["state"] == "not in linkhooks.databases"
         assert status(db)["running"] is True
     finally:
         other.close()
@@ -324,7 +315,7 @@ def test_one_housekeeper_counts_clicks_beside_the_worker_and_comes_back(db):
 def test_without_a_slot_for_the_housekeeper_the_worker_does_its_chores(own_cluster):
     """max_worker_processes leaves room for the delivery worker only: one WARNING naming the setting, and
     the clicks are still counted (by the worker, between deliveries)."""
-    c = own_cluster(max_worker_processes=1, max_logical_replication_workers=0)
+    c = own_cluster(max_worker_processes=2, max_logical_replication_workers=0)  # the launcher and the worker
     conn = database(c, "hooks")
     try:
         conn.execute("CREATE EXTENSION pg_linkhooks")
