@@ -249,11 +249,12 @@ class Bench:
                          "VALUES (%s, %s, '{\"exclude_bots\": false}', '{link.clicked,qr.scanned}') RETURNING id",
                          [f"s{i}", url]) for i, url in enumerate(urls)]
 
-    def worker_in(self, database):
-        """Serves only this database (linkhooks.databases) and waits until just its worker runs: one in
-        'bench'; none in 'idle', which has no extension."""
+    def worker_in(self, database, workers=1):
+        """Serves only this database (linkhooks.databases) with `workers` workers and waits until just they run:
+        in 'bench'; none in 'idle', which has no extension."""
+        self.cluster.set("linkhooks.workers_per_database", workers)
         self.cluster.set("linkhooks.databases", database)
-        wanted = ["bench"] if database == "bench" else []
+        wanted = ["bench"] * workers if database == "bench" else []
         running = "SELECT datname FROM pg_stat_activity WHERE backend_type = 'pg_linkhooks'"
         wait_for(lambda: [r[0] for r in self.sql(running)] == wanted, timeout=30, message=f"the worker in {database}")
 
@@ -436,6 +437,25 @@ class Bench:
             rates.append(self.drain())
         self.record(f"delivery throughput, {n:,} queued events → nginx (keep-alive)", rates, "deliveries/s",
                     target=5000, note="pg_net: about 200/s")
+
+    def two_workers(self):
+        """Delivery throughput with linkhooks.workers_per_database = 2 against 1, drains alternated. Both
+        share http_concurrency (32), so the second worker adds a process for claims, outcomes and HTTP, not
+        threads."""
+        n = self.size["throughput"]
+        one, two = [], []
+        for _ in range(self.size["drains"]):
+            for workers, rates in ((1, one), (2, two)):
+                self.worker_in("idle")
+                self.reset_clicks()
+                self.subscriptions([self.nginx.url()])
+                self.queue_clicks(n)
+                self.worker_in("bench", workers)
+                rates.append(self.drain())
+        self.worker_in("idle")
+        self.record(f"delivery throughput with 2 workers, {n:,} queued events → nginx", two, "deliveries/s",
+                    baseline_name="1 worker", baseline=one, ratios=[b / a for a, b in zip(one, two)],
+                    note=f"{os.cpu_count()} CPUs")
 
     def latency(self):
         self.reset_clicks()
@@ -893,7 +913,7 @@ def format_row(row):
             f"{spread(row['ratios'], ratio) if row['ratios'] else ''} | {target_text} | {meets(row)} | {row['note']} |")
 
 
-CASES = ["resolve", "standby_resolve", "router", "click_inserts", "hot_link", "throughput", "latency", "milestones", "isolation", "backlog", "views",
+CASES = ["resolve", "standby_resolve", "router", "click_inserts", "hot_link", "throughput", "two_workers", "latency", "milestones", "isolation", "backlog", "views",
          "health_view", "held_snapshot", "retention", "callgrind"]
 
 

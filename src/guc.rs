@@ -16,6 +16,7 @@ pub static DATABASES: GucSetting<Option<CString>> = GucSetting::<Option<CString>
 pub static DATABASE: GucSetting<Option<CString>> = GucSetting::<Option<CString>>::new(None);
 pub static BASE_URL: GucSetting<Option<CString>> = GucSetting::<Option<CString>>::new(None);
 pub static HTTP_CONCURRENCY: GucSetting<i32> = GucSetting::<i32>::new(32);
+pub static WORKERS_PER_DATABASE: GucSetting<i32> = GucSetting::<i32>::new(1);
 pub static BATCH_SIZE: GucSetting<i32> = GucSetting::<i32>::new(500);
 pub static RETRY_SCHEDULE: GucSetting<Option<CString>> =
     GucSetting::<Option<CString>>::new(Some(c"1m,5m,30m,2h,24h"));
@@ -144,10 +145,18 @@ pub fn register() {
     };
     i(
         c"linkhooks.http_concurrency",
-        c"HTTP requests the worker keeps in flight.",
+        c"HTTP requests each database keeps in flight, shared among its workers.",
         &HTTP_CONCURRENCY,
         1,
         1024,
+        Sighup,
+    );
+    i(
+        c"linkhooks.workers_per_database",
+        c"Delivery workers in each database; they share its queue and its http_concurrency.",
+        &WORKERS_PER_DATABASE,
+        1,
+        16,
         Sighup,
     );
     i(

@@ -1,28 +1,30 @@
-//! Shared memory of the delivery workers: one slot per database served, plus
-//! the launcher that starts them (src/worker/launcher.rs). The launcher alone
+//! Shared memory of the delivery workers: one slot per worker (a database has
+//! `linkhooks.workers_per_database` of them), plus the launcher that starts
+//! them (src/worker/launcher.rs). The launcher alone
 //! assigns and frees a slot (its `database`); the worker in the slot writes the
 //! rest; backends read it to wake their own database's worker when a
 //! transaction commits, and for `worker_status()`.
 
-use std::cell::Cell;
 use std::sync::atomic::{AtomicI32, AtomicI64, AtomicU32, AtomicU64, AtomicUsize, Ordering};
 
 use pgrx::prelude::*;
 use pgrx::{PGRXSharedMemory, PgAtomic, pg_shmem_init};
 
-/// How many databases one server delivers for.
-pub const MAX_DATABASES: usize = 64;
+/// How many delivery workers one server runs, over all databases.
+pub const MAX_WORKERS: usize = 64;
 /// How many statements at once may hold a database's worker off (see `pause`).
 const MAX_PAUSES: usize = 8;
 /// How many CREATE EXTENSIONs the launcher may not have seen yet, by database.
 const MAX_CREATED: usize = 8;
 
-/// One database's delivery worker.
+/// One delivery worker.
 #[repr(C)]
 #[derive(Default)]
 pub struct Slot {
     /// The database's OID; 0 for a free slot.
     database: AtomicU32,
+    /// Which of its database's workers (0 is the one with the housekeeper).
+    number: AtomicU32,
     /// 0 while no worker is connected.
     pid: AtomicI32,
     latch: AtomicUsize,
@@ -49,7 +51,7 @@ struct Pause {
 // SAFETY: only atomics.
 unsafe impl PGRXSharedMemory for Pause {}
 
-static SLOTS: PgAtomic<[Slot; MAX_DATABASES]> = unsafe { PgAtomic::new(c"linkhooks_slots") };
+static SLOTS: PgAtomic<[Slot; MAX_WORKERS]> = unsafe { PgAtomic::new(c"linkhooks_slots") };
 static PAUSES: PgAtomic<[Pause; MAX_PAUSES]> = unsafe { PgAtomic::new(c"linkhooks_pauses") };
 static LAUNCHER_LATCH: PgAtomic<AtomicUsize> =
     unsafe { PgAtomic::new(c"linkhooks_launcher_latch") };
@@ -93,7 +95,7 @@ impl SlotState {
     }
 }
 
-fn slots() -> &'static [Slot; MAX_DATABASES] {
+fn slots() -> &'static [Slot; MAX_WORKERS] {
     SLOTS.get()
 }
 
@@ -129,8 +131,8 @@ pub fn wake_launcher() {
     set_latch(LAUNCHER_LATCH.get().load(Ordering::Acquire));
 }
 
-/// Takes a free slot for `database`; None when every slot is taken.
-pub fn assign(database: pg_sys::Oid) -> Option<usize> {
+/// Takes a free slot for worker `number` of `database`; None when every slot is taken.
+pub fn assign(database: pg_sys::Oid, number: u32) -> Option<usize> {
     let index = slots()
         .iter()
         .position(|s| s.database.load(Ordering::Acquire) == 0)?;
@@ -141,6 +143,7 @@ pub fn assign(database: pg_sys::Oid) -> Option<usize> {
     s.in_flight.store(0, Ordering::Relaxed);
     s.last_loop_ms.store(0, Ordering::Relaxed);
     s.checked_generation.store(0, Ordering::Relaxed);
+    s.number.store(number, Ordering::Relaxed);
     s.database.store(database.to_u32(), Ordering::Release);
     Some(index)
 }
@@ -152,7 +155,7 @@ pub fn free(index: usize) {
 
 /// Frees every slot: a new launcher starts from nothing.
 pub fn free_all() {
-    (0..MAX_DATABASES).for_each(free);
+    (0..MAX_WORKERS).for_each(free);
 }
 
 /// Whether any slot still has a worker connected.
@@ -218,40 +221,37 @@ pub fn clicks_generation(index: usize) -> u64 {
 
 // Backends.
 
-thread_local! {
-    /// Where this backend last found its database's slot.
-    static FOUND: Cell<usize> = const { Cell::new(0) };
-}
-
-/// The slot serving `database`, if any.
-fn find(database: pg_sys::Oid) -> Option<&'static Slot> {
+/// The slots of `database`'s workers.
+fn of(database: pg_sys::Oid) -> impl Iterator<Item = &'static Slot> {
     let wanted = database.to_u32();
-    let cached = slot(FOUND.get());
-    if cached.database.load(Ordering::Acquire) == wanted {
-        return Some(cached);
-    }
-    let index = slots()
+    slots()
         .iter()
-        .position(|s| s.database.load(Ordering::Acquire) == wanted)?;
-    FOUND.set(index);
-    Some(slot(index))
+        .filter(move |s| s.database.load(Ordering::Acquire) == wanted)
 }
 
-/// Sets the latch of `database`'s worker, if one runs.
+/// Sets the latches of `database`'s workers (any of them may claim what was queued).
 pub fn wake(database: pg_sys::Oid) {
-    if let Some(s) = find(database) {
+    for s in of(database) {
         set_latch(s.latch.load(Ordering::Acquire));
     }
 }
 
 /// A transaction in `database` that recorded clicks or misses committed.
 pub fn clicks_committed(database: pg_sys::Oid) {
-    if let Some(s) = find(database) {
+    for s in of(database) {
         s.clicks_generation.fetch_add(1, Ordering::AcqRel);
     }
 }
 
-/// A CREATE EXTENSION pg_linkhooks committed in `database`: the launcher checks it again.
+/// Whether a worker of `database` other than the one in `slot` is connected.
+pub fn sibling_connected(database: pg_sys::Oid, slot: usize) -> bool {
+    slots().iter().enumerate().any(|(index, s)| {
+        index != slot
+            && s.database.load(Ordering::Acquire) == database.to_u32()
+            && s.pid.load(Ordering::Acquire) != 0
+    })
+}
+
 pub fn extension_created(database: pg_sys::Oid) {
     let taken = CREATED_IN.get().iter().any(|entry| {
         entry
@@ -279,8 +279,9 @@ pub fn extensions_created() -> u64 {
     EXTENSIONS_CREATED.get().load(Ordering::Acquire)
 }
 
-/// `database`'s worker as shared memory shows it.
+/// One of `database`'s workers as shared memory shows it.
 pub struct WorkerView {
+    pub number: u32,
     /// 0 while no worker is connected.
     pub pid: i32,
     pub state: SlotState,
@@ -288,22 +289,24 @@ pub struct WorkerView {
     pub last_loop_ms: i64,
 }
 
-pub fn view(database: pg_sys::Oid) -> Option<WorkerView> {
-    let s = find(database)?;
-    Some(WorkerView {
-        pid: s.pid.load(Ordering::Acquire),
-        state: SlotState::from_u32(s.state.load(Ordering::Acquire)),
-        in_flight: s.in_flight.load(Ordering::Relaxed),
-        last_loop_ms: s.last_loop_ms.load(Ordering::Relaxed),
-    })
+/// `database`'s workers, by number.
+pub fn view(database: pg_sys::Oid) -> Vec<WorkerView> {
+    let mut workers: Vec<WorkerView> = of(database)
+        .map(|s| WorkerView {
+            number: s.number.load(Ordering::Relaxed),
+            pid: s.pid.load(Ordering::Acquire),
+            state: SlotState::from_u32(s.state.load(Ordering::Acquire)),
+            in_flight: s.in_flight.load(Ordering::Relaxed),
+            last_loop_ms: s.last_loop_ms.load(Ordering::Relaxed),
+        })
+        .collect();
+    workers.sort_by_key(|w| w.number);
+    workers
 }
 
 /// Whether a worker is connected to `database`.
 pub fn worker_connected(database: pg_sys::Oid) -> bool {
-    let wanted = database.to_u32();
-    slots()
-        .iter()
-        .any(|s| s.database.load(Ordering::Acquire) == wanted && s.pid.load(Ordering::Acquire) != 0)
+    of(database).any(|s| s.pid.load(Ordering::Acquire) != 0)
 }
 
 /// Holds `database`'s worker off until `unpause` or for `for_ms` at most (a

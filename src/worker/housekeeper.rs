@@ -209,7 +209,7 @@ pub extern "C-unwind" fn linkhooks_housekeeper_main(_arg: pg_sys::Datum) {
         return;
     };
     let slot = slot as usize;
-    if slot >= slots::MAX_DATABASES {
+    if slot >= slots::MAX_WORKERS {
         warning!("pg_linkhooks housekeeper: started with slot {slot}, which does not exist");
         return;
     }

@@ -84,17 +84,48 @@ struct Database {
 #[derive(Default)]
 struct Served {
     name: String,
-    worker: Option<DynamicBackgroundWorker>,
-    slot: Option<usize>,
+    /// Its workers, by number: 0 looks for the extension and runs the housekeeper.
+    members: Vec<Member>,
     /// Its worker found no extension when `extensions_created()` was this.
     no_extension_at: Option<u64>,
     /// A CREATE EXTENSION committed here since its worker started.
     created: bool,
-    /// No new worker before this.
-    hold_off: Option<Instant>,
     /// Said that the extension is missing in a database the allow-list names.
     warned_no_extension: bool,
     last_no_process_warning: Option<Instant>,
+}
+
+/// One of a database's workers.
+#[derive(Default)]
+struct Member {
+    worker: Option<DynamicBackgroundWorker>,
+    slot: Option<usize>,
+    /// No new worker before this.
+    hold_off: Option<Instant>,
+}
+
+impl Member {
+    fn running(&self) -> bool {
+        self.worker.is_some()
+    }
+
+    /// Asks a running worker to stop (reaped when it has), or frees an idle slot.
+    fn stop(&mut self) {
+        if let Some(pid) = self.worker.as_ref().and_then(|w| w.pid().ok()) {
+            terminate(pid);
+        } else if self.worker.is_none()
+            && let Some(slot) = self.slot.take()
+        {
+            slots::free(slot);
+        }
+    }
+
+    fn delivering(&self) -> bool {
+        self.running()
+            && self
+                .slot
+                .is_some_and(|s| slots::state(s) == SlotState::Delivering)
+    }
 }
 
 #[derive(Default)]
@@ -137,14 +168,17 @@ impl Launcher {
     fn reap(&mut self) {
         let allowed = guc::served_databases();
         for served in self.served.values_mut() {
-            let stopped = served.worker.as_ref().is_some_and(|w| {
-                !matches!(w.pid(), Ok(_) | Err(BackgroundWorkerStatus::NotYetStarted))
-            });
-            if !stopped {
-                continue;
-            }
-            served.worker = None;
-            if let Some(slot) = served.slot.take() {
+            for member in &mut served.members {
+                let stopped = member.worker.as_ref().is_some_and(|w| {
+                    !matches!(w.pid(), Ok(_) | Err(BackgroundWorkerStatus::NotYetStarted))
+                });
+                if !stopped {
+                    continue;
+                }
+                member.worker = None;
+                let Some(slot) = member.slot.take() else {
+                    continue;
+                };
                 // Created after the worker looked: look again.
                 if slots::state(slot) == SlotState::NoExtension && !served.created {
                     served.no_extension_at = Some(slots::checked_generation(slot));
@@ -157,90 +191,112 @@ impl Launcher {
                         served.warned_no_extension = true;
                     }
                 } else {
-                    served.hold_off = Some(Instant::now() + RESTART_AFTER);
+                    member.hold_off = Some(Instant::now() + RESTART_AFTER);
                 }
                 slots::free(slot);
             }
         }
     }
 
-    /// Starts and stops workers to match pg_database, the allow-list and the
-    /// pauses; returns when something held off is due.
+    /// Starts and stops workers to match pg_database, the allow-list,
+    /// `workers_per_database` and the pauses; returns when something held off is due.
     fn reconcile(&mut self, databases: &[Database]) -> Option<Instant> {
         let allowed = guc::served_databases();
         self.warn_missing(&allowed, databases);
         let created = slots::extensions_created();
+        let per_database = guc::WORKERS_PER_DATABASE.get().max(1) as usize;
         let existing: HashSet<pg_sys::Oid> = databases.iter().map(|d| d.oid).collect();
         // Dropped databases: their workers were stopped or ended with them.
         self.served.retain(|oid, served| {
-            let keep = existing.contains(oid) || served.worker.is_some();
-            if !keep && let Some(slot) = served.slot.take() {
-                slots::free(slot);
+            let keep = existing.contains(oid) || served.members.iter().any(Member::running);
+            if !keep {
+                served.members.iter_mut().for_each(Member::stop);
             }
             keep
         });
         let mut next: Option<Instant> = None;
+        let mut wake_at = |t: Instant| next = Some(next.map_or(t, |n: Instant| n.min(t)));
         let now = Instant::now();
         for database in databases {
-            let wanted = database.servable
+            let wanted = if database.servable
                 && allowlist::allows(&allowed, &database.name)
-                && !slots::paused(database.oid);
+                && !slots::paused(database.oid)
+            {
+                per_database
+            } else {
+                0
+            };
             let served = self.served.entry(database.oid).or_default();
             if served.name != database.name {
                 served.name.clone_from(&database.name); // new, or renamed
             }
-            if !wanted {
-                if let Some(pid) = served.worker.as_ref().and_then(|w| w.pid().ok()) {
-                    terminate(pid);
-                } else if served.worker.is_none()
-                    && let Some(slot) = served.slot.take()
-                {
-                    slots::free(slot);
-                }
+            served
+                .members
+                .iter_mut()
+                .skip(wanted)
+                .for_each(Member::stop);
+            while served.members.len() > wanted
+                && served
+                    .members
+                    .last()
+                    .is_some_and(|m| !m.running() && m.slot.is_none())
+            {
+                served.members.pop();
+            }
+            if wanted == 0 {
                 served.no_extension_at = None; // checked again when wanted again
                 continue;
             }
-            if served.worker.is_some() || served.no_extension_at.is_some_and(|at| at >= created) {
+            if served.no_extension_at.is_some_and(|at| at >= created) {
                 continue;
             }
-            if let Some(t) = served.hold_off.filter(|t| now < *t) {
-                next = Some(next.map_or(t, |n| n.min(t)));
-                continue;
+            if served.members.len() < wanted {
+                served.members.resize_with(wanted, Member::default);
             }
-            served.no_extension_at = None;
-            served.created = false;
-            match start(database, served) {
-                Started::Yes => {}
-                Started::NoSlot => {
-                    if self
-                        .last_no_slot_warning
-                        .is_none_or(|t| now >= t + WARN_EVERY)
-                    {
-                        warning!(
-                            "pg_linkhooks: no delivery slot for database \"{}\": one server delivers for at most {} databases; list the ones to serve in linkhooks.databases",
-                            database.name,
-                            slots::MAX_DATABASES
-                        );
-                        self.last_no_slot_warning = Some(now);
-                    }
-                    served.hold_off = Some(now + NO_PROCESS_RETRY);
+            // Number 0 looks for the extension; the others start once it delivers.
+            let leader_delivering = served.members[0].delivering();
+            for (number, member) in served.members.iter_mut().enumerate().take(wanted) {
+                if member.running() || (number > 0 && !leader_delivering) {
+                    continue;
                 }
-                Started::NoProcess => {
-                    if served
-                        .last_no_process_warning
-                        .is_none_or(|t| now >= t + WARN_EVERY)
-                    {
-                        warning!(
-                            "pg_linkhooks: no background worker slot to start the pg_linkhooks worker for database \"{}\"; raise max_worker_processes (each database with the extension takes two, and the launcher one). Its webhooks wait until a slot is free",
-                            database.name
-                        );
-                        served.last_no_process_warning = Some(now);
-                    }
-                    served.hold_off = Some(now + NO_PROCESS_RETRY);
+                if let Some(t) = member.hold_off.filter(|t| now < *t) {
+                    wake_at(t);
+                    continue;
                 }
-            }
-            if let Some(t) = served.hold_off.filter(|t| now < *t) {
-                next = Some(next.map_or(t, |n| n.min(t)));
+                if number == 0 {
+                    served.no_extension_at = None;
+                    served.created = false;
+                }
+                match start(database, number, member) {
+                    Started::Yes => continue,
+                    Started::NoSlot => {
+                        if self
+                            .last_no_slot_warning
+                            .is_none_or(|t| now >= t + WARN_EVERY)
+                        {
+                            warning!(
+                                "pg_linkhooks: no delivery slot for database \"{}\": one server runs at most {} delivery workers; list the databases to serve in linkhooks.databases, or lower linkhooks.workers_per_database",
+                                database.name,
+                                slots::MAX_WORKERS
+                            );
+                            self.last_no_slot_warning = Some(now);
+                        }
+                    }
+                    Started::NoProcess => {
+                        if served
+                            .last_no_process_warning
+                            .is_none_or(|t| now >= t + WARN_EVERY)
+                        {
+                            warning!(
+                                "pg_linkhooks: no background worker slot to start the pg_linkhooks worker for database \"{}\"; raise max_worker_processes (each database with the extension takes linkhooks.workers_per_database + 1, and the launcher one). Its webhooks wait until a slot is free",
+                                database.name
+                            );
+                            served.last_no_process_warning = Some(now);
+                        }
+                    }
+                }
+                member.hold_off = Some(now + NO_PROCESS_RETRY);
+                wake_at(now + NO_PROCESS_RETRY);
             }
         }
         next
@@ -267,10 +323,8 @@ impl Launcher {
 
     /// Terminates every worker and waits (briefly) for them to stop.
     fn stop_all(&mut self) {
-        for served in self.served.values() {
-            if let Some(pid) = served.worker.as_ref().and_then(|w| w.pid().ok()) {
-                terminate(pid);
-            }
+        for served in self.served.values_mut() {
+            served.members.iter_mut().for_each(Member::stop);
         }
         let deadline = Instant::now() + ADOPT_WAIT;
         while slots::any_worker_connected() && Instant::now() < deadline {
@@ -287,15 +341,15 @@ enum Started {
     NoProcess,
 }
 
-fn start(database: &Database, served: &mut Served) -> Started {
-    let slot = match served.slot {
+fn start(database: &Database, number: usize, member: &mut Member) -> Started {
+    let slot = match member.slot {
         Some(slot) => slot,
-        None => match slots::assign(database.oid) {
+        None => match slots::assign(database.oid, number as u32) {
             Some(slot) => slot,
             None => return Started::NoSlot,
         },
     };
-    served.slot = Some(slot);
+    member.slot = Some(slot);
     slots::set_state(slot, SlotState::Starting);
     // SAFETY: this process's own pid.
     let launcher = unsafe { pg_sys::MyProcPid };
@@ -303,21 +357,21 @@ fn start(database: &Database, served: &mut Served) -> Started {
     // SAFETY: TopMemoryContext lasts for the process; nothing else runs meanwhile.
     let started = unsafe {
         PgMemoryContexts::TopMemoryContext.switch_to(|_| {
-            BackgroundWorkerBuilder::new(&format!("pg_linkhooks worker {}", database.name))
+            BackgroundWorkerBuilder::new(&format!("pg_linkhooks worker {number} {}", database.name))
                 .set_type("pg_linkhooks")
                 .set_library("pg_linkhooks")
                 .set_function("linkhooks_worker_main")
                 .enable_spi_access()
                 .set_restart_time(None)
                 .set_argument(Some(pg_sys::Datum::from(slot)))
-                .set_extra(&format!("{} {launcher}", database.oid.to_u32()))
+                .set_extra(&format!("{} {launcher} {number}", database.oid.to_u32()))
                 .set_notify_pid(launcher)
                 .load_dynamic()
         })
     };
     match started {
         Ok(worker) => {
-            served.worker = Some(worker);
+            member.worker = Some(worker);
             Started::Yes
         }
         Err(_) => {

@@ -75,7 +75,8 @@ pub fn register() {
 }
 
 /// A delivery worker, started by the launcher for one database: its slot is
-/// the argument, the database and the launcher's pid are the extra text.
+/// the argument; the database, the launcher's pid and its number among the
+/// database's workers are the extra text.
 #[pg_guard]
 #[unsafe(no_mangle)]
 pub extern "C-unwind" fn linkhooks_worker_main(arg: pg_sys::Datum) {
@@ -83,11 +84,11 @@ pub extern "C-unwind" fn linkhooks_worker_main(arg: pg_sys::Datum) {
     let slot = arg.value();
     let mut extra = BackgroundWorker::get_extra().split(' ');
     let mut next = || extra.next().and_then(|s| s.parse::<u32>().ok());
-    let (Some(database), Some(launcher)) = (next(), next()) else {
+    let (Some(database), Some(launcher), Some(number)) = (next(), next(), next()) else {
         warning!("pg_linkhooks worker: started without its database and launcher");
         return;
     };
-    if slot >= slots::MAX_DATABASES {
+    if slot >= slots::MAX_WORKERS {
         warning!("pg_linkhooks worker: started with slot {slot}, which does not exist");
         return;
     }
@@ -113,7 +114,12 @@ pub extern "C-unwind" fn linkhooks_worker_main(arg: pg_sys::Datum) {
             gate::exit_for_restart();
         }
     };
-    let mut worker = Worker::new(pool, allow_private, database, settings, slot, launcher as i32);
+    let place = Place {
+        slot,
+        launcher: launcher as i32,
+        leader: number == 0,
+    };
+    let mut worker = Worker::new(pool, allow_private, database, settings, place);
     worker.run();
     // The launcher starts it again if it should run; code 0 keeps the log quiet.
     // SAFETY: proc_exit runs the exit callbacks (leave_slot) and does not return.
@@ -126,14 +132,22 @@ unsafe extern "C-unwind" fn leave_slot(_code: i32, slot: pg_sys::Datum) {
     slots::worker_stopped(slot.value());
 }
 
+/// Where a worker stands among the processes.
+pub struct Place {
+    /// Its slot in shared memory.
+    slot: usize,
+    /// The launcher that started it.
+    launcher: i32,
+    /// Worker 0 of its database: it runs the housekeeper and the destination checks.
+    leader: bool,
+}
+
 pub struct Worker {
     settings: Settings,
     pool: Pool,
     allow_private: Arc<AtomicBool>,
     database: String,
-    /// This worker's slot in shared memory, and the launcher that started it.
-    slot: usize,
-    launcher: i32,
+    place: Place,
     endpoints: HashMap<i64, Endpoint>,
     endpoints_generation: Option<u64>,
     /// The schema is 0.5.0's: subscription holds (`paused`, see claim.rs), health rollups (record.rs).
@@ -183,8 +197,7 @@ impl Worker {
         allow_private: Arc<AtomicBool>,
         database: String,
         settings: Settings,
-        slot: usize,
-        launcher: i32,
+        place: Place,
     ) -> Worker {
         // SAFETY: a wait set in TopMemoryContext lives as long as the process; the
         // descriptors (our latch, the pool's socket) outlive it.
@@ -218,8 +231,6 @@ impl Worker {
             pool,
             allow_private,
             database,
-            slot,
-            launcher,
             endpoints: HashMap::new(),
             endpoints_generation: None,
             schema_holds: true,
@@ -234,8 +245,8 @@ impl Worker {
             floors: Floors::default(),
             claim_seen: None,
             horizon: None,
-            housekeeper: Housekeeper::new(slot),
-            chores: Chores::new(slot),
+            housekeeper: Housekeeper::new(place.slot),
+            chores: Chores::new(place.slot),
             chores_due: None,
             checks: Checks::default(),
             extension_ready: false,
@@ -246,6 +257,7 @@ impl Worker {
             tick_hold_off: None,
             record_hold_off: None,
             wait_set,
+            place,
         }
     }
 
@@ -256,7 +268,7 @@ impl Worker {
             // one hands out the slots afresh and starts workers of its own).
             if BackgroundWorker::sigterm_received()
                 || self.extension_missing
-                || slots::launcher_pid() != self.launcher
+                || slots::launcher_pid() != self.place.launcher
             {
                 self.shutdown();
                 return;
@@ -316,15 +328,15 @@ impl Worker {
                 continue; // stops at the top of the loop
             }
             self.chores_due = None;
-            if self.extension_ready && !self.housekeeper.ensure() {
+            if self.extension_ready && self.place.leader && !self.housekeeper.ensure() {
                 self.chores_due = Some(self.chores.run_due(self.settings.maintenance_every));
             }
-            if self.extension_ready {
+            if self.extension_ready && self.place.leader {
                 self.run_checks(Instant::now());
             }
             // Requests in flight: claimed rows beyond the threads wait in the pool's queue.
             let in_flight = self.flights.total().min(self.settings.limits.concurrency);
-            slots::record_loop(self.slot, in_flight as i64);
+            slots::record_loop(self.place.slot, in_flight as i64);
             self.wait();
             woken = take_wakeup();
         }
@@ -348,6 +360,14 @@ impl Worker {
         let result = gate::try_transaction(|| self.tick_body(claim, outcomes, plan));
         match result {
             Ok(jobs) => {
+                if self.extension_ready
+                    && slots::state(self.place.slot) != SlotState::Delivering
+                {
+                    // After its first transaction (which released rows abandoned earlier):
+                    // the launcher starts the database's other workers only now.
+                    slots::set_state(self.place.slot, SlotState::Delivering);
+                    slots::wake_launcher();
+                }
                 self.tick_hold_off = None;
                 if let Some(seen) = self.claim_seen.take() {
                     self.floors.advance(seen);
@@ -394,9 +414,13 @@ impl Worker {
             return Ok(Vec::new());
         }
         if !self.released {
-            // Rows a previous worker claimed but never finished are due now
-            // (a row someone holds keeps its lease).
-            claim::release_abandoned()?;
+            // Rows a previous worker claimed but never finished are due now (a row
+            // someone holds keeps its lease). Not while another worker of this
+            // database runs: its rows in flight look the same; a stopped worker's
+            // rows then come due when their lease ends.
+            if !slots::sibling_connected(shared::my_database(), self.place.slot) {
+                claim::release_abandoned()?;
+            }
             self.released = true;
         }
         self.refresh_endpoints(false)?;
@@ -430,7 +454,7 @@ impl Worker {
     /// and says so in its slot: the launcher starts one again after a CREATE
     /// EXTENSION pg_linkhooks commits.
     fn check_extension(&mut self) -> Result<bool> {
-        slots::checking_extension(self.slot);
+        slots::checking_extension(self.place.slot);
         let ready = Spi::get_one::<bool>(
             "SELECT pg_catalog.to_regclass('linkhooks.deliveries') IS NOT NULL",
         )?
@@ -442,7 +466,6 @@ impl Worker {
             self.extension_ready = true;
             self.extension_seen = true;
             self.floors = Floors::default(); // installed again, perhaps restored: nothing known holds
-            slots::set_state(self.slot, SlotState::Delivering);
             return Ok(true);
         }
         if self.extension_seen {
@@ -451,7 +474,7 @@ impl Worker {
                 self.database
             );
         }
-        slots::set_state(self.slot, SlotState::NoExtension);
+        slots::set_state(self.place.slot, SlotState::NoExtension);
         self.extension_missing = true;
         self.more_due = false;
         Ok(false)

@@ -44,7 +44,12 @@ impl Settings {
             schedule,
             max_attempts,
             batch_size: guc::BATCH_SIZE.get().max(1) as usize,
-            limits: Limits::new(guc::HTTP_CONCURRENCY.get().max(1) as usize),
+            // Each of a database's workers gets its share, so the per-subscription
+            // cap (¾ of a worker's threads) also holds over all of them.
+            limits: Limits::new(
+                (guc::HTTP_CONCURRENCY.get().max(1) / guc::WORKERS_PER_DATABASE.get().max(1)).max(1)
+                    as usize,
+            ),
             default_timeout: Duration::from_millis(guc::DEFAULT_TIMEOUT_MS.get().max(1) as u64),
             disable_after: guc::DISABLE_AFTER_DEAD_LETTERS.get(),
             maintenance_every: maintenance_every(),

@@ -6,10 +6,11 @@ use crate::error::{Error, OrReport};
 use crate::slots::{self, SlotState};
 use crate::{allowlist, guc, shared};
 
-/// Is the delivery worker running for this database, and how busy is it? One row.
+/// Are this database's delivery workers running, and how busy are they? One
+/// row per worker (`linkhooks.workers_per_database`), or one saying why none runs.
 ///
-/// Each database with the extension has a worker of its own (unless
-/// `linkhooks.databases` leaves it out); `state` says what it is doing. Works
+/// Each database with the extension has workers of its own (unless
+/// `linkhooks.databases` leaves it out); `state` says what each is doing. Works
 /// on a standby and in read-only transactions: it only reads.
 #[pg_extern(volatile)]
 fn worker_status() -> TableIterator<
@@ -38,37 +39,20 @@ fn worker_status() -> TableIterator<
     .or_report()
     .unwrap_or(0);
     let database = shared::my_database_name();
-    let worker = shared::preloaded()
-        .then(|| slots::view(shared::my_database()))
-        .flatten();
-    let state = match &worker {
-        Some(w) if w.pid != 0 && w.state == SlotState::Delivering => "delivering",
-        Some(w) if w.state == SlotState::NoProcess => {
-            "waiting for a background worker slot (max_worker_processes)"
-        }
-        Some(_) => "starting",
-        None if !shared::preloaded() || slots::launcher_pid() == 0 => "stopped",
-        None if !allowlist::allows(&guc::served_databases(), &database) => {
-            "not in linkhooks.databases"
-        }
-        None => "starting",
-    };
-    let row = if let Some(worker) = worker.filter(|_| state == "delivering") {
-        let last_loop = pgrx::datum::TimestampWithTimeZone::try_from(
-            worker.last_loop_ms * 1000 - crate::triggers::PG_EPOCH_OFFSET_MICROS,
-        )
-        .ok();
-        (
-            true,
-            Some(worker.pid),
-            database,
-            Some(worker.in_flight),
-            last_loop,
-            queue_depth,
-            state.to_string(),
-        )
+    let workers = if shared::preloaded() {
+        slots::view(shared::my_database())
     } else {
-        (
+        Vec::new()
+    };
+    let rows: Vec<_> = if workers.is_empty() {
+        let state = if !shared::preloaded() || slots::launcher_pid() == 0 {
+            "stopped"
+        } else if !allowlist::allows(&guc::served_databases(), &database) {
+            "not in linkhooks.databases"
+        } else {
+            "starting"
+        };
+        vec![(
             false,
             None,
             database,
@@ -76,7 +60,44 @@ fn worker_status() -> TableIterator<
             None,
             queue_depth,
             state.to_string(),
-        )
+        )]
+    } else {
+        workers
+            .into_iter()
+            .map(|worker| {
+                let state = match worker.state {
+                    SlotState::Delivering if worker.pid != 0 => "delivering",
+                    SlotState::NoProcess => {
+                        "waiting for a background worker slot (max_worker_processes)"
+                    }
+                    _ => "starting",
+                };
+                if state != "delivering" {
+                    return (
+                        false,
+                        None,
+                        database.clone(),
+                        None,
+                        None,
+                        queue_depth,
+                        state.to_string(),
+                    );
+                }
+                let last_loop = pgrx::datum::TimestampWithTimeZone::try_from(
+                    worker.last_loop_ms * 1000 - crate::triggers::PG_EPOCH_OFFSET_MICROS,
+                )
+                .ok();
+                (
+                    true,
+                    Some(worker.pid),
+                    database.clone(),
+                    Some(worker.in_flight),
+                    last_loop,
+                    queue_depth,
+                    state.to_string(),
+                )
+            })
+            .collect()
     };
-    TableIterator::once(row)
+    TableIterator::new(rows)
 }

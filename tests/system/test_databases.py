@@ -20,9 +20,14 @@ def workers(cluster, kind="pg_linkhooks"):
         return dict(c.execute("SELECT datname, pid FROM pg_stat_activity WHERE backend_type = %s", [kind]).fetchall())
 
 
-def status(conn):
+def statuses(conn):
     cur = conn.execute("SELECT * FROM linkhooks.worker_status()")
-    return dict(zip([d.name for d in cur.description], cur.fetchone()))
+    return [dict(zip([d.name for d in cur.description], row)) for row in cur.fetchall()]
+
+
+def status(conn):
+    (row,) = statuses(conn)
+    return row
 
 
 def delivering(conn):
@@ -165,9 +170,11 @@ def test_a_terminated_launcher_comes_back_and_starts_the_workers_again(clusters,
         launcher = app.execute("SELECT pid FROM pg_stat_activity WHERE backend_type = 'pg_linkhooks launcher'").fetchone()[0]
         worker = status(app)["pid"]
         app.execute("SELECT pg_terminate_backend(%s)", [launcher])
-        wait_for(lambda: delivering(app) and status(app)["pid"] != worker, timeout=30,
+        # One read of the status: the old worker is still delivering, then stopped (pid None) for a moment.
+        wait_for(lambda: (s := status(app))["state"] == "delivering" and s["pid"] != worker, timeout=30,
                  message=lambda: f"a new worker under a new launcher: {status(app)}")
         assert len(workers(c)) == 1, "the old launcher's worker stopped: never two in one database"
+        assert set(workers(c, "pg_linkhooks launcher").values()) - {launcher}, "a new launcher"
         subscribe(app, receiver, "/app")
         link(app, "after")
         wait_for(lambda: slugs(receiver, "/app") == ["after"], message="delivery after the launcher's restart")
@@ -194,3 +201,34 @@ def test_linkhooks_databases_limits_the_workers_to_the_databases_it_names(cluste
     finally:
         app.close()
         crm.close()
+
+
+def test_two_workers_share_the_queue_without_duplicates_and_hold_the_per_subscription_cap(clusters, receiver):
+    """linkhooks.workers_per_database = 2: both claim from one queue (SKIP LOCKED), each event arrives once, and
+    one subscription never has more requests in flight than ¾ of http_concurrency over both workers."""
+    c = clusters(**{"linkhooks.workers_per_database": "2", "linkhooks.http_concurrency": "8"})
+    app = database(c, "app")
+    try:
+        app.execute("CREATE EXTENSION pg_linkhooks")
+        wait_for(lambda: [s["state"] for s in statuses(app)] == ["delivering", "delivering"], timeout=10,
+                 message=lambda: f"two workers delivering: {statuses(app)}")
+        pids = {s["pid"] for s in statuses(app)}
+        assert len(pids) == 2 and set(workers(c, "pg_linkhooks housekeeper")) == {"app"}, "one housekeeper"
+        events = 20_000
+        sid, secret = subscribe(app, receiver, "/many")
+        receiver.expect("/many", [secret], script=[(200, {}, 0.005)] * events)  # 5 ms: requests overlap
+        app.execute("SELECT linkhooks.send_test(%s) FROM generate_series(1, %s)", [sid, events])
+        busy = set()
+
+        def done():
+            busy.update(s["pid"] for s in statuses(app) if s["in_flight"])
+            return len(receiver.received("/many")) >= events
+
+        wait_for(done, timeout=120, message=lambda: f"{events} events: {len(receiver.received('/many'))} so far")
+        ids = [r["headers"]["webhook-id"] for r in receiver.received("/many")]
+        assert len(ids) == len(set(ids)) == events, "each event once"
+        assert busy == pids, "both workers had requests in flight"
+        assert receiver.peak["/many"] <= 6, "¾ of http_concurrency = 8, over both workers"
+        assert app.execute("SELECT count(*) FROM linkhooks.deliveries WHERE status = 'delivered'").fetchone()[0] == events
+    finally:
+        app.close()

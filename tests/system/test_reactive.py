@@ -273,9 +273,10 @@ def test_a_digest_window_gives_one_event_with_the_right_counts(db, receiver):
     # Clicks of the minute before this one: that window has ended, so it is sent at once.
     rows = [("US", "https://www.Instagram.com/p/1", "link", IPHONE)] * 3 + [("DE", None, "link", DESKTOP)] * 2 + \
            [("DE", None, "qr", IPHONE)] + [(None, None, "link", "curl/8.0")]  # the last is a bot: filtered out
+    # One time for all: a minute boundary passing between the inserts would split them over two windows.
+    at = db.execute("SELECT date_trunc('minute', now()) - interval '30 seconds'").fetchone()[0]
     ids = [db.execute("INSERT INTO linkhooks.clicks (link_id, clicked_at, country, referer, source, user_agent) "
-                      "VALUES (%s, date_trunc('minute', now()) - interval '30 seconds', %s, %s, %s, %s) RETURNING id",
-                      [link_id, *r]).fetchone()[0] for r in rows]
+                      "VALUES (%s, %s, %s, %s, %s, %s) RETURNING id", [link_id, at, *r]).fetchone()[0] for r in rows]
     settle(db)
     def digests():
         return [r["json"] for r in receiver.received("/digest") if r["json"]["type"] == "link.clicks.digest"]
