@@ -368,12 +368,12 @@ pub fn hold_window_ms() -> i64 {
     duration::parse(&string(&HOLD_WINDOW)).map_or(3 * 86_400_000, |d| d.as_millis() as i64)
 }
 
-/// A string setting's value, '' when unset.
 /// The databases `linkhooks.databases` and `linkhooks.database` name; empty: every database.
 pub fn served_databases() -> Vec<String> {
     crate::allowlist::parse(&[&string(&DATABASES), &string(&DATABASE)])
 }
 
+/// A string setting's value, '' when unset.
 pub fn string(setting: &GucSetting<Option<CString>>) -> String {
     setting
         .get()

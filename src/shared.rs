@@ -1,5 +1,5 @@
 //! State shared between backends and the worker through shared memory, and
-//! the per-transaction hooks that use it: wake this database's worker when a
+//! the per-transaction hooks that use it: wake this database's workers when a
 //! transaction that queued deliveries commits (never before, never on
 //! rollback), the launcher when one created the extension, and tell every
 //! backend that subscriptions, campaign goals or links changed.

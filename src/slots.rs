@@ -103,8 +103,11 @@ fn slot(index: usize) -> &'static Slot {
     &slots()[index]
 }
 
+/// Milliseconds since the Unix epoch (0 on a clock before it).
 fn now_ms() -> i64 {
-    crate::events::unix_now_micros() / 1000
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as i64)
 }
 
 // The launcher.

@@ -3,9 +3,9 @@
 //! runs maintenance, so that neither ever holds up a delivery (and on a
 //! machine with two cores both go on at once). The delivery worker starts it
 //! once its database has the extension and starts it again if it stops; it
-//! exits when that worker does (the worker's slot shows another pid, or none). With no process slot free
-//! (`max_worker_processes`), the delivery worker does these chores itself
-//! between deliveries and says so.
+//! exits when that worker does (the worker's slot shows another pid, or
+//! none). With no process slot free (`max_worker_processes`), the delivery
+//! worker does these chores itself between deliveries and says so.
 
 use std::time::{Duration, Instant};
 
