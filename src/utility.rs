@@ -112,17 +112,7 @@ fn hold_worker_off(database: pg_sys::Oid) {
     slots::wake_launcher();
     let deadline = Instant::now() + STOP_WAIT;
     while slots::worker_connected(database) && Instant::now() < deadline {
-        // SAFETY: our own latch; WL_EXIT_ON_PM_DEATH ends the backend with the postmaster.
-        unsafe {
-            pg_sys::WaitLatch(
-                pg_sys::MyLatch,
-                (pg_sys::WL_LATCH_SET | pg_sys::WL_TIMEOUT | pg_sys::WL_EXIT_ON_PM_DEATH) as i32,
-                50,
-                pg_sys::PG_WAIT_EXTENSION,
-            );
-            pg_sys::ResetLatch(pg_sys::MyLatch);
-        }
-        pgrx::check_for_interrupts!();
+        crate::worker::wait_latch(Duration::from_millis(50));
     }
 }
 

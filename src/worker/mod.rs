@@ -24,6 +24,8 @@ mod record;
 mod settings;
 mod status;
 
+pub use gate::wait_latch;
+
 use std::collections::HashMap;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};

@@ -44,58 +44,54 @@ fn worker_status() -> TableIterator<
     } else {
         Vec::new()
     };
-    let rows: Vec<_> = if workers.is_empty() {
-        let state = if !shared::preloaded() || slots::launcher_pid() == 0 {
-            "stopped"
-        } else if !allowlist::allows(&guc::served_databases(), &database) {
-            "not in linkhooks.databases"
-        } else {
-            "starting"
-        };
-        vec![(
+    // A row for a database with no worker delivering: only why.
+    let idle = |state: &str| {
+        let state = state.to_string();
+        (
             false,
             None,
-            database,
+            database.clone(),
             None,
             None,
             queue_depth,
-            state.to_string(),
+            state,
+        )
+    };
+    let rows: Vec<_> = if workers.is_empty() {
+        vec![idle(
+            if !shared::preloaded() || slots::launcher_pid() == 0 {
+                "stopped"
+            } else if !allowlist::allows(&guc::served_databases(), &database) {
+                "not in linkhooks.databases"
+            } else {
+                "starting"
+            },
         )]
     } else {
         workers
             .into_iter()
-            .map(|worker| {
-                let state = match worker.state {
-                    SlotState::Delivering if worker.pid != 0 => "delivering",
-                    SlotState::NoProcess => {
-                        "waiting for a background worker slot (max_worker_processes)"
-                    }
-                    _ => "starting",
-                };
-                if state != "delivering" {
-                    return (
-                        false,
-                        None,
+            .map(|worker| match worker.state {
+                SlotState::Delivering if worker.pid != 0 => {
+                    let last_loop = pgrx::datum::TimestampWithTimeZone::try_from(
+                        worker.last_loop_ms * 1000 - crate::triggers::PG_EPOCH_OFFSET_MICROS,
+                    )
+                    .ok();
+                    let (pid, in_flight) = (Some(worker.pid), Some(worker.in_flight));
+                    let state = "delivering".to_string();
+                    (
+                        true,
+                        pid,
                         database.clone(),
-                        None,
-                        None,
+                        in_flight,
+                        last_loop,
                         queue_depth,
-                        state.to_string(),
-                    );
+                        state,
+                    )
                 }
-                let last_loop = pgrx::datum::TimestampWithTimeZone::try_from(
-                    worker.last_loop_ms * 1000 - crate::triggers::PG_EPOCH_OFFSET_MICROS,
-                )
-                .ok();
-                (
-                    true,
-                    Some(worker.pid),
-                    database.clone(),
-                    Some(worker.in_flight),
-                    last_loop,
-                    queue_depth,
-                    state.to_string(),
-                )
+                SlotState::NoProcess => {
+                    idle("waiting for a background worker slot (max_worker_processes)")
+                }
+                _ => idle("starting"),
             })
             .collect()
     };
