@@ -29,6 +29,9 @@ from harness import BIN, Cluster, Router, Standby, free_port, wait_for  # noqa: 
 
 UA = ("Mozilla/5.0 (iPhone; CPU iPhone OS 17_2 like Mac OS X) AppleWebKit/605.1.15 "
       "(KHTML, like Gecko) Version/17.2 Mobile/15E148 Safari/604.1")
+BULK_UAS = ["Mozilla/5.0 (Windows NT 10.0; Win64; x64) AppleWebKit/537.36 (KHTML, like Gecko) Chrome/120.0.0.0 Safari/537.36",
+            "Mozilla/5.0 (Linux; Android 14; Pixel 8) AppleWebKit/537.36 (KHTML, like Gecko) Chrome/120.0.6099.144 Mobile Safari/537.36",
+            "Mozilla/5.0 (compatible; Googlebot/2.1; +http://www.google.com/bot.html)"]
 
 # Throughput cases measure CPU cost, not fsync: by default commits do not wait for the WAL flush
 # (`--synchronous-commit on` measures PostgreSQL's default instead). Each measured run
@@ -100,10 +103,12 @@ INSERT INTO bench_outbox_subscriptions VALUES (1, gen_random_bytes(32));
 FULL = dict(pairs=5, seconds=5, drains=3, links=100_000, throughput=50_000, latency_seconds=15, milestone_seconds=20,
             isolation=20_000,
             backlog_small=10_000, backlog_large=1_000_000, callgrind=(100, 1100), view_clicks=10_000_000, view_deliveries=10_000_000,
-            held_events=20_000, retention=(100_000, 10_000_000), visibility_changes=50)
+            held_events=20_000, retention=(100_000, 10_000_000), visibility_changes=50,
+            bulk_copy=100_000, bulk_rows=1_000)
 SMOKE = dict(pairs=1, seconds=1, drains=1, links=1_000, throughput=500, latency_seconds=1, milestone_seconds=2,
              isolation=300,
-             backlog_small=200, backlog_large=1_000, callgrind=(2, 12), view_clicks=20_000, view_deliveries=20_000, held_events=300, retention=(1_000, 20_000), visibility_changes=5)
+             backlog_small=200, backlog_large=1_000, callgrind=(2, 12), view_clicks=20_000, view_deliveries=20_000, held_events=300, retention=(1_000, 20_000), visibility_changes=5,
+             bulk_copy=2_000, bulk_rows=500)
 
 
 class Nginx:
@@ -376,12 +381,7 @@ class Bench:
         # The floor of any outbox: one plain statement writes the click row and n delivery rows of the same
         # size into a copy of deliveries (same indexes), with the body and signature given as constants.
         # Against plain INSERT it bounds the ratio any click with n subscriptions can reach.
-        self.reset_clicks()
-        self.sql(ours.split("\n", 1)[1].replace(":n", "1"))
-        body, signature = self.db.execute("SELECT body, signature FROM linkhooks.deliveries").fetchone()
-        for name, value in [("bench_floor_body", body), ("bench_floor_signature", signature)]:
-            self.sql(sql.SQL("CREATE OR REPLACE FUNCTION {}() RETURNS text IMMUTABLE LANGUAGE sql AS {}").format(
-                sql.Identifier(name), sql.Literal("SELECT " + sql.Literal(value).as_string(self.db))))
+        self.floor_constants()
         for n in (1, 4):
             floor = insert.replace("{table}", "bench_plain_clicks").replace(
                 "INSERT", "WITH c AS (INSERT").replace(");\n", ") RETURNING event_id) INSERT INTO bench_floor_deliveries "
@@ -405,6 +405,84 @@ class Bench:
                      "SELECT linkhooks.record_click('hot', '203.0.113.1', '" + UA + "');\n",
                      f"\\set n random(1, {links})\nSELECT linkhooks.record_click('l' || :n, '203.0.113.1', '" + UA + "');\n",
                      f"same load over {links:,} links", 0.8, before_each=self.reset_clicks)
+
+    def bulk_ingest(self):
+        """Issue 20: COPY of `bulk_copy` clicks over 1,000 links, and multi-row INSERTs of `bulk_rows` clicks each,
+        with 0, 1 and 4 subscriptions, against the same statement into the table without triggers and against the floor: the
+        clicks and their delivery rows (same size, given as constants) written by plain set-based statements."""
+        n, per = self.size["bulk_copy"], self.size["bulk_rows"]
+        links = min(1_000, self.size["links"])  # a day of one account's links, as issue 20 measured 0.4.0
+        uas = [UA, BULK_UAS[0], BULK_UAS[1], BULK_UAS[2]]  # a day's mix: phones, desktops, a crawler
+        rows = [(1 + (i * 7919) % links, f"203.0.{i % 250}.{i % 200 + 1}", uas[i % len(uas)],
+                 "https://news.example/" if i % 3 else "", ("US", "DE", "FR", "")[i % 4]) for i in range(n)]
+        csv = "".join(f"{r[0]},{r[1]},\"{r[2]}\",{r[3]},{r[4]}\n" for r in rows).encode()
+        columns = "(link_id, ip, user_agent, referer, country)"
+        values = [", ".join(sql.Literal(v).as_string(self.db) if v != "" else "NULL" for v in r) for r in rows[:per]]
+        multirow = "VALUES (" + "), (".join(values) + ")"
+        statements = max(1, n // per)
+
+        deliveries = ("INSERT INTO bench_floor_deliveries (event_id, event_type, signed_at, subscription_id, body, signature) "
+                      "SELECT event_id, 'link.clicked', extract(epoch FROM now())::bigint, s, bench_floor_body(), "
+                      "bench_floor_signature() FROM {clicks}, generate_series(1, {subscriptions}) s")
+
+        def copy(table, floor=0):
+            """One COPY (and, for the floor, one INSERT … SELECT of the delivery rows), one transaction."""
+            with self.db.transaction():
+                with self.db.cursor().copy(f"COPY {table} {columns} FROM STDIN (FORMAT csv)") as c:
+                    c.write(csv)
+                if floor:
+                    self.sql(deliveries.format(clicks=table, subscriptions=floor))
+            return n
+
+        def insert(table, floor=0):
+            """`statements` multi-row INSERTs, each its own transaction, as a flushing redirect fleet sends them."""
+            statement = f"INSERT INTO {table} {columns} {multirow}"
+            if floor:
+                statement = (f"WITH c AS ({statement} RETURNING event_id) "
+                             + deliveries.format(clicks="c", subscriptions=floor))
+            for _ in range(statements):
+                self.sql(statement)
+            return statements * per
+
+        def rate(write, table, floor=0):
+            self.reset_clicks()
+            self.sql("CHECKPOINT")
+            started = time.perf_counter()
+            done = write(table, floor)
+            return done / (time.perf_counter() - started)
+
+        self.floor_constants()
+        for write, name in [(copy, f"COPY of {n:,} clicks"),
+                            (insert, f"{statements:,} INSERTs of {per:,} clicks (multi-row VALUES)")]:
+            for subscriptions in (0, 1, 4):
+                self.subscriptions([self.nginx.url()] * subscriptions)
+                ours, plain, floor = [], [], []
+                rate(write, "linkhooks.clicks")  # warm caches
+                for _ in range(self.size["pairs"]):
+                    plain.append(rate(write, "bench_plain_clicks"))
+                    ours.append(rate(write, "linkhooks.clicks"))
+                    if subscriptions:
+                        floor.append(rate(write, "bench_plain_clicks", subscriptions))
+                label = f"{name}, {subscriptions} subscription{'s' if subscriptions != 1 else ''}"
+                target = 0.6 if subscriptions == 1 else None
+                self.record(label, ours, "clicks/s", "the same into the table without triggers", plain,
+                            [a / b for a, b in zip(ours, plain)], target)
+                if subscriptions:
+                    self.record(f"{label}, against the floor", ours, "clicks/s",
+                                f"the floor: the same and {subscriptions} delivery row(s) each, set-based", floor,
+                                [a / b for a, b in zip(ours, floor)], 0.9 if subscriptions == 1 else None)
+        self.reset_clicks()
+
+    def floor_constants(self):
+        """bench_floor_body() and bench_floor_signature(): a real delivery's body and signature, as constants."""
+        self.reset_clicks()
+        self.subscriptions([self.nginx.url()])
+        self.sql("INSERT INTO linkhooks.clicks (link_id, ip, user_agent) VALUES (1, '203.0.113.1', %s)", [UA])
+        body, signature = self.db.execute("SELECT body, signature FROM linkhooks.deliveries").fetchone()
+        for name, value in [("bench_floor_body", body), ("bench_floor_signature", signature)]:
+            self.sql(sql.SQL("CREATE OR REPLACE FUNCTION {}() RETURNS text IMMUTABLE LANGUAGE sql AS {}").format(
+                sql.Identifier(name), sql.Literal("SELECT " + sql.Literal(value).as_string(self.db))))
+        self.reset_clicks()
 
     def queue_clicks(self, n):
         """n clicks in one statement, through the real trigger path."""
@@ -913,7 +991,7 @@ def format_row(row):
             f"{spread(row['ratios'], ratio) if row['ratios'] else ''} | {target_text} | {meets(row)} | {row['note']} |")
 
 
-CASES = ["resolve", "standby_resolve", "router", "click_inserts", "hot_link", "throughput", "two_workers", "latency", "milestones", "isolation", "backlog", "views",
+CASES = ["resolve", "standby_resolve", "router", "click_inserts", "hot_link", "bulk_ingest", "throughput", "two_workers", "latency", "milestones", "isolation", "backlog", "views",
          "health_view", "held_snapshot", "retention", "callgrind"]
 
 

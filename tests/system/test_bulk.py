@@ -1,0 +1,92 @@
+"""Bulk ingest (issue 20): COPY and multi-row INSERT store the same clicks and queue the same events as the
+same clicks inserted one by one."""
+
+import json
+
+import psycopg
+import pytest
+from psycopg import sql
+
+from conftest import TABLES, subscribe
+from test_events import CLOSED
+from test_links import IPHONE, link
+
+CHROME = "Mozilla/5.0 (Windows NT 10.0; Win64; x64) AppleWebKit/537.36 (KHTML, like Gecko) Chrome/120.0.0.0 Safari/537.36"
+GOOGLEBOT = "Mozilla/5.0 (compatible; Googlebot/2.1; +http://www.google.com/bot.html)"
+COLUMNS = ["event_id", "link_id", "clicked_at", "source", "ip", "user_agent", "referer", "country", "landing_url"]
+LIMIT = 3  # max_clicks of the limited link; the batch's last click on it reaches it
+
+
+def fresh_schema(db, receiver):
+    """The same links and subscriptions (same ids) every time: humans and bots, QR, a limited link."""
+    db.execute("TRUNCATE " + ", ".join(f"linkhooks.{t}" for t in TABLES) + " RESTART IDENTITY")
+    ids = {slug: link(db, slug, **cols) for slug, cols in [("plain", {}), ("poster", {"campaign": "spring"}),
+                                                          ("limited", {"max_clicks": LIMIT})]}
+    subscribe(db, receiver, "/humans", url=CLOSED)
+    subscribe(db, receiver, "/everything", url=CLOSED, filters={"exclude_bots": False}, ip_mode="full")
+    return ids
+
+
+def batch(ids):
+    """Forty clicks: phones, desktops and a crawler, link and QR, the limited link's clicks up to its limit."""
+    rows = []
+    for i in range(40):
+        slug = "limited" if i % 13 == 5 and sum(r[1] == ids["limited"] for r in rows) < LIMIT else ("plain", "poster")[i % 2]
+        rows.append((f"00000000-0000-7000-8000-{i:012d}", ids[slug], f"2026-12-01T10:00:{i:02d}Z",
+                     "qr" if i % 5 == 0 else "link", f"203.0.113.{i}", (IPHONE, CHROME, GOOGLEBOT, None)[i % 4],
+                     "https://news.example/" if i % 3 else None, ("US", "de", None)[i % 3],
+                     f"https://acme.com/?utm_source=mail&utm_campaign=c{i % 2}" if i % 7 == 0 else None))
+    assert sum(r[1] == ids["limited"] for r in rows) == LIMIT
+    return rows
+
+
+def stored(db):
+    """Every click (all columns but the id and transaction) and every click event's deliveries, in a fixed order."""
+    clicks = db.execute("SELECT to_jsonb(c) - 'id' - 'txid' FROM linkhooks.clicks c ORDER BY event_id").fetchall()
+    deliveries = db.execute("SELECT subscription_id, event_type, body FROM linkhooks.deliveries "
+                            "WHERE event_type <> 'link.created' ORDER BY event_type, event_id, subscription_id").fetchall()
+    return [c[0] for c in clicks], [(s, t, without_times(json.loads(body))) for s, t, body in deliveries]
+
+
+def without_times(body):
+    """A body minus what differs between two runs of the same clicks: the ids and times of events made at insert."""
+    if body["type"] == "link.expired":
+        del body["id"], body["timestamp"], body["data"]["expired_at"]
+    return body
+
+
+def insert_one_by_one(db, rows):
+    for row in rows:
+        db.execute(f"INSERT INTO linkhooks.clicks ({', '.join(COLUMNS)}) VALUES ({', '.join(['%s'] * len(COLUMNS))})", row)
+
+
+def copy(db, rows):
+    with db.transaction(), db.cursor().copy(f"COPY linkhooks.clicks ({', '.join(COLUMNS)}) FROM STDIN") as c:
+        for row in rows:
+            c.write_row(row)
+
+
+def insert_multirow(db, rows):
+    values = sql.SQL(", ").join(sql.SQL("({})").format(sql.SQL(", ").join(map(sql.Literal, row))) for row in rows)
+    db.execute(sql.SQL("INSERT INTO linkhooks.clicks ({}) VALUES {}").format(
+        sql.SQL(", ").join(map(sql.Identifier, COLUMNS)), values))
+
+
+@pytest.mark.parametrize("bulk", [copy, insert_multirow], ids=["COPY", "multi-row INSERT"])
+def test_bulk_statements_store_the_same_clicks_and_queue_the_same_events_as_one_by_one(db, receiver, bulk):
+    rows = batch(fresh_schema(db, receiver))
+    insert_one_by_one(db, rows)
+    one_by_one = stored(db)
+    clicks, deliveries = one_by_one
+    # The batch is what it claims to be: enriched humans and bots, QR scans, UTM from landing URLs, the limit reached.
+    assert {c["device"] for c in clicks} == {"mobile", "desktop", "bot"}
+    assert {c["source"] for c in clicks} == {"link", "qr"} and any(c["utm"] for c in clicks)
+    assert {t for _, t, _ in deliveries} == {"link.clicked", "qr.scanned", "link.expired"}
+    assert len([d for d in deliveries if d[0] == 2]) > len([d for d in deliveries if d[0] == 1])  # bots to one only
+
+    rows = batch(fresh_schema(db, receiver))
+    bulk(db, rows)
+    assert stored(db) == one_by_one
+    # One more click on the limited link is refused, as after the one-by-one inserts.
+    with pytest.raises(psycopg.errors.CheckViolation, match=f"has reached its max_clicks of {LIMIT}"):
+        bulk(db, [("00000000-0000-7000-8000-999999999999",) + rows[5][1:]])
