@@ -47,6 +47,7 @@ mod recover;
 mod replication;
 mod shared;
 mod slots;
+mod statements;
 mod thresholds;
 mod triggers;
 mod tuple;
@@ -72,6 +73,7 @@ pub extern "C-unwind" fn _PG_init() {
     }
     shared::init();
     utility::install();
+    statements::install();
     worker::register();
 }
 

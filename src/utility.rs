@@ -7,7 +7,8 @@
 //! - `DROP DATABASE`, `CREATE DATABASE ... TEMPLATE`, `ALTER DATABASE ...
 //!   RENAME` and `... SET TABLESPACE` refuse to run while another session is
 //!   connected to the database: its worker is held off and stopped first, and
-//!   started again when the transaction ends if the database is still there.
+//!   started again when the transaction ends if the database is still there;
+//! - `COPY ... FROM` is a statement that may store several clicks (`statements`).
 
 use std::ffi::{CStr, c_char};
 use std::time::{Duration, Instant};
@@ -39,6 +40,8 @@ enum Statement {
     NeedsDatabaseAlone(pg_sys::Oid),
     CreatesExtension,
     DropsExtension,
+    /// COPY FROM: may insert clicks (see `statements`).
+    CopiesIn,
     Other,
 }
 
@@ -97,6 +100,11 @@ unsafe extern "C-unwind" fn process_utility(
             run();
             shared::wake_on_commit();
         }
+        Statement::CopiesIn => {
+            crate::statements::started(pstmt as usize);
+            run();
+            crate::statements::finished(pstmt as usize);
+        }
         Statement::Other => run(),
     }
 }
@@ -138,6 +146,9 @@ unsafe fn classify(node: *mut pg_sys::Node) -> Statement {
                     == pg_sys::ObjectType::OBJECT_EXTENSION =>
             {
                 Statement::DropsExtension
+            }
+            pg_sys::NodeTag::T_CopyStmt if (*node.cast::<pg_sys::CopyStmt>()).is_from => {
+                Statement::CopiesIn
             }
             pg_sys::NodeTag::T_DropdbStmt => {
                 database_alone((*node.cast::<pg_sys::DropdbStmt>()).dbname)

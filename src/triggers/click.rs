@@ -49,10 +49,17 @@ fn on_click<'a>(
             Claim::Taken { reached_limit } => reached_limit,
             Claim::Full if from_record_click => return Ok(None),
             Claim::Full => {
-                return Err(Error::LimitReached(format!(
-                    "link {link_id} ('{}') has reached its max_clicks of {max}; the click was not recorded",
-                    link.slug
-                )));
+                let refusal = || {
+                    format!(
+                        "link {link_id} ('{}') has reached its max_clicks of {max}; the click was not recorded",
+                        link.slug
+                    )
+                };
+                // In a statement storing several clicks, skipped as inserting them one by one would.
+                if statements::skip_past_limit(refusal) {
+                    return Ok(None);
+                }
+                return Err(Error::LimitReached(refusal()));
             }
         },
     };
@@ -67,6 +74,7 @@ fn on_click<'a>(
     let txid = unsafe { pg_sys::GetTopFullTransactionId() }.value;
     edits.set_xid8(&new, "txid", txid)?;
     shared::clicks_recorded();
+    statements::click_stored();
     let utm = link.click_utm(utm);
     let link_payload = link.payload();
     let facts = link.click_facts(&click);

@@ -24,6 +24,7 @@ use crate::plans::{self, INT8, TEXT};
 use crate::resolve;
 use crate::rules;
 use crate::shared;
+use crate::statements;
 use crate::signing::SigningKey;
 use crate::target;
 use crate::tuple::{

@@ -1,5 +1,5 @@
 """Bulk ingest (issue 20): COPY and multi-row INSERT store the same clicks and queue the same events as the
-same clicks inserted one by one."""
+same clicks inserted one by one, also when they cross a link's max_clicks."""
 
 import json
 
@@ -14,7 +14,7 @@ from test_links import IPHONE, link
 CHROME = "Mozilla/5.0 (Windows NT 10.0; Win64; x64) AppleWebKit/537.36 (KHTML, like Gecko) Chrome/120.0.0.0 Safari/537.36"
 GOOGLEBOT = "Mozilla/5.0 (compatible; Googlebot/2.1; +http://www.google.com/bot.html)"
 COLUMNS = ["event_id", "link_id", "clicked_at", "source", "ip", "user_agent", "referer", "country", "landing_url"]
-LIMIT = 3  # max_clicks of the limited link; the batch's last click on it reaches it
+LIMIT = 3  # max_clicks of the limited link; the batch has two clicks on it past the limit
 
 
 def fresh_schema(db, receiver):
@@ -28,15 +28,15 @@ def fresh_schema(db, receiver):
 
 
 def batch(ids):
-    """Forty clicks: phones, desktops and a crawler, link and QR, the limited link's clicks up to its limit."""
+    """Forty clicks: phones, desktops and a crawler, link and QR, five on the limited link (two past its limit)."""
     rows = []
     for i in range(40):
-        slug = "limited" if i % 13 == 5 and sum(r[1] == ids["limited"] for r in rows) < LIMIT else ("plain", "poster")[i % 2]
+        slug = "limited" if i % 8 == 5 else ("plain", "poster")[i % 2]
         rows.append((f"00000000-0000-7000-8000-{i:012d}", ids[slug], f"2026-12-01T10:00:{i:02d}Z",
                      "qr" if i % 5 == 0 else "link", f"203.0.113.{i}", (IPHONE, CHROME, GOOGLEBOT, None)[i % 4],
                      "https://news.example/" if i % 3 else None, ("US", "de", None)[i % 3],
                      f"https://acme.com/?utm_source=mail&utm_campaign=c{i % 2}" if i % 7 == 0 else None))
-    assert sum(r[1] == ids["limited"] for r in rows) == LIMIT
+    assert sum(r[1] == ids["limited"] for r in rows) == LIMIT + 2
     return rows
 
 
@@ -56,8 +56,15 @@ def without_times(body):
 
 
 def insert_one_by_one(db, rows):
+    """Each click in its own statement; returns how many were refused for their link's max_clicks."""
+    refused = 0
     for row in rows:
-        db.execute(f"INSERT INTO linkhooks.clicks ({', '.join(COLUMNS)}) VALUES ({', '.join(['%s'] * len(COLUMNS))})", row)
+        try:
+            db.execute(f"INSERT INTO linkhooks.clicks ({', '.join(COLUMNS)}) VALUES ({', '.join(['%s'] * len(COLUMNS))})", row)
+        except psycopg.errors.CheckViolation as e:
+            assert f"has reached its max_clicks of {LIMIT}" in str(e)
+            refused += 1
+    return refused
 
 
 def copy(db, rows):
@@ -75,18 +82,24 @@ def insert_multirow(db, rows):
 @pytest.mark.parametrize("bulk", [copy, insert_multirow], ids=["COPY", "multi-row INSERT"])
 def test_bulk_statements_store_the_same_clicks_and_queue_the_same_events_as_one_by_one(db, receiver, bulk):
     rows = batch(fresh_schema(db, receiver))
-    insert_one_by_one(db, rows)
+    assert insert_one_by_one(db, rows) == 2
     one_by_one = stored(db)
     clicks, deliveries = one_by_one
     # The batch is what it claims to be: enriched humans and bots, QR scans, UTM from landing URLs, the limit reached.
     assert {c["device"] for c in clicks} == {"mobile", "desktop", "bot"}
     assert {c["source"] for c in clicks} == {"link", "qr"} and any(c["utm"] for c in clicks)
     assert {t for _, t, _ in deliveries} == {"link.clicked", "qr.scanned", "link.expired"}
+    assert len(clicks) == len(rows) - 2
     assert len([d for d in deliveries if d[0] == 2]) > len([d for d in deliveries if d[0] == 1])  # bots to one only
 
     rows = batch(fresh_schema(db, receiver))
+    notices = []
+    db.add_notice_handler(lambda n: notices.append(n.message_primary))
     bulk(db, rows)
     assert stored(db) == one_by_one
-    # One more click on the limited link is refused, as after the one-by-one inserts.
+    # The loader is told what was skipped, and not refused: the valid clicks of the batch are stored.
+    assert notices == ["pg_linkhooks: 2 click(s) past their link's max_clicks were not recorded"]
+    # A statement whose only clicks are past their limit is refused, as a one-row INSERT of one is.
     with pytest.raises(psycopg.errors.CheckViolation, match=f"has reached its max_clicks of {LIMIT}"):
-        bulk(db, [("00000000-0000-7000-8000-999999999999",) + rows[5][1:]])
+        bulk(db, [("00000000-0000-7000-8000-999999999999",) + rows[5][1:]] * 2)
+    assert stored(db) == one_by_one
