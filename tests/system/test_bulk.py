@@ -103,3 +103,30 @@ def test_bulk_statements_store_the_same_clicks_and_queue_the_same_events_as_one_
     with pytest.raises(psycopg.errors.CheckViolation, match=f"has reached its max_clicks of {LIMIT}"):
         bulk(db, [("00000000-0000-7000-8000-999999999999",) + rows[5][1:]] * 2)
     assert stored(db) == one_by_one
+
+
+def test_a_failed_statement_in_a_savepoint_leaves_the_next_ones_their_own_limits(cluster, db, receiver):
+    ids = fresh_schema(db, receiver)
+    limited, plain = ids["limited"], ids["plain"]
+    notices = []
+    with cluster.connect() as c:
+        c.add_notice_handler(lambda n: notices.append(n.message_primary))
+        with c.transaction():
+            # A COPY that fails part-way (a bad country) inside a savepoint, after it stored clicks.
+            with pytest.raises(psycopg.errors.InvalidParameterValue, match="invalid country"):
+                with c.transaction(), c.cursor().copy("COPY linkhooks.clicks (link_id, country) FROM STDIN") as cp:
+                    for country in ("US", "US", "USA"):
+                        cp.write_row((plain, country))
+            # A data-modifying CTE crossing the limit: the clicks up to it are stored, the rest skipped.
+            stored_ids = c.execute("WITH c AS (INSERT INTO linkhooks.clicks (link_id) SELECT %s FROM generate_series(1, 5) "
+                                   "RETURNING id) SELECT count(*) FROM c", [limited]).fetchone()[0]
+            assert stored_ids == LIMIT
+            # A one-row INSERT past the limit is refused, in its own savepoint.
+            with pytest.raises(psycopg.errors.CheckViolation, match=f"has reached its max_clicks of {LIMIT}"):
+                with c.transaction():
+                    c.execute("INSERT INTO linkhooks.clicks (link_id) VALUES (%s)", [limited])
+            c.execute("INSERT INTO linkhooks.clicks (link_id) VALUES (%s)", [plain])
+    assert notices == ["pg_linkhooks: 2 click(s) past their link's max_clicks were not recorded"]
+    assert db.execute("SELECT link_id, count(*) FROM linkhooks.clicks GROUP BY 1 ORDER BY 1").fetchall() == \
+        [(plain, 1), (limited, LIMIT)]
+    assert db.execute("SELECT count(*) FROM linkhooks.deliveries WHERE event_type = 'link.clicked'").fetchone()[0] == LIMIT + 1
