@@ -115,8 +115,7 @@ unsafe fn may_insert(query: *mut pg_sys::QueryDesc, eflags: i32) -> bool {
         let planned = (*query).plannedstmt;
         eflags & pg_sys::EXEC_FLAG_EXPLAIN_ONLY as i32 == 0
             && !planned.is_null()
-            && ((*planned).commandType == pg_sys::CmdType::CMD_INSERT
-                || (*planned).hasModifyingCTE)
+            && ((*planned).commandType == pg_sys::CmdType::CMD_INSERT || (*planned).hasModifyingCTE)
     }
 }
 
