@@ -61,17 +61,22 @@ def clusters():
         c.destroy()
 
 
+def truncate_all(conn):
+    """Empties every table of the extension and restarts their ids."""
+    for attempt in range(5):  # the worker may hold locks in the other order; the detector picks one of us
+        try:
+            conn.execute("TRUNCATE " + ", ".join(f"linkhooks.{t}" for t in TABLES) + " RESTART IDENTITY")
+            return
+        except psycopg.errors.DeadlockDetected:
+            if attempt == 4:
+                raise
+
+
 @pytest.fixture
 def db(cluster):
     """A connection to a clean schema."""
     with cluster.connect() as conn:
-        for attempt in range(5):  # the worker may hold locks in the other order; the detector picks one of us
-            try:
-                conn.execute("TRUNCATE " + ", ".join(f"linkhooks.{t}" for t in TABLES) + " RESTART IDENTITY")
-                break
-            except psycopg.errors.DeadlockDetected:
-                if attempt == 4:
-                    raise
+        truncate_all(conn)
         yield conn
 
 

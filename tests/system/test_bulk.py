@@ -7,7 +7,7 @@ import psycopg
 import pytest
 from psycopg import sql
 
-from conftest import TABLES, subscribe
+from conftest import subscribe, truncate_all
 from test_events import CLOSED
 from test_links import IPHONE, link
 
@@ -19,7 +19,7 @@ LIMIT = 3  # max_clicks of the limited link; the batch has two clicks on it past
 
 def fresh_schema(db, receiver):
     """The same links and subscriptions (same ids) every time: humans and bots, QR, a limited link."""
-    db.execute("TRUNCATE " + ", ".join(f"linkhooks.{t}" for t in TABLES) + " RESTART IDENTITY")
+    truncate_all(db)
     ids = {slug: link(db, slug, **cols) for slug, cols in [("plain", {}), ("poster", {"campaign": "spring"}),
                                                           ("limited", {"max_clicks": LIMIT})]}
     subscribe(db, receiver, "/humans", url=CLOSED)
