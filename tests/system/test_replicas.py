@@ -230,6 +230,19 @@ def test_a_subscriber_does_not_send_the_deliveries_it_receives(pair, receiver):
 
         # Taken over: the same worker now sends what is pending (which shows the rows were sendable all along).
         s.execute("SELECT linkhooks.send_test(%s)", [local_id])
-        wait_for(lambda: len(receiver.received("/subscriber")) == 6, message="the subscriber to deliver after takeover")
+
+        def takeover_state():
+            """What the subscriber holds and sent, for a timeout's message."""
+            rows = s.execute("SELECT id, status, attempts, next_attempt_at, last_error FROM linkhooks.deliveries "
+                             "ORDER BY id").fetchall()
+            sent = [r["json"]["type"] for r in receiver.received("/subscriber")]
+            lines = [line for line in subscriber.log().splitlines() if "linkhooks" in line][-10:]
+            return f"the subscriber to deliver after takeover: rows {rows}, sent {sent}, log {lines}"
+
+        wait_for(lambda: s.execute("SELECT bool_and(status = 'delivered') FROM linkhooks.deliveries").fetchone()[0],
+                 message=takeover_state)
+        # Every pending event arrived, the publisher's and the local ones (at least once: a retry may repeat one).
+        assert {r["json"]["id"] for r in receiver.received("/subscriber")} == {
+            str(e) for (e,) in s.execute("SELECT event_id FROM linkhooks.deliveries").fetchall()}
         assert {r["json"]["type"] for r in receiver.received("/subscriber")} == {
             "link.created", "link.clicked", "webhook.test"}
