@@ -17,7 +17,10 @@
 //! worker looked, or the time it looked. A floor is the least of the three.
 //! A horizon read earlier is lower, so still valid: the worker reads it at
 //! most every `HORIZON_REUSE`. With a prepared transaction (no start time to
-//! read) there is no horizon and floors stay where they are. A walk from the
+//! read) there is no horizon and floors stay where they are. Rows a
+//! logical-replication apply writes carry their publisher's due times, so
+//! the worker drops every floor when a subscription here changes
+//! (`replication::subscriptions_changed`). A walk from the
 //! start every `SWEEP_EVERY` bounds what anything unforeseen (a row written
 //! by hand with an old due time, a clock stepped back) could cost: a delay,
 //! never a lost row.

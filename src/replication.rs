@@ -44,6 +44,8 @@ thread_local! {
     static CALLBACK_REGISTERED: Cell<bool> = const { Cell::new(false) };
     /// The last answer logged, so the log says when it changes, not on every look.
     static ANNOUNCED: Cell<bool> = const { Cell::new(false) };
+    /// Whether `pg_subscription_rel` changed since `subscriptions_changed` last asked.
+    static CHANGED: Cell<bool> = const { Cell::new(false) };
 }
 
 /// Whether this database receives `linkhooks.deliveries` by logical
@@ -89,6 +91,15 @@ pub fn receives_deliveries() -> Result<bool> {
     Ok(receives)
 }
 
+/// Whether a logical-replication subscription here was created, changed or
+/// dropped since the last call (from the first `receives_deliveries` on).
+/// Rows its apply wrote carry the publisher's due times, which the worker's
+/// claim floors did not foresee: the worker drops its floors on a change.
+pub fn subscriptions_changed() -> bool {
+    CHANGED.replace(false)
+}
+
 unsafe extern "C-unwind" fn forget(_: pg_sys::Datum, _: i32, _: u32) {
     RECEIVES.set(None);
+    CHANGED.set(true);
 }

@@ -409,7 +409,12 @@ impl Worker {
         if !self.extension_ready && !self.check_extension()? {
             return Ok(Vec::new());
         }
-        if crate::replication::receives_deliveries()? {
+        let receives = crate::replication::receives_deliveries()?;
+        if crate::replication::subscriptions_changed() {
+            // Replicated rows may be due below where the claims start walking.
+            self.floors = Floors::default();
+        }
+        if receives {
             // A publisher's worker sends these rows; we must not send them again.
             self.more_due = false;
             self.next_due = Some(Instant::now() + IDLE_POLL);

@@ -246,3 +246,43 @@ def test_a_subscriber_does_not_send_the_deliveries_it_receives(pair, receiver):
             str(e) for (e,) in s.execute("SELECT event_id FROM linkhooks.deliveries").fetchall()}
         assert {r["json"]["type"] for r in receiver.received("/subscriber")} == {
             "link.created", "link.clicked", "webhook.test"}
+
+
+def test_a_subscriber_taking_over_sends_rows_due_before_what_it_sent_itself(pair, receiver):
+    """A node that delivered its own events, then received older pending rows by replication, sends them once it
+    takes over: where its worker's claim starts walking (past what it already sent) must not hide them."""
+    publisher, subscriber = pair
+    with publisher.connect() as p, subscriber.connect() as s:
+        # The publisher holds an event for a paused subscription: pending, due now.
+        subscribe(p, receiver, "/held-upstream", id=50)
+        p.execute("UPDATE linkhooks.subscriptions SET paused = true WHERE id = 50")
+        link(p, "older")
+        assert p.execute("SELECT count(*) FROM linkhooks.deliveries "
+                         "WHERE subscription_id = 50 AND status = 'pending'").fetchone() == (1,)
+        # Later, the subscriber delivers an event of its own to the same subscription id.
+        subscribe(s, receiver, "/taker", id=50)
+        s.execute("SELECT setval('linkhooks.deliveries_id_seq', greatest(2000, nextval('linkhooks.deliveries_id_seq')))")
+        s.execute("SELECT linkhooks.send_test(50)")
+        wait_for(lambda: s.execute("SELECT bool_and(status = 'delivered') FROM linkhooks.deliveries "
+                                   "WHERE subscription_id = 50").fetchone()[0], message="the subscriber's own event")
+        p.execute("CREATE PUBLICATION held_pub FOR TABLE linkhooks.deliveries WHERE (subscription_id = 50) "
+                  "WITH (publish = 'insert')")
+        s.execute(f"CREATE SUBSCRIPTION held_sub CONNECTION 'host={publisher.dir} port={publisher.port} "
+                  "user=postgres dbname=postgres' PUBLICATION held_pub")
+        try:
+            wait_for(lambda: s.execute("SELECT count(*) FROM linkhooks.deliveries WHERE subscription_id = 50 "
+                                       "AND status = 'pending'").fetchone()[0] == 1,
+                     message="the publisher's held row copied")
+        finally:
+            s.execute("DROP SUBSCRIPTION held_sub")
+            p.execute("DROP PUBLICATION held_pub")
+
+        s.execute("SELECT linkhooks.send_test(50)")
+        wait_for(lambda: s.execute("SELECT bool_and(status = 'delivered') FROM linkhooks.deliveries "
+                                   "WHERE subscription_id = 50").fetchone()[0],
+                 message=lambda: "the copied row sent after takeover: " + str(s.execute(
+                     "SELECT id, status, next_attempt_at FROM linkhooks.deliveries WHERE subscription_id = 50 "
+                     "ORDER BY id").fetchall()))
+        assert sorted(r["json"]["type"] for r in receiver.received("/taker")) == [
+            "link.created", "webhook.test", "webhook.test"]
+        assert receiver.received("/held-upstream") == []
