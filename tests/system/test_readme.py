@@ -156,11 +156,17 @@ def test_payload_examples_have_the_fields_real_events_have(db, receiver, destina
     destination.status = 200
     # Other links' events are not the examples' shape: the promo link's (for the digest) has no utm,
     # the landing link's are there for its health checks.
-    real = wait_for(lambda: (lambda got: got if set(got) >= set(examples) else None)(
-        {r["json"]["type"]: r for r in receiver.received("/all") + receiver.received("/ops") + receiver.received("/digest")
-         if r["path"] == "/digest" or r["json"]["type"] in ("link.broken", "link.recovered")
-         or (r["json"]["data"].get("link") or {}).get("slug") not in ("promo", "landing")}),
-        message="one event of each type")
+    def real_events():
+        return {r["json"]["type"]: r for r in receiver.received("/all") + receiver.received("/ops") + receiver.received("/digest")
+                if r["path"] == "/digest" or r["json"]["type"] in ("link.broken", "link.recovered")
+                or (r["json"]["data"].get("link") or {}).get("slug") not in ("promo", "landing")}
+
+    def missing():
+        rows = db.execute("SELECT subscription_id, event_type, status, attempts FROM linkhooks.deliveries ORDER BY id").fetchall()
+        return (f"one event of each type; missing {sorted(set(examples) - set(real_events()))}, "
+                f"received {[(r['path'], r['json']['type']) for r in receiver.received()]}, queued {rows}")
+
+    real = wait_for(lambda: (lambda got: got if set(got) >= set(examples) else None)(real_events()), message=missing)
     for kind, example in examples.items():
         assert shape(real[kind]["json"]) == shape(example), kind
     assert '"amount":49.90' in real["link.converted"]["body"], "amounts keep their exact digits"
