@@ -88,7 +88,7 @@ DECLARE
 BEGIN
     FOREACH relation IN ARRAY ARRAY[
         'links', 'links_id_seq', 'campaigns', 'clicks', 'clicks_default', 'clicks_id_seq', 'conversions', 'conversions_id_seq',
-        'subscriptions', 'subscriptions_id_seq', 'deliveries', 'deliveries_id_seq', 'delivery_attempts', 'delivery_attempts_default',
+        'subscriptions', 'subscriptions_id_seq', 'deliveries', 'deliveries_default', 'deliveries_id_seq', 'delivery_attempts', 'delivery_attempts_default',
         'delivery_attempts_id_seq', 'dead_letters', 'subscription_state', 'rules', 'rules_id_seq',
         'link_counts', 'link_hours', 'campaign_counts', 'milestones', 'link_misses', 'click_keys', 'threshold_state',
         'digests', 'destination_checks', 'subscription_minutes', 'subscription_latencies', 'attempt_cursor']

@@ -200,4 +200,4 @@ JOIN pg_class child ON child.oid = i.inhrelid
 CROSS JOIN LATERAL regexp_match(pg_get_expr(child.relpartbound, child.oid), '^FOR VALUES FROM \((.+)\) TO \((.+)\)$') AS b
 WHERE parent.relnamespace = '@extschema@'::regnamespace AND parent.relkind = 'p'
 ORDER BY 1, 3 NULLS LAST;
-COMMENT ON VIEW partitions IS 'Partitions of clicks and delivery_attempts: name, time range (NULL for the default partition) and size.';
+COMMENT ON VIEW partitions IS 'Partitions of clicks, deliveries and delivery_attempts: name, time range (NULL for the default partition) and size.';

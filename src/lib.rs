@@ -19,6 +19,7 @@ mod payload;
 mod probe;
 mod resolve;
 mod retry;
+mod routing;
 mod rules;
 mod sender;
 mod signing;

@@ -34,7 +34,7 @@ fn run_maintenance() -> pgrx::JsonB {
             "keys_pruned": since_0_5(prune_keys)?,
             "minutes_pruned": since_0_5(crate::thresholds::prune)?,
             "health_minutes_pruned": since_0_5(prune_health_minutes)?,
-            "deliveries_pruned": prune()?,
+            "deliveries_pruned": prune(current)?,
             "dead_letters_pruned": prune_dead_letters()?,
             "partitions": if current { maintain_partitions()? } else { serde_json::Value::Null },
         }))
@@ -42,8 +42,8 @@ fn run_maintenance() -> pgrx::JsonB {
     pgrx::JsonB(run().or_report())
 }
 
-/// The partitions of clicks and delivery_attempts: made ahead, dropped behind
-/// (sql/schema.sql, `maintain_partitions`).
+/// The partitions of clicks, deliveries and delivery_attempts: made ahead,
+/// dropped behind (sql/schema.sql, `maintain_partitions`).
 fn maintain_partitions() -> Result<serde_json::Value> {
     let width = guc::partition_interval();
     let retention = guc::retention();
@@ -51,6 +51,7 @@ fn maintain_partitions() -> Result<serde_json::Value> {
     let mut done = serde_json::Map::new();
     for (table, keep) in [
         ("clicks", guc::click_retention()),
+        ("deliveries", retention),
         ("delivery_attempts", retention),
     ] {
         let report = Spi::get_one_with_args::<pgrx::JsonB>(
@@ -257,21 +258,31 @@ fn delete_dead_letters(due: &str, millis: f64) -> Result<i64> {
     .unwrap_or(0))
 }
 
-/// Deletes delivered deliveries (and their attempts) older than linkhooks.retention.
-fn prune() -> Result<i64> {
+/// Deletes delivered deliveries older than linkhooks.retention from the
+/// default partition of deliveries (retention drops the dated partitions
+/// whole, and moves there the rows delivered too recently to go with them);
+/// before 0.5.0, from the table.
+fn prune(partitioned: bool) -> Result<i64> {
     let Some(retention) = guc::retention() else {
         warning!("invalid linkhooks.retention; nothing pruned (use e.g. '7d')");
         return Ok(0);
     };
+    let table = if partitioned {
+        "linkhooks.deliveries_default"
+    } else {
+        "linkhooks.deliveries"
+    };
     // Their attempts go with their partitions (maintain_partitions).
     Ok(Spi::get_one_with_args::<i64>(
-        "WITH old AS (
-            DELETE FROM linkhooks.deliveries
-             WHERE id IN (SELECT id FROM linkhooks.deliveries
-                           WHERE status = 'delivered' AND delivered_at < pg_catalog.now() - $1 * interval '1 millisecond'
-                           LIMIT $2 FOR UPDATE SKIP LOCKED)
-         RETURNING id)
-         SELECT pg_catalog.count(*) FROM old",
+        &format!(
+            "WITH old AS (
+                DELETE FROM {table}
+                 WHERE id IN (SELECT id FROM {table}
+                               WHERE status = 'delivered' AND delivered_at < pg_catalog.now() - $1 * interval '1 millisecond'
+                               LIMIT $2 FOR UPDATE SKIP LOCKED)
+             RETURNING id)
+             SELECT pg_catalog.count(*) FROM old"
+        ),
         &[(retention.as_millis() as f64).into(), BATCH.into()],
     )?
     .unwrap_or(0))

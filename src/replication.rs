@@ -69,8 +69,10 @@ pub fn receives_deliveries() -> Result<bool> {
     let receives = Spi::connect(|client| {
         client
             .select(
+                // The table or a partition of it (a publisher may publish its partitions).
                 "SELECT EXISTS (SELECT FROM pg_catalog.pg_subscription_rel
-                                 WHERE srrelid = pg_catalog.to_regclass('linkhooks.deliveries'))",
+                                 WHERE srrelid IN (SELECT relid FROM pg_catalog.pg_partition_tree(
+                                                        pg_catalog.to_regclass('linkhooks.deliveries'))))",
                 Some(1),
                 &[],
             )?

@@ -25,6 +25,8 @@ const EXCERPT_LEN: usize = 1024;
 /// One HTTP attempt to make.
 pub struct Job {
     pub delivery_id: i64,
+    /// The row's `created_at` (PostgreSQL microseconds): with the id, finds its partition.
+    pub created_at: i64,
     pub subscription_id: i64,
     pub attempt: i32,
     pub url: Arc<str>,
@@ -53,6 +55,8 @@ pub enum Done {
 #[derive(Debug, Clone)]
 pub struct Outcome {
     pub delivery_id: i64,
+    /// As the job's.
+    pub created_at: i64,
     /// With `attempt`, identifies the claim this attempt was made for.
     pub event_id: String,
     pub subscription_id: i64,
@@ -339,6 +343,7 @@ fn deliver(agents: &Agents, job: Job) -> Outcome {
     };
     Outcome {
         delivery_id: job.delivery_id,
+        created_at: job.created_at,
         event_id: job.event_id,
         subscription_id: job.subscription_id,
         attempt: job.attempt,

@@ -95,6 +95,7 @@ fn serve_keep_alive(
 fn job(url: &str) -> Job {
     Job {
         delivery_id: 1,
+        created_at: 0,
         subscription_id: 2,
         attempt: 1,
         url: url.into(),

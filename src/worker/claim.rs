@@ -59,11 +59,11 @@ const CLAIM: &str = "WITH flying AS (
              floors AS (
                 SELECT f.sub, f.floor FROM ROWS FROM (pg_catalog.unnest($9::bigint[]), pg_catalog.unnest($10::timestamptz[])) AS f(sub, floor)),
              due AS (
-                SELECT c.id, c.next_attempt_at, s.id AS sub FROM linkhooks.subscriptions s
+                SELECT c.id, c.created_at, c.next_attempt_at, s.id AS sub FROM linkhooks.subscriptions s
                   LEFT JOIN flying f ON f.sub = s.id
                   LEFT JOIN floors fl ON fl.sub = s.id
                  CROSS JOIN LATERAL (
-                       SELECT d.id, d.next_attempt_at FROM linkhooks.deliveries d
+                       SELECT d.id, d.created_at, d.next_attempt_at FROM linkhooks.deliveries d
                         WHERE d.subscription_id = s.id AND d.status IN ('pending', 'delivering')
                           AND d.next_attempt_at >= COALESCE(fl.floor, '-infinity')
                           AND d.next_attempt_at <= pg_catalog.now()
@@ -74,10 +74,11 @@ const CLAIM: &str = "WITH flying AS (
                    AND (s.id IN (SELECT f.id FROM pg_catalog.unnest($5::bigint[]) AS f(id))) = $6
                  ORDER BY c.next_attempt_at
                  LIMIT $1),
+             -- Rows are found by id and created_at, so each reads one partition's key.
              locked AS (
-                SELECT d.id, d.status AS was, d.attempts AS attempt, d.subscription_id AS sub, d.next_attempt_at AS due_at,
+                SELECT d.id, d.created_at, d.status AS was, d.attempts AS attempt, d.subscription_id AS sub, d.next_attempt_at AS due_at,
                        d.next_attempt_at - pg_catalog.make_interval(secs => $7) AS leased_at
-                  FROM linkhooks.deliveries d JOIN due USING (id)
+                  FROM linkhooks.deliveries d JOIN due USING (id, created_at)
                  WHERE d.status IN ('pending', 'delivering') AND d.next_attempt_at <= pg_catalog.now()
                    FOR UPDATE OF d SKIP LOCKED),
              -- A row still 'delivering' when its lease ran out was held by a worker that
@@ -90,11 +91,12 @@ const CLAIM: &str = "WITH flying AS (
                    SET status = 'delivering', attempts = d.attempts + 1,
                        next_attempt_at = pg_catalog.now() + pg_catalog.make_interval(secs => $7)
                   FROM locked, linkhooks.subscriptions sub
-                 WHERE d.id = locked.id AND sub.id = d.subscription_id
-             RETURNING d.id, d.subscription_id, d.event_id::text, d.body, d.attempts, sub.xmin::text, locked.due_at)
+                 WHERE d.id = locked.id AND d.created_at = locked.created_at AND sub.id = d.subscription_id
+             RETURNING d.id, d.subscription_id, d.event_id::text, d.body, d.attempts, sub.xmin::text, locked.due_at,
+                       d.created_at)
         SELECT * FROM claimed
         UNION ALL
-        SELECT NULL, due.sub, NULL, NULL, NULL, NULL, due.next_attempt_at FROM due
+        SELECT NULL, due.sub, NULL, NULL, NULL, NULL, due.next_attempt_at, NULL FROM due
          WHERE due.id NOT IN (SELECT c.id FROM claimed c)";
 static ENDPOINTS_BEFORE_0_5: LazyLock<String> = LazyLock::new(|| before_holds(ENDPOINTS));
 static NEXT_DUE_BEFORE_0_5: LazyLock<String> = LazyLock::new(|| before_holds(NEXT_DUE));
@@ -222,6 +224,7 @@ impl Worker {
             };
             jobs.push(Job {
                 delivery_id: row.delivery_id,
+                created_at: row.created_at,
                 subscription_id: row.subscription_id,
                 attempt: row.attempt,
                 url: endpoint.url.clone(),
@@ -352,6 +355,7 @@ struct Claimed {
     attempt: i32,
     /// `xmin` of the subscription row the claim saw.
     subscription_version: String,
+    created_at: Micros,
 }
 
 /// Makes rows a previous worker claimed but never finished due now (a row
@@ -445,6 +449,9 @@ fn claim_rows(
                 body: row.get(4)?.unwrap_or_default(),
                 attempt: row.get(5)?.unwrap_or(1),
                 subscription_version: row.get(6)?.unwrap_or_default(),
+                created_at: row
+                    .get::<TimestampWithTimeZone>(8)?
+                    .map_or(Micros::MIN, |t| t.into_inner()),
             });
         }
         Ok(claimed)

@@ -11,6 +11,7 @@
 use std::collections::{HashMap, HashSet};
 use std::time::{Duration, Instant};
 
+use pgrx::datum::TimestampWithTimeZone;
 use pgrx::prelude::*;
 
 use super::Worker;
@@ -19,7 +20,7 @@ use crate::health::{self, HealthChange};
 use crate::latency;
 use crate::opsevents;
 use crate::payload::{DeadDelivery, DisabledSubscription};
-use crate::plans::{self, FLOAT8_ARRAY, INT4_ARRAY, INT8_ARRAY, TEXT_ARRAY};
+use crate::plans::{self, FLOAT8_ARRAY, INT4_ARRAY, INT8_ARRAY, TEXT_ARRAY, TIMESTAMPTZ_ARRAY};
 use crate::retry::{self, Verdict};
 use crate::sender::Outcome;
 
@@ -394,6 +395,10 @@ fn set_delivery_status(
     verdicts: &[Verdict],
 ) -> Result<Updated> {
     let ids: Vec<i64> = outcomes.iter().map(|o| o.delivery_id).collect();
+    let created: Vec<Option<TimestampWithTimeZone>> = outcomes
+        .iter()
+        .map(|o| TimestampWithTimeZone::try_from(o.created_at).ok())
+        .collect();
     let events: Vec<&str> = outcomes.iter().map(|o| o.event_id.as_str()).collect();
     let attempts: Vec<i32> = outcomes.iter().map(|o| o.attempt).collect();
     let (statuses, delays): (Vec<&str>, Vec<Option<f64>>) = verdicts
@@ -413,10 +418,11 @@ fn set_delivery_status(
     let rows = plans::execute(
         client,
         "WITH u AS (
-            SELECT * FROM ROWS FROM (pg_catalog.unnest($1::bigint[]), pg_catalog.unnest($2::text[]), pg_catalog.unnest($3::int[]), pg_catalog.unnest($4::text[]), pg_catalog.unnest($5::float8[]), pg_catalog.unnest($6::int[]), pg_catalog.unnest($7::text[]), pg_catalog.unnest($8::float8[]))
-                AS u(id, event_id, attempt, status, delay_ms, code, error, finished)),
+            SELECT * FROM ROWS FROM (pg_catalog.unnest($1::bigint[]), pg_catalog.unnest($2::text[]), pg_catalog.unnest($3::int[]), pg_catalog.unnest($4::text[]), pg_catalog.unnest($5::float8[]), pg_catalog.unnest($6::int[]), pg_catalog.unnest($7::text[]), pg_catalog.unnest($8::float8[]), pg_catalog.unnest($9::timestamptz[]))
+                AS u(id, event_id, attempt, status, delay_ms, code, error, finished, created_at)),
+         -- By id and created_at, so each row reads one partition's key.
          locked AS (
-            SELECT d.id FROM linkhooks.deliveries d JOIN u ON d.id = u.id
+            SELECT d.id FROM linkhooks.deliveries d JOIN u ON d.id = u.id AND d.created_at = u.created_at
                FOR NO KEY UPDATE OF d SKIP LOCKED)
          UPDATE linkhooks.deliveries d
             SET status = u.status,
@@ -428,10 +434,20 @@ fn set_delivery_status(
                 last_status_code = u.code,
                 last_error = u.error
            FROM u JOIN locked ON locked.id = u.id
-          WHERE d.id = u.id AND d.event_id = u.event_id::uuid AND d.attempts = u.attempt
+          WHERE d.id = u.id AND d.created_at = u.created_at AND d.event_id = u.event_id::uuid AND d.attempts = u.attempt
             AND d.status = 'delivering'
       RETURNING d.id, pg_catalog.date_part('epoch', d.delivered_at - d.created_at) * 1000",
-        &[INT8_ARRAY, TEXT_ARRAY, INT4_ARRAY, TEXT_ARRAY, FLOAT8_ARRAY, INT4_ARRAY, TEXT_ARRAY, FLOAT8_ARRAY],
+        &[
+            INT8_ARRAY,
+            TEXT_ARRAY,
+            INT4_ARRAY,
+            TEXT_ARRAY,
+            FLOAT8_ARRAY,
+            INT4_ARRAY,
+            TEXT_ARRAY,
+            FLOAT8_ARRAY,
+            TIMESTAMPTZ_ARRAY,
+        ],
         &[
             ids.into(),
             events.into(),
@@ -441,6 +457,7 @@ fn set_delivery_status(
             codes.into(),
             errors.into(),
             finished.into(),
+            created.into(),
         ],
     )?;
     let mut kept = HashMap::with_capacity(rows.len());

@@ -1,4 +1,4 @@
-"""clicks and delivery_attempts are partitioned by time (issue 18): partitions
+"""clicks, deliveries and delivery_attempts are partitioned by time (issue 18): partitions
 are made ahead and dropped behind by the extension's own maintenance,
 retention drops only what is due, and no row is refused or lost on the way. Tests that move the clock
 run maintain_partitions with an as_of of their choice in a database of their
@@ -48,18 +48,18 @@ def day(n):
     return datetime(2026, 1, 10, tzinfo=timezone.utc) + n * DAY
 
 
-def test_the_worker_keeps_partitions_ahead_and_clicks_and_attempts_land_in_them(db, receiver):
+def test_the_worker_keeps_partitions_ahead_and_clicks_deliveries_and_attempts_land_in_them(db, receiver):
     def covered(table):
         return db.execute("SELECT count(*) FROM linkhooks.partitions WHERE table_name = %s AND range_start <= "
                           "now() + interval '2 days' AND range_end > now() + interval '2 days'", [table]).fetchone()[0]
-    for table in ("clicks", "delivery_attempts"):
+    for table in ("clicks", "deliveries", "delivery_attempts"):
         wait_for(lambda: covered(table) == 1, message=f"a partition of {table} for two days ahead, made by the worker")
     subscribe(db, receiver, "/p", event_types=["link.clicked"], filters={"exclude_bots": False})
     link(db, "p")
     db.execute("SELECT linkhooks.record_click('p', user_agent => %s)", [IPHONE])
     wait_for(lambda: db.execute("SELECT count(*) FROM linkhooks.delivery_attempts").fetchone()[0] == 1,
              message="the click delivered")
-    for table, column in (("clicks", "clicked_at"), ("delivery_attempts", "started_at")):
+    for table, column in (("clicks", "clicked_at"), ("deliveries", "created_at"), ("delivery_attempts", "started_at")):
         partition, at = db.execute(f"SELECT tableoid::regclass::text, {column} FROM linkhooks.{table}").fetchone()
         assert partition == db.execute("SELECT 'linkhooks.' || partition FROM linkhooks.partitions WHERE table_name = %s "
                                        "AND %s >= range_start AND %s < range_end", [table, at, at]).fetchone()[0]
@@ -135,8 +135,46 @@ def test_attempts_are_kept_for_the_retention_a_partition_at_a_time(own_db):
     assert (done["partitions_dropped"], done["rows_pruned"]) == (2, 1)
     assert own_db.execute("SELECT tableoid::regclass::text, started_at FROM linkhooks.delivery_attempts").fetchall() == \
         [("linkhooks.delivery_attempts_p20260112_000000", T0 + 2 * DAY)]
-    with pytest.raises(psycopg.errors.InvalidParameterValue, match="table_name must be clicks or delivery_attempts"):
+    with pytest.raises(psycopg.errors.InvalidParameterValue, match="table_name must be clicks, deliveries or delivery_attempts"):
         maintain(own_db, T0, table="links")
+
+
+def test_retention_drops_a_day_of_deliveries_whole_keeping_the_unfinished_ones(own_db):
+    assert maintain(own_db, T0, table="deliveries")["partitions_created"] == 4
+    rows = {}
+    for name, status, created, delivered in (
+            ("delivered long ago", "delivered", T0, T0),
+            ("pending", "pending", T0, None),
+            ("delivering", "delivering", T0, None),
+            ("dead, with its dead letter", "dead", T0, None),
+            ("dead, its dead letter pruned", "dead", T0, None),
+            ("delivered within the retention", "delivered", T0 + DAY, T0 + 2 * DAY),
+            ("of a day retention keeps", "pending", T0 + 2 * DAY, None)):
+        rows[name] = own_db.execute(
+            "INSERT INTO linkhooks.deliveries (event_id, subscription_id, event_type, body, signed_at, signature, status, "
+            "created_at, delivered_at, next_attempt_at) VALUES (linkhooks.uuidv7(), 1, 'link.clicked', '{}', 0, 's', %s, %s, %s, %s) "
+            "RETURNING id, event_id, next_attempt_at", [status, created, delivered, created + DAY]).fetchone()
+    own_db.execute("INSERT INTO linkhooks.dead_letters (delivery_id, event_id, subscription_id, event_type, attempts) "
+                   "SELECT id, event_id, 1, 'link.clicked', 8 FROM linkhooks.deliveries WHERE id = %s",
+                   [rows["dead, with its dead letter"][0]])
+    done = maintain(own_db, T0 + 2 * DAY, keep="12 hours", table="deliveries")
+    assert (done["partitions_dropped"], done["rows_kept"], done["rows_pruned"]) == (2, 4, 0)
+    kept = {r[0]: r[1:] for r in own_db.execute(
+        "SELECT id, tableoid::regclass::text, event_id, next_attempt_at FROM linkhooks.deliveries").fetchall()}
+    default = "linkhooks.deliveries_default"
+    assert kept == {
+        rows["pending"][0]: (default, *rows["pending"][1:]),
+        rows["delivering"][0]: (default, *rows["delivering"][1:]),
+        rows["dead, with its dead letter"][0]: (default, *rows["dead, with its dead letter"][1:]),
+        rows["delivered within the retention"][0]: (default, *rows["delivered within the retention"][1:]),
+        rows["of a day retention keeps"][0]: ("linkhooks.deliveries_p20260112_000000", *rows["of a day retention keeps"][1:]),
+    }, "ids, event ids and due times kept; the finished rows and the day they were in are gone"
+    # The next run removes the detached days; the kept rows stay where they are, older than any partition.
+    again = maintain(own_db, T0 + 2 * DAY, keep="12 hours", table="deliveries")
+    assert (again["expired_removed"], again["rows_kept"]) == (2, 0)
+    assert own_db.execute("SELECT count(*) FROM linkhooks.deliveries_default").fetchone()[0] == 4
+    assert own_db.execute("SELECT min(range_start) FROM linkhooks.partitions WHERE table_name = 'deliveries'").fetchone()[0] \
+        == day(2)
 
 
 def test_hundreds_of_partitions_do_not_make_the_views_look_costly_enough_to_compile(own_db):
@@ -178,8 +216,11 @@ def test_the_planner_expects_only_the_clicks_after_the_cursor_to_be_uncounted(ow
 def test_clicks_inserted_while_maintenance_attaches_their_partition_are_not_refused(cluster, own_db):
     """Before the first maintenance (right after CREATE EXTENSION) clicks go to the default partition. An INSERT
     routed there just before maintenance attached the partition for its time failed that partition's constraint
-    once the ATTACH committed: a click refused."""
+    once the ATTACH committed: a click refused. Their deliveries, which the queue routes itself, likewise: each
+    session must see the new partition (or write into the default partition a row it may no longer hold)."""
     lid = link(own_db, "race")
+    own_db.execute("INSERT INTO linkhooks.subscriptions (name, url, event_types, filters) "
+                   "VALUES ('race', 'http://127.0.0.1:9/closed', '{link.clicked}', '{\"exclude_bots\": false}')")
     stop, errors, inserted = threading.Event(), [], []
 
     def insert():
@@ -197,6 +238,7 @@ def test_clicks_inserted_while_maintenance_attaches_their_partition_are_not_refu
     try:
         wait_for(lambda: len(inserted) >= 200, message="clicks going into the default partition")
         assert maintain(own_db, datetime.now(timezone.utc))["partitions_created"] >= 1
+        assert maintain(own_db, datetime.now(timezone.utc), table="deliveries")["partitions_created"] >= 1
         after = len(inserted)
         wait_for(lambda: len(inserted) >= after + 200, message="clicks after the partition was attached")
     finally:
@@ -205,6 +247,9 @@ def test_clicks_inserted_while_maintenance_attaches_their_partition_are_not_refu
             t.join()
     assert errors == []
     assert own_db.execute("SELECT count(*) FROM linkhooks.clicks").fetchone()[0] == len(inserted)
+    assert own_db.execute("SELECT count(*) FROM linkhooks.deliveries").fetchone()[0] == len(inserted)
+    assert own_db.execute("SELECT count(*) FROM linkhooks.deliveries_default").fetchone()[0] == 0, \
+        "every delivery in the partition of its time, the ones written before it was made moved there"
 
 
 def test_a_drop_that_would_wait_for_a_lock_waits_for_the_next_run(cluster, own_db):

@@ -203,7 +203,8 @@ def test_a_subscriber_does_not_send_the_deliveries_it_receives(pair, receiver):
         # Local rows must not collide with the ids arriving from the publisher.
         s.execute("SELECT setval('linkhooks.deliveries_id_seq', 1000)")
         # Inserts only: the subscriber's copies stay pending, the worst case for a resend.
-        p.execute("CREATE PUBLICATION deliveries_pub FOR TABLE linkhooks.deliveries WITH (publish = 'insert')")
+        p.execute("CREATE PUBLICATION deliveries_pub FOR TABLE linkhooks.deliveries "
+                  "WITH (publish = 'insert', publish_via_partition_root = true)")
         s.execute(f"CREATE SUBSCRIPTION deliveries_sub CONNECTION 'host={publisher.dir} port={publisher.port} "
                   "user=postgres dbname=postgres' PUBLICATION deliveries_pub")
         try:
@@ -267,7 +268,7 @@ def test_a_subscriber_taking_over_sends_rows_due_before_what_it_sent_itself(pair
         wait_for(lambda: s.execute("SELECT bool_and(status = 'delivered') FROM linkhooks.deliveries "
                                    "WHERE subscription_id = 50").fetchone()[0], message="the subscriber's own event")
         p.execute("CREATE PUBLICATION held_pub FOR TABLE linkhooks.deliveries WHERE (subscription_id = 50) "
-                  "WITH (publish = 'insert')")
+                  "WITH (publish = 'insert', publish_via_partition_root = true)")
         s.execute(f"CREATE SUBSCRIPTION held_sub CONNECTION 'host={publisher.dir} port={publisher.port} "
                   "user=postgres dbname=postgres' PUBLICATION held_pub")
         try:

@@ -99,11 +99,14 @@ def test_update_from_previous_release_equals_fresh_install(cluster, previous_rel
                                  "WHERE event_type = 'link.clicked'")
             clicks = "SELECT id, event_id, link_id, clicked_at FROM linkhooks.clicks ORDER BY id"
             clicks_before = upgraded.execute(clicks).fetchall()
+            deliveries = "SELECT id, event_id, subscription_id, status, next_attempt_at, created_at FROM linkhooks.deliveries ORDER BY id"
+            deliveries_before = upgraded.execute(deliveries).fetchall()
             upgraded.execute("ALTER EXTENSION pg_linkhooks UPDATE")
 
-            # clicks became partitioned; its rows, ids and event ids are all kept, in clicks_history.
+            # clicks and deliveries became partitioned; their rows, ids and event ids are all kept, in *_history.
             assert upgraded.execute(clicks).fetchall() == clicks_before and clicks_before
-            for table in ("clicks", "delivery_attempts"):
+            assert upgraded.execute(deliveries).fetchall() == deliveries_before and deliveries_before
+            for table in ("clicks", "deliveries", "delivery_attempts"):
                 assert upgraded.execute(f"SELECT DISTINCT tableoid::regclass::text FROM linkhooks.{table}").fetchall() == \
                     [(f"linkhooks.{table}_history",)]
             assert upgraded.execute("SELECT extversion FROM pg_extension WHERE extname = 'pg_linkhooks'").fetchone()[0] == \
@@ -127,6 +130,8 @@ def test_update_from_previous_release_equals_fresh_install(cluster, previous_rel
             assert upgraded.execute("SELECT count(*) FROM linkhooks.delivery_log WHERE event_type = 'link.clicked'").fetchone()[0] == 2
             # The identity carries on after the rows written before the update.
             assert upgraded.execute("SELECT max(id) FROM linkhooks.clicks").fetchone()[0] == clicks_before[-1][0] + 1
+            assert upgraded.execute("SELECT min(id) FROM linkhooks.deliveries WHERE id > %s",
+                                    [deliveries_before[-1][0]]).fetchone()[0] == deliveries_before[-1][0] + 1
             # Workers serve `postgres` only here (linkhooks.databases): the status says so.
             wait_for(lambda: upgraded.execute("SELECT running, state FROM linkhooks.worker_status()").fetchone() ==
                      (False, "not in linkhooks.databases"), message="the status of a database left out of the allow-list")

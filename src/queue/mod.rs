@@ -11,18 +11,30 @@
 //! partial-index predicates compiled), which the executor would build for every
 //! statement, and builds it again when the table or any of its indexes changes.
 //!
+//! The table is partitioned by `created_at` (the transaction's start), so
+//! every row of a transaction goes to one partition, which this finds in the
+//! partition bounds (`routing`) and writes to directly, checking the
+//! partition's constraint as the executor would (compiled once per partition).
+//!
 //! Only the table's own columns are known here. If someone added a column
-//! (with a default this code would not apply) or changed a type, `insert`
-//! returns `None` and the caller falls back to a plain SQL INSERT.
+//! (with a default this code would not apply), changed a type or partitioned
+//! the table another way, `insert` returns `None` and the caller falls back to
+//! a plain SQL INSERT.
 
 use std::cell::{Cell, RefCell};
 use std::rc::Rc;
 
 use pgrx::prelude::*;
-use pgrx::{IntoDatum, PgBox, PgMemoryContexts};
+use pgrx::{IntoDatum, PgBox};
 
 use crate::error::{Error, Result};
 use crate::linkstore;
+
+mod layout;
+mod partitions;
+
+use layout::{Indexes, Layout, Value, read_layout};
+use partitions::{Routing, read_routing};
 
 mod c {
     use pgrx::pg_sys::Oid;
@@ -34,42 +46,6 @@ mod c {
     }
 }
 
-/// What goes into one attribute of a new delivery row.
-#[derive(Clone, Copy, PartialEq, Eq, Debug)]
-enum Value {
-    Id,
-    EventId,
-    SubscriptionId,
-    EventType,
-    Body,
-    SignedAt,
-    Signature,
-    Pending,
-    ZeroAttempts,
-    Now,
-    DueStamp,
-    Null,
-}
-
-/// The table's columns as schema.sql creates them, with their types and what
-/// a new row holds (schema.sql's defaults; keep the two in step).
-const COLUMNS: [(&str, pg_sys::Oid, Value); 14] = [
-    ("id", pg_sys::INT8OID, Value::Id),
-    ("event_id", pg_sys::UUIDOID, Value::EventId),
-    ("subscription_id", pg_sys::INT8OID, Value::SubscriptionId),
-    ("event_type", pg_sys::TEXTOID, Value::EventType),
-    ("body", pg_sys::TEXTOID, Value::Body),
-    ("signed_at", pg_sys::INT8OID, Value::SignedAt),
-    ("signature", pg_sys::TEXTOID, Value::Signature),
-    ("status", pg_sys::TEXTOID, Value::Pending),
-    ("attempts", pg_sys::INT4OID, Value::ZeroAttempts),
-    ("next_attempt_at", pg_sys::TIMESTAMPTZOID, Value::DueStamp),
-    ("created_at", pg_sys::TIMESTAMPTZOID, Value::Now),
-    ("delivered_at", pg_sys::TIMESTAMPTZOID, Value::Null),
-    ("last_status_code", pg_sys::INT4OID, Value::Null),
-    ("last_error", pg_sys::TEXTOID, Value::Null),
-];
-
 /// A signed delivery ready to insert.
 pub struct Queued {
     pub subscription_id: i64,
@@ -77,40 +53,11 @@ pub struct Queued {
     pub signature: String,
 }
 
-/// The deliveries table as this backend last saw it.
-struct Layout {
-    table: pg_sys::Oid,
-    id_sequence: pg_sys::Oid,
-    /// One entry per attribute (dropped ones are `Null`); `None` when the
-    /// table has columns this module does not know.
-    values: Option<Vec<Value>>,
-    /// `None` when an index needs what `ExecOpenIndices` builds afresh.
-    indexes: Option<Indexes>,
-}
-
-/// The table's indexes and their `IndexInfo`s, partial-index predicates
-/// compiled: what `ExecOpenIndices` and the first index insert would build on
-/// every click (a tenth of the delivery row's cost). Only plain b-tree
-/// indexes: other access methods and expression indexes keep per-query state
-/// in the `IndexInfo`.
-struct Indexes {
-    /// Holds the `IndexInfo`s; deleted with this.
-    context: pg_sys::MemoryContext,
-    oids: Vec<pg_sys::Oid>,
-    /// `oids.len()` pointers, allocated in `context`.
-    infos: *mut *mut pg_sys::IndexInfo,
-}
-
-impl Drop for Indexes {
-    fn drop(&mut self) {
-        // SAFETY: the context is ours; nothing points into it once its Layout is gone.
-        unsafe { pg_sys::MemoryContextDelete(self.context) };
-    }
-}
-
 thread_local! {
-    /// Forgotten on any relcache invalidation of the table (ALTER TABLE, DROP).
-    static LAYOUT: RefCell<Option<Rc<Layout>>> = const { RefCell::new(None) };
+    /// Forgotten, with every layout, on any relcache invalidation of the
+    /// table, a partition or an index of theirs (ALTER TABLE, ATTACH, DROP).
+    static ROUTING: RefCell<Option<Rc<Routing>>> = const { RefCell::new(None) };
+    static LAYOUTS: RefCell<Vec<Rc<Layout>>> = const { RefCell::new(Vec::new()) };
     static FORGET_REGISTERED: Cell<bool> = const { Cell::new(false) };
     /// Relcache invalidations seen, of any relation: one arriving while a
     /// layout is read (an index's flags changing) makes that layout stale.
@@ -119,19 +66,21 @@ thread_local! {
 
 unsafe extern "C-unwind" fn forget_layout(_: pg_sys::Datum, relid: pg_sys::Oid) {
     INVALIDATIONS.set(INVALIDATIONS.get().wrapping_add(1));
-    LAYOUT.with(|l| {
-        let mut l = l.borrow_mut();
-        if l.as_ref().is_some_and(|known| {
-            relid == pg_sys::InvalidOid
-                || relid == known.table
-                || known
-                    .indexes
-                    .as_ref()
-                    .is_some_and(|i| i.oids.contains(&relid))
-        }) {
-            *l = None;
-        }
-    });
+    let concerned = relid == pg_sys::InvalidOid
+        || ROUTING.with(|r| r.borrow().as_ref().is_some_and(|r| r.table == relid))
+        || LAYOUTS.with(|l| {
+            l.borrow().iter().any(|known| {
+                relid == known.table
+                    || known
+                        .indexes
+                        .as_ref()
+                        .is_some_and(|i| i.oids.contains(&relid))
+            })
+        });
+    if concerned {
+        ROUTING.with(|r| *r.borrow_mut() = None);
+        LAYOUTS.with(|l| l.borrow_mut().clear());
+    }
 }
 
 /// When a row this transaction queues comes due: the clock read once the
@@ -156,122 +105,50 @@ pub fn due_at() -> pgrx::datum::TimestampWithTimeZone {
         .expect("the clock reads a valid timestamp")
 }
 
-fn layout() -> Result<Rc<Layout>> {
-    if let Some(known) = LAYOUT.with(|l| l.borrow().clone()) {
-        return Ok(known);
-    }
+fn register_forget() {
     if !FORGET_REGISTERED.replace(true) {
-        // SAFETY: registering a callback for this backend's life; it only clears a RefCell.
+        // SAFETY: registering a callback for this backend's life; it only clears RefCells.
         unsafe {
             pg_sys::CacheRegisterRelcacheCallback(Some(forget_layout), pg_sys::Datum::from(0))
         };
     }
+}
+
+/// The table's routing, read afresh when it changed.
+///
+/// # Safety
+/// `rel` is the deliveries table, open and locked.
+unsafe fn routing_of(rel: pg_sys::Relation) -> Result<Rc<Routing>> {
+    if let Some(known) = ROUTING.with(|r| r.borrow().clone()) {
+        return Ok(known);
+    }
+    register_forget();
     let seen = INVALIDATIONS.get();
-    let fresh = Rc::new(read_layout()?);
+    // SAFETY: as the caller promises.
+    let fresh = Rc::new(unsafe { read_routing(rel) }?);
     if INVALIDATIONS.get() == seen {
-        LAYOUT.with(|l| *l.borrow_mut() = Some(fresh.clone()));
+        ROUTING.with(|r| *r.borrow_mut() = Some(fresh.clone()));
     }
     Ok(fresh)
 }
 
-fn read_layout() -> Result<Layout> {
-    let table = linkstore::relations()?.deliveries;
-    // SAFETY: the relation's descriptor is read while the relation is open and locked.
-    unsafe {
-        let rel = pg_sys::table_open(table, pg_sys::AccessShareLock as pg_sys::LOCKMODE);
-        let desc = (*rel).rd_att;
-        let attrs = (*desc).attrs.as_slice((*desc).natts as usize);
-        let mut values = Vec::with_capacity(attrs.len());
-        let mut unknown_column = false;
-        for att in attrs {
-            if att.attisdropped {
-                values.push(Value::Null);
-                continue;
-            }
-            let name = std::ffi::CStr::from_ptr(att.attname.data.as_ptr()).to_bytes();
-            match COLUMNS.iter().find(|(column, type_oid, _)| {
-                name == column.as_bytes() && att.atttypid == *type_oid
-            }) {
-                Some((_, _, value)) => values.push(*value),
-                None => unknown_column = true,
-            }
-        }
-        let indexes = read_indexes(rel);
-        pg_sys::table_close(rel, pg_sys::AccessShareLock as pg_sys::LOCKMODE);
-        let complete = !unknown_column && COLUMNS.iter().all(|(_, _, want)| values.contains(want));
-        let id_sequence = match values.iter().position(|v| *v == Value::Id) {
-            Some(n) if complete => pg_sys::getIdentitySequence(table, n as i16 + 1, true),
-            _ => pg_sys::InvalidOid,
-        };
-        Ok(Layout {
-            table,
-            id_sequence,
-            values: (complete && id_sequence != pg_sys::InvalidOid).then_some(values),
-            indexes,
-        })
-    }
-}
-
-/// The open table's indexes, built once; `None` if any is not a plain b-tree.
+/// The layout of a relation rows go into, read afresh when it changed.
 ///
 /// # Safety
 /// `rel` is open and locked.
-unsafe fn read_indexes(rel: pg_sys::Relation) -> Option<Indexes> {
-    unsafe {
-        let context = pg_sys::AllocSetContextCreateInternal(
-            pg_sys::CacheMemoryContext,
-            c"pg_linkhooks deliveries indexes".as_ptr(),
-            0,
-            1024,
-            8192,
-        );
-        let mut indexes = Indexes {
-            context,
-            oids: oids(pg_sys::RelationGetIndexList(rel)),
-            infos: std::ptr::null_mut(),
-        };
-        let oids = &indexes.oids;
-        let infos = PgMemoryContexts::For(context).switch_to(|_| {
-            let lock = pg_sys::AccessShareLock as pg_sys::LOCKMODE;
-            let infos = pg_sys::palloc(oids.len().max(1) * size_of::<*mut pg_sys::IndexInfo>())
-                .cast::<*mut pg_sys::IndexInfo>();
-            for (n, oid) in oids.iter().enumerate() {
-                let index = pg_sys::index_open(*oid, lock);
-                let info = pg_sys::BuildIndexInfo(index);
-                let plain_btree = (*(*index).rd_rel).relam == pg_sys::BTREE_AM_OID
-                    && (*info).ii_Expressions.is_null()
-                    && (*info).ii_ExclusionOps.is_null();
-                pg_sys::index_close(index, lock);
-                if !plain_btree {
-                    return None;
-                }
-                if !(*info).ii_Predicate.is_null() {
-                    // What ExecPrepareQual does, in a context that outlives the query.
-                    let predicate = pg_sys::expression_planner((*info).ii_Predicate.cast());
-                    (*info).ii_PredicateState =
-                        pg_sys::ExecInitQual(predicate.cast(), std::ptr::null_mut());
-                }
-                *infos.add(n) = info;
-            }
-            Some(infos)
-        })?; // dropping `indexes` deletes the context
-        indexes.infos = infos;
-        Some(indexes)
+unsafe fn layout_of(rel: pg_sys::Relation) -> Rc<Layout> {
+    let table = unsafe { (*rel).rd_id };
+    if let Some(known) = LAYOUTS.with(|l| l.borrow().iter().find(|l| l.table == table).cloned()) {
+        return known;
     }
-}
-
-/// The OIDs of an OID list.
-///
-/// # Safety
-/// `list` is NIL or an OID list.
-unsafe fn oids(list: *mut pg_sys::List) -> Vec<pg_sys::Oid> {
-    if list.is_null() {
-        return Vec::new();
+    register_forget();
+    let seen = INVALIDATIONS.get();
+    // SAFETY: as the caller promises.
+    let fresh = Rc::new(unsafe { read_layout(rel) });
+    if INVALIDATIONS.get() == seen {
+        LAYOUTS.with(|l| l.borrow_mut().push(fresh.clone()));
     }
-    unsafe {
-        let cells = std::slice::from_raw_parts((*list).elements, (*list).length as usize);
-        cells.iter().map(|cell| cell.oid_value).collect()
-    }
+    fresh
 }
 
 /// Inserts one delivery per entry of `rows` for one event and returns their ids,
@@ -286,18 +163,44 @@ pub fn insert(
         .map_err(|e| Error::invalid("event_id", format!("must be a UUID ({e})")))?;
     let table = linkstore::relations()?.deliveries;
     let lock = pg_sys::RowExclusiveLock as pg_sys::LOCKMODE;
-    // Locking the table first takes in any change to it or its indexes, so the
-    // layout read next is current for as long as the lock is held.
+    let close = |rel| {
+        // SAFETY: a relation opened below; the lock stays to the end of the transaction.
+        unsafe { pg_sys::table_close(rel, pg_sys::NoLock as pg_sys::LOCKMODE) }
+    };
+    // Locking the table first takes in any change to it, its partitions or
+    // their indexes, so what is read next is current for as long as the lock
+    // is held (maintain_partitions locks the table out while it attaches).
     // SAFETY: opened and locked like a query's result relation; closed below or on error.
-    let rel = unsafe { pg_sys::table_open(table, lock) };
-    let layout = match layout() {
-        Ok(layout) if layout.values.is_some() && layout.table == table => layout,
+    let parent = unsafe { pg_sys::table_open(table, lock) };
+    // SAFETY: the table is open and locked.
+    let routing = match unsafe { routing_of(parent) } {
+        Ok(routing) if routing.known && routing.id_sequence != pg_sys::InvalidOid => routing,
         other => {
-            // SAFETY: the relation opened above; the lock stays to the end of the transaction.
-            unsafe { pg_sys::table_close(rel, pg_sys::NoLock as pg_sys::LOCKMODE) };
+            close(parent);
             return other.map(|_| None);
         }
     };
+    // SAFETY: reads the transaction's start time, which every row of it is created at.
+    let now = unsafe { pg_sys::GetCurrentTransactionStartTimestamp() };
+    let Some(target) = routing.target(now) else {
+        close(parent);
+        return Ok(None); // no partition holds it: the SQL INSERT raises the error
+    };
+    let rel = if target == table {
+        parent
+    } else {
+        // SAFETY: as the table above; a partition found in its current bounds.
+        unsafe { pg_sys::table_open(target, lock) }
+    };
+    // SAFETY: open and locked.
+    let layout = unsafe { layout_of(rel) };
+    if rel != parent {
+        close(parent);
+    }
+    if layout.values.is_none() {
+        close(rel);
+        return Ok(None);
+    }
     let values = layout.values.as_deref().unwrap_or_default();
     let mut ids = Vec::with_capacity(rows.len());
     // SAFETY: the executor state, slot and relation are set up, used and torn
@@ -317,18 +220,21 @@ pub fn insert(
         let result_rel =
             PgBox::<pg_sys::ResultRelInfo>::alloc_node(pg_sys::NodeTag::T_ResultRelInfo).into_pg();
         pg_sys::InitResultRelInfo(result_rel, rel, 1, std::ptr::null_mut(), 0);
+        if let Some(check) = &layout.check {
+            (*result_rel).ri_PartitionCheckExpr = check.state;
+        }
         (*estate).es_output_cid = pg_sys::GetCurrentCommandId(true);
         open_indexes(result_rel, layout.indexes.as_ref());
         pg_sys::AfterTriggerBeginQuery();
         let slot = pg_sys::table_slot_create(rel, &mut (*estate).es_tupleTable);
-        let now = pg_sys::Datum::from(pg_sys::GetCurrentTransactionStartTimestamp());
+        let now = pg_sys::Datum::from(now);
         let due = pg_sys::Datum::from(due_stamp());
         let uuid_datum = pgrx::Uuid::from_bytes(*event_uuid.as_bytes()).into_datum();
         let type_datum = event_type.into_datum();
         let pending = "pending".into_datum();
         for row in rows {
             let id = pg_sys::ffi::pg_guard_ffi_boundary(|| {
-                c::nextval_internal(layout.id_sequence, false)
+                c::nextval_internal(routing.id_sequence, false)
             });
             pg_sys::ExecClearTuple(slot);
             for (n, value) in values.iter().enumerate() {
