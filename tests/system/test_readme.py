@@ -71,6 +71,14 @@ def tour_roles(cluster):
                 c.execute(f"DROP ROLE {role}")
 
 
+def counting_state(db):
+    """What the click counts read, for a failure message: the aggregator's cursor, the clicks and the counts."""
+    return {"cursor": db.execute("SELECT snapshot::text, id_floor, updated_at FROM linkhooks.click_cursor").fetchall(),
+            "now": db.execute("SELECT pg_current_snapshot()::text").fetchone()[0],
+            "clicks": db.execute("SELECT id, link_id, txid::text, tableoid::regclass::text FROM linkhooks.clicks").fetchall(),
+            "link_counts": db.execute("SELECT link_id, clicks FROM linkhooks.link_counts").fetchall()}
+
+
 def test_tour_runs_as_written(db, tour_roles):
     # As on the demo cluster, the worker is up (at a cluster's start it takes a second).
     wait_for(lambda: db.execute("SELECT running FROM linkhooks.worker_status()").fetchone()[0], message="the worker")
@@ -82,7 +90,7 @@ def test_tour_runs_as_written(db, tour_roles):
         cur = db.execute(sql)
         if expected is not None:
             row = cur.fetchone()
-            assert row is not None and shown(row[0]) == expected, sql
+            assert row is not None and shown(row[0]) == expected, (sql, counting_state(db))
             checked += 1
     assert checked >= 5, "the tour's promised answers were checked"
     # What the tour says it did, it did.
@@ -164,7 +172,8 @@ def test_payload_examples_have_the_fields_real_events_have(db, receiver, destina
     def missing():
         rows = db.execute("SELECT subscription_id, event_type, status, attempts FROM linkhooks.deliveries ORDER BY id").fetchall()
         return (f"one event of each type; missing {sorted(set(examples) - set(real_events()))}, "
-                f"received {[(r['path'], r['json']['type']) for r in receiver.received()]}, queued {rows}")
+                f"received {[(r['path'], r['json']['type']) for r in receiver.received()]}, queued {rows}, "
+                f"counted {counting_state(db)}")
 
     real = wait_for(lambda: (lambda got: got if set(got) >= set(examples) else None)(real_events()), message=missing)
     for kind, example in examples.items():
