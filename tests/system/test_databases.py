@@ -229,6 +229,10 @@ def test_two_workers_share_the_queue_without_duplicates_and_hold_the_per_subscri
         assert len(ids) == len(set(ids)) == events, "each event once"
         assert busy == pids, "both workers had requests in flight"
         assert receiver.peak["/many"] <= 6, "¾ of http_concurrency = 8, over both workers"
-        assert app.execute("SELECT count(*) FROM linkhooks.deliveries WHERE status = 'delivered'").fetchone()[0] == events
+        # A request arrives before its worker records the outcome (in its next batch): wait for the records.
+        delivered = "SELECT count(*) FILTER (WHERE status = 'delivered'), count(*) FROM linkhooks.deliveries"
+        wait_for(lambda: app.execute(delivered).fetchone() == (events, events), timeout=30,
+                 message=lambda: f"every delivery recorded as delivered: (delivered, all) = {app.execute(delivered).fetchone()}, "
+                                 f"by status {app.execute('SELECT status, count(*) FROM linkhooks.deliveries GROUP BY 1').fetchall()}")
     finally:
         app.close()
