@@ -482,6 +482,7 @@ DECLARE
     default_partition text := table_name || '_default';
     columns text;
     kept bigint := 0;
+    moving boolean;
     frontier timestamptz;
     oldest timestamptz;
     range_start timestamptz;
@@ -555,6 +556,14 @@ BEGIN
             -- An INSERT routed to the default partition before the ATTACH would fail its
             -- constraint after it: inserts finish first, and new ones wait for this commit.
             EXECUTE format('LOCK TABLE @extschema@.%I IN SHARE MODE', table_name);
+            -- Rows moving out of the default partition: a query planned with the partitions
+            -- as they were, whose snapshot then sees the move, would find them in neither place.
+            -- Readers wait for this commit too (and plan again, with the new partition).
+            EXECUTE format('SELECT EXISTS (SELECT FROM @extschema@.%I WHERE %I >= $1 AND %I < $2)', default_partition, key, key)
+                INTO moving USING range_start, range_end;
+            IF moving THEN
+                EXECUTE format('LOCK TABLE @extschema@.%I IN ACCESS EXCLUSIVE MODE', table_name);
+            END IF;
             EXECUTE format('CREATE TABLE @extschema@.%I (LIKE @extschema@.%I INCLUDING INDEXES)', partition, default_partition);
             EXECUTE format('WITH moved AS (DELETE FROM @extschema@.%I WHERE %I >= $1 AND %I < $2 RETURNING %s) '
                            'INSERT INTO @extschema@.%I (%s) SELECT %s FROM moved',
