@@ -296,6 +296,11 @@ def test_only_the_owner_may_run_partition_maintenance(cluster, own_db):
                 admin.execute("SELECT linkhooks.maintain_partitions('clicks', now() + interval '1 year', '1 day', '1 day')")
             with pytest.raises(psycopg.errors.InsufficientPrivilege):
                 admin.execute("SELECT linkhooks.use_pg_partman('clicks', interval '1 second')")
+            # Moving rows between the queue's partitions (and detaching its default partition) is the owner's too.
+            with pytest.raises(psycopg.errors.InsufficientPrivilege):
+                admin.execute("SELECT linkhooks.maintain_partitions('deliveries', now() + interval '1 year', '1 day', '1 day')")
+            with pytest.raises(psycopg.errors.InsufficientPrivilege):
+                admin.execute("SELECT linkhooks.keep_unfinished_deliveries('deliveries_default', now())")
             # run_maintenance (admins may run it) uses the settings and the real clock.
             assert admin.execute("SELECT linkhooks.run_maintenance() -> 'partitions' -> 'clicks' ->> 'partitions_dropped'").fetchone()[0] == "0"
         own_db.execute("SELECT linkhooks.revoke_access('lh_part_admin', 'admin')")
