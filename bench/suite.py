@@ -232,7 +232,8 @@ class Bench:
     def reset_clicks(self):
         for attempt in range(5):  # a busy worker may lock these tables in the other order
             try:
-                self.sql("TRUNCATE linkhooks.clicks, linkhooks.deliveries, linkhooks.delivery_attempts, linkhooks.dead_letters, "
+                self.sql("TRUNCATE linkhooks.clicks, linkhooks.conversions, linkhooks.deliveries, linkhooks.delivery_attempts, "
+                         "linkhooks.dead_letters, "
                          "linkhooks.subscription_state, bench_plain_clicks, bench_outbox_clicks, bench_outbox, "
                          "bench_floor_deliveries, linkhooks.link_counts, linkhooks.link_hours, linkhooks.campaign_counts, "
                          "linkhooks.subscription_minutes, linkhooks.subscription_latencies, "
@@ -603,10 +604,11 @@ class Bench:
     }
 
     def views(self):
-        """The click views at size: `view_clicks` clicks over the links and the last 30 days, already counted (as
-        an install updated with that many clicks is: the update counts them), plus 2,000 committed since the
-        aggregator last ran, which the views add. Each query against the same answer computed from the raw
-        clicks as 0.4.0's views did. Medians of 5."""
+        """The click views at size: `view_clicks` clicks over the links and the last 30 days and a conversion
+        for every 33 clicks, already counted (as an install updated with that many is: the update counts
+        them), plus 2,000 clicks and 60 conversions committed since the aggregator last ran, which the views
+        add. Each query against the same answer computed from the raw clicks as 0.4.0's views did. Medians
+        of 5."""
         self.subscriptions([])
         self.partitions_for_past_days(31)
         self.reset_clicks()
@@ -616,20 +618,27 @@ class Bench:
         self.sql("INSERT INTO linkhooks.clicks (event_id, link_id, clicked_at, user_agent, is_bot, source) "
                  "SELECT gen_random_uuid(), 1 + g %% %s, now() - (g %% 720) * interval '1 hour', 'x', g %% 3 = 0, "
                  "CASE WHEN g %% 10 = 0 THEN 'qr' ELSE 'link' END FROM generate_series(1, %s) g", [links, n])
+        self.sql("INSERT INTO linkhooks.conversions (link_id, name) SELECT 1 + g %% %s, 'signup' "
+                 "FROM generate_series(1, %s) g", [links, n // 33])
         self.sql("RESET session_replication_role")
         # What the update to 0.5.0 does with the clicks it finds (sql/pg_linkhooks--0.4.0--0.5.0.sql).
         self.sql("INSERT INTO linkhooks.link_counts (link_id, clicks, human_clicks, qr_scans, first_click_at, last_click_at) "
                  "SELECT link_id, count(*), count(*) FILTER (WHERE is_bot IS NOT TRUE), count(*) FILTER (WHERE source = 'qr'), "
                  "min(clicked_at), max(clicked_at) FROM linkhooks.clicks GROUP BY link_id")
+        self.sql("UPDATE linkhooks.link_counts k SET conversions = v.n "
+                 "FROM (SELECT link_id, count(*) AS n FROM linkhooks.conversions GROUP BY 1) v WHERE v.link_id = k.link_id")
         self.sql("INSERT INTO linkhooks.link_hours (link_id, hour, clicks, human_clicks, qr_scans) "
                  "SELECT link_id, to_timestamp(floor(extract(epoch FROM clicked_at) / 3600) * 3600), count(*), "
                  "count(*) FILTER (WHERE is_bot IS NOT TRUE), count(*) FILTER (WHERE source = 'qr') "
                  "FROM linkhooks.clicks GROUP BY 1, 2")
-        self.sql("VACUUM ANALYZE linkhooks.links, linkhooks.clicks, linkhooks.link_counts, linkhooks.link_hours")
+        self.sql("VACUUM ANALYZE linkhooks.links, linkhooks.clicks, linkhooks.conversions, linkhooks.link_counts, "
+                 "linkhooks.link_hours")
         self.sql("SELECT pg_advisory_lock(19521, 1)")  # the aggregator's runs skip: these stay uncounted
         try:
             self.sql("INSERT INTO linkhooks.clicks (link_id, user_agent, source) "
                      "SELECT 1 + g %% %s, %s, 'link' FROM generate_series(1, 2000) g", [links, UA])
+            self.sql("INSERT INTO linkhooks.conversions (link_id, name) "
+                     "SELECT 1 + g %% %s, 'signup' FROM generate_series(1, 60) g", [links])
             uncounted = self.one("SELECT count(*) FROM linkhooks.uncounted_clicks")
             queries = [
                 ("link_stats, one link", "SELECT * FROM linkhooks.link_stats WHERE link_id = 7",

@@ -315,9 +315,10 @@ CREATE TABLE link_counts (
     qr_scans        bigint NOT NULL DEFAULT 0,
     first_click_at  timestamptz,
     last_click_at   timestamptz,
+    conversions     bigint NOT NULL DEFAULT 0,
     updated_at      timestamptz NOT NULL DEFAULT now()
 );
-COMMENT ON TABLE link_counts IS 'Clicks per link counted by the aggregator (all, non-bot, QR; first and last), a second or so behind.';
+COMMENT ON TABLE link_counts IS 'Clicks (all, non-bot, QR; first and last) and conversions per link counted by the aggregator, a second or so behind.';
 
 CREATE TABLE link_hours (
     link_id       bigint NOT NULL,
@@ -354,6 +355,7 @@ CREATE TABLE click_cursor (
     single      boolean PRIMARY KEY DEFAULT true CHECK (single),
     snapshot    pg_snapshot NOT NULL,
     id_floor    bigint NOT NULL DEFAULT 0,
+    conversion_id_floor bigint NOT NULL DEFAULT 0,
     updated_at  timestamptz NOT NULL DEFAULT now()
 );
 COMMENT ON TABLE click_cursor IS 'Where the click aggregator is: the snapshot of its last run.';
@@ -386,26 +388,6 @@ JOIN clicks c ON c.txid >= pg_snapshot_xmin(k.snapshot)
              AND c.id > k.id_floor;
 COMMENT ON VIEW uncounted_clicks IS 'Clicks committed since the aggregator last counted (what the counted views add to their counts).';
 
--- Per link: clicks (humans, bots, QR), first and last click, conversions and conversion rate.
-CREATE OR REPLACE VIEW link_stats AS
-SELECT l.id AS link_id, l.domain, l.slug, l.campaign,
-       coalesce(k.clicks, 0) + coalesce(u.clicks, 0) AS clicks,
-       coalesce(k.human_clicks, 0) + coalesce(u.human_clicks, 0) AS human_clicks,
-       coalesce(k.clicks - k.human_clicks, 0) + coalesce(u.bot_clicks, 0) AS bot_clicks,
-       coalesce(k.qr_scans, 0) + coalesce(u.qr_scans, 0) AS qr_scans,
-       LEAST(k.first_click_at, u.first_click_at) AS first_click_at,
-       GREATEST(k.last_click_at, u.last_click_at) AS last_click_at,
-       coalesce(v.conversions, 0) AS conversions,
-       round(coalesce(v.conversions, 0)::numeric / nullif(coalesce(k.human_clicks, 0) + coalesce(u.human_clicks, 0), 0), 4)
-         AS conversion_rate
-FROM links l
-LEFT JOIN link_counts k ON k.link_id = l.id
-LEFT JOIN (SELECT link_id, count(*) AS clicks, count(*) FILTER (WHERE NOT is_bot) AS human_clicks,
-                  count(*) FILTER (WHERE is_bot) AS bot_clicks, count(*) FILTER (WHERE is_qr) AS qr_scans,
-                  min(clicked_at) AS first_click_at, max(clicked_at) AS last_click_at
-           FROM uncounted_clicks GROUP BY link_id) u ON u.link_id = l.id
-LEFT JOIN (SELECT link_id, count(*) AS conversions FROM conversions GROUP BY link_id) v ON v.link_id = l.id;
-COMMENT ON VIEW link_stats IS 'Per link: clicks, human and bot clicks, QR scans, first/last click, conversions, conversion rate (conversions per human click).';
 
 -- Per link and day (in the session time zone, to the hour: link_hours are whole UTC hours).
 CREATE OR REPLACE VIEW link_daily_clicks AS
@@ -513,6 +495,12 @@ SELECT pg_catalog.pg_extension_config_dump('click_keys', '');
 REVOKE ALL ON click_keys FROM PUBLIC;
 ALTER TABLE conversions ADD COLUMN external_id text;
 CREATE UNIQUE INDEX conversions_external_id ON conversions (external_id) WHERE external_id IS NOT NULL;
+ALTER TABLE conversions ADD COLUMN txid xid8;
+CREATE INDEX conversions_txid ON conversions (txid);
+-- Conversions recorded before the update are counted here, once (they have no txid).
+INSERT INTO link_counts (link_id, conversions)
+SELECT v.link_id, count(*) FROM conversions v JOIN links l ON l.id = v.link_id GROUP BY v.link_id
+ON CONFLICT (link_id) DO UPDATE SET conversions = excluded.conversions;
 
 -- Roles holding a level get what it gained: writers (who may call record_click) record_miss
 -- and the idempotency keys; analysts (who may call worker_status) read misses; admins (who may replay) clear them.
@@ -814,6 +802,33 @@ END
 $$;
 REVOKE ALL ON FUNCTION click_cursor_xmin() FROM PUBLIC;
 GRANT EXECUTE ON FUNCTION click_cursor_xmin() TO PUBLIC;
+-- Per link: clicks (humans, bots, QR), first and last click, conversions and conversion rate:
+-- the aggregator's counts plus the clicks and conversions it has not counted yet.
+CREATE OR REPLACE VIEW link_stats AS
+SELECT l.id AS link_id, l.domain, l.slug, l.campaign,
+       coalesce(k.clicks, 0) + coalesce(u.clicks, 0) AS clicks,
+       coalesce(k.human_clicks, 0) + coalesce(u.human_clicks, 0) AS human_clicks,
+       coalesce(k.clicks - k.human_clicks, 0) + coalesce(u.bot_clicks, 0) AS bot_clicks,
+       coalesce(k.qr_scans, 0) + coalesce(u.qr_scans, 0) AS qr_scans,
+       LEAST(k.first_click_at, u.first_click_at) AS first_click_at,
+       GREATEST(k.last_click_at, u.last_click_at) AS last_click_at,
+       coalesce(k.conversions, 0) + coalesce(v.conversions, 0) AS conversions,
+       round((coalesce(k.conversions, 0) + coalesce(v.conversions, 0))::numeric
+             / nullif(coalesce(k.human_clicks, 0) + coalesce(u.human_clicks, 0), 0), 4) AS conversion_rate
+FROM links l
+LEFT JOIN link_counts k ON k.link_id = l.id
+LEFT JOIN (SELECT link_id, count(*) AS clicks, count(*) FILTER (WHERE NOT is_bot) AS human_clicks,
+                  count(*) FILTER (WHERE is_bot) AS bot_clicks, count(*) FILTER (WHERE is_qr) AS qr_scans,
+                  min(clicked_at) AS first_click_at, max(clicked_at) AS last_click_at
+           FROM uncounted_clicks GROUP BY link_id) u ON u.link_id = l.id
+LEFT JOIN (SELECT c.link_id, count(*) AS conversions
+           FROM conversions c
+           WHERE c.txid >= click_cursor_xmin()
+             AND c.txid < pg_snapshot_xmax(pg_current_snapshot())
+             AND NOT pg_visible_in_snapshot(c.txid, (SELECT k.snapshot FROM click_cursor k))
+             AND c.id > (SELECT k.conversion_id_floor FROM click_cursor k)
+           GROUP BY c.link_id) v ON v.link_id = l.id;
+COMMENT ON VIEW link_stats IS 'Per link: clicks, human and bot clicks, QR scans, first/last click, conversions, conversion rate (conversions per human click).';
 -- The views that read clicks itself follow it to the new table.
 CREATE OR REPLACE VIEW uncounted_clicks AS
 SELECT c.id AS click_id, c.link_id, c.clicked_at, coalesce(c.is_bot, false) AS is_bot, c.source = 'qr' AS is_qr

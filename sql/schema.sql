@@ -215,7 +215,7 @@ COMMENT ON TABLE rules IS 'Rules for reactive events (milestones): one per kind 
 -- One rule per kind and scope.
 CREATE UNIQUE INDEX rules_scope ON rules (kind, link_id, campaign) NULLS NOT DISTINCT;
 
--- Clicks per link as the aggregator counted them: all, humans (is_bot not true), QR scans.
+-- Clicks per link as the aggregator counted them: all, humans (is_bot not true), QR scans; and conversions.
 CREATE TABLE link_counts (
     link_id         bigint PRIMARY KEY,
     clicks          bigint NOT NULL DEFAULT 0,
@@ -223,9 +223,10 @@ CREATE TABLE link_counts (
     qr_scans        bigint NOT NULL DEFAULT 0,
     first_click_at  timestamptz,
     last_click_at   timestamptz,
+    conversions     bigint NOT NULL DEFAULT 0,
     updated_at      timestamptz NOT NULL DEFAULT now()
 );
-COMMENT ON TABLE link_counts IS 'Clicks per link counted by the aggregator (all, non-bot, QR; first and last), a second or so behind.';
+COMMENT ON TABLE link_counts IS 'Clicks (all, non-bot, QR; first and last) and conversions per link counted by the aggregator, a second or so behind.';
 
 -- Clicks per link and hour (UTC hours) of clicked_at, kept by the aggregator: link_daily_clicks
 -- reads these and the few clicks not counted yet, so it answers fast at any number of clicks.
@@ -269,6 +270,7 @@ CREATE TABLE click_cursor (
     single      boolean PRIMARY KEY DEFAULT true CHECK (single),
     snapshot    pg_snapshot NOT NULL,
     id_floor    bigint NOT NULL DEFAULT 0,   -- clicks up to this id came from a restore and are never counted
+    conversion_id_floor bigint NOT NULL DEFAULT 0,   -- likewise for conversions
     updated_at  timestamptz NOT NULL DEFAULT now()
 );
 COMMENT ON TABLE click_cursor IS 'Where the click aggregator is: the snapshot of its last run.';
@@ -306,6 +308,10 @@ CREATE INDEX click_keys_created ON click_keys (created_at);
 ALTER TABLE conversions ADD COLUMN external_id text;
 -- One conversion per external id.
 CREATE UNIQUE INDEX conversions_external_id ON conversions (external_id) WHERE external_id IS NOT NULL;
+-- The inserting transaction's id (set by the trigger), by which the aggregator counts conversions as it counts clicks.
+ALTER TABLE conversions ADD COLUMN txid xid8;
+-- How the aggregator and link_stats find the conversions committed since its last run.
+CREATE INDEX conversions_txid ON conversions (txid);
 
 -- Clicks per link and minute of clicked_at, kept by the aggregator while a threshold rule
 -- exists and pruned past the longest rule's window: the counts behind link.threshold.

@@ -114,7 +114,8 @@ WHERE c.txid >= click_cursor_xmin()
   AND c.id > (SELECT k.id_floor FROM click_cursor k);
 COMMENT ON VIEW uncounted_clicks IS 'Clicks committed since the aggregator last counted (what the counted views add to their counts).';
 
--- Per link: clicks (humans, bots, QR), first and last click, conversions and conversion rate.
+-- Per link: clicks (humans, bots, QR), first and last click, conversions and conversion rate:
+-- the aggregator's counts plus the clicks and conversions it has not counted yet.
 CREATE VIEW link_stats AS
 SELECT l.id AS link_id, l.domain, l.slug, l.campaign,
        coalesce(k.clicks, 0) + coalesce(u.clicks, 0) AS clicks,
@@ -123,16 +124,22 @@ SELECT l.id AS link_id, l.domain, l.slug, l.campaign,
        coalesce(k.qr_scans, 0) + coalesce(u.qr_scans, 0) AS qr_scans,
        LEAST(k.first_click_at, u.first_click_at) AS first_click_at,
        GREATEST(k.last_click_at, u.last_click_at) AS last_click_at,
-       coalesce(v.conversions, 0) AS conversions,
-       round(coalesce(v.conversions, 0)::numeric / nullif(coalesce(k.human_clicks, 0) + coalesce(u.human_clicks, 0), 0), 4)
-         AS conversion_rate
+       coalesce(k.conversions, 0) + coalesce(v.conversions, 0) AS conversions,
+       round((coalesce(k.conversions, 0) + coalesce(v.conversions, 0))::numeric
+             / nullif(coalesce(k.human_clicks, 0) + coalesce(u.human_clicks, 0), 0), 4) AS conversion_rate
 FROM links l
 LEFT JOIN link_counts k ON k.link_id = l.id
 LEFT JOIN (SELECT link_id, count(*) AS clicks, count(*) FILTER (WHERE NOT is_bot) AS human_clicks,
                   count(*) FILTER (WHERE is_bot) AS bot_clicks, count(*) FILTER (WHERE is_qr) AS qr_scans,
                   min(clicked_at) AS first_click_at, max(clicked_at) AS last_click_at
            FROM uncounted_clicks GROUP BY link_id) u ON u.link_id = l.id
-LEFT JOIN (SELECT link_id, count(*) AS conversions FROM conversions GROUP BY link_id) v ON v.link_id = l.id;
+LEFT JOIN (SELECT c.link_id, count(*) AS conversions
+           FROM conversions c
+           WHERE c.txid >= click_cursor_xmin()
+             AND c.txid < pg_snapshot_xmax(pg_current_snapshot())
+             AND NOT pg_visible_in_snapshot(c.txid, (SELECT k.snapshot FROM click_cursor k))
+             AND c.id > (SELECT k.conversion_id_floor FROM click_cursor k)
+           GROUP BY c.link_id) v ON v.link_id = l.id;
 COMMENT ON VIEW link_stats IS 'Per link: clicks, human and bot clicks, QR scans, first/last click, conversions, conversion rate (conversions per human click).';
 
 -- Per link and day (in the session time zone, to the hour: link_hours are whole UTC hours).

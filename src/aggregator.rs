@@ -88,6 +88,7 @@ fn run() -> Result<Value> {
         return Ok(json!({"skipped": "the snapshot is older than the cursor"}));
     };
     let links = count_links(&batch)?;
+    let conversions = count_conversions(&previous, &batch.snapshot)?;
     minutes::add_hours(&batch.minutes)?;
     let campaigns = count_campaigns(&links)?;
     let lists = MilestoneLists::load()?;
@@ -139,12 +140,17 @@ fn run() -> Result<Value> {
     let report = json!({
         "clicks": links.iter().map(|l| l.totals.new_clicks).sum::<i64>(),
         "links": links.len(),
+        "conversions": conversions.counted,
         "milestones": fired.len(),
         "thresholds": thresholds,
         "digests": digests,
         "misses_announced": misses_announced,
     });
-    if batch.minutes.is_empty() && batch.restored_max_id.is_none() {
+    if batch.minutes.is_empty()
+        && batch.restored_max_id.is_none()
+        && conversions.counted == 0
+        && conversions.restored_max_id.is_none()
+    {
         // Nothing new: the cursor stays (still correct), and an idle run writes nothing.
         return Ok(report);
     }
@@ -152,8 +158,13 @@ fn run() -> Result<Value> {
         "UPDATE linkhooks.click_cursor
             SET snapshot = $1::pg_catalog.pg_snapshot,
                 id_floor = GREATEST(id_floor, coalesce($2, 0)),
+                conversion_id_floor = GREATEST(conversion_id_floor, coalesce($3, 0)),
                 updated_at = pg_catalog.now()",
-        &[batch.snapshot.as_str().into(), batch.restored_max_id.into()],
+        &[
+            batch.snapshot.as_str().into(),
+            batch.restored_max_id.into(),
+            conversions.restored_max_id.into(),
+        ],
     )?;
     Ok(report)
 }
@@ -278,9 +289,11 @@ fn read_new_clicks(previous: &str, with_groups: bool) -> Result<Option<Batch>> {
                       AND pg_catalog.pg_snapshot_xmax(snap.now) >= pg_catalog.pg_snapshot_xmax(snap.prev),
                     -- Restored clicks from the future, rare: the newest txid (from its index) says
                     -- whether to look; a plain max(id) with that filter scans every click backwards.
+                    -- Not this transaction's own (a caller's clicks, ahead of its snapshot's xmax).
                     (SELECT CASE WHEN top.txid >= pg_catalog.pg_snapshot_xmax(snap.now) THEN
                               (SELECT pg_catalog.max(c.id) FROM linkhooks.clicks c
-                                WHERE c.txid >= pg_catalog.pg_snapshot_xmax(snap.now)) END
+                                WHERE c.txid >= pg_catalog.pg_snapshot_xmax(snap.now)
+                                  AND c.txid IS DISTINCT FROM pg_catalog.pg_current_xact_id_if_assigned()) END
                        FROM (SELECT c.txid FROM linkhooks.clicks c WHERE c.txid IS NOT NULL
                               ORDER BY c.txid DESC LIMIT 1) top),
                     (SELECT pg_catalog.array_agg(link_id ORDER BY link_id, minute) FROM fresh),
@@ -334,6 +347,60 @@ fn read_new_clicks(previous: &str, with_groups: bool) -> Result<Option<Batch>> {
                 .collect(),
             groups,
         }))
+    })
+}
+
+/// Conversions a run counted.
+struct Conversions {
+    counted: i64,
+    /// As `Batch::restored_max_id`, for conversions.
+    restored_max_id: Option<i64>,
+}
+
+/// Adds the conversions committed after `previous` and by `now` (the snapshot the clicks were
+/// read with) to their links' counts. Its own statement: a later snapshot than `now`, so what
+/// committed since is left to the next run, and the restored rows from the future are those
+/// ahead of this statement's own snapshot (a conversion committed since `now` may be ahead of it).
+fn count_conversions(previous: &str, now: &str) -> Result<Conversions> {
+    Spi::connect_mut(|client| {
+        let rows = plans::execute(
+            client,
+            "WITH new AS (
+                SELECT c.link_id, pg_catalog.count(*) AS conversions
+                  FROM linkhooks.conversions c
+                 WHERE c.txid >= pg_catalog.pg_snapshot_xmin($1::pg_catalog.pg_snapshot)
+                   AND c.txid < pg_catalog.pg_snapshot_xmax($2::pg_catalog.pg_snapshot)
+                   AND NOT pg_catalog.pg_visible_in_snapshot(c.txid, $1::pg_catalog.pg_snapshot)
+                   AND pg_catalog.pg_visible_in_snapshot(c.txid, $2::pg_catalog.pg_snapshot)
+                   AND c.id > (SELECT k.conversion_id_floor FROM linkhooks.click_cursor k)
+                   AND EXISTS (SELECT FROM linkhooks.links l WHERE l.id = c.link_id)
+                 GROUP BY c.link_id),
+             counted AS (
+                INSERT INTO linkhooks.link_counts AS k (link_id, conversions)
+                SELECT link_id, conversions FROM new
+                ON CONFLICT (link_id) DO UPDATE
+                   SET conversions = k.conversions + excluded.conversions,
+                       updated_at = pg_catalog.now())
+             SELECT (SELECT pg_catalog.sum(conversions)::bigint FROM new),
+                    (SELECT CASE WHEN top.txid >= pg_catalog.pg_snapshot_xmax(pg_catalog.pg_current_snapshot()) THEN
+                              (SELECT pg_catalog.max(c.id) FROM linkhooks.conversions c
+                                WHERE c.txid >= pg_catalog.pg_snapshot_xmax(pg_catalog.pg_current_snapshot())
+                                  AND c.txid IS DISTINCT FROM pg_catalog.pg_current_xact_id_if_assigned()) END
+                       FROM (SELECT c.txid FROM linkhooks.conversions c WHERE c.txid IS NOT NULL
+                              ORDER BY c.txid DESC LIMIT 1) top)",
+            &[TEXT, TEXT],
+            &[previous.into(), now.into()],
+        )?;
+        let Some(row) = rows.into_iter().next() else {
+            return Ok(Conversions {
+                counted: 0,
+                restored_max_id: None,
+            });
+        };
+        Ok(Conversions {
+            counted: row.get::<i64>(1)?.unwrap_or_default(),
+            restored_max_id: row.get(2)?,
+        })
     })
 }
 

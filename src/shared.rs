@@ -80,7 +80,7 @@ thread_local! {
     static PAUSED: RefCell<Vec<pg_sys::Oid>> = const { RefCell::new(Vec::new()) };
 }
 
-/// This transaction recorded clicks or misses: the aggregator counts them once it commits.
+/// This transaction recorded clicks, conversions or misses: the aggregator counts them once it commits.
 pub fn clicks_recorded() {
     if !CLICKS_RECORDED.get() {
         register_hook();

@@ -38,6 +38,20 @@ pub fn has_column(row: &PgHeapTuple<'_, impl WhoAllocated>, name: &str) -> bool 
     row.attributes().any(|(_, att)| is_named(att, name))
 }
 
+/// An `xid8` value (a full transaction id), which pgrx has no type for.
+pub struct Xid8(pub u64);
+
+impl IntoDatum for Xid8 {
+    fn into_datum(self) -> Option<pg_sys::Datum> {
+        // Passed by value, as FullTransactionIdGetDatum does.
+        Some(pg_sys::Datum::from(self.0))
+    }
+
+    fn type_oid() -> pg_sys::Oid {
+        pg_sys::XID8OID
+    }
+}
+
 /// A column's value, typed.
 pub fn col<'t, T>(row: &'t PgHeapTuple<'_, impl WhoAllocated>, name: &str) -> Result<Option<T>>
 where

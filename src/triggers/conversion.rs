@@ -106,6 +106,14 @@ fn on_conversion<'a>(trigger: &'a PgTrigger<'a>) -> Result<Option<Row<'a>>> {
     events::emit(EventType::LinkConverted, &event_id, &facts, |_| {
         body.clone()
     })?;
+    // The transaction's id, by which the aggregator counts the conversion into link_counts
+    // (absent before the 0.5.0 schema).
+    if has_column(&row, "txid") {
+        // SAFETY: plain call; assigns this transaction's id if it has none yet (storing the row would).
+        let txid = unsafe { pg_sys::GetTopFullTransactionId() }.value;
+        set(&mut row, "txid", Xid8(txid))?;
+        shared::clicks_recorded();
+    }
     Ok(Some(row))
 }
 

@@ -28,7 +28,7 @@ use crate::statements;
 use crate::signing::SigningKey;
 use crate::target;
 use crate::tuple::{
-    Edits, SlotColumns, attnum, col, has_column, null_in_not_null_column, text_array,
+    Edits, SlotColumns, Xid8, attnum, col, has_column, null_in_not_null_column, text_array,
 };
 use crate::useragent;
 

@@ -160,8 +160,9 @@ RAW_DAILY = """SELECT link_id, clicked_at::date AS day, count(*) AS clicks, coun
 
 
 def test_counted_views_are_exact_before_during_and_after_counting(cluster, db):
-    """link_stats and link_daily_clicks read the aggregator's counts plus the clicks it has not
-    counted yet (issue 18): whatever the aggregator has done, they equal a count of the raw clicks."""
+    """link_stats and link_daily_clicks read the aggregator's counts plus the clicks and conversions
+    it has not counted yet (issue 18): whatever the aggregator has done, they equal a count of the
+    raw rows."""
     a, b = link(db, "ca"), link(db, "cb")
 
     def add_clicks():
@@ -169,6 +170,8 @@ def test_counted_views_are_exact_before_during_and_after_counting(cluster, db):
                    "SELECT CASE WHEN i %% 3 = 0 THEN %s ELSE %s END, now() - (i %% 50) * interval '1 hour', "
                    "CASE WHEN i %% 4 = 0 THEN %s ELSE %s END, CASE WHEN i %% 5 = 0 THEN 'qr' ELSE 'link' END "
                    "FROM generate_series(1, 200) i", [a, b, GOOGLEBOT, IPHONE])
+        db.execute("INSERT INTO linkhooks.conversions (link_id, name) "
+                   "SELECT CASE WHEN i %% 4 = 0 THEN %s ELSE %s END, 'signup' FROM generate_series(1, 30) i", [a, b])
 
     def check():
         stats = db.execute("SELECT link_id, clicks, human_clicks, bot_clicks, qr_scans, first_click_at, last_click_at "
@@ -176,6 +179,9 @@ def test_counted_views_are_exact_before_during_and_after_counting(cluster, db):
         assert stats == db.execute(RAW_STATS).fetchall()
         assert db.execute("SELECT * FROM linkhooks.link_daily_clicks ORDER BY 1, 2").fetchall() == \
             db.execute(RAW_DAILY).fetchall()
+        assert db.execute("SELECT link_id, conversions FROM linkhooks.link_stats WHERE conversions > 0 "
+                          "ORDER BY 1").fetchall() == \
+            db.execute("SELECT link_id, count(*) FROM linkhooks.conversions GROUP BY 1 ORDER BY 1").fetchall()
 
     def uncounted():
         return db.execute("SELECT count(*) FROM linkhooks.uncounted_clicks").fetchone()[0]
@@ -186,13 +192,62 @@ def test_counted_views_are_exact_before_during_and_after_counting(cluster, db):
         assert uncounted() == 200
         check()
     wait_for(lambda: db.execute("SELECT linkhooks.run_aggregation()") and uncounted() == 0, message="counted")
-    assert db.execute("SELECT sum(clicks) FROM linkhooks.link_counts").fetchone()[0] == 200
+    assert db.execute("SELECT sum(clicks), sum(conversions) FROM linkhooks.link_counts").fetchone() == (200, 30)
     check()
     add_clicks()  # half counted, half not (or counted already: the worker may have run)
     check()
     wait_for(lambda: db.execute("SELECT linkhooks.run_aggregation()") and uncounted() == 0, message="counted")
     check()
     assert db.execute("SELECT sum(clicks) FROM linkhooks.link_hours").fetchone()[0] == 400
+    assert db.execute("SELECT sum(conversions) FROM linkhooks.link_counts").fetchone()[0] == 60
+
+
+def counts(db, link_id):
+    """(clicks, conversions) as link_stats shows them and as the aggregator counted them."""
+    return (db.execute("SELECT clicks, conversions FROM linkhooks.link_stats WHERE link_id = %s", [link_id]).fetchone(),
+            db.execute("SELECT clicks, conversions FROM linkhooks.link_counts WHERE link_id = %s", [link_id]).fetchone())
+
+
+def test_what_the_aggregators_own_transaction_recorded_is_counted_after_it_commits(cluster, db):
+    """run_aggregation() in the transaction that recorded a click and a conversion: they are ahead
+    of that transaction's snapshot, so the run leaves them to the next one, and does not take them
+    for rows a restore brought from the future (it did, and they were never counted)."""
+    a = link(db, "own")
+    with cluster.connect() as conn:
+        conn.execute("SELECT linkhooks.run_aggregation()")
+        with conn.transaction():
+            conn.execute("INSERT INTO linkhooks.clicks (link_id, user_agent) VALUES (%s, %s)", [a, IPHONE])
+            conn.execute("INSERT INTO linkhooks.conversions (link_id, name) VALUES (%s, 'signup')", [a])
+            conn.execute("SELECT linkhooks.run_aggregation()")
+    db.execute("SELECT linkhooks.run_aggregation()")
+    assert counts(db, a) == ((1, 1), (1, 1))
+
+
+def test_rows_restored_from_a_cluster_ahead_of_this_one_are_never_counted(cluster, db):
+    """A restore brings clicks and conversions with the transaction ids of the cluster they were
+    dumped from (and their counts in link_counts). Ids ahead of this cluster's would look
+    uncounted once it reaches them: the aggregator notes them as restored and never counts them."""
+    a = link(db, "restored")
+    db.execute("SELECT linkhooks.run_aggregation()")
+    ahead = db.execute("SELECT pg_current_xact_id()::text::bigint + 30").fetchone()[0]
+    db.execute("SET linkhooks.restore = on")
+    try:
+        db.execute("INSERT INTO linkhooks.clicks (link_id, event_id, user_agent, txid) "
+                   "VALUES (%s, gen_random_uuid(), %s, %s::text::xid8)", [a, IPHONE, ahead])
+        db.execute("INSERT INTO linkhooks.conversions (link_id, event_id, name, txid) "
+                   "VALUES (%s, gen_random_uuid(), 'signup', %s::text::xid8)", [a, ahead])
+    finally:
+        db.execute("RESET linkhooks.restore")
+    db.execute("SELECT linkhooks.run_aggregation()")
+    while db.execute("SELECT pg_current_xact_id()::text::bigint").fetchone()[0] <= ahead:
+        pass  # each autocommitted statement takes the next transaction id
+    db.execute("SELECT linkhooks.run_aggregation()")
+    assert counts(db, a) == ((0, 0), None)
+    # Rows recorded from now on are counted as ever.
+    db.execute("INSERT INTO linkhooks.clicks (link_id, user_agent) VALUES (%s, %s)", [a, IPHONE])
+    db.execute("INSERT INTO linkhooks.conversions (link_id, name) VALUES (%s, 'signup')", [a])
+    db.execute("SELECT linkhooks.run_aggregation()")
+    assert counts(db, a) == ((1, 1), (1, 1))
 
 
 def test_link_stats_family(db):

@@ -122,6 +122,7 @@ def test_update_from_previous_release_equals_fresh_install(cluster, previous_rel
             assert upgraded.execute("SELECT clicks, human_clicks, conversions FROM linkhooks.link_stats").fetchone() == (1, 1, 1)
             # The update counted the click into the rollups the views read (nothing is left uncounted).
             assert upgraded.execute("SELECT clicks FROM linkhooks.link_daily_clicks").fetchall() == [(1,)]
+            assert upgraded.execute("SELECT clicks, conversions FROM linkhooks.link_counts").fetchall() == [(1, 1)]
             assert upgraded.execute("SELECT count(*) FROM linkhooks.uncounted_clicks").fetchone()[0] == 0
             assert upgraded.execute("SELECT count(*) FROM linkhooks.subscription_health").fetchone()[0] == 2
             assert upgraded.execute("SELECT failed_attempts FROM linkhooks.subscription_health WHERE period = '1h'").fetchone()[0] == 1, \
