@@ -698,10 +698,15 @@ class Bench:
                  "t - (g %% 50) * interval '1 millisecond', t, t "
                  "FROM generate_series(1, %s) g, LATERAL (SELECT now() - (g %% 86400) * interval '1 second' AS t) x",
                  [min(subs), n])
-        # Through the attempts trigger, as the worker writes them.
         self.sql("INSERT INTO linkhooks.delivery_attempts (delivery_id, attempt, started_at, duration_ms, status_code, "
                  "subscription_id) SELECT id, 1, delivered_at, 1, CASE WHEN id %% 20 = 0 THEN 500 ELSE 200 END, "
                  "subscription_id FROM linkhooks.deliveries")
+        # Folded into subscription_minutes, as the worker does about once a second (src/worker/record.rs).
+        self.sql("INSERT INTO linkhooks.subscription_minutes (subscription_id, minute, attempts, succeeded) "
+                 "SELECT subscription_id, date_trunc('minute', started_at, 'UTC'), count(*), "
+                 "count(*) FILTER (WHERE status_code BETWEEN 200 AND 299) FROM linkhooks.delivery_attempts GROUP BY 1, 2")
+        self.sql("INSERT INTO linkhooks.attempt_cursor (counted_id) SELECT max(id) FROM linkhooks.delivery_attempts "
+                 "ON CONFLICT (single) DO UPDATE SET counted_id = excluded.counted_id")
         # What the worker adds as it records deliveries (the same as the update to 0.5.0 does).
         self.sql("""WITH d AS (SELECT subscription_id, date_trunc('minute', delivered_at, 'UTC') AS minute,
                                       date_part('epoch', delivered_at - created_at) * 1000 AS ms FROM linkhooks.deliveries)
