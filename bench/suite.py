@@ -237,7 +237,7 @@ class Bench:
                          "linkhooks.subscription_state, bench_plain_clicks, bench_outbox_clicks, bench_outbox, "
                          "bench_floor_deliveries, linkhooks.link_counts, linkhooks.link_hours, linkhooks.campaign_counts, "
                          "linkhooks.subscription_minutes, linkhooks.subscription_latencies, "
-                         "linkhooks.milestones")
+                         "linkhooks.subscription_latency_hours, linkhooks.milestones")
                 return
             except psycopg.errors.DeadlockDetected:
                 if attempt == 4:
@@ -699,22 +699,24 @@ class Bench:
                  "FROM generate_series(1, %s) g, LATERAL (SELECT now() - (g %% 86400) * interval '1 second' AS t) x",
                  [min(subs), n])
         self.sql("INSERT INTO linkhooks.delivery_attempts (delivery_id, attempt, started_at, duration_ms, status_code, "
-                 "subscription_id) SELECT id, 1, delivered_at, 1, CASE WHEN id %% 20 = 0 THEN 500 ELSE 200 END, "
-                 "subscription_id FROM linkhooks.deliveries")
+                 "subscription_id, latency_ms) SELECT id, 1, delivered_at, 1, CASE WHEN id %% 20 = 0 THEN 500 ELSE 200 END, "
+                 "subscription_id, CASE WHEN id %% 20 <> 0 THEN date_part('epoch', delivered_at - created_at) * 1000 END "
+                 "FROM linkhooks.deliveries")
         # Folded into subscription_minutes, as the worker does about once a second (src/worker/record.rs).
         self.sql("INSERT INTO linkhooks.subscription_minutes (subscription_id, minute, attempts, succeeded) "
                  "SELECT subscription_id, date_trunc('minute', started_at, 'UTC'), count(*), "
                  "count(*) FILTER (WHERE status_code BETWEEN 200 AND 299) FROM linkhooks.delivery_attempts GROUP BY 1, 2")
         self.sql("INSERT INTO linkhooks.attempt_cursor (counted_id) SELECT max(id) FROM linkhooks.delivery_attempts "
                  "ON CONFLICT (single) DO UPDATE SET counted_id = excluded.counted_id")
-        # What the worker adds as it records deliveries (the same as the update to 0.5.0 does).
-        self.sql("""WITH d AS (SELECT subscription_id, date_trunc('minute', delivered_at, 'UTC') AS minute,
-                                      date_part('epoch', delivered_at - created_at) * 1000 AS ms FROM linkhooks.deliveries)
-                    INSERT INTO linkhooks.subscription_latencies (subscription_id, minute, bucket, deliveries)
-                    SELECT subscription_id, minute, CASE WHEN ms < 0.1 THEN 0
-                           ELSE LEAST(250, floor(ln(ms / 0.1) / ln(1.1))::int + 1) END, count(*) FROM d GROUP BY 1, 2, 3""")
+        # And the deliveries by latency, per minute and per hour, as the same fold does.
+        self.sql("""INSERT INTO linkhooks.subscription_latencies (subscription_id, minute, bucket, deliveries)
+                    SELECT subscription_id, date_trunc('minute', started_at, 'UTC'), linkhooks.latency_bucket(latency_ms),
+                           count(*) FROM linkhooks.delivery_attempts WHERE latency_ms IS NOT NULL GROUP BY 1, 2, 3""")
+        self.sql("""INSERT INTO linkhooks.subscription_latency_hours (subscription_id, hour, bucket, deliveries)
+                    SELECT subscription_id, date_trunc('hour', minute, 'UTC'), bucket, sum(deliveries)
+                    FROM linkhooks.subscription_latencies GROUP BY 1, 2, 3""")
         self.sql("VACUUM ANALYZE linkhooks.deliveries, linkhooks.delivery_attempts, linkhooks.subscription_minutes, "
-                 "linkhooks.subscription_latencies")
+                 "linkhooks.subscription_latencies, linkhooks.subscription_latency_hours")
 
         def ms(query, runs):
             times = []

@@ -44,7 +44,7 @@ BEGIN
                     '@extschema@.link_counts, @extschema@.link_hours, @extschema@.uncounted_clicks, @extschema@.campaign_counts, @extschema@.link_milestones, @extschema@.link_misses, '
                     '@extschema@.link_minutes, @extschema@.campaign_minutes, @extschema@.threshold_state, @extschema@.digests, '
                     '@extschema@.link_health, @extschema@.country_minutes, @extschema@.subscription_minutes, '
-                    '@extschema@.subscription_latencies';
+                    '@extschema@.subscription_latencies, @extschema@.subscription_latency_hours';
         -- Every delivery column but the signature (valid for replay for minutes).
         RETURN NEXT 'SELECT (id, event_id, subscription_id, event_type, body, signed_at, status, attempts, '
                     'next_attempt_at, created_at, delivered_at, last_status_code, last_error) '

@@ -91,7 +91,8 @@ BEGIN
         'subscriptions', 'subscriptions_id_seq', 'deliveries', 'deliveries_default', 'deliveries_id_seq', 'delivery_attempts', 'delivery_attempts_default',
         'delivery_attempts_id_seq', 'dead_letters', 'subscription_state', 'rules', 'rules_id_seq',
         'link_counts', 'link_hours', 'campaign_counts', 'milestones', 'link_misses', 'click_keys', 'threshold_state',
-        'digests', 'destination_checks', 'subscription_minutes', 'subscription_latencies', 'attempt_cursor']
+        'digests', 'destination_checks', 'subscription_minutes', 'subscription_latencies',
+        'subscription_latency_hours', 'attempt_cursor']
     LOOP
         PERFORM pg_catalog.pg_extension_config_dump(relation::regclass, '');
     END LOOP;
@@ -103,7 +104,7 @@ REVOKE ALL ON ALL TABLES IN SCHEMA @extschema@ FROM PUBLIC;
 REVOKE ALL ON ALL FUNCTIONS IN SCHEMA @extschema@ FROM PUBLIC;
 -- Pure helpers anyone may call.
 GRANT EXECUTE ON FUNCTION sign(text, text, bigint, text), verify(text, text, bigint, text, text), uuidv7(),
-    click_cursor_xmin() TO PUBLIC;
+    click_cursor_xmin(), latency_bucket(double precision) TO PUBLIC;
 GRANT USAGE ON SCHEMA @extschema@ TO PUBLIC;
 
 -- A database owner who installed the extension (it is trusted) owns the install: it gets the

@@ -13,13 +13,18 @@ LEFT JOIN subscriptions s ON s.id = d.subscription_id;
 COMMENT ON VIEW delivery_log IS 'One row per delivery: subscription, event, status, attempts, last error, end-to-end latency.';
 
 -- Per subscription and period ('1h', '24h'): volume, failures, latency, backlog and state.
--- Volume and latency come from the per-minute rollups (the last 60 or 1,440 UTC minutes, the
--- current one included), so the view reads at most a day of minutes whatever the traffic;
--- percentiles are the middle of their latency bucket (within 5%, src/latency.rs).
+-- Volume and latency come from the rollups (the last 60 or 1,440 UTC minutes, the current one
+-- included), so the view reads at most a day of minutes whatever the traffic; latencies by the
+-- hour for the whole hours of the period, by the minute before and after them. Percentiles are
+-- the middle of their latency bucket (within 5%, src/latency.rs).
 CREATE VIEW subscription_health AS
-WITH periods (period, since) AS (
-    VALUES ('1h', date_trunc('minute', now(), 'UTC') - interval '59 minutes'),
-           ('24h', date_trunc('minute', now(), 'UTC') - interval '1439 minutes')
+WITH periods (period, since, hours_from, hours_to) AS (
+    SELECT p.period, p.since,
+           -- whole hours from the first after `since` to the current one (none if that is not later)
+           date_trunc('hour', p.since, 'UTC') + interval '1 hour',
+           GREATEST(date_trunc('hour', p.since, 'UTC') + interval '1 hour', date_trunc('hour', now(), 'UTC'))
+    FROM (VALUES ('1h', date_trunc('minute', now(), 'UTC') - interval '59 minutes'),
+                 ('24h', date_trunc('minute', now(), 'UTC') - interval '1439 minutes')) p (period, since)
 ), counted AS (
     SELECT m.subscription_id, p.period, sum(m.attempts) AS attempts, sum(m.succeeded) AS succeeded
     FROM (SELECT subscription_id, minute, attempts, succeeded FROM subscription_minutes
@@ -40,9 +45,22 @@ WITH periods (period, since) AS (
     FROM (SELECT subscription_id, period, bucket,
                  sum(n) OVER (PARTITION BY subscription_id, period ORDER BY bucket) AS below,
                  sum(n) OVER (PARTITION BY subscription_id, period) AS total
-          FROM (SELECT l.subscription_id, p.period, l.bucket, sum(l.deliveries) AS n
-                FROM subscription_latencies l JOIN periods p ON l.minute >= p.since
-                GROUP BY l.subscription_id, p.period, l.bucket) b) x
+          FROM (SELECT m.subscription_id, m.period, m.bucket, sum(m.deliveries) AS n
+                FROM (SELECT l.subscription_id, p.period, l.bucket, l.deliveries
+                      FROM subscription_latencies l JOIN periods p ON l.minute >= p.since AND l.minute < p.hours_from
+                      UNION ALL
+                      SELECT h.subscription_id, p.period, h.bucket, h.deliveries
+                      FROM subscription_latency_hours h JOIN periods p ON h.hour >= p.hours_from AND h.hour < p.hours_to
+                      UNION ALL
+                      SELECT l.subscription_id, p.period, l.bucket, l.deliveries
+                      FROM subscription_latencies l JOIN periods p ON l.minute >= p.hours_to
+                      UNION ALL
+                      -- deliveries the worker has not folded in yet (about a second of them)
+                      SELECT a.subscription_id, p.period, latency_bucket(a.latency_ms), 1
+                      FROM delivery_attempts a JOIN periods p ON a.started_at >= p.since
+                      WHERE a.id > coalesce((SELECT counted_id FROM attempt_cursor), 0)
+                        AND a.subscription_id IS NOT NULL AND a.latency_ms IS NOT NULL) m
+                GROUP BY m.subscription_id, m.period, m.bucket) b) x
     GROUP BY subscription_id, period
 ), died AS (
     SELECT l.subscription_id, v.period, v.dead_letters

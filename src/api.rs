@@ -346,6 +346,13 @@ fn uuidv7() -> pgrx::Uuid {
     pgrx::Uuid::from_bytes(*events::new_event_id().as_bytes())
 }
 
+/// The latency bucket of a delivery taking `ms` milliseconds, as
+/// `subscription_latencies` counts it (src/latency.rs).
+#[pg_extern(immutable, strict, parallel_safe)]
+pub(crate) fn latency_bucket(ms: f64) -> i16 {
+    crate::latency::bucket(ms)
+}
+
 /// Queues a `webhook.test` event for one subscription; returns its event id.
 #[pg_extern(volatile, security_definer)]
 fn send_test(subscription_id: i64) -> pgrx::Uuid {

@@ -2,9 +2,9 @@
 //! give percentiles from per-minute counts instead of sorting a day of
 //! deliveries. Bucket 0 holds latencies below 0.1 ms; bucket b ≥ 1 holds
 //! [0.1 × 1.1^(b−1), 0.1 × 1.1^b) ms, and the view reports a bucket as
-//! 0.1 × 1.1^(b − 0.5) ms: within 5% of any latency in it. The view and the
-//! 0.4.0 → 0.5.0 upgrade (which buckets the deliveries it finds) use the same
-//! numbers.
+//! 0.1 × 1.1^(b − 0.5) ms: within 5% of any latency in it. SQL reaches
+//! `bucket` as `linkhooks.latency_bucket()` (the worker's fold, the view and
+//! the 0.4.0 → 0.5.0 upgrade); the view has the reported middle in SQL.
 
 const FIRST_MS: f64 = 0.1;
 const GROWTH: f64 = 1.1;

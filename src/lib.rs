@@ -58,7 +58,7 @@ mod worker;
 pgrx::pg_module_magic!();
 
 pgrx::extension_sql_file!("../sql/schema.sql", name = "schema", bootstrap);
-pgrx::extension_sql_file!("../sql/views.sql", name = "views");
+pgrx::extension_sql_file!("../sql/views.sql", name = "views", requires = [api::latency_bucket]);
 pgrx::extension_sql_file!("../sql/access.sql", name = "access");
 pgrx::extension_sql_file!("../sql/finalize.sql", name = "finalize", finalize);
 

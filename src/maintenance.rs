@@ -188,14 +188,18 @@ fn expire_held() -> Result<i64> {
     .unwrap_or(0))
 }
 
-/// Drops `subscription_health`'s minutes older than 25 hours (it reads the last 24).
+/// Drops `subscription_health`'s minutes and hours older than 25 hours (it
+/// reads the last 24).
 fn prune_health_minutes() -> Result<i64> {
     Ok(Spi::get_one::<i64>(
         "WITH m AS (DELETE FROM linkhooks.subscription_minutes
                      WHERE minute < pg_catalog.now() - interval '25 hours' RETURNING 1),
               l AS (DELETE FROM linkhooks.subscription_latencies
-                     WHERE minute < pg_catalog.now() - interval '25 hours' RETURNING 1)
-         SELECT (SELECT pg_catalog.count(*) FROM m) + (SELECT pg_catalog.count(*) FROM l)",
+                     WHERE minute < pg_catalog.now() - interval '25 hours' RETURNING 1),
+              h AS (DELETE FROM linkhooks.subscription_latency_hours
+                     WHERE hour < pg_catalog.now() - interval '25 hours' RETURNING 1)
+         SELECT (SELECT pg_catalog.count(*) FROM m) + (SELECT pg_catalog.count(*) FROM l)
+              + (SELECT pg_catalog.count(*) FROM h)",
     )?
     .unwrap_or(0))
 }

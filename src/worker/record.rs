@@ -17,7 +17,6 @@ use pgrx::prelude::*;
 use super::Worker;
 use crate::error::Result;
 use crate::health::{self, HealthChange};
-use crate::latency;
 use crate::opsevents;
 use crate::payload::{DeadDelivery, DisabledSubscription};
 use crate::plans::{self, FLOAT8_ARRAY, INT4_ARRAY, INT8_ARRAY, TEXT_ARRAY, TIMESTAMPTZ_ARRAY};
@@ -99,11 +98,28 @@ impl HealthLog {
     }
 }
 
-/// Folds the attempts logged since the cursor into subscription_minutes
+/// Folds the attempts logged since the cursor into subscription_minutes and
+/// the delivering ones into the latency rollups by minute and hour
 /// (subscription_health adds those not folded yet, so it is exact meanwhile).
+/// Once a second, not with each batch: under a snapshot held elsewhere every
+/// version of a row stays, and an hour's row would gather an hour of them.
 const COUNT_ATTEMPTS: &str = "WITH new AS (
-        SELECT a.id, a.subscription_id, a.started_at, a.status_code FROM linkhooks.delivery_attempts a
+        SELECT a.id, a.subscription_id, a.started_at, a.status_code, a.latency_ms FROM linkhooks.delivery_attempts a
          WHERE a.id > coalesce((SELECT c.counted_id FROM linkhooks.attempt_cursor c FOR UPDATE), 0)),
+     delivered AS (
+        SELECT n.subscription_id, pg_catalog.date_trunc('minute', n.started_at, 'UTC') AS minute,
+               linkhooks.latency_bucket(n.latency_ms) AS bucket, pg_catalog.count(*) AS deliveries
+          FROM new n WHERE n.latency_ms IS NOT NULL AND n.subscription_id IS NOT NULL
+         GROUP BY 1, 2, 3),
+     by_minute AS (
+        INSERT INTO linkhooks.subscription_latencies AS t (subscription_id, minute, bucket, deliveries)
+        SELECT d.subscription_id, d.minute, d.bucket, d.deliveries FROM delivered d
+        ON CONFLICT (subscription_id, minute, bucket) DO UPDATE SET deliveries = t.deliveries + excluded.deliveries),
+     by_hour AS (
+        INSERT INTO linkhooks.subscription_latency_hours AS t (subscription_id, hour, bucket, deliveries)
+        SELECT d.subscription_id, pg_catalog.date_trunc('hour', d.minute, 'UTC'), d.bucket, pg_catalog.sum(d.deliveries)
+          FROM delivered d GROUP BY 1, 2, 3
+        ON CONFLICT (subscription_id, hour, bucket) DO UPDATE SET deliveries = t.deliveries + excluded.deliveries),
      counted AS (
         INSERT INTO linkhooks.subscription_minutes AS t (subscription_id, minute, attempts, succeeded)
         SELECT n.subscription_id, pg_catalog.date_trunc('minute', n.started_at, 'UTC'), pg_catalog.count(*),
@@ -168,10 +184,7 @@ impl Worker {
                 .zip(&verdicts)
                 .filter(|(o, _)| updated.contains_key(&o.delivery_id))
                 .collect();
-            log_attempts(client, &kept)?;
-            if self.schema_holds {
-                count_deliveries(client, &kept, &updated)?; // 0.5.0's rollups
-            }
+            log_attempts(client, &kept, &updated, self.schema_holds)?;
             let dead = add_dead_letters(client, &kept)?;
             Ok((updated, busy, dead))
         })?;
@@ -542,45 +555,13 @@ fn add_dead_letters(
 /// Delivery rows written, by id, with the latency in ms of those delivered.
 type Updated = HashMap<i64, Option<f64>>;
 
-/// Counts the deliveries by minute and latency in `subscription_latencies`
-/// (attempts are counted by a trigger on the log).
-fn count_deliveries(
-    client: &mut pgrx::spi::SpiClient<'_>,
-    kept: &[(&Outcome, &Verdict)],
-    updated: &Updated,
-) -> Result<()> {
-    let delivered: Vec<(i64, f64, i32)> = kept
-        .iter()
-        .filter_map(|(o, _)| {
-            let ms = updated.get(&o.delivery_id).copied().flatten()?;
-            let finished = o.finished_micros() as f64 / 1e6;
-            Some((o.subscription_id, finished, i32::from(latency::bucket(ms))))
-        })
-        .collect();
-    if delivered.is_empty() {
-        return Ok(());
-    }
-    let subscriptions: Vec<i64> = delivered.iter().map(|d| d.0).collect();
-    let finished: Vec<f64> = delivered.iter().map(|d| d.1).collect();
-    let buckets: Vec<i32> = delivered.iter().map(|d| d.2).collect();
-    plans::execute(
-        client,
-        "INSERT INTO linkhooks.subscription_latencies AS t (subscription_id, minute, bucket, deliveries)
-         SELECT s, pg_catalog.date_trunc('minute', pg_catalog.to_timestamp(f), 'UTC'), b, pg_catalog.count(*)
-           FROM ROWS FROM (pg_catalog.unnest($1::bigint[]), pg_catalog.unnest($2::float8[]), pg_catalog.unnest($3::int[]))
-                AS d(s, f, b)
-          GROUP BY 1, 2, 3
-         ON CONFLICT (subscription_id, minute, bucket) DO UPDATE SET deliveries = t.deliveries + excluded.deliveries",
-        &[INT8_ARRAY, FLOAT8_ARRAY, INT4_ARRAY],
-        &[subscriptions.into(), finished.into(), buckets.into()],
-    )?;
-    Ok(())
-}
-
-/// Appends the attempts to the delivery log.
+/// Appends the attempts to the delivery log, with the latency of those that
+/// delivered (`updated`; a schema before 0.5.0 has no column for it).
 fn log_attempts(
     client: &mut pgrx::spi::SpiClient<'_>,
     kept: &[(&Outcome, &Verdict)],
+    updated: &Updated,
+    with_latency: bool,
 ) -> Result<()> {
     if kept.is_empty() {
         return Ok(());
@@ -596,14 +577,36 @@ fn log_attempts(
     let codes: Vec<Option<i32>> = kept.iter().map(|(o, _)| o.status.map(i32::from)).collect();
     let errors: Vec<Option<&str>> = kept.iter().map(|(o, _)| o.error.as_deref()).collect();
     let excerpts: Vec<Option<&str>> = kept.iter().map(|(o, _)| o.excerpt.as_deref()).collect();
+    let latencies: Vec<Option<f64>> = kept
+        .iter()
+        .map(|(o, _)| updated.get(&o.delivery_id).copied().flatten())
+        .collect();
     plans::execute(
         client,
-        "INSERT INTO linkhooks.delivery_attempts
-                (delivery_id, attempt, started_at, duration_ms, status_code, error, response_excerpt, subscription_id)
-         SELECT id, n, pg_catalog.to_timestamp(s), ms, code, err, ex, sub
-           FROM ROWS FROM (pg_catalog.unnest($1::bigint[]), pg_catalog.unnest($2::int[]), pg_catalog.unnest($3::float8[]), pg_catalog.unnest($4::float8[]), pg_catalog.unnest($5::int[]), pg_catalog.unnest($6::text[]), pg_catalog.unnest($7::text[]), pg_catalog.unnest($8::bigint[]))
-                AS u(id, n, s, ms, code, err, ex, sub)",
-        &[INT8_ARRAY, INT4_ARRAY, FLOAT8_ARRAY, FLOAT8_ARRAY, INT4_ARRAY, TEXT_ARRAY, TEXT_ARRAY, INT8_ARRAY],
+        if with_latency {
+            "INSERT INTO linkhooks.delivery_attempts
+                    (delivery_id, attempt, started_at, duration_ms, status_code, error, response_excerpt, subscription_id, latency_ms)
+             SELECT id, n, pg_catalog.to_timestamp(s), ms, code, err, ex, sub, lat
+               FROM ROWS FROM (pg_catalog.unnest($1::bigint[]), pg_catalog.unnest($2::int[]), pg_catalog.unnest($3::float8[]), pg_catalog.unnest($4::float8[]), pg_catalog.unnest($5::int[]), pg_catalog.unnest($6::text[]), pg_catalog.unnest($7::text[]), pg_catalog.unnest($8::bigint[]), pg_catalog.unnest($9::float8[]))
+                    AS u(id, n, s, ms, code, err, ex, sub, lat)"
+        } else {
+            "INSERT INTO linkhooks.delivery_attempts
+                    (delivery_id, attempt, started_at, duration_ms, status_code, error, response_excerpt, subscription_id)
+             SELECT id, n, pg_catalog.to_timestamp(s), ms, code, err, ex, sub
+               FROM ROWS FROM (pg_catalog.unnest($1::bigint[]), pg_catalog.unnest($2::int[]), pg_catalog.unnest($3::float8[]), pg_catalog.unnest($4::float8[]), pg_catalog.unnest($5::int[]), pg_catalog.unnest($6::text[]), pg_catalog.unnest($7::text[]), pg_catalog.unnest($8::bigint[]))
+                    AS u(id, n, s, ms, code, err, ex, sub)"
+        },
+        &[
+            INT8_ARRAY,
+            INT4_ARRAY,
+            FLOAT8_ARRAY,
+            FLOAT8_ARRAY,
+            INT4_ARRAY,
+            TEXT_ARRAY,
+            TEXT_ARRAY,
+            INT8_ARRAY,
+            FLOAT8_ARRAY,
+        ],
         &[
             ids.into(),
             attempts.into(),
@@ -613,6 +616,7 @@ fn log_attempts(
             errors.into(),
             excerpts.into(),
             subscriptions.into(),
+            latencies.into(),
         ],
     )?;
     Ok(())

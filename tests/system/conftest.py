@@ -22,6 +22,7 @@ SETTINGS = {
 TABLES = ["links", "clicks", "conversions", "campaigns", "subscriptions", "deliveries", "delivery_attempts", "dead_letters",
           "subscription_state", "rules", "link_counts", "link_hours", "campaign_counts", "milestones", "link_misses", "click_keys", "link_minutes", "campaign_minutes",
           "threshold_state", "digests", "destination_checks", "subscription_minutes", "subscription_latencies",
+          "subscription_latency_hours",
           "country_minutes"]
 
 
