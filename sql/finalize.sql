@@ -104,7 +104,7 @@ REVOKE ALL ON ALL TABLES IN SCHEMA @extschema@ FROM PUBLIC;
 REVOKE ALL ON ALL FUNCTIONS IN SCHEMA @extschema@ FROM PUBLIC;
 -- Pure helpers anyone may call.
 GRANT EXECUTE ON FUNCTION sign(text, text, bigint, text), verify(text, text, bigint, text, text), uuidv7(),
-    click_cursor_xmin(), latency_bucket(double precision) TO PUBLIC;
+    click_cursor_xmin(), attempt_cursor_id(), latency_bucket(double precision) TO PUBLIC;
 GRANT USAGE ON SCHEMA @extschema@ TO PUBLIC;
 
 -- A database owner who installed the extension (it is trusted) owns the install: it gets the

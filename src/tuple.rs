@@ -39,7 +39,16 @@ pub fn has_column(row: &PgHeapTuple<'_, impl WhoAllocated>, name: &str) -> bool 
 }
 
 /// An `xid8` value (a full transaction id), which pgrx has no type for.
-pub struct Xid8(pub u64);
+pub struct Xid8(u64);
+
+impl Xid8 {
+    /// This transaction's id: assigned now if it has none yet, as storing a
+    /// row would assign it anyway.
+    pub fn of_this_transaction() -> Self {
+        // SAFETY: plain call, valid in any transaction.
+        Self(unsafe { pg_sys::GetTopFullTransactionId() }.value)
+    }
+}
 
 impl IntoDatum for Xid8 {
     fn into_datum(self) -> Option<pg_sys::Datum> {
@@ -251,15 +260,14 @@ impl Edits {
 
     /// Sets an xid8 column (pgrx has no Rust type for it) to a full transaction id.
     /// Does nothing when the row has no such column (a schema before it was added).
-    pub fn set_xid8(&mut self, columns: &SlotColumns, name: &str, value: u64) -> Result<()> {
+    pub fn set_xid8(&mut self, columns: &SlotColumns, name: &str, value: Xid8) -> Result<()> {
         let Ok((n, att)) = columns.attribute(name) else {
             return Ok(());
         };
         if att.atttypid != pg_sys::XID8OID {
             return Err(Error::Column(format!("{name}: not an xid8 column")));
         }
-        // xid8 is passed by value, as FullTransactionIdGetDatum does.
-        self.columns.push((n, Some(pg_sys::Datum::from(value))));
+        self.columns.push((n, value.into_datum()));
         Ok(())
     }
 

@@ -70,9 +70,7 @@ fn on_click<'a>(
     // its last run. Set here rather than by a column default, which every INSERT
     // statement would parse and plan (about 8k instructions). Assigning the id costs
     // nothing extra: storing the row assigns it anyway.
-    // SAFETY: plain call; assigns this transaction's id if it has none yet.
-    let txid = unsafe { pg_sys::GetTopFullTransactionId() }.value;
-    edits.set_xid8(&new, "txid", txid)?;
+    edits.set_xid8(&new, "txid", Xid8::of_this_transaction())?;
     shared::clicks_recorded();
     statements::click_stored();
     let utm = link.click_utm(utm);

@@ -109,9 +109,7 @@ fn on_conversion<'a>(trigger: &'a PgTrigger<'a>) -> Result<Option<Row<'a>>> {
     // The transaction's id, by which the aggregator counts the conversion into link_counts
     // (absent before the 0.5.0 schema).
     if has_column(&row, "txid") {
-        // SAFETY: plain call; assigns this transaction's id if it has none yet (storing the row would).
-        let txid = unsafe { pg_sys::GetTopFullTransactionId() }.value;
-        set(&mut row, "txid", Xid8(txid))?;
+        set(&mut row, "txid", Xid8::of_this_transaction())?;
         shared::clicks_recorded();
     }
     Ok(Some(row))

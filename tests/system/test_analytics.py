@@ -172,6 +172,28 @@ def test_attempts_are_folded_into_minutes_from_a_cursor_and_the_view_counts_the_
     assert in_view() == (0, Decimal("1.0000"))
 
 
+def test_the_planner_expects_only_the_attempts_after_the_cursor_to_be_unfolded(db):
+    """With the fold's cursor in a subquery the planner expected a third of the attempt log not folded
+    yet; at 10M attempts subscription_health's plan then cost enough to be JIT-compiled (1.1 s a query).
+    It reads attempt_cursor_id() when it estimates."""
+    db.execute("INSERT INTO linkhooks.delivery_attempts (delivery_id, attempt, started_at, duration_ms, status_code, "
+               "latency_ms) SELECT g, 1, now(), 1, 200, 1 FROM generate_series(1, 200000) g")
+    db.execute("INSERT INTO linkhooks.attempt_cursor (counted_id) SELECT max(id) FROM linkhooks.delivery_attempts "
+               "ON CONFLICT (single) DO UPDATE SET counted_id = excluded.counted_id")
+    db.execute("ANALYZE linkhooks.delivery_attempts")
+    plan = db.execute("EXPLAIN (FORMAT JSON) SELECT * FROM linkhooks.subscription_health").fetchone()[0][0]
+
+    def scans(node):
+        if node.get("Relation Name", "").startswith("delivery_attempts"):
+            yield node
+        for child in node.get("Plans", []):
+            yield from scans(child)
+
+    attempts = list(scans(plan["Plan"]))
+    assert attempts and all(n["Plan Rows"] < 100 for n in attempts), [n["Plan Rows"] for n in attempts]
+    assert "JIT" not in plan
+
+
 def test_subscription_health_shows_why_a_subscription_is_disabled(db, receiver):
     subscribe(db, receiver, "/gone", event_types=["link.created"])
     receiver.expect("/gone", receiver.paths["/gone"]["secrets"], script=[(410, {}, 0)])

@@ -154,8 +154,9 @@ def test_an_admin_with_planted_objects_cannot_run_code_as_the_owner(cluster, db,
     assert not is_superuser(db)
 
 
-def test_a_writer_with_planted_objects_cannot_run_code_as_the_owner_through_the_cursor_function(db, hostile):
-    """click_cursor_xmin() runs as the owner and is granted to PUBLIC: the least-privileged role reaches it."""
+def test_a_writer_with_planted_objects_cannot_run_code_as_the_owner_through_the_cursor_functions(db, hostile):
+    """click_cursor_xmin() and attempt_cursor_id() run as the owner and are granted to PUBLIC: the
+    least-privileged role reaches them."""
     with hostile("writer") as w:
         plant(w, "pg_temp")
         plant(w, HOSTILE)
@@ -165,6 +166,7 @@ def test_a_writer_with_planted_objects_cannot_run_code_as_the_owner_through_the_
                   f"LANGUAGE sql AS $$ SELECT {HOSTILE}.escalate(); SELECT '1'::pg_catalog.xid8 $$")
         w.execute(f"SET search_path = pg_temp, {HOSTILE}, public, pg_catalog")
         assert w.execute("SELECT linkhooks.click_cursor_xmin()").fetchone()[0] is not None
+        assert w.execute("SELECT linkhooks.attempt_cursor_id()").fetchone()[0] is not None
     assert not is_superuser(db)
 
 
