@@ -238,6 +238,9 @@ class Bench:
                          "bench_floor_deliveries, linkhooks.link_counts, linkhooks.link_hours, linkhooks.campaign_counts, "
                          "linkhooks.subscription_minutes, linkhooks.subscription_latencies, "
                          "linkhooks.subscription_latency_hours, linkhooks.milestones")
+                # Each link's row, as its INSERT made it.
+                self.sql("INSERT INTO linkhooks.link_counts (link_id, domain, slug, campaign) "
+                         "SELECT id, domain, slug, campaign FROM linkhooks.links")
                 return
             except psycopg.errors.DeadlockDetected:
                 if attempt == 4:
@@ -622,9 +625,12 @@ class Bench:
                  "FROM generate_series(1, %s) g", [links, n // 33])
         self.sql("RESET session_replication_role")
         # What the update to 0.5.0 does with the clicks it finds (sql/pg_linkhooks--0.4.0--0.5.0.sql).
-        self.sql("INSERT INTO linkhooks.link_counts (link_id, clicks, human_clicks, qr_scans, first_click_at, last_click_at) "
-                 "SELECT link_id, count(*), count(*) FILTER (WHERE is_bot IS NOT TRUE), count(*) FILTER (WHERE source = 'qr'), "
-                 "min(clicked_at), max(clicked_at) FROM linkhooks.clicks GROUP BY link_id")
+        self.sql("UPDATE linkhooks.link_counts SET campaign = 'c' || (link_id %% 100)")  # as links_counted would
+        self.sql("UPDATE linkhooks.link_counts k SET clicks = c.n, human_clicks = c.humans, qr_scans = c.qr, "
+                 "first_click_at = c.first_at, last_click_at = c.last_at "
+                 "FROM (SELECT link_id, count(*) AS n, count(*) FILTER (WHERE is_bot IS NOT TRUE) AS humans, "
+                 "count(*) FILTER (WHERE source = 'qr') AS qr, min(clicked_at) AS first_at, max(clicked_at) AS last_at "
+                 "FROM linkhooks.clicks GROUP BY link_id) c WHERE c.link_id = k.link_id")
         self.sql("UPDATE linkhooks.link_counts k SET conversions = v.n "
                  "FROM (SELECT link_id, count(*) AS n FROM linkhooks.conversions GROUP BY 1) v WHERE v.link_id = k.link_id")
         self.sql("INSERT INTO linkhooks.link_hours (link_id, hour, clicks, human_clicks, qr_scans) "
@@ -669,6 +675,7 @@ class Bench:
             self.sql("SET session_replication_role = replica")
             self.sql("UPDATE linkhooks.links SET campaign = NULL")
             self.sql("RESET session_replication_role")
+            self.sql("UPDATE linkhooks.link_counts SET campaign = NULL")
 
     # 0.4.0's subscription_health: a day of the delivery log and the attempts, sorted for percentiles.
     RAW_HEALTH = """

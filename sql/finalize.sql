@@ -53,6 +53,41 @@ CREATE TRIGGER links_replicated_truncate AFTER TRUNCATE ON links
 ALTER TABLE links ENABLE REPLICA TRIGGER links_replicated;
 ALTER TABLE links ENABLE REPLICA TRIGGER links_replicated_truncate;
 ALTER FUNCTION links_replicated_trigger() SET search_path = pg_catalog, pg_temp;
+-- Keeps each link's row in link_counts: made with the link, following its id, domain, slug and
+-- campaign, removed with it (and all of them with a TRUNCATE). Not while a dump is restored
+-- (linkhooks.restore, or replica role outside logical-replication apply): the dump brings the rows.
+-- In apply (replica role too: why it is ALWAYS), links arrive from a publisher and get rows here.
+CREATE FUNCTION link_counts_trigger() RETURNS trigger
+LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
+BEGIN
+    IF pg_catalog.current_setting('linkhooks.restore', true) = 'on'
+       OR (pg_catalog.current_setting('session_replication_role') = 'replica'
+           AND (SELECT a.backend_type FROM pg_catalog.pg_stat_get_activity(pg_catalog.pg_backend_pid()) a)
+               IS DISTINCT FROM 'logical replication worker') THEN
+        RETURN NULL;
+    END IF;
+    IF TG_OP = 'TRUNCATE' THEN
+        DELETE FROM @extschema@.link_counts;
+        RETURN NULL;
+    END IF;
+    IF TG_OP = 'DELETE' OR OLD.id <> NEW.id THEN
+        DELETE FROM @extschema@.link_counts WHERE link_id = OLD.id;
+    END IF;
+    IF TG_OP = 'INSERT' OR (TG_OP = 'UPDATE' AND (OLD.id, OLD.domain, OLD.slug, OLD.campaign)
+                                                 IS DISTINCT FROM (NEW.id, NEW.domain, NEW.slug, NEW.campaign)) THEN
+        INSERT INTO @extschema@.link_counts AS k (link_id, domain, slug, campaign)
+        VALUES (NEW.id, NEW.domain, NEW.slug, NEW.campaign)
+        ON CONFLICT (link_id) DO UPDATE SET domain = excluded.domain, slug = excluded.slug, campaign = excluded.campaign;
+    END IF;
+    RETURN NULL;
+END
+$$;
+CREATE TRIGGER links_counted AFTER INSERT OR DELETE OR UPDATE OF id, domain, slug, campaign ON links
+    FOR EACH ROW EXECUTE FUNCTION link_counts_trigger();
+CREATE TRIGGER links_counted_truncate AFTER TRUNCATE ON links
+    FOR EACH STATEMENT EXECUTE FUNCTION link_counts_trigger();
+ALTER TABLE links ENABLE ALWAYS TRIGGER links_counted;
+ALTER TABLE links ENABLE ALWAYS TRIGGER links_counted_truncate;
 -- Enriches clicks, enforces max_clicks, emits link.clicked/qr.scanned (+ link.expired, campaign.completed).
 CREATE TRIGGER clicks_events BEFORE INSERT ON clicks
     FOR EACH ROW EXECUTE FUNCTION clicks_trigger();
@@ -104,7 +139,8 @@ REVOKE ALL ON ALL TABLES IN SCHEMA @extschema@ FROM PUBLIC;
 REVOKE ALL ON ALL FUNCTIONS IN SCHEMA @extschema@ FROM PUBLIC;
 -- Pure helpers anyone may call.
 GRANT EXECUTE ON FUNCTION sign(text, text, bigint, text), verify(text, text, bigint, text, text), uuidv7(),
-    click_cursor_xmin(), attempt_cursor_id(), latency_bucket(double precision) TO PUBLIC;
+    click_cursor_xmin(), attempt_cursor_id(), latency_bucket(double precision),
+    ratio(numeric, numeric) TO PUBLIC;
 GRANT USAGE ON SCHEMA @extschema@ TO PUBLIC;
 
 -- A database owner who installed the extension (it is trusted) owns the install: it gets the

@@ -143,32 +143,41 @@ WHERE c.txid >= click_cursor_xmin()
   AND c.id > (SELECT k.id_floor FROM click_cursor k);
 COMMENT ON VIEW uncounted_clicks IS 'Clicks committed since the aggregator last counted (what the counted views add to their counts).';
 
+-- numeric division (`/` itself, numeric_div) that the planner counts as costly, so a query's
+-- ORDER BY … LIMIT computes it only for the rows it returns, not for every row it sorts (for
+-- link_stats' conversion_rate over 100k links, 15 ms of a top 10). Pure: PUBLIC may call it.
+CREATE FUNCTION ratio(numeric, numeric) RETURNS numeric
+LANGUAGE internal IMMUTABLE STRICT PARALLEL SAFE COST 100 AS 'numeric_div';
+
 -- Per link: clicks (humans, bots, QR), first and last click, conversions and conversion rate:
--- the aggregator's counts plus the clicks and conversions it has not counted yet.
+-- the aggregator's counts (with the link's domain, slug and campaign: one row per link) plus
+-- the clicks and conversions it has not counted yet.
 CREATE VIEW link_stats AS
-SELECT l.id AS link_id, l.domain, l.slug, l.campaign,
-       coalesce(k.clicks, 0) + coalesce(u.clicks, 0) AS clicks,
-       coalesce(k.human_clicks, 0) + coalesce(u.human_clicks, 0) AS human_clicks,
-       coalesce(k.clicks - k.human_clicks, 0) + coalesce(u.bot_clicks, 0) AS bot_clicks,
-       coalesce(k.qr_scans, 0) + coalesce(u.qr_scans, 0) AS qr_scans,
-       LEAST(k.first_click_at, u.first_click_at) AS first_click_at,
-       GREATEST(k.last_click_at, u.last_click_at) AS last_click_at,
-       coalesce(k.conversions, 0) + coalesce(v.conversions, 0) AS conversions,
-       round((coalesce(k.conversions, 0) + coalesce(v.conversions, 0))::numeric
-             / nullif(coalesce(k.human_clicks, 0) + coalesce(u.human_clicks, 0), 0), 4) AS conversion_rate
-FROM links l
-LEFT JOIN link_counts k ON k.link_id = l.id
-LEFT JOIN (SELECT link_id, count(*) AS clicks, count(*) FILTER (WHERE NOT is_bot) AS human_clicks,
-                  count(*) FILTER (WHERE is_bot) AS bot_clicks, count(*) FILTER (WHERE is_qr) AS qr_scans,
+SELECT k.link_id, k.domain, k.slug, k.campaign,
+       k.clicks + coalesce(p.clicks, 0) AS clicks,
+       k.human_clicks + coalesce(p.human_clicks, 0) AS human_clicks,
+       k.clicks - k.human_clicks + coalesce(p.clicks - p.human_clicks, 0) AS bot_clicks,
+       k.qr_scans + coalesce(p.qr_scans, 0) AS qr_scans,
+       LEAST(k.first_click_at, p.first_click_at) AS first_click_at,
+       GREATEST(k.last_click_at, p.last_click_at) AS last_click_at,
+       k.conversions + coalesce(p.conversions, 0) AS conversions,
+       round(ratio((k.conversions + coalesce(p.conversions, 0))::numeric,
+                   nullif(k.human_clicks + coalesce(p.human_clicks, 0), 0)), 4) AS conversion_rate
+FROM link_counts k
+-- One join for both (each join of 100k links costs): the clicks and conversions not counted yet.
+LEFT JOIN (SELECT link_id, count(*) FILTER (WHERE is_click) AS clicks,
+                  count(*) FILTER (WHERE is_click AND NOT is_bot) AS human_clicks,
+                  count(*) FILTER (WHERE is_qr) AS qr_scans, count(*) FILTER (WHERE NOT is_click) AS conversions,
                   min(clicked_at) AS first_click_at, max(clicked_at) AS last_click_at
-           FROM uncounted_clicks GROUP BY link_id) u ON u.link_id = l.id
-LEFT JOIN (SELECT c.link_id, count(*) AS conversions
-           FROM conversions c
-           WHERE c.txid >= click_cursor_xmin()
-             AND c.txid < pg_snapshot_xmax(pg_current_snapshot())
-             AND NOT pg_visible_in_snapshot(c.txid, (SELECT k.snapshot FROM click_cursor k))
-             AND c.id > (SELECT k.conversion_id_floor FROM click_cursor k)
-           GROUP BY c.link_id) v ON v.link_id = l.id;
+           FROM (SELECT link_id, true AS is_click, is_bot, is_qr, clicked_at FROM uncounted_clicks
+                 UNION ALL
+                 SELECT c.link_id, false, false, false, NULL
+                 FROM conversions c
+                 WHERE c.txid >= click_cursor_xmin()
+                   AND c.txid < pg_snapshot_xmax(pg_current_snapshot())
+                   AND NOT pg_visible_in_snapshot(c.txid, (SELECT k.snapshot FROM click_cursor k))
+                   AND c.id > (SELECT k.conversion_id_floor FROM click_cursor k)) x
+           GROUP BY link_id) p ON p.link_id = k.link_id;
 COMMENT ON VIEW link_stats IS 'Per link: clicks, human and bot clicks, QR scans, first/last click, conversions, conversion rate (conversions per human click).';
 
 -- Per link and day (in the session time zone, to the hour: link_hours are whole UTC hours).

@@ -376,8 +376,16 @@ fn count_conversions(previous: &str, now: &str) -> Result<Conversions> {
                    AND EXISTS (SELECT FROM linkhooks.links l WHERE l.id = c.link_id)
                  GROUP BY c.link_id),
              counted AS (
-                INSERT INTO linkhooks.link_counts AS k (link_id, conversions)
-                SELECT link_id, conversions FROM new
+                UPDATE linkhooks.link_counts k
+                   SET conversions = k.conversions + n.conversions, updated_at = pg_catalog.now()
+                  FROM new n
+                 WHERE k.link_id = n.link_id),
+             -- As in count_links.
+             added AS (
+                INSERT INTO linkhooks.link_counts AS k (link_id, domain, slug, campaign, conversions)
+                SELECT n.link_id, l.domain, l.slug, l.campaign, n.conversions
+                  FROM new n JOIN linkhooks.links l ON l.id = n.link_id
+                 WHERE NOT EXISTS (SELECT FROM linkhooks.link_counts c WHERE c.link_id = n.link_id)
                 ON CONFLICT (link_id) DO UPDATE
                    SET conversions = k.conversions + excluded.conversions,
                        updated_at = pg_catalog.now())
@@ -422,10 +430,27 @@ fn count_links(batch: &Batch) -> Result<Vec<LinkCount>> {
                   FROM unnest($1::bigint[], $2::bigint[], $3::bigint[], $4::bigint[], $5::bigint[], $6::bigint[])
                        AS n(link_id, clicks, humans, qr, first_at, last_at)
                  WHERE EXISTS (SELECT FROM linkhooks.links l WHERE l.id = n.link_id)),
-             counted AS (
+             updated AS (
+                UPDATE linkhooks.link_counts k
+                   SET clicks = k.clicks + n.clicks,
+                       human_clicks = k.human_clicks + n.humans,
+                       qr_scans = k.qr_scans + n.qr,
+                       first_click_at = LEAST(k.first_click_at, n.first_at),
+                       last_click_at = GREATEST(k.last_click_at, n.last_at),
+                       updated_at = pg_catalog.now()
+                  FROM new n
+                 WHERE k.link_id = n.link_id
+                RETURNING k.link_id, k.clicks, k.human_clicks),
+             -- Every link has its row from its INSERT (links_counted), so the rows are
+             -- updated, never inserted: a link deleted while this runs, whose row its DELETE
+             -- removed, does not get one back. Only a link written with triggers off (replica
+             -- role) has none yet: it gets one here.
+             added AS (
                 INSERT INTO linkhooks.link_counts AS k
-                       (link_id, clicks, human_clicks, qr_scans, first_click_at, last_click_at)
-                SELECT link_id, clicks, humans, qr, first_at, last_at FROM new
+                       (link_id, domain, slug, campaign, clicks, human_clicks, qr_scans, first_click_at, last_click_at)
+                SELECT n.link_id, l.domain, l.slug, l.campaign, n.clicks, n.humans, n.qr, n.first_at, n.last_at
+                  FROM new n JOIN linkhooks.links l ON l.id = n.link_id
+                 WHERE NOT EXISTS (SELECT FROM linkhooks.link_counts c WHERE c.link_id = n.link_id)
                 ON CONFLICT (link_id) DO UPDATE
                    SET clicks = k.clicks + excluded.clicks,
                        human_clicks = k.human_clicks + excluded.human_clicks,
@@ -433,9 +458,8 @@ fn count_links(batch: &Batch) -> Result<Vec<LinkCount>> {
                        first_click_at = LEAST(k.first_click_at, excluded.first_click_at),
                        last_click_at = GREATEST(k.last_click_at, excluded.last_click_at),
                        updated_at = pg_catalog.now()
-                RETURNING k.link_id, k.clicks, k.human_clicks)
-             -- No join back to `new`: its row estimate is a guess, and a nested loop over
-             -- a CTE scan of tens of thousands of links is quadratic.
+                RETURNING k.link_id, k.clicks, k.human_clicks),
+             counted AS (SELECT * FROM updated UNION ALL SELECT * FROM added)
              SELECT l.id, l.domain, l.slug, l.destination, l.campaign, l.tags,
                     counted.clicks, counted.human_clicks
                FROM counted

@@ -1,6 +1,7 @@
 """The analyst and operator surface: delivery log, subscription health, click
 analytics and worker status, each with real clicks and real deliveries (issue 5)."""
 
+import threading
 from decimal import Decimal
 
 from conftest import subscribe
@@ -298,7 +299,7 @@ def test_rows_restored_from_a_cluster_ahead_of_this_one_are_never_counted(cluste
     while db.execute("SELECT pg_current_xact_id()::text::bigint").fetchone()[0] <= ahead:
         pass  # each autocommitted statement takes the next transaction id
     db.execute("SELECT linkhooks.run_aggregation()")
-    assert counts(db, a) == ((0, 0), None)
+    assert counts(db, a) == ((0, 0), (0, 0))
     # Rows recorded from now on are counted as ever.
     db.execute("INSERT INTO linkhooks.clicks (link_id, user_agent) VALUES (%s, %s)", [a, IPHONE])
     db.execute("INSERT INTO linkhooks.conversions (link_id, name) VALUES (%s, 'signup')", [a])
@@ -362,6 +363,53 @@ def test_link_stats_family(db):
             spring["conversions"], float(spring["conversion_rate"]), spring["click_goal"]) == (2, 5, 4, 1, 2, 2, 0.5, 100)
     assert (campaigns["empty"]["links"], campaigns["empty"]["clicks"], campaigns["empty"]["conversion_rate"]) == (0, 0, None)
     assert set(campaigns) == {"spring", "empty"}
+
+
+def test_link_stats_lists_every_link_under_its_current_names_and_only_while_it_exists(db):
+    """link_stats reads link_counts alone: each link has its row there from its INSERT, which
+    follows its domain, slug and campaign and goes with it, whatever the aggregator has counted."""
+    a = link(db, "before", campaign="spring")
+    stats = rows(db, "SELECT slug, campaign, clicks, conversions FROM linkhooks.link_stats WHERE link_id = %s", [a])
+    assert stats == [{"slug": "before", "campaign": "spring", "clicks": 0, "conversions": 0}], "listed before any click"
+    db.execute("INSERT INTO linkhooks.clicks (link_id, user_agent) VALUES (%s, %s)", [a, IPHONE])
+    db.execute("SELECT linkhooks.run_aggregation()")
+    db.execute("UPDATE linkhooks.links SET domain = 'go.acme.co', slug = 'after', campaign = 'summer' WHERE id = %s", [a])
+    stats = rows(db, "SELECT domain, slug, campaign, clicks FROM linkhooks.link_stats WHERE link_id = %s", [a])
+    assert stats == [{"domain": "go.acme.co", "slug": "after", "campaign": "summer", "clicks": 1}]
+    campaigns = {r["campaign"]: (r["links"], r["clicks"]) for r in rows(db, "SELECT * FROM linkhooks.campaign_stats")}
+    assert campaigns == {"summer": (1, 1)}
+    db.execute("DELETE FROM linkhooks.links WHERE id = %s", [a])
+    assert db.execute("SELECT count(*) FROM linkhooks.link_stats").fetchone() == (0,)
+    assert db.execute("SELECT count(*) FROM linkhooks.link_counts").fetchone() == (0,)
+    link(db, "one")
+    link(db, "two")
+    db.execute("TRUNCATE linkhooks.links")
+    assert db.execute("SELECT count(*) FROM linkhooks.link_counts").fetchone() == (0,)
+
+
+def test_a_link_deleted_while_the_aggregator_counts_its_clicks_gets_no_row_back(cluster, db):
+    """The aggregator only updates link rows (a link has one from its INSERT): when a DELETE holds
+    the link's row, the run waits for it and, once it commits, has no row to update. Inserting,
+    as an upsert would, brings a deleted link back into link_stats."""
+    a = link(db, "doomed")
+    with cluster.connect() as deleter, cluster.connect() as aggregator:
+        deleter.execute("SELECT pg_advisory_lock(19521, 1)")  # the aggregator's runs skip while held
+        db.execute("INSERT INTO linkhooks.clicks (link_id, user_agent) VALUES (%s, %s)", [a, IPHONE])
+        deleter.execute("BEGIN")
+        deleter.execute("DELETE FROM linkhooks.links WHERE id = %s", [a])
+        deleter.execute("SELECT pg_advisory_unlock(19521, 1)")
+        run = threading.Thread(target=lambda: aggregator.execute("SELECT linkhooks.run_aggregation()"))
+        run.start()
+        try:
+            # The housekeeper's run or ours, whichever took the lock: it waits for the deleting transaction.
+            wait_for(lambda: db.execute("SELECT count(*) FROM pg_locks WHERE NOT granted").fetchone()[0] > 0,
+                     message="an aggregation run waiting for the DELETE")
+        finally:
+            deleter.execute("COMMIT")
+            run.join()
+    db.execute("SELECT linkhooks.run_aggregation()")
+    assert db.execute("SELECT count(*) FROM linkhooks.link_counts WHERE link_id = %s", [a]).fetchone() == (0,)
+    assert db.execute("SELECT count(*) FROM linkhooks.link_stats").fetchone() == (0,)
 
 
 def test_worker_status_reports_the_running_worker(cluster, db, receiver):

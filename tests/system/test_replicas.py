@@ -158,6 +158,8 @@ def test_a_subscriber_session_that_cached_a_link_sees_every_applied_change(pair)
             wait_for(lambda: probe.execute("SELECT count(*) FROM linkhooks.links").fetchone()[0] == 1,
                      message="the initial copy")
             cached(s, "lr", "https://acme.com/old")
+            # Applied links get their row in link_counts here, so link_stats lists them.
+            assert s.execute("SELECT slug, clicks FROM linkhooks.link_stats").fetchall() == [("lr", 0)]
 
             applied("UPDATE linkhooks.links SET destination = 'https://acme.com/new' WHERE id = %s", [link_id],
                     ("lr", ("https://acme.com/new", False, None)))
@@ -176,6 +178,7 @@ def test_a_subscriber_session_that_cached_a_link_sees_every_applied_change(pair)
             assert resolve(s, "lr") == "https://acme.com/over"
             applied("DELETE FROM linkhooks.links WHERE id = %s", [link_id], ("lr", None))
             assert resolve(s, "lr") is None
+            assert s.execute("SELECT count(*) FROM linkhooks.link_stats").fetchone() == (0,)
 
             link(p, "lr2", "https://acme.com/two")
             wait_for(lambda: probe.execute("SELECT count(*) FROM linkhooks.links").fetchone()[0] == 1,
@@ -183,6 +186,7 @@ def test_a_subscriber_session_that_cached_a_link_sees_every_applied_change(pair)
             cached(s, "lr2", "https://acme.com/two")
             applied("TRUNCATE linkhooks.links", [], ("lr2", None))
             assert resolve(s, "lr2") is None
+            assert s.execute("SELECT count(*) FROM linkhooks.link_counts").fetchone() == (0,)
             # Apply only invalidated: the subscriber queued no events of its own for these changes.
             assert s.execute("SELECT count(*) FROM linkhooks.deliveries").fetchone() == (0,)
         finally:
