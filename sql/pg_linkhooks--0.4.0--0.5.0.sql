@@ -366,16 +366,6 @@ COMMENT ON TABLE click_cursor IS 'Where the click aggregator is: the snapshot of
 -- The cursor starts at this transaction's snapshot: clicks committed later carry a txid
 -- (the ALTER TABLE above holds off concurrent clicks until this transaction commits).
 INSERT INTO click_cursor (snapshot) VALUES (pg_current_snapshot());
--- Every link gets its row in link_counts, kept from now on by links_counted.
-INSERT INTO link_counts (link_id, domain, slug, campaign) SELECT id, domain, slug, campaign FROM links;
-UPDATE link_counts k
-   SET clicks = c.clicks, human_clicks = c.human_clicks, qr_scans = c.qr_scans,
-       first_click_at = c.first_click_at, last_click_at = c.last_click_at
-  FROM (SELECT link_id, count(*) AS clicks, count(*) FILTER (WHERE is_bot IS NOT TRUE) AS human_clicks,
-               count(*) FILTER (WHERE source = 'qr') AS qr_scans, min(clicked_at) AS first_click_at,
-               max(clicked_at) AS last_click_at
-          FROM clicks GROUP BY link_id) c
- WHERE c.link_id = k.link_id;
 -- Keeps each link's row in link_counts: made with the link, following its id, domain, slug and
 -- campaign, removed with it (and all of them with a TRUNCATE). Not while a dump is restored
 -- (linkhooks.restore, or replica role outside logical-replication apply): the dump brings the rows.
@@ -412,6 +402,17 @@ CREATE TRIGGER links_counted_truncate AFTER TRUNCATE ON links
 ALTER TABLE links ENABLE ALWAYS TRIGGER links_counted;
 ALTER TABLE links ENABLE ALWAYS TRIGGER links_counted_truncate;
 REVOKE ALL ON FUNCTION link_counts_trigger() FROM PUBLIC;
+-- Every link gets its row in link_counts. The trigger first: creating it holds off link
+-- writes until this transaction commits, so none is missed in between.
+INSERT INTO link_counts (link_id, domain, slug, campaign) SELECT id, domain, slug, campaign FROM links;
+UPDATE link_counts k
+   SET clicks = c.clicks, human_clicks = c.human_clicks, qr_scans = c.qr_scans,
+       first_click_at = c.first_click_at, last_click_at = c.last_click_at
+  FROM (SELECT link_id, count(*) AS clicks, count(*) FILTER (WHERE is_bot IS NOT TRUE) AS human_clicks,
+               count(*) FILTER (WHERE source = 'qr') AS qr_scans, min(clicked_at) AS first_click_at,
+               max(clicked_at) AS last_click_at
+          FROM clicks GROUP BY link_id) c
+ WHERE c.link_id = k.link_id;
 INSERT INTO link_hours (link_id, hour, clicks, human_clicks, qr_scans)
 SELECT c.link_id, to_timestamp(floor(extract(epoch FROM c.clicked_at) / 3600) * 3600), count(*),
        count(*) FILTER (WHERE c.is_bot IS NOT TRUE), count(*) FILTER (WHERE c.source = 'qr')
