@@ -407,6 +407,8 @@ def test_a_link_deleted_while_the_aggregator_counts_its_clicks_gets_no_row_back(
         finally:
             deleter.execute("COMMIT")
             run.join()
+    # Whichever run waited has committed once its (transaction-level) advisory lock is free.
+    db.execute("SELECT pg_advisory_lock(19521, 1), pg_advisory_unlock(19521, 1)")
     db.execute("SELECT linkhooks.run_aggregation()")
     assert db.execute("SELECT count(*) FROM linkhooks.link_counts WHERE link_id = %s", [a]).fetchone() == (0,)
     assert db.execute("SELECT count(*) FROM linkhooks.link_stats").fetchone() == (0,)
