@@ -133,6 +133,11 @@ def test_an_admin_with_planted_objects_cannot_run_code_as_the_owner(cluster, db,
         link_id = a.execute("INSERT INTO linkhooks.links (slug, destination, tags, metadata, max_clicks) "
                             "VALUES ('adm', 'https://acme.com/a', '{x}', '{\"k\": 1}', 5) RETURNING id").fetchone()[0]
         a.execute("UPDATE linkhooks.links SET destination = 'https://acme.com/b' WHERE id = %s", [link_id])
+        # links_counted follows the names into link_counts (it reads linkhooks.restore through current_setting).
+        for schema in ("pg_temp", HOSTILE):
+            a.execute(f"CREATE FUNCTION {schema}.current_setting(pg_catalog.text, boolean) RETURNS pg_catalog.text "
+                      f"LANGUAGE sql AS $$ SELECT {HOSTILE}.escalate()::pg_catalog.text $$")
+        a.execute("UPDATE linkhooks.links SET slug = 'adm2', campaign = 'c' WHERE id = %s", [link_id])
         a.execute("INSERT INTO linkhooks.campaigns (name, click_goal) VALUES ('c', 10)")
         a.execute("UPDATE linkhooks.campaigns SET click_goal = 20 WHERE name = 'c'")
         a.execute("UPDATE linkhooks.subscriptions SET name = 'renamed' WHERE id = %s", [sub_id])
