@@ -74,7 +74,7 @@ pub extern "C-unwind" fn _PG_init() {
     }
     shared::init();
     utility::install();
-    statements::install();
+    statements::install(queue::statement_ended);
     worker::register();
 }
 

@@ -8,9 +8,12 @@
 //! as the one-row `INSERT` is, with the same error, when it finishes.
 //!
 //! The executor and utility hooks keep a stack of the running statements that
-//! can insert rows; the clicks trigger counts into the innermost one.
+//! can insert rows; the clicks trigger counts into the innermost one, and the
+//! delivery queue keeps its insert open for it until it ends (`install`'s
+//! callback).
 
 use std::cell::RefCell;
+use std::sync::OnceLock;
 
 use pgrx::pg_sys::submodules::ffi::pg_guard_ffi_boundary;
 use pgrx::prelude::*;
@@ -35,10 +38,22 @@ thread_local! {
 
 static mut PREVIOUS_START: pg_sys::ExecutorStart_hook_type = None;
 static mut PREVIOUS_FINISH: pg_sys::ExecutorFinish_hook_type = None;
+/// Told of every statement that finished without an error.
+static ON_END: OnceLock<fn(usize)> = OnceLock::new();
+
+/// The innermost running statement that may insert rows.
+pub struct Running {
+    /// Its QueryDesc or (for COPY) PlannedStmt, as an identity.
+    pub id: usize,
+    /// The subtransaction it started in.
+    pub subxact: pg_sys::SubTransactionId,
+}
 
 /// Installs the executor hooks and the (sub)transaction callbacks that forget
-/// statements an error ended. COPY is followed by `utility`'s hook.
-pub fn install() {
+/// statements an error ended, and `on_end`, called with the id of each
+/// statement that finishes. COPY is followed by `utility`'s hook.
+pub fn install(on_end: fn(usize)) {
+    let _ = ON_END.set(on_end);
     // SAFETY: called once, in the postmaster's _PG_init, before any statement runs.
     unsafe {
         PREVIOUS_START = pg_sys::ExecutorStart_hook;
@@ -60,6 +75,16 @@ pub fn skip_past_limit(refusal: impl FnOnce() -> String) -> bool {
             true
         }
         None => false,
+    })
+}
+
+/// The innermost running statement that may insert rows, if any.
+pub fn current() -> Option<Running> {
+    RUNNING.with(|r| {
+        r.borrow().last().map(|s| Running {
+            id: s.id,
+            subxact: s.subxact,
+        })
     })
 }
 
@@ -97,6 +122,9 @@ pub fn finished(id: usize) {
     }) else {
         return;
     };
+    if let Some(on_end) = ON_END.get() {
+        on_end(id);
+    }
     match done.refusal {
         Some(refusal) if done.stored == 0 => Error::LimitReached(refusal).report(),
         Some(_) => pgrx::notice!(

@@ -15,6 +15,8 @@
 //! every row of a transaction goes to one partition, which this finds in the
 //! partition bounds (`routing`) and writes to directly, checking the
 //! partition's constraint as the executor would (compiled once per partition).
+//! A statement that stores many clicks keeps its insert open to its end
+//! (`writer`).
 //!
 //! Only the table's own columns are known here. If someone added a column
 //! (with a default this code would not apply), changed a type or partitioned
@@ -25,26 +27,18 @@ use std::cell::{Cell, RefCell};
 use std::rc::Rc;
 
 use pgrx::prelude::*;
-use pgrx::{IntoDatum, PgBox};
 
 use crate::error::{Error, Result};
-use crate::linkstore;
+use crate::{linkstore, statements};
 
 mod layout;
 mod partitions;
+mod writer;
 
-use layout::{Indexes, Layout, Value, read_layout};
+use layout::{Layout, read_layout};
 use partitions::{Routing, read_routing};
-
-mod c {
-    use pgrx::pg_sys::Oid;
-    unsafe extern "C-unwind" {
-        /// What an identity column's default evaluates (commands/sequence.h): the
-        /// next value, without the privilege check that SQL's nextval() makes.
-        /// pgrx does not bind it; call it through `pg_guard_ffi_boundary`.
-        pub fn nextval_internal(relid: Oid, check_permissions: bool) -> i64;
-    }
-}
+pub use writer::statement_ended;
+use writer::{Key, Writer};
 
 /// A signed delivery ready to insert.
 pub struct Queued {
@@ -161,6 +155,47 @@ pub fn insert(
 ) -> Result<Option<Vec<i64>>> {
     let event_uuid = uuid::Uuid::parse_str(event_id)
         .map_err(|e| Error::invalid("event_id", format!("must be a UUID ({e})")))?;
+    // A statement's writer is kept while it runs in the subtransaction it started in.
+    // SAFETY: reads the current subtransaction's id.
+    let subxact = unsafe { pg_sys::GetCurrentSubTransactionId() };
+    let key = statements::current()
+        .filter(|running| running.subxact == subxact)
+        .map(|running| Key {
+            statement: running.id,
+            subxact,
+            invalidations: INVALIDATIONS.get(),
+        });
+    if let Some(ids) = key.and_then(|key| {
+        writer::with_kept(key, |w| w.write(event_uuid, event_type, signed_at, rows))
+    }) {
+        return Ok(Some(ids));
+    }
+    // SAFETY: opens and locks the relations the writer closes.
+    let Some(writer) = (unsafe { open(key.is_some()) })? else {
+        return Ok(None);
+    };
+    let ids = writer.write(event_uuid, event_type, signed_at, rows);
+    match key {
+        // Reading the layout may have seen invalidations: the writer is as fresh as what it read.
+        Some(key) => writer::keep(
+            Key {
+                invalidations: INVALIDATIONS.get(),
+                ..key
+            },
+            writer,
+        ),
+        None => writer.close(),
+    }
+    Ok(Some(ids))
+}
+
+/// A writer into the relation of `deliveries` that rows created now go into,
+/// or `None` when there is none this module can write (the SQL INSERT then
+/// writes the row, or raises the error).
+///
+/// # Safety
+/// The writer must be closed, or forgotten at an abort.
+unsafe fn open(kept: bool) -> Result<Option<Writer>> {
     let table = linkstore::relations()?.deliveries;
     let lock = pg_sys::RowExclusiveLock as pg_sys::LOCKMODE;
     let close = |rel| {
@@ -170,7 +205,7 @@ pub fn insert(
     // Locking the table first takes in any change to it, its partitions or
     // their indexes, so what is read next is current for as long as the lock
     // is held (maintain_partitions locks the table out while it attaches).
-    // SAFETY: opened and locked like a query's result relation; closed below or on error.
+    // SAFETY: opened and locked like a query's result relation; closed below or by the writer.
     let parent = unsafe { pg_sys::table_open(table, lock) };
     // SAFETY: the table is open and locked.
     let routing = match unsafe { routing_of(parent) } {
@@ -180,7 +215,8 @@ pub fn insert(
             return other.map(|_| None);
         }
     };
-    // SAFETY: reads the transaction's start time, which every row of it is created at.
+    // Every row of a transaction is created at its start.
+    // SAFETY: reads the transaction's start time.
     let now = unsafe { pg_sys::GetCurrentTransactionStartTimestamp() };
     let Some(target) = routing.target(now) else {
         close(parent);
@@ -201,107 +237,8 @@ pub fn insert(
         close(rel);
         return Ok(None);
     }
-    let values = layout.values.as_deref().unwrap_or_default();
-    let mut ids = Vec::with_capacity(rows.len());
-    // SAFETY: the executor state, slot and relation are set up, used and torn
-    // down here, in the current memory context, as execReplication.c's callers
-    // do; every datum matches its attribute's type (checked in `read_layout`).
-    unsafe {
-        let estate = pg_sys::CreateExecutorState();
-        let mut rte = PgBox::<pg_sys::RangeTblEntry>::alloc_node(pg_sys::NodeTag::T_RangeTblEntry);
-        rte.rtekind = pg_sys::RTEKind::RTE_RELATION;
-        rte.relid = layout.table;
-        rte.relkind = pg_sys::RELKIND_RELATION as std::ffi::c_char;
-        rte.rellockmode = lock;
-        pg_sys::ExecInitRangeTable(
-            estate,
-            pg_sys::lappend(std::ptr::null_mut(), rte.into_pg().cast()),
-        );
-        let result_rel =
-            PgBox::<pg_sys::ResultRelInfo>::alloc_node(pg_sys::NodeTag::T_ResultRelInfo).into_pg();
-        pg_sys::InitResultRelInfo(result_rel, rel, 1, std::ptr::null_mut(), 0);
-        if let Some(check) = &layout.check {
-            (*result_rel).ri_PartitionCheckExpr = check.state;
-        }
-        (*estate).es_output_cid = pg_sys::GetCurrentCommandId(true);
-        open_indexes(result_rel, layout.indexes.as_ref());
-        pg_sys::AfterTriggerBeginQuery();
-        let slot = pg_sys::table_slot_create(rel, &mut (*estate).es_tupleTable);
-        let now = pg_sys::Datum::from(now);
-        let due = pg_sys::Datum::from(due_stamp());
-        let uuid_datum = pgrx::Uuid::from_bytes(*event_uuid.as_bytes()).into_datum();
-        let type_datum = event_type.into_datum();
-        let pending = "pending".into_datum();
-        for row in rows {
-            let id = pg_sys::ffi::pg_guard_ffi_boundary(|| {
-                c::nextval_internal(routing.id_sequence, false)
-            });
-            pg_sys::ExecClearTuple(slot);
-            for (n, value) in values.iter().enumerate() {
-                let datum = match value {
-                    Value::Id => Some(id.into()),
-                    Value::EventId => uuid_datum,
-                    Value::SubscriptionId => Some(row.subscription_id.into()),
-                    Value::EventType => type_datum,
-                    Value::Body => (&*row.body).into_datum(),
-                    Value::SignedAt => Some(signed_at.into()),
-                    Value::Signature => row.signature.as_str().into_datum(),
-                    Value::Pending => pending,
-                    Value::ZeroAttempts => Some(0i32.into()),
-                    Value::Now => Some(now),
-                    Value::DueStamp => Some(due),
-                    Value::Null => None,
-                };
-                *(*slot).tts_values.add(n) = datum.unwrap_or(pg_sys::Datum::from(0));
-                *(*slot).tts_isnull.add(n) = datum.is_none();
-            }
-            pg_sys::ExecStoreVirtualTuple(slot);
-            pg_sys::ExecSimpleRelationInsert(result_rel, estate, slot);
-            ids.push(id);
-        }
-        pg_sys::AfterTriggerEndQuery(estate);
-        close_indexes(result_rel);
-        pg_sys::ExecResetTupleTable((*estate).es_tupleTable, false);
-        pg_sys::FreeExecutorState(estate);
-        pg_sys::table_close(rel, pg_sys::NoLock as pg_sys::LOCKMODE);
-    }
-    Ok(Some(ids))
-}
-
-/// Opens the table's indexes into `result_rel`, with their cached `IndexInfo`s when there are.
-///
-/// # Safety
-/// `result_rel` is initialized for the open deliveries table, whose layout `indexes` belongs to.
-unsafe fn open_indexes(result_rel: *mut pg_sys::ResultRelInfo, indexes: Option<&Indexes>) {
-    unsafe {
-        let Some(indexes) = indexes else {
-            return pg_sys::ExecOpenIndices(result_rel, false);
-        };
-        let n = indexes.oids.len();
-        let descs =
-            pg_sys::palloc(n.max(1) * size_of::<pg_sys::Relation>()).cast::<pg_sys::Relation>();
-        for (i, oid) in indexes.oids.iter().enumerate() {
-            *descs.add(i) = pg_sys::index_open(*oid, pg_sys::RowExclusiveLock as pg_sys::LOCKMODE);
-        }
-        (*result_rel).ri_NumIndices = n as i32;
-        (*result_rel).ri_IndexRelationDescs = descs;
-        (*result_rel).ri_IndexRelationInfo = indexes.infos;
-    }
-}
-
-/// Closes what `open_indexes` opened. The index locks, like the table's, are
-/// kept to the end of the transaction: releasing them cost every click a
-/// lock-table update.
-///
-/// # Safety
-/// `result_rel`'s indexes were opened by `open_indexes`.
-unsafe fn close_indexes(result_rel: *mut pg_sys::ResultRelInfo) {
-    unsafe {
-        for i in 0..(*result_rel).ri_NumIndices as usize {
-            let index = *(*result_rel).ri_IndexRelationDescs.add(i);
-            if !index.is_null() {
-                pg_sys::index_close(index, pg_sys::NoLock as pg_sys::LOCKMODE);
-            }
-        }
-    }
+    // SAFETY: open and locked, with a known layout.
+    Ok(Some(unsafe {
+        Writer::open(rel, layout, routing.id_sequence, kept)
+    }))
 }

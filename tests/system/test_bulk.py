@@ -130,3 +130,33 @@ def test_a_failed_statement_in_a_savepoint_leaves_the_next_ones_their_own_limits
     assert db.execute("SELECT link_id, count(*) FROM linkhooks.clicks GROUP BY 1 ORDER BY 1").fetchall() == \
         [(plain, 1), (limited, LIMIT)]
     assert db.execute("SELECT count(*) FROM linkhooks.deliveries WHERE event_type = 'link.clicked'").fetchone()[0] == LIMIT + 1
+
+
+@pytest.mark.parametrize("bulk", [copy, insert_multirow], ids=["COPY", "multi-row INSERT"])
+def test_clicks_inserted_by_a_trigger_during_a_bulk_statement_get_their_deliveries_too(db, receiver, bulk):
+    """A statement of several clicks keeps its insert into deliveries open until it ends. A click inserted by a
+    trigger between two of its rows is a statement of its own, with its own insert; each click gets its
+    deliveries, the transaction's next statement sees them all, and no relation is left open."""
+    ids = fresh_schema(db, receiver)
+    db.execute(sql.SQL("CREATE FUNCTION public.echo() RETURNS trigger LANGUAGE plpgsql AS $$ BEGIN "
+                       "INSERT INTO linkhooks.clicks (link_id, user_agent) VALUES ({}, {}); RETURN NEW; END $$").format(
+                           sql.Literal(ids["poster"]), sql.Literal(IPHONE)))
+    # Fires after the clicks trigger (triggers fire by name) for each click on "plain".
+    db.execute(sql.SQL("CREATE TRIGGER echo BEFORE INSERT ON linkhooks.clicks FOR EACH ROW "
+                       "WHEN (NEW.link_id = {}) EXECUTE FUNCTION public.echo()").format(sql.Literal(ids["plain"])))
+    rows = [(f"00000000-0000-7000-8000-{i:012d}", ids["plain"], f"2026-12-01T10:00:{i:02d}Z", "link",
+             "203.0.113.1", IPHONE, None, None, None) for i in range(4)]
+    notices = []
+    db.add_notice_handler(lambda n: notices.append(f"{n.severity}: {n.message_primary}"))
+    try:
+        with db.transaction():
+            bulk(db, rows)
+            per_click = db.execute(
+                "SELECT c.link_id, count(d.id) FROM linkhooks.clicks c LEFT JOIN linkhooks.deliveries d "
+                "ON d.event_id = c.event_id AND d.event_type = 'link.clicked' GROUP BY c.event_id, c.link_id "
+                "ORDER BY 1, 2").fetchall()
+            assert per_click == [(ids["plain"], 2)] * 4 + [(ids["poster"], 2)] * 4
+    finally:
+        db.execute("DROP TRIGGER echo ON linkhooks.clicks")
+        db.execute("DROP FUNCTION public.echo()")
+    assert notices == []

@@ -318,6 +318,14 @@ def test_click_deliveries_follow_what_a_dba_changes_on_the_table(cluster):
             event = click(link_id)
             assert delivery(event, "id, status, last_error") == [(4, "pending", "seen before insert")]
             assert admin.execute("SELECT delivery_id, event_id::text FROM audit").fetchall() == [(4, event)]
+            # A statement of several clicks writes its deliveries through one insert kept open: each row is
+            # still seen before insert and audited after.
+            events = [e for (e,) in session.execute(
+                "INSERT INTO linkhooks.clicks (link_id, user_agent) SELECT %s, %s FROM generate_series(1, 3) "
+                "RETURNING event_id::text", [link_id, IPHONE]).fetchall()]
+            assert [delivery(e, "id, last_error") for e in events] == [[(i, "seen before insert")] for i in (5, 6, 7)]
+            assert admin.execute("SELECT delivery_id, event_id::text FROM audit WHERE delivery_id > 4 "
+                                 "ORDER BY 1").fetchall() == list(zip((5, 6, 7), events))
 
             admin.execute("DROP EXTENSION pg_linkhooks CASCADE")
             link_id = install()
