@@ -189,6 +189,8 @@ impl Writer {
             let current = pg_sys::CurrentResourceOwner;
             pg_sys::CurrentResourceOwner = self.owner;
             close_indexes(self.result_rel);
+            // Relations the AFTER triggers' firing opened (`ExecGetTriggerResultRel`).
+            pg_sys::ExecCloseResultRelations(self.estate);
             pg_sys::ExecResetTupleTable((*self.estate).es_tupleTable, false);
             pg_sys::FreeExecutorState(self.estate);
             pg_sys::table_close(self.rel, pg_sys::NoLock as pg_sys::LOCKMODE);
