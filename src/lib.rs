@@ -74,7 +74,10 @@ pub extern "C-unwind" fn _PG_init() {
     }
     shared::init();
     utility::install();
-    statements::install(queue::statement_ended);
+    statements::install(statements::Observer {
+        ended: queue::statement_ended,
+        forgotten: queue::statement_forgotten,
+    });
     worker::register();
 }
 

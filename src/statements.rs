@@ -9,8 +9,7 @@
 //!
 //! The executor and utility hooks keep a stack of the running statements that
 //! can insert rows; the clicks trigger counts into the innermost one, and the
-//! delivery queue keeps its insert open for it until it ends (`install`'s
-//! callback).
+//! delivery queue keeps its insert open for it until it ends (`Observer`).
 
 use std::cell::RefCell;
 use std::sync::OnceLock;
@@ -38,8 +37,15 @@ thread_local! {
 
 static mut PREVIOUS_START: pg_sys::ExecutorStart_hook_type = None;
 static mut PREVIOUS_FINISH: pg_sys::ExecutorFinish_hook_type = None;
-/// Told of every statement that finished without an error.
-static ON_END: OnceLock<fn(usize)> = OnceLock::new();
+static OBSERVER: OnceLock<Observer> = OnceLock::new();
+
+/// Told, with its id, of every statement that leaves the stack.
+pub struct Observer {
+    /// It finished.
+    pub ended: fn(usize),
+    /// An error ended it: the abort released its memory and relations.
+    pub forgotten: fn(usize),
+}
 
 /// The innermost running statement that may insert rows.
 pub struct Running {
@@ -49,11 +55,10 @@ pub struct Running {
     pub subxact: pg_sys::SubTransactionId,
 }
 
-/// Installs the executor hooks and the (sub)transaction callbacks that forget
-/// statements an error ended, and `on_end`, called with the id of each
-/// statement that finishes. COPY is followed by `utility`'s hook.
-pub fn install(on_end: fn(usize)) {
-    let _ = ON_END.set(on_end);
+/// Installs the executor hooks, the (sub)transaction callbacks that forget
+/// statements an error ended, and `observer`. COPY is followed by `utility`'s hook.
+pub fn install(observer: Observer) {
+    let _ = OBSERVER.set(observer);
     // SAFETY: called once, in the postmaster's _PG_init, before any statement runs.
     unsafe {
         PREVIOUS_START = pg_sys::ExecutorStart_hook;
@@ -122,8 +127,8 @@ pub fn finished(id: usize) {
     }) else {
         return;
     };
-    if let Some(on_end) = ON_END.get() {
-        on_end(id);
+    if let Some(observer) = OBSERVER.get() {
+        (observer.ended)(id);
     }
     match done.refusal {
         Some(refusal) if done.stored == 0 => Error::LimitReached(refusal).report(),
@@ -183,7 +188,7 @@ unsafe extern "C-unwind" fn on_xact_event(
         event,
         XACT_EVENT_ABORT | XACT_EVENT_PARALLEL_ABORT | XACT_EVENT_COMMIT | XACT_EVENT_PREPARE
     ) {
-        RUNNING.with(|r| r.borrow_mut().clear());
+        forget(RUNNING.with(|r| r.take()));
     }
 }
 
@@ -196,6 +201,22 @@ unsafe extern "C-unwind" fn on_subxact_event(
 ) {
     if event == pg_sys::SubXactEvent::SUBXACT_EVENT_ABORT_SUB {
         // Statements of the aborted subtransaction and of those it started.
-        RUNNING.with(|r| r.borrow_mut().retain(|s| s.subxact < aborted));
+        let ended = RUNNING.with(|r| {
+            let (kept, ended): (Vec<_>, Vec<_>) =
+                r.take().into_iter().partition(|s| s.subxact < aborted);
+            r.replace(kept);
+            ended
+        });
+        forget(ended);
+    }
+}
+
+/// Tells the observer of statements an error (or, defensively, the
+/// transaction's end) took off the stack.
+fn forget(statements: Vec<Statement>) {
+    if let Some(observer) = OBSERVER.get() {
+        for statement in statements {
+            (observer.forgotten)(statement.id);
+        }
     }
 }

@@ -37,8 +37,8 @@ mod writer;
 
 use layout::{Layout, read_layout};
 use partitions::{Routing, read_routing};
-pub use writer::statement_ended;
 use writer::{Key, Writer};
+pub use writer::{statement_ended, statement_forgotten};
 
 /// A signed delivery ready to insert.
 pub struct Queued {

@@ -6,10 +6,11 @@
 //! A kept writer serves only the statement it was opened for, in the
 //! subtransaction that statement runs in, while no relcache invalidation has
 //! arrived; anything else gets a writer of its own, closed after its rows. The
-//! statement's end closes its writer (`statement_ended`); an abort forgets it,
-//! since the abort frees its memory and releases its relations.
+//! statement's end closes its writer (`statement_ended`); an error that ends
+//! the statement forgets it (`statement_forgotten`), since the abort frees its
+//! memory and releases its relations.
 
-use std::cell::{Cell, RefCell};
+use std::cell::RefCell;
 use std::rc::Rc;
 
 use pgrx::prelude::*;
@@ -57,7 +58,6 @@ pub(super) struct Writer {
 
 thread_local! {
     static KEPT: RefCell<Option<(Key, Writer)>> = const { RefCell::new(None) };
-    static CALLBACKS_REGISTERED: Cell<bool> = const { Cell::new(false) };
 }
 
 impl Writer {
@@ -216,7 +216,6 @@ pub(super) fn with_kept<T>(key: Key, write: impl FnOnce(&Writer) -> T) -> Option
 
 /// Keeps `writer` for `key`'s statement's next events.
 pub(super) fn keep(key: Key, writer: Writer) {
-    register_callbacks();
     let stale = KEPT.with(|k| k.borrow_mut().replace((key, writer)));
     if let Some((_, writer)) = stale {
         writer.close();
@@ -237,49 +236,18 @@ pub fn statement_ended(statement: usize) {
     }
 }
 
-fn register_callbacks() {
-    if !CALLBACKS_REGISTERED.replace(true) {
-        // SAFETY: registered once for the backend's life; they only clear a RefCell.
-        unsafe {
-            pg_sys::RegisterXactCallback(Some(on_xact_event), std::ptr::null_mut());
-            pg_sys::RegisterSubXactCallback(Some(on_subxact_event), std::ptr::null_mut());
+/// An error ended a statement: forgets its writer, whose memory and
+/// references the abort released.
+pub fn statement_forgotten(statement: usize) {
+    KEPT.with(|k| {
+        let mut kept = k.borrow_mut();
+        if kept
+            .as_ref()
+            .is_some_and(|(key, _)| key.statement == statement)
+        {
+            kept.take();
         }
-    }
-}
-
-/// Forgets a writer whose memory and references the transaction's end
-/// released. (A statement always ends before its transaction commits.)
-#[pg_guard]
-unsafe extern "C-unwind" fn on_xact_event(
-    event: pg_sys::XactEvent::Type,
-    _arg: *mut std::ffi::c_void,
-) {
-    use pg_sys::XactEvent::*;
-    if matches!(
-        event,
-        XACT_EVENT_ABORT | XACT_EVENT_PARALLEL_ABORT | XACT_EVENT_COMMIT | XACT_EVENT_PREPARE
-    ) {
-        KEPT.with(|k| drop(k.borrow_mut().take()));
-    }
-}
-
-/// Forgets a writer opened in an aborted subtransaction (or one it started):
-/// the abort freed its memory and released its references.
-#[pg_guard]
-unsafe extern "C-unwind" fn on_subxact_event(
-    event: pg_sys::SubXactEvent::Type,
-    aborted: pg_sys::SubTransactionId,
-    _parent: pg_sys::SubTransactionId,
-    _arg: *mut std::ffi::c_void,
-) {
-    if event == pg_sys::SubXactEvent::SUBXACT_EVENT_ABORT_SUB {
-        KEPT.with(|k| {
-            let mut kept = k.borrow_mut();
-            if kept.as_ref().is_some_and(|(key, _)| key.subxact >= aborted) {
-                drop(kept.take());
-            }
-        });
-    }
+    });
 }
 
 /// Opens the table's indexes into `result_rel`, with their cached `IndexInfo`s when there are.
