@@ -42,6 +42,7 @@ mod maintenance;
 mod minutes;
 mod misses;
 mod opsevents;
+mod partition_check;
 mod plans;
 mod queue;
 mod recover;

@@ -25,6 +25,8 @@ struct Statement {
     id: usize,
     /// The subtransaction it runs in: an abort there forgets it.
     subxact: pg_sys::SubTransactionId,
+    /// Its executor state; null for COPY, which keeps its own.
+    estate: *mut pg_sys::EState,
     stored: u64,
     skipped: u64,
     /// The first skipped click's refusal, raised if nothing was stored.
@@ -93,6 +95,13 @@ pub fn current() -> Option<Running> {
     })
 }
 
+/// The executor state of the innermost running statement that may insert
+/// rows, unless it is a COPY. Valid while that statement runs: it leaves the
+/// stack when it finishes or an error ends it.
+pub fn executor_state() -> Option<*mut pg_sys::EState> {
+    RUNNING.with(|r| r.borrow().last().map(|s| s.estate).filter(|e| !e.is_null()))
+}
+
 /// A click the trigger lets through.
 pub fn click_stored() {
     RUNNING.with(|r| {
@@ -102,14 +111,15 @@ pub fn click_stored() {
     });
 }
 
-/// A statement that may insert clicks starts.
-pub fn started(id: usize) {
+/// A statement that may insert clicks starts (`estate` null for COPY).
+pub fn started(id: usize, estate: *mut pg_sys::EState) {
     // SAFETY: reads the current subtransaction's id.
     let subxact = unsafe { pg_sys::GetCurrentSubTransactionId() };
     RUNNING.with(|r| {
         r.borrow_mut().push(Statement {
             id,
             subxact,
+            estate,
             stored: 0,
             skipped: 0,
             refusal: None,
@@ -161,7 +171,7 @@ unsafe extern "C-unwind" fn executor_start(query: *mut pg_sys::QueryDesc, eflags
             None => pg_sys::standard_ExecutorStart(query, eflags),
         }
         if may_insert(query, eflags) {
-            started(query as usize);
+            started(query as usize, (*query).estate);
         }
     }
 }

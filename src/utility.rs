@@ -101,7 +101,7 @@ unsafe extern "C-unwind" fn process_utility(
             shared::wake_on_commit();
         }
         Statement::CopiesIn => {
-            crate::statements::started(pstmt as usize);
+            crate::statements::started(pstmt as usize, std::ptr::null_mut());
             run();
             crate::statements::finished(pstmt as usize);
         }

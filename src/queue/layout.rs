@@ -6,11 +6,7 @@ use pgrx::PgMemoryContexts;
 use pgrx::prelude::*;
 use std::ffi::CStr;
 
-unsafe extern "C-unwind" {
-    /// A partition's constraint (utils/partcache.h), a copy in the current
-    /// memory context. pgrx does not bind it; call it through `pg_guard_ffi_boundary`.
-    fn RelationGetPartitionQual(rel: pg_sys::Relation) -> *mut pg_sys::List;
-}
+use crate::partition_check::{self, Compiled};
 
 /// What goes into one attribute of a new delivery row.
 #[derive(Clone, Copy, PartialEq, Eq, Debug)]
@@ -58,20 +54,6 @@ pub(super) struct Layout {
     pub(super) indexes: Option<Indexes>,
     /// A partition's constraint, compiled.
     pub(super) check: Option<Compiled>,
-}
-
-/// An expression state compiled in a memory context of its own, which lives
-/// as long as this does.
-pub(super) struct Compiled {
-    context: pg_sys::MemoryContext,
-    pub(super) state: *mut pg_sys::ExprState,
-}
-
-impl Drop for Compiled {
-    fn drop(&mut self) {
-        // SAFETY: the context is ours; nothing points into it once its Layout is gone.
-        unsafe { pg_sys::MemoryContextDelete(self.context) };
-    }
 }
 
 /// The table's indexes and their `IndexInfo`s, partial-index predicates
@@ -122,31 +104,8 @@ pub(super) unsafe fn read_layout(rel: pg_sys::Relation) -> Layout {
             indexes: read_indexes(rel),
             check: (*(*rel).rd_rel)
                 .relispartition
-                .then(|| compile_partition_check(rel)),
+                .then(|| partition_check::compile(rel)),
         }
-    }
-}
-
-/// The partition's constraint, compiled as `ExecPartitionCheck` would for
-/// every statement, in a context that outlives it.
-///
-/// # Safety
-/// `rel` is an open, locked partition.
-unsafe fn compile_partition_check(rel: pg_sys::Relation) -> Compiled {
-    unsafe {
-        let context = pg_sys::AllocSetContextCreateInternal(
-            pg_sys::CacheMemoryContext,
-            c"pg_linkhooks deliveries partition check".as_ptr(),
-            0,
-            1024,
-            8192,
-        );
-        let state = PgMemoryContexts::For(context).switch_to(|_| {
-            let qual = pg_sys::ffi::pg_guard_ffi_boundary(|| RelationGetPartitionQual(rel));
-            let planned = pg_sys::expression_planner(qual.cast());
-            pg_sys::ExecInitCheck(planned.cast(), std::ptr::null_mut())
-        });
-        Compiled { context, state }
     }
 }
 

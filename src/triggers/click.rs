@@ -19,6 +19,10 @@ fn on_click<'a>(
     // SAFETY: in a BEFORE INSERT row trigger, tg_trigslot holds the new row (tg_trigtuple),
     // and nothing changes it while this trigger runs. Deformed once, read by name below.
     let new = unsafe { SlotColumns::new(trigger.trigger_data().tg_trigslot) };
+    if let Some(estate) = statements::executor_state() {
+        // SAFETY: the running statement's state; tg_relation is the open partition the row goes to.
+        unsafe { partition_check::prime(estate, trigger.trigger_data().tg_relation) };
+    }
     let link_id: i64 = new
         .get("link_id")?
         .ok_or_else(|| Error::invalid("link_id", "must not be null"))?;

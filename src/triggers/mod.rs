@@ -16,6 +16,7 @@ use crate::idempotency;
 use crate::limits::{self, MAX_JSON_BYTES, MAX_TEXT_CHARS, MAX_UTM_BYTES};
 use crate::links::{self, LinkError, MAX_HEADER_LEN, truncate};
 use crate::linkstore::{self, Claim, LinkRow};
+use crate::partition_check;
 use crate::payload::{
     self, CampaignData, CampaignPayload, Click, ConversionData, ConversionPayload, EventType,
     IpMode, LinkChangeData, LinkExpiredData, LinkPayload,

@@ -126,6 +126,34 @@ def test_a_click_no_partition_covers_is_kept_then_moved_into_a_partition_of_its_
             own_db.execute("INSERT INTO linkhooks.clicks (link_id, clicked_at) VALUES (%s, %s)", [link_id, endless])
 
 
+def test_a_click_a_dba_trigger_moves_out_of_its_partition_is_still_refused(own_db):
+    """PostgreSQL checks a partition's constraint again after the BEFORE ROW triggers; the clicks trigger hands each
+    statement that check compiled once per session. A DBA's trigger that moves a click into another day must
+    still get PostgreSQL's error, in every statement, each partition by its own bounds (a click of the 11th moved to
+    the 10th is refused though the 10th's check is compiled already), and rows that stay are stored."""
+    maintain(own_db, T0)
+    link_id = link(own_db, "moved")
+    own_db.execute("CREATE FUNCTION public.day_before() RETURNS trigger LANGUAGE plpgsql AS "
+                   "$$ BEGIN NEW.clicked_at := NEW.clicked_at - interval '1 day'; RETURN NEW; END $$")
+    own_db.execute("CREATE TRIGGER zz_day_before BEFORE INSERT ON linkhooks.clicks "
+                   "FOR EACH ROW EXECUTE FUNCTION public.day_before()")  # fires after clicks_events
+    one_row = "INSERT INTO linkhooks.clicks (link_id, clicked_at) VALUES (%s, %s)"
+    two_rows = "INSERT INTO linkhooks.clicks (link_id, clicked_at) VALUES (%s, %s), (%s, %s)"
+    for n, at in enumerate([T0, T0, T0 + DAY, T0]):
+        with pytest.raises(psycopg.errors.FeatureNotSupported,
+                           match="moving row to another partition during a BEFORE FOR EACH ROW trigger") as refused:
+            if n < 3:
+                own_db.execute(one_row, [link_id, at])
+            else:
+                own_db.execute(two_rows, [link_id, at, link_id, at])
+        assert f'the row was to be in partition "linkhooks.clicks_p{at:%Y%m%d}_000000"' in refused.value.diag.message_detail
+    own_db.execute("DROP TRIGGER zz_day_before ON linkhooks.clicks")
+    own_db.execute(two_rows, [link_id, T0, link_id, T0 + DAY])
+    own_db.execute(one_row, [link_id, T0])
+    assert [p for p, _ in clicks_by_partition(own_db)] == [
+        "linkhooks.clicks_p20260110_000000", "linkhooks.clicks_p20260111_000000", "linkhooks.clicks_p20260110_000000"]
+
+
 def test_attempts_are_kept_for_the_retention_a_partition_at_a_time(own_db):
     assert maintain(own_db, T0, table="delivery_attempts")["partitions_created"] == 4
     for at in (T0 - 300 * DAY, T0, T0 + 2 * DAY):
