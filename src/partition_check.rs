@@ -61,8 +61,12 @@ pub unsafe fn compile(rel: pg_sys::Relation) -> Compiled {
     }
 }
 
+/// Partitions whose checks a session keeps (a day's partition each, by default).
+const MAX_KNOWN: usize = 16;
+
 thread_local! {
-    /// The checks `prime` compiled, until a relcache invalidation of their partition.
+    /// The checks `prime` compiled, oldest first, until a relcache invalidation
+    /// of their partition or `MAX_KNOWN` newer ones.
     static KNOWN: RefCell<Vec<Rc<Compiled>>> = const { RefCell::new(Vec::new()) };
     /// Checks no longer known but perhaps still in a statement's result
     /// relation: freed when the transaction ends, which ends every statement.
@@ -117,12 +121,16 @@ unsafe fn known_check(rel: pg_sys::Relation) -> Rc<Compiled> {
     let seen = INVALIDATIONS.get();
     // SAFETY: as the caller promises.
     let fresh = Rc::new(unsafe { compile(rel) });
-    let list = if INVALIDATIONS.get() == seen {
-        &KNOWN
+    if INVALIDATIONS.get() == seen {
+        let oldest = KNOWN.with(|k| {
+            let mut k = k.borrow_mut();
+            k.push(fresh.clone());
+            (k.len() > MAX_KNOWN).then(|| k.remove(0))
+        });
+        RETIRED.with(|r| r.borrow_mut().extend(oldest));
     } else {
-        &RETIRED
-    };
-    list.with(|l| l.borrow_mut().push(fresh.clone()));
+        RETIRED.with(|r| r.borrow_mut().push(fresh.clone()));
+    }
     fresh
 }
 

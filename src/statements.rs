@@ -8,8 +8,9 @@
 //! as the one-row `INSERT` is, with the same error, when it finishes.
 //!
 //! The executor and utility hooks keep a stack of the running statements that
-//! can insert rows; the clicks trigger counts into the innermost one, and the
-//! delivery queue keeps its insert open for it until it ends (`Observer`).
+//! can insert rows; the clicks trigger counts into the innermost one and primes
+//! its partition check (`partition_check`), and the delivery queue keeps its
+//! insert open for it until it ends (`Observer`).
 
 use std::cell::RefCell;
 use std::sync::OnceLock;

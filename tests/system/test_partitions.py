@@ -152,6 +152,16 @@ def test_a_click_a_dba_trigger_moves_out_of_its_partition_is_still_refused(own_d
     own_db.execute(one_row, [link_id, T0])
     assert [p for p, _ in clicks_by_partition(own_db)] == [
         "linkhooks.clicks_p20260110_000000", "linkhooks.clicks_p20260111_000000", "linkhooks.clicks_p20260110_000000"]
+    # A session keeps the checks of 16 partitions: one statement over 20 days, twice, drops checks its own
+    # result relations still use. They stay alive to the statement's end, and each row is where it belongs.
+    for n in range(0, 20, 3):
+        maintain(own_db, T0 + n * DAY)
+    own_db.execute("TRUNCATE linkhooks.clicks")
+    own_db.execute("INSERT INTO linkhooks.clicks (link_id, clicked_at) "
+                   "SELECT %s, %s + (n %% 20) * interval '1 day' FROM generate_series(0, 39) n", [link_id, T0])
+    assert own_db.execute("SELECT tableoid::regclass::text, count(*) FROM linkhooks.clicks "
+                          "GROUP BY 1 ORDER BY 1").fetchall() == \
+        [(f"linkhooks.clicks_p{T0 + n * DAY:%Y%m%d}_000000", 2) for n in range(20)]
 
 
 def test_attempts_are_kept_for_the_retention_a_partition_at_a_time(own_db):
