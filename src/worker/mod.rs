@@ -8,16 +8,20 @@
 //!   transactions whose errors are retried rather than fatal;
 //! - `admission`: how many rows a claim may take (pure logic);
 //! - `claim`: endpoints, the claim, leases;
-//! - `record`: outcomes, the attempt log, dead letters, subscription bookkeeping;
+//! - `record`: outcomes, the attempt log, dead letters;
+//! - `health_log`: subscription health and its rollups, once a second;
+//! - `bookkeeping`: dead-letter runs and 410s written to subscriptions;
 //! - `status`: `linkhooks.worker_status()`;
 //! - `checks`: destination health checks between deliveries;
 //! - `housekeeper`: the process that counts clicks and runs maintenance beside it;
 //! - `launcher`: the process that starts a worker for every database with the extension.
 
 mod admission;
+mod bookkeeping;
 mod checks;
 mod claim;
 mod gate;
+mod health_log;
 mod housekeeper;
 mod launcher;
 mod record;
@@ -41,10 +45,11 @@ use crate::sender::{Done, Job, Outcome, Pool, Work};
 use crate::shared;
 use crate::slots::{self, SlotState};
 use admission::Flights;
+use bookkeeping::Bookkeeping;
 use checks::Checks;
 use claim::{Endpoint, Held};
+use health_log::HealthLog;
 use housekeeper::{Chores, Housekeeper};
-use record::{Bookkeeping, HealthLog};
 use settings::Settings;
 
 /// Longest sleep when nothing is due: the fallback poll.
@@ -362,9 +367,7 @@ impl Worker {
         let result = gate::try_transaction(|| self.tick_body(claim, outcomes, plan));
         match result {
             Ok(jobs) => {
-                if self.extension_ready
-                    && slots::state(self.place.slot) != SlotState::Delivering
-                {
+                if self.extension_ready && slots::state(self.place.slot) != SlotState::Delivering {
                     // After its first transaction (which released rows abandoned earlier):
                     // the launcher starts the database's other workers only now.
                     slots::set_state(self.place.slot, SlotState::Delivering);
@@ -468,7 +471,10 @@ impl Worker {
         .unwrap_or(false);
         if ready {
             if !self.extension_seen {
-                log!("pg_linkhooks worker delivering for database \"{}\"", self.database);
+                log!(
+                    "pg_linkhooks worker delivering for database \"{}\"",
+                    self.database
+                );
             }
             self.extension_ready = true;
             self.extension_seen = true;
