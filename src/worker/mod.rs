@@ -157,7 +157,7 @@ pub struct Worker {
     place: Place,
     endpoints: HashMap<i64, Endpoint>,
     endpoints_generation: Option<u64>,
-    /// The schema is 0.5.0's: subscription holds (`paused`, see claim.rs), health rollups (record.rs).
+    /// The schema is 0.5.0's: subscription holds (`paused`, see claim.rs), health rollups (health_log.rs).
     schema_holds: bool,
     /// Requests in flight, and how fast each subscription answered.
     flights: Flights,
