@@ -41,8 +41,11 @@ impl Drop for Compiled {
 /// `rel` is an open, locked partition.
 pub unsafe fn compile(rel: pg_sys::Relation) -> Compiled {
     unsafe {
+        // Made under the current context and moved under CacheMemoryContext once
+        // compiled (as the relcache builds its own entries): an error while
+        // compiling frees it with the statement instead of leaking it for the session.
         let context = pg_sys::AllocSetContextCreateInternal(
-            pg_sys::CacheMemoryContext,
+            pg_sys::CurrentMemoryContext,
             c"pg_linkhooks partition check".as_ptr(),
             0,
             1024,
@@ -53,6 +56,7 @@ pub unsafe fn compile(rel: pg_sys::Relation) -> Compiled {
             let planned = pg_sys::expression_planner(qual.cast());
             pg_sys::ExecInitCheck(planned.cast(), std::ptr::null_mut())
         });
+        pg_sys::MemoryContextSetParent(context, pg_sys::CacheMemoryContext);
         Compiled {
             partition: (*rel).rd_id,
             context,
@@ -61,12 +65,15 @@ pub unsafe fn compile(rel: pg_sys::Relation) -> Compiled {
     }
 }
 
-/// Partitions whose checks a session keeps (a day's partition each, by default).
+/// Partitions whose checks a session keeps from one transaction to the next
+/// (a day's partition each, by default).
 const MAX_KNOWN: usize = 16;
 
 thread_local! {
     /// The checks `prime` compiled, oldest first, until a relcache invalidation
-    /// of their partition or `MAX_KNOWN` newer ones.
+    /// of their partition. Within a transaction every check compiled stays
+    /// here, so a transaction that goes round more partitions than `MAX_KNOWN`
+    /// compiles each once; its end keeps the newest `MAX_KNOWN`.
     static KNOWN: RefCell<Vec<Rc<Compiled>>> = const { RefCell::new(Vec::new()) };
     /// Checks no longer known but perhaps still in a statement's result
     /// relation: freed when the transaction ends, which ends every statement.
@@ -122,12 +129,7 @@ unsafe fn known_check(rel: pg_sys::Relation) -> Rc<Compiled> {
     // SAFETY: as the caller promises.
     let fresh = Rc::new(unsafe { compile(rel) });
     if INVALIDATIONS.get() == seen {
-        let oldest = KNOWN.with(|k| {
-            let mut k = k.borrow_mut();
-            k.push(fresh.clone());
-            (k.len() > MAX_KNOWN).then(|| k.remove(0))
-        });
-        RETIRED.with(|r| r.borrow_mut().extend(oldest));
+        KNOWN.with(|k| k.borrow_mut().push(fresh.clone()));
     } else {
         RETIRED.with(|r| r.borrow_mut().push(fresh.clone()));
     }
@@ -172,6 +174,12 @@ unsafe extern "C-unwind" fn transaction_ended(
             | XACT_EVENT_PARALLEL_COMMIT
             | XACT_EVENT_PARALLEL_ABORT
     ) {
+        // Every statement has ended: no result relation holds a check any more.
         RETIRED.with(|r| r.borrow_mut().clear());
+        KNOWN.with(|k| {
+            let mut k = k.borrow_mut();
+            let excess = k.len().saturating_sub(MAX_KNOWN);
+            k.drain(..excess);
+        });
     }
 }

@@ -1,5 +1,5 @@
 //! Clicks past their link's `max_clicks` in statements that store several
-//! clicks (`COPY`, multi-row `INSERT`, `INSERT … SELECT`).
+//! clicks (`COPY`, multi-row `INSERT`, `INSERT … SELECT`, `MERGE`).
 //!
 //! A one-row `INSERT` of a click past the limit is refused. Refusing a whole
 //! batch for one such click would lose the batch's valid clicks, so a statement
@@ -159,7 +159,10 @@ unsafe fn may_insert(query: *mut pg_sys::QueryDesc, eflags: i32) -> bool {
         let planned = (*query).plannedstmt;
         eflags & pg_sys::EXEC_FLAG_EXPLAIN_ONLY as i32 == 0
             && !planned.is_null()
-            && ((*planned).commandType == pg_sys::CmdType::CMD_INSERT || (*planned).hasModifyingCTE)
+            && (matches!(
+                (*planned).commandType,
+                pg_sys::CmdType::CMD_INSERT | pg_sys::CmdType::CMD_MERGE
+            ) || (*planned).hasModifyingCTE)
     }
 }
 

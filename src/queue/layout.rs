@@ -98,14 +98,37 @@ pub(super) unsafe fn read_layout(rel: pg_sys::Relation) -> Layout {
             }
         }
         let complete = !unknown_column && COLUMNS.iter().all(|(_, _, want)| values.contains(want));
+        let plain_table = (*(*rel).rd_rel).relkind == pg_sys::RELKIND_RELATION as std::ffi::c_char;
         Layout {
             table: (*rel).rd_id,
-            values: complete.then_some(values),
+            values: (complete && plain_table && inserts_simply(rel)).then_some(values),
             indexes: read_indexes(rel),
             check: (*(*rel).rd_rel)
                 .relispartition
                 .then(|| partition_check::compile(rel)),
         }
+    }
+}
+
+/// Whether a SQL INSERT into `rel` does nothing beyond what
+/// `ExecSimpleRelationInsert` does: no rule, no statement trigger or transition
+/// table (it fires row triggers only), and no BEFORE ROW trigger, which could
+/// skip the row or change its id behind the ids `insert` returns.
+///
+/// # Safety
+/// `rel` is open and locked.
+pub(super) unsafe fn inserts_simply(rel: pg_sys::Relation) -> bool {
+    unsafe {
+        if (*(*rel).rd_rel).relhasrules {
+            return false;
+        }
+        let triggers = (*rel).trigdesc;
+        triggers.is_null()
+            || !((*triggers).trig_insert_before_row
+                || (*triggers).trig_insert_instead_row
+                || (*triggers).trig_insert_before_statement
+                || (*triggers).trig_insert_after_statement
+                || (*triggers).trig_insert_new_table)
     }
 }
 

@@ -19,9 +19,10 @@
 //! (`writer`).
 //!
 //! Only the table's own columns are known here. If someone added a column
-//! (with a default this code would not apply), changed a type or partitioned
-//! the table another way, `insert` returns `None` and the caller falls back to
-//! a plain SQL INSERT.
+//! (with a default this code would not apply), changed a type, partitioned
+//! the table another way (or with a foreign table), or gave it a rule, a
+//! statement trigger or a BEFORE ROW trigger, `insert` returns `None` and the
+//! caller falls back to a plain SQL INSERT.
 
 use std::cell::{Cell, RefCell};
 use std::rc::Rc;
@@ -209,7 +210,14 @@ unsafe fn open(kept: bool) -> Result<Option<Writer>> {
     let parent = unsafe { pg_sys::table_open(table, lock) };
     // SAFETY: the table is open and locked.
     let routing = match unsafe { routing_of(parent) } {
-        Ok(routing) if routing.known && routing.id_sequence != pg_sys::InvalidOid => routing,
+        // SAFETY (inserts_simply): the table is open and locked.
+        Ok(routing)
+            if routing.known
+                && routing.id_sequence != pg_sys::InvalidOid
+                && unsafe { layout::inserts_simply(parent) } =>
+        {
+            routing
+        }
         other => {
             close(parent);
             return other.map(|_| None);

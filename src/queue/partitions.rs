@@ -63,8 +63,12 @@ pub(super) unsafe fn read_routing(rel: pg_sys::Relation) -> Result<Routing> {
             pgrx::direct_function_call(pg_sys::pg_get_partkeydef, &[table.into_datum()]);
         let partdesc = pg_sys::RelationGetPartitionDesc(rel, true);
         let bounds_info = (*partdesc).boundinfo;
-        let leaves = std::slice::from_raw_parts((*partdesc).is_leaf, (*partdesc).nparts as usize);
-        let known = key.as_deref() == Some("RANGE (created_at)") && leaves.iter().all(|leaf| *leaf);
+        // No partition at all leaves the arrays null.
+        let known = key.as_deref() == Some("RANGE (created_at)")
+            && (*partdesc).nparts > 0
+            && std::slice::from_raw_parts((*partdesc).is_leaf, (*partdesc).nparts as usize)
+                .iter()
+                .all(|leaf| *leaf);
         if !known || bounds_info.is_null() {
             // Not routed here, or no partition at all: the SQL INSERT says why.
             return Ok(Routing {

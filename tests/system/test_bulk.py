@@ -79,7 +79,16 @@ def insert_multirow(db, rows):
         sql.SQL(", ").join(map(sql.Identifier, COLUMNS)), values))
 
 
-@pytest.mark.parametrize("bulk", [copy, insert_multirow], ids=["COPY", "multi-row INSERT"])
+def merge(db, rows):
+    """MERGE with only an INSERT action: the clicks of a staging set that are not stored yet."""
+    columns = sql.SQL(", ").join(map(sql.Identifier, COLUMNS))
+    db.execute(sql.SQL("MERGE INTO linkhooks.clicks c USING (SELECT * FROM json_populate_recordset(NULL::linkhooks.clicks, %s)) v "
+                       "ON c.event_id = v.event_id WHEN NOT MATCHED THEN INSERT ({}) VALUES ({})").format(
+        columns, sql.SQL(", ").join(sql.SQL("v.{}").format(sql.Identifier(c)) for c in COLUMNS)),
+        [json.dumps([dict(zip(COLUMNS, row)) for row in rows])])
+
+
+@pytest.mark.parametrize("bulk", [copy, insert_multirow, merge], ids=["COPY", "multi-row INSERT", "MERGE"])
 def test_bulk_statements_store_the_same_clicks_and_queue_the_same_events_as_one_by_one(db, receiver, bulk):
     rows = batch(fresh_schema(db, receiver))
     assert insert_one_by_one(db, rows) == 2

@@ -339,6 +339,60 @@ def test_click_deliveries_follow_what_a_dba_changes_on_the_table(cluster):
         drop_database(cluster, "lh_queue")
 
 
+def test_deliveries_a_dba_gives_statement_triggers_row_filters_or_a_foreign_partition_are_written_as_sql_writes_them(
+        cluster):
+    """What the direct writer cannot do for the deliveries table, a SQL INSERT does: a statement trigger with a
+    transition table sees every delivery row; a BEFORE ROW trigger that drops a row leaves no id behind (send_test
+    says the delivery was not queued); a foreign table attached as a partition gets its rows through its wrapper
+    (the direct writer would have called a table access method a foreign table does not have: a crash)."""
+    try:
+        with database(cluster, "lh_sqlpath") as admin, cluster.connect(dbname="lh_sqlpath") as session:
+            admin.execute("CREATE EXTENSION pg_linkhooks")
+            sub = admin.execute("INSERT INTO linkhooks.subscriptions (name, url) VALUES ('s', %s) RETURNING id",
+                                [CLOSED]).fetchone()[0]
+            link_id = link(admin, "go")
+
+            def click():
+                return session.execute("INSERT INTO linkhooks.clicks (link_id, user_agent) VALUES (%s, %s) "
+                                       "RETURNING event_id::text", [link_id, IPHONE]).fetchone()[0]
+
+            click()  # the session's writer is set up before the DBA's changes
+            admin.execute("CREATE TABLE seen (event_id uuid)")
+            admin.execute("CREATE FUNCTION seen() RETURNS trigger LANGUAGE plpgsql AS "
+                          "$$ BEGIN INSERT INTO public.seen SELECT event_id FROM new_rows; RETURN NULL; END $$")
+            admin.execute("CREATE TRIGGER seen AFTER INSERT ON linkhooks.deliveries REFERENCING NEW TABLE AS new_rows "
+                          "FOR EACH STATEMENT EXECUTE FUNCTION seen()")
+            event = click()
+            assert admin.execute("SELECT event_id::text FROM seen").fetchall() == [(event,)]
+            admin.execute("DROP TRIGGER seen ON linkhooks.deliveries")
+
+            admin.execute("CREATE FUNCTION drop_tests() RETURNS trigger LANGUAGE plpgsql AS "
+                          "$$ BEGIN IF NEW.event_type = 'webhook.test' THEN RETURN NULL; END IF; RETURN NEW; END $$")
+            admin.execute("CREATE TRIGGER drop_tests BEFORE INSERT ON linkhooks.deliveries "
+                          "FOR EACH ROW EXECUTE FUNCTION drop_tests()")
+            with pytest.raises(psycopg.Error, match="not queued"):
+                admin.execute("SELECT linkhooks.send_test(%s)", [sub])
+            event = click()
+            assert admin.execute("SELECT count(*) FROM linkhooks.deliveries WHERE event_id = %s",
+                                 [event]).fetchone()[0] == 1
+            admin.execute("DROP TRIGGER drop_tests ON linkhooks.deliveries")
+
+            admin.execute("CREATE EXTENSION postgres_fdw")
+            admin.execute(f"CREATE SERVER here FOREIGN DATA WRAPPER postgres_fdw "
+                          f"OPTIONS (host '{cluster.dir}', port '{cluster.port}', dbname 'lh_sqlpath')")
+            admin.execute("CREATE USER MAPPING FOR CURRENT_USER SERVER here")
+            admin.execute("CREATE TABLE public.remote_deliveries (LIKE linkhooks.deliveries)")
+            admin.execute("DELETE FROM linkhooks.deliveries")  # the default partition must hold nothing of today
+            admin.execute("CREATE FOREIGN TABLE linkhooks.deliveries_remote PARTITION OF linkhooks.deliveries "
+                          "FOR VALUES FROM (now() - interval '2 days') TO (now() + interval '2 days') "
+                          "SERVER here OPTIONS (schema_name 'public', table_name 'remote_deliveries')")
+            event = click()
+            assert admin.execute("SELECT subscription_id, event_type FROM public.remote_deliveries "
+                                 "WHERE event_id = %s", [event]).fetchall() == [(sub, "link.clicked")]
+    finally:
+        drop_database(cluster, "lh_sqlpath")
+
+
 def test_a_session_keeps_every_deliveries_index_complete_while_a_dba_changes_them(cluster):
     """Each backend builds the deliveries indexes' insert state once. Indexes a DBA creates (also concurrently, also
     partial), rebuilds or drops afterwards must still get every row a session that already clicked writes; amcheck

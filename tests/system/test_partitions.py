@@ -164,6 +164,24 @@ def test_a_click_a_dba_trigger_moves_out_of_its_partition_is_still_refused(own_d
         [(f"linkhooks.clicks_p{T0 + n * DAY:%Y%m%d}_000000", 2) for n in range(20)]
 
 
+def test_a_backfill_over_more_days_than_a_session_keeps_compiles_each_partition_check_once(own_db):
+    """A transaction of one-row INSERTs going round 20 days' partitions (more than the 16 checks a session keeps
+    between transactions) compiles each partition's check once, not once a statement, so its memory stays that of 20
+    checks however many clicks it writes; its end keeps 16."""
+    for n in range(0, 20, 3):
+        maintain(own_db, T0 + n * DAY)
+    link_id = link(own_db, "backfill")
+    checks = "SELECT count(*) FROM pg_backend_memory_contexts WHERE name = 'pg_linkhooks partition check'"
+    with own_db.transaction():
+        own_db.execute("DO $$ BEGIN FOR n IN 0..599 LOOP "
+                       "INSERT INTO linkhooks.clicks (link_id, clicked_at) "
+                       f"VALUES ({link_id}, '{T0.isoformat()}'::timestamptz + (n % 20) * interval '1 day'); "
+                       "END LOOP; END $$")
+        assert own_db.execute(checks).fetchone()[0] == 20
+    assert own_db.execute(checks).fetchone()[0] == 16
+    assert own_db.execute("SELECT count(*), count(DISTINCT tableoid) FROM linkhooks.clicks").fetchone() == (600, 20)
+
+
 def test_attempts_are_kept_for_the_retention_a_partition_at_a_time(own_db):
     assert maintain(own_db, T0, table="delivery_attempts")["partitions_created"] == 4
     for at in (T0 - 300 * DAY, T0, T0 + 2 * DAY):
