@@ -3,6 +3,18 @@
 -- Every object here matches what a fresh 0.5.0 install creates; the system
 -- test tests/system/test_upgrade.py compares the two catalogs.
 
+-- The workers serve the extension only where a superuser owns its schema (a schema's owner may
+-- put objects in it that code running as a superuser would use): one a DBA made before
+-- CREATE EXTENSION becomes the superuser's running this update, as a fresh install's does.
+DO $$
+BEGIN
+    IF NOT (SELECT r.rolsuper FROM pg_catalog.pg_namespace n JOIN pg_catalog.pg_roles r ON r.oid = n.nspowner
+             WHERE n.oid = pg_catalog.to_regnamespace('@extschema@')) THEN
+        EXECUTE 'ALTER SCHEMA @extschema@ OWNER TO CURRENT_USER';
+    END IF;
+END
+$$;
+
 -- Everything that runs as the owner pins search_path, pg_temp last.
 ALTER FUNCTION links_trigger() SET search_path = pg_catalog, pg_temp;
 -- (clicks_trigger pins it in its code: src/triggers/mod.rs)

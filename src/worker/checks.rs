@@ -51,7 +51,12 @@ impl Worker {
         if !self.checks.results.is_empty() {
             let results = std::mem::take(&mut self.checks.results);
             // Lost if this fails: the next check finds the same again.
-            if let Err(e) = gate::try_transaction(|| health_checks::record(&results)) {
+            if let Err(e) = gate::try_transaction(|| {
+                if !super::extension::hold(self.extension) {
+                    return Ok(0);
+                }
+                health_checks::record(&results)
+            }) {
                 self.warn_failure("recording destination checks", &e);
             }
         }
@@ -65,8 +70,12 @@ impl Worker {
             self.settings.health_check_interval,
             self.settings.default_timeout,
         );
+        let extension = self.extension;
         let claimed = gate::try_transaction(|| {
-            if crate::replication::receives_deliveries()? || !health_checks::installed()? {
+            if !super::extension::hold(extension)
+                || crate::replication::receives_deliveries()?
+                || !health_checks::installed()?
+            {
                 return Ok((Vec::new(), None)); // the publisher checks; or a schema from before 0.5.0
             }
             if discover {

@@ -16,6 +16,7 @@ use pgrx::bgworkers::{
 };
 use pgrx::prelude::*;
 
+use super::extension::{self, Found};
 use super::gate;
 use super::settings;
 use crate::slots;
@@ -96,7 +97,7 @@ impl Chores {
 
 /// `run_maintenance()`: pruning, expiry, held rows, misses.
 fn maintain() -> crate::error::Result<()> {
-    if crate::replication::receives_deliveries()? || !installed("run_maintenance()")? {
+    if !installed("run_maintenance()")? || crate::replication::receives_deliveries()? {
         return Ok(()); // the publisher maintains what it sends; or no extension here (yet)
     }
     Spi::run("SELECT linkhooks.run_maintenance()").map_err(Into::into)
@@ -105,13 +106,21 @@ fn maintain() -> crate::error::Result<()> {
 /// Counts the clicks committed since the last run and queues the events
 /// they cause (src/aggregator.rs).
 fn aggregate() -> crate::error::Result<()> {
-    if crate::replication::receives_deliveries()? || !installed("run_aggregation()")? {
+    if !installed("run_aggregation()")? || crate::replication::receives_deliveries()? {
         return Ok(()); // the publisher counts what it sends; or a schema from before 0.5.0
     }
     Spi::run("SELECT linkhooks.run_aggregation()").map_err(Into::into)
 }
 
+/// Whether the extension is installed here (and now locked until the
+/// transaction ends, see `extension`) with `function`.
 fn installed(function: &str) -> crate::error::Result<bool> {
+    let Found::Installed(oid) = extension::find()? else {
+        return Ok(false);
+    };
+    if !extension::hold(oid) {
+        return Ok(false);
+    }
     Ok(Spi::get_one_with_args::<bool>(
         "SELECT pg_catalog.to_regprocedure('linkhooks.' || $1) IS NOT NULL",
         &[function.into()],

@@ -20,6 +20,7 @@ mod admission;
 mod bookkeeping;
 mod checks;
 mod claim;
+mod extension;
 mod gate;
 mod health_log;
 mod housekeeper;
@@ -48,6 +49,7 @@ use admission::Flights;
 use bookkeeping::Bookkeeping;
 use checks::Checks;
 use claim::{Endpoint, Held};
+use extension::Found;
 use health_log::HealthLog;
 use housekeeper::{Chores, Housekeeper};
 use settings::Settings;
@@ -183,6 +185,8 @@ pub struct Worker {
     chores_due: Option<Instant>,
     checks: Checks,
     extension_ready: bool,
+    /// The extension's oid, locked by each transaction (`extension::hold`).
+    extension: pg_sys::Oid,
     /// The extension is not (or no longer) installed here: the worker stops.
     extension_missing: bool,
     /// It was installed when the worker started or since.
@@ -257,6 +261,7 @@ impl Worker {
             chores_due: None,
             checks: Checks::default(),
             extension_ready: false,
+            extension: pg_sys::InvalidOid,
             extension_missing: false,
             extension_seen: false,
             released: false,
@@ -409,6 +414,9 @@ impl Worker {
         outcomes: Vec<Outcome>,
         plan: &admission::Plan,
     ) -> Result<Vec<Job>> {
+        if self.extension_ready && !extension::hold(self.extension) {
+            self.extension_ready = false; // dropped: find out what is there now
+        }
         if !self.extension_ready && !self.check_extension()? {
             return Ok(Vec::new());
         }
@@ -465,11 +473,17 @@ impl Worker {
     /// EXTENSION pg_linkhooks commits.
     fn check_extension(&mut self) -> Result<bool> {
         slots::checking_extension(self.place.slot);
-        let ready = Spi::get_one::<bool>(
-            "SELECT pg_catalog.to_regclass('linkhooks.deliveries') IS NOT NULL",
-        )?
-        .unwrap_or(false);
-        if ready {
+        let found = extension::find()?;
+        if let Found::LookAlike(why) = &found {
+            warning!(
+                "pg_linkhooks worker: database \"{}\" is not served: {why}",
+                self.database
+            );
+        }
+        if let Found::Installed(oid) = found
+            && extension::hold(oid)
+        {
+            self.extension = oid;
             if !self.extension_seen {
                 log!(
                     "pg_linkhooks worker delivering for database \"{}\"",
@@ -582,6 +596,9 @@ impl Worker {
         if (!self.outcomes.is_empty() || self.health.due_at().is_some()) && self.extension_ready {
             let outcomes = std::mem::take(&mut self.outcomes);
             if let Err(e) = gate::try_transaction(|| {
+                if !extension::hold(self.extension) {
+                    return Ok(());
+                }
                 self.record_outcomes(outcomes)?;
                 self.write_bookkeeping()?;
                 self.write_health(true)

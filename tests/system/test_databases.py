@@ -236,3 +236,43 @@ def test_two_workers_share_the_queue_without_duplicates_and_hold_the_per_subscri
                                  f"by status {app.execute('SELECT status, count(*) FROM linkhooks.deliveries GROUP BY 1').fetchall()}")
     finally:
         app.close()
+
+
+def test_a_look_alike_linkhooks_schema_gets_no_worker_and_nothing_of_it_runs_as_superuser(clusters):
+    """The workers are superuser sessions. A role that may create databases makes a schema called linkhooks with a
+    deliveries table and the functions the housekeeper calls, written to make it a superuser. The launcher still
+    checks that database, but finds no pg_linkhooks there: it says so, and nothing of the schema runs. The same role
+    installing the extension itself (it is trusted) gets a worker; dropping it leaves a schema it cannot write."""
+    c = clusters()
+    with c.connect() as pg:
+        pg.execute("CREATE ROLE mallory LOGIN CREATEDB")
+
+    def as_mallory(dbname):
+        return psycopg.connect(host="127.0.0.1", port=c.port, user="mallory", dbname=dbname, autocommit=True)
+
+    with as_mallory("postgres") as m:
+        m.execute("CREATE DATABASE evil")
+        m.execute("CREATE DATABASE mine")
+    with as_mallory("evil") as m:
+        m.execute("CREATE TABLE public.ran (who text)")
+        m.execute("CREATE SCHEMA linkhooks")
+        m.execute("CREATE TABLE linkhooks.deliveries (id bigint)")
+        for function in ("run_maintenance", "run_aggregation"):
+            m.execute(f"CREATE FUNCTION linkhooks.{function}() RETURNS void LANGUAGE plpgsql AS $$ BEGIN "
+                      "INSERT INTO public.ran VALUES (current_user); EXECUTE 'ALTER ROLE mallory SUPERUSER'; END $$")
+        wait_for(lambda: 'database "evil" is not served: a schema "linkhooks" with a table "deliveries" is there, '
+                         'but not the extension' in c.log(), timeout=15, message="the launcher checked evil")
+        assert m.execute("SELECT count(*) FROM public.ran").fetchone()[0] == 0
+    assert 'delivering for database "evil"' not in c.log()
+    with c.connect() as pg:
+        assert pg.execute("SELECT rolsuper FROM pg_roles WHERE rolname = 'mallory'").fetchone()[0] is False
+    with as_mallory("mine") as m:
+        m.execute("CREATE EXTENSION pg_linkhooks")
+        wait_for(lambda: delivering(m), timeout=5, message=lambda: f"a worker in mine: {status(m)}")
+        # Dropped, the schema stays the superuser's: no look-alike can be made in it.
+        m.execute("DROP EXTENSION pg_linkhooks")
+        wait_for(lambda: "mine" not in workers(c), timeout=10, message="mine's worker stopped")
+        with pytest.raises(psycopg.errors.InsufficientPrivilege):
+            m.execute("CREATE TABLE linkhooks.deliveries (id bigint)")
+    with c.connect() as pg:
+        assert pg.execute("SELECT rolsuper FROM pg_roles WHERE rolname = 'mallory'").fetchone()[0] is False

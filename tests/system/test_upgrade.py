@@ -231,6 +231,26 @@ def test_the_update_refuses_clicks_no_partition_can_hold_and_changes_nothing(clu
         drop_database(cluster, "lh_endless")
 
 
+def test_the_update_gives_a_schema_a_dba_made_before_0_4_0_was_installed_to_the_superuser(cluster):
+    """0.4.0 installed into a schema a DBA had made kept the DBA as its owner, who could then put objects in it that
+    code running as a superuser would use. The workers serve only an extension whose schema a superuser owns: the
+    update takes the schema over."""
+    try:
+        with database(cluster, "lh_dbaschema") as db:
+            db.execute("DROP ROLE IF EXISTS schema_dba")
+            db.execute("CREATE ROLE schema_dba")
+            db.execute("CREATE SCHEMA linkhooks AUTHORIZATION schema_dba")
+            db.execute("CREATE EXTENSION pg_linkhooks VERSION '0.4.0'")
+            owner = "SELECT nspowner::regrole::text FROM pg_namespace WHERE nspname = 'linkhooks'"
+            assert db.execute(owner).fetchone()[0] == "schema_dba"
+            db.execute("ALTER EXTENSION pg_linkhooks UPDATE")
+            assert db.execute(owner).fetchone()[0] == "postgres"
+    finally:
+        drop_database(cluster, "lh_dbaschema")
+        with cluster.connect() as c:
+            c.execute("DROP ROLE IF EXISTS schema_dba")
+
+
 def test_an_updated_install_hands_over_to_pg_partman_once_clicks_history_is_detached(cluster):
     """pg_partman reads each partition's bounds and cannot read clicks_history's MINVALUE."""
     import psycopg
