@@ -12,6 +12,10 @@ pub const MAX_UTM_BYTES: usize = 2 * 1024;
 pub const MAX_TEXT_CHARS: usize = 200;
 /// Tags on one link.
 pub const MAX_TAGS: usize = 50;
+/// The earliest `clicked_at` a click may have, 2000-01-01 00:00 UTC in Unix
+/// microseconds: an older time is an input error, and a year before 1 AD would
+/// give two days' partitions one name, stopping partition maintenance.
+pub const EARLIEST_CLICK_MICROS: i64 = 946_684_800_000_000;
 /// Default of `linkhooks.max_body_bytes`: the largest event body queued.
 pub const DEFAULT_MAX_BODY_BYTES: i32 = 64 * 1024;
 
@@ -113,6 +117,9 @@ mod tests {
     fn body_over_the_setting_is_refused() {
         assert_eq!(check_body("link.clicked", 100, 100), Ok(()));
         let err = check_body("link.converted", 101, 100).unwrap_err();
-        assert!(err.to_string().starts_with("invalid event body: the link.converted event would be 101 bytes"));
+        assert!(
+            err.to_string()
+                .starts_with("invalid event body: the link.converted event would be 101 bytes")
+        );
     }
 }

@@ -133,6 +133,12 @@ fn enrich_click(
         Some(at) if at.is_finite() => unix_micros(at),
         Some(_) => return Err(Error::invalid("clicked_at", "must be a time, not infinity")),
     };
+    if clicked_at < limits::EARLIEST_CLICK_MICROS {
+        return Err(Error::invalid(
+            "clicked_at",
+            "must be on or after 2000-01-01 00:00 UTC",
+        ));
+    }
     let ip = new.ip("ip")?;
     let user_agent = capped("user_agent", MAX_HEADER_LEN)?;
     let referer = capped("referer", MAX_HEADER_LEN)?;

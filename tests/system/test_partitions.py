@@ -124,6 +124,17 @@ def test_a_click_no_partition_covers_is_kept_then_moved_into_a_partition_of_its_
     for endless in ("infinity", "-infinity"):
         with pytest.raises(psycopg.errors.InvalidParameterValue, match="invalid clicked_at: must be a time, not infinity"):
             own_db.execute("INSERT INTO linkhooks.clicks (link_id, clicked_at) VALUES (%s, %s)", [link_id, endless])
+    # So is a time before 2000: 44 BC and 44 AD would both be named clicks_p00440315_000000, and the second
+    # partition, failing, would stop every maintenance run after it.
+    for ancient in ("0044-03-15 00:00 UTC BC", "1999-12-31 23:59:59.999999 UTC"):
+        with pytest.raises(psycopg.errors.InvalidParameterValue,
+                           match="invalid clicked_at: must be on or after 2000-01-01 00:00 UTC"):
+            own_db.execute("INSERT INTO linkhooks.clicks (link_id, clicked_at) VALUES (%s, %s), (%s, now())",
+                           [link_id, ancient, link_id])
+    first = own_db.execute("INSERT INTO linkhooks.clicks (link_id, clicked_at) VALUES (%s, '2000-01-01 00:00 UTC') "
+                           "RETURNING id", [link_id]).fetchone()[0]
+    maintain(own_db, T0)
+    assert ("linkhooks.clicks_p20000101_000000", first) in clicks_by_partition(own_db)
 
 
 def test_a_click_a_dba_trigger_moves_out_of_its_partition_is_still_refused(own_db):
