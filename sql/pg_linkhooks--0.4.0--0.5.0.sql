@@ -1170,10 +1170,14 @@ BEGIN
         RETURN jsonb_build_object('managed_by', 'pg_partman');
     END IF;
     -- One run per table at a time (the housekeeper's, an admin's): another finds the lock taken and skips.
-    IF NOT pg_try_advisory_xact_lock(19521, CASE table_name WHEN 'clicks' THEN 2 WHEN 'delivery_attempts' THEN 3 ELSE 4 END) THEN
+    -- The lock is on the parent alone (SHARE UPDATE EXCLUSIVE: writers and readers pass), which only a
+    -- role that may update the table can take, not an advisory lock any role could hold forever.
+    BEGIN
+        EXECUTE format('LOCK TABLE ONLY @extschema@.%I IN SHARE UPDATE EXCLUSIVE MODE NOWAIT', table_name);
+    EXCEPTION WHEN lock_not_available THEN
         RETURN jsonb_build_object('partitions_created', 0, 'partitions_dropped', 0, 'expired_removed', 0,
                                   'rows_pruned', 0, 'partitions_busy', 1);
-    END IF;
+    END;
     FOR part IN SELECT c.relname FROM pg_class c
                  WHERE c.relnamespace = '@extschema@'::regnamespace AND c.relkind = 'r' AND NOT c.relispartition
                    AND starts_with(c.relname, table_name || '_') AND c.relname LIKE '%\_expired' LOOP
@@ -1363,7 +1367,7 @@ BEGIN
     END IF;
     -- The default partition's rows go into partitions first (moved, not inserted: no trigger
     -- runs twice); maintenance runs are held off until commit by the lock it takes.
-    PERFORM pg_advisory_xact_lock(19521, CASE table_name WHEN 'clicks' THEN 2 ELSE 3 END);
+    EXECUTE format('LOCK TABLE ONLY @extschema@.%I IN SHARE UPDATE EXCLUSIVE MODE', table_name);
     sorted := @extschema@.maintain_partitions(table_name, now(), width, NULL);
     SELECT max(p.range_end) INTO frontier FROM @extschema@.partitions p WHERE p.table_name = use_pg_partman.table_name;
     EXECUTE format('SELECT count(*) FROM @extschema@.%I WHERE %I >= $1', default_partition, key) INTO stray USING frontier;

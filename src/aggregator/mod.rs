@@ -157,20 +157,28 @@ fn run() -> Result<Value> {
     Ok(report)
 }
 
-/// The advisory lock (class, key) one run holds while it counts: a run that
-/// finds it taken skips. An advisory lock, not a row lock on the cursor: an idle
-/// run then writes nothing (no transaction id, no WAL).
-const RUN_LOCK: (i32, i32) = (0x4C41, 1);
-
 /// Takes the run lock and returns the cursor (the previous run's snapshot), or
 /// None while another run holds it. Read after the lock, with a fresh snapshot,
 /// so it is what the previous run committed.
+///
+/// The run lock is an EXCLUSIVE lock on `click_cursor` (readers' ACCESS SHARE
+/// does not conflict): taking it writes nothing, so an idle run writes no WAL,
+/// and only a role that may update the cursor (the `owner` level, a
+/// superuser) can hold it to pause counting: `LOCK TABLE linkhooks.click_cursor
+/// IN EXCLUSIVE MODE` in an open transaction. (An advisory lock could be held
+/// by any role, stopping every run.)
 fn lock_cursor() -> Result<Option<String>> {
-    let locked = Spi::get_one_with_args::<bool>(
-        "SELECT pg_catalog.pg_try_advisory_xact_lock($1, $2)",
-        &[RUN_LOCK.0.into(), RUN_LOCK.1.into()],
-    )?;
-    if locked != Some(true) {
+    let Some(cursor) = Spi::get_one::<pg_sys::Oid>(
+        "SELECT pg_catalog.to_regclass('linkhooks.click_cursor')::pg_catalog.oid",
+    )?
+    else {
+        return Ok(None);
+    };
+    // SAFETY: a lock on an existing relation, released when the transaction ends.
+    let locked = unsafe {
+        pg_sys::ConditionalLockRelationOid(cursor, pg_sys::ExclusiveLock as pg_sys::LOCKMODE)
+    };
+    if !locked {
         return Ok(None);
     }
     let snapshot = Spi::connect_mut(|client| {

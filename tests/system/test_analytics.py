@@ -12,6 +12,9 @@ CHROME_MAC = ("Mozilla/5.0 (Macintosh; Intel Mac OS X 10_15_7) AppleWebKit/537.3
               "Chrome/120.0.0.0 Safari/537.36")
 GOOGLEBOT = "Mozilla/5.0 (compatible; Googlebot/2.1; +http://www.google.com/bot.html)"
 
+# Held in an open transaction, the aggregator's run lock (src/aggregator/mod.rs): its runs skip meanwhile.
+HOLD_AGGREGATOR = "LOCK TABLE linkhooks.click_cursor IN EXCLUSIVE MODE"
+
 
 def rows(db, sql, params=()):
     cur = db.execute(sql, params)
@@ -243,7 +246,8 @@ def test_counted_views_are_exact_before_during_and_after_counting(cluster, db):
         return db.execute("SELECT count(*) FROM linkhooks.uncounted_clicks").fetchone()[0]
 
     with cluster.connect() as holder:
-        holder.execute("SELECT pg_advisory_lock(19521, 1)")  # the aggregator's runs skip meanwhile
+        holder.execute("BEGIN")
+        holder.execute(HOLD_AGGREGATOR)  # the aggregator's runs skip meanwhile
         add_clicks()
         assert uncounted() == 200
         check()
@@ -397,11 +401,9 @@ def test_a_link_deleted_while_the_aggregator_counts_its_clicks_gets_no_row_back(
     as an upsert would, brings a deleted link back into link_stats."""
     a = link(db, "doomed")
     with cluster.connect() as deleter, cluster.connect() as aggregator:
-        deleter.execute("SELECT pg_advisory_lock(19521, 1)")  # the aggregator's runs skip while held
-        db.execute("INSERT INTO linkhooks.clicks (link_id, user_agent) VALUES (%s, %s)", [a, IPHONE])
         deleter.execute("BEGIN")
         deleter.execute("DELETE FROM linkhooks.links WHERE id = %s", [a])
-        deleter.execute("SELECT pg_advisory_unlock(19521, 1)")
+        db.execute("INSERT INTO linkhooks.clicks (link_id, user_agent) VALUES (%s, %s)", [a, IPHONE])
         run = threading.Thread(target=lambda: aggregator.execute("SELECT linkhooks.run_aggregation()"))
         run.start()
         try:
@@ -411,8 +413,9 @@ def test_a_link_deleted_while_the_aggregator_counts_its_clicks_gets_no_row_back(
         finally:
             deleter.execute("COMMIT")
             run.join()
-    # Whichever run waited has committed once its (transaction-level) advisory lock is free.
-    db.execute("SELECT pg_advisory_lock(19521, 1), pg_advisory_unlock(19521, 1)")
+    # Whichever run waited has committed once its run lock is free.
+    with db.transaction():
+        db.execute(HOLD_AGGREGATOR)
     db.execute("SELECT linkhooks.run_aggregation()")
     assert db.execute("SELECT count(*) FROM linkhooks.link_counts WHERE link_id = %s", [a]).fetchone() == (0,)
     assert db.execute("SELECT count(*) FROM linkhooks.link_stats").fetchone() == (0,)

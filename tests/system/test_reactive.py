@@ -11,6 +11,7 @@ from psycopg.types.json import Jsonb
 
 from conftest import subscribe
 from harness import Destination, wait_for
+from test_analytics import HOLD_AGGREGATOR
 from test_links import IPHONE, link
 
 DESKTOP = ("Mozilla/5.0 (Windows NT 10.0; Win64; x64) AppleWebKit/537.36 (KHTML, like Gecko) "
@@ -110,8 +111,8 @@ def test_a_crash_between_the_crossing_click_and_the_count_still_fires_once(clust
     rule(db, {"thresholds": [10]}, link_id=link_id)
     holder = cluster.connect()
     holder.autocommit = False
-    # While this session holds the aggregator's run lock (src/aggregator.rs), its runs skip.
-    holder.execute("SELECT pg_advisory_lock(19521, 1)")
+    # While this session holds the aggregator's run lock (src/aggregator/mod.rs), its runs skip.
+    holder.execute(HOLD_AGGREGATOR)
     db.execute("INSERT INTO linkhooks.clicks (link_id, is_bot) SELECT %s, false FROM generate_series(1, 12)", [link_id])
     assert "skipped" in db.execute("SELECT linkhooks.run_aggregation()").fetchone()[0]
     assert db.execute("SELECT count(*) FROM linkhooks.milestones").fetchone()[0] == 0
@@ -157,7 +158,8 @@ def test_rules_are_checked_when_written(db):
 def test_ten_thousand_misses_of_one_slug_are_one_row_and_one_event(cluster, db, receiver):
     subscribe(db, receiver, "/miss", event_types=["link.miss"])
     with cluster.connect() as holder:  # the aggregator waits until all 10,000 are in
-        holder.execute("SELECT pg_advisory_lock(19521, 1)")
+        holder.execute("BEGIN")
+        holder.execute(HOLD_AGGREGATOR)
         db.execute("SELECT linkhooks.record_click('nope', user_agent => 'curl') FROM generate_series(1, 5000)")
         db.execute("SELECT linkhooks.record_miss('nope') FROM generate_series(1, 5000)")
     assert db.execute("SELECT slug, reason, count FROM linkhooks.link_misses").fetchall() == [("nope", "unknown", 10000)]

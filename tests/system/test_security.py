@@ -7,6 +7,7 @@ import psycopg
 import pytest
 
 from conftest import subscribe
+from harness import wait_for
 from test_access import denied, login
 from test_links import IPHONE, link
 
@@ -198,6 +199,34 @@ def test_grant_access_ignores_functions_planted_in_the_callers_path(cluster, db,
         db.execute("DROP FUNCTION IF EXISTS public.format(text, text, text)")
         db.execute("DROP FUNCTION IF EXISTS public.escalate()")
         db.execute(f"REVOKE CREATE ON SCHEMA public FROM {HOSTILE}")
+
+
+@pytest.mark.parametrize("level", ["writer", "analyst", "admin"])
+def test_no_access_level_can_hold_counting_or_partition_maintenance_off(db, hostile, level):
+    """The aggregator and maintain_partitions each run one at a time and skip while another run holds their lock.
+    Advisory locks can be taken by any role, which could then stop counting, milestones and partition upkeep for
+    as long as it stays connected. The runs lock extension tables instead, which these levels may not lock."""
+    attacker = hostile(level)
+    attacker.execute("SELECT pg_advisory_lock(19521, k) FROM generate_series(1, 4) k")  # the keys runs once used
+    attacker.execute("BEGIN")
+    for lock in ("LOCK TABLE linkhooks.click_cursor IN EXCLUSIVE MODE",
+                 "LOCK TABLE ONLY linkhooks.clicks IN SHARE UPDATE EXCLUSIVE MODE",
+                 "LOCK TABLE ONLY linkhooks.deliveries IN SHARE UPDATE EXCLUSIVE MODE",
+                 "LOCK TABLE ONLY linkhooks.delivery_attempts IN SHARE UPDATE EXCLUSIVE MODE"):
+        attacker.execute("SAVEPOINT s")
+        with pytest.raises(psycopg.errors.InsufficientPrivilege):
+            attacker.execute(lock)
+        attacker.execute("ROLLBACK TO SAVEPOINT s")
+    link_id = db.execute("INSERT INTO linkhooks.links (slug, destination) VALUES ('held', 'https://acme.com/') "
+                         "RETURNING id").fetchone()[0]
+    db.execute("INSERT INTO linkhooks.clicks (link_id) VALUES (%s)", [link_id])
+    wait_for(lambda: "skipped" not in db.execute("SELECT linkhooks.run_aggregation()").fetchone()[0]
+             and db.execute("SELECT clicks FROM linkhooks.link_counts WHERE link_id = %s", [link_id]).fetchone() == (1,),
+             message="counted while the attacker holds what it can")
+    for table in ("clicks", "deliveries", "delivery_attempts"):
+        done = db.execute("SELECT linkhooks.maintain_partitions(%s, now(), '1 day', NULL)", [table]).fetchone()[0]
+        assert done.get("partitions_busy", 0) == 0, (table, done)
+    attacker.close()
 
 
 def test_every_function_that_runs_as_the_owner_pins_search_path(db):
