@@ -6,17 +6,17 @@
 use std::io::{self, Read, Write};
 use std::os::fd::{AsRawFd, RawFd};
 use std::os::unix::net::UnixStream;
-use std::sync::{Arc, Mutex, PoisonError};
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex, PoisonError};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use crossbeam_channel::{Receiver, Sender, unbounded};
 
 use crate::probe::{self, Probe, Probed};
+use crate::resolve::PublicOnlyResolver;
 use crate::retry::parse_retry_after;
 use crate::signing::{SigningKey, hex_signature, signature_header};
-use crate::resolve::PublicOnlyResolver;
 
 /// Response bytes read at most; the attempt log keeps the first 1 KiB.
 const READ_CAP: u64 = 16 * 1024;
@@ -331,7 +331,9 @@ fn deliver(agents: &Agents, job: Job) -> Outcome {
                 .flatten()
                 .and_then(|v| v.to_str().ok())
                 .and_then(parse_retry_after);
-            (Some(status), error, retry_after, read_excerpt(resp.body_mut()))
+            let excerpt = read_excerpt(resp.body_mut())
+                .map(|text| without_signatures(text, &signature, hex.as_deref()));
+            (Some(status), error, retry_after, excerpt)
         }
         Err(e) => {
             let mut text = describe_error(&e, &job.url, job.timeout);
@@ -379,8 +381,34 @@ fn read_excerpt(body: &mut ureq::Body) -> Option<String> {
     if bytes.is_empty() {
         return None;
     }
-    bytes.truncate(EXCERPT_LEN);
+    // Cut after `without_signatures` has seen the whole text, so no signature is cut in two.
+    bytes.truncate(EXCERPT_LEN + SIGNATURE_SLACK);
     Some(String::from_utf8_lossy(&bytes).into_owned())
+}
+
+/// Room past the excerpt for a signature that starts inside it.
+const SIGNATURE_SLACK: usize = 256;
+
+/// The response text with the signatures just sent replaced, cut to the
+/// excerpt's length: a receiver that echoes the request's headers would
+/// otherwise put them in the attempt log, which analysts read.
+pub fn without_signatures(text: String, header: &str, hex: Option<&str>) -> String {
+    let sent = header
+        .split(' ')
+        .filter_map(|token| token.split_once(',').map(|(_, signature)| signature))
+        .chain(hex);
+    let mut text = text;
+    for signature in sent.filter(|s| !s.is_empty()) {
+        if text.contains(signature) {
+            text = text.replace(signature, "[signature]");
+        }
+    }
+    let mut end = text.len().min(EXCERPT_LEN);
+    while !text.is_char_boundary(end) {
+        end -= 1;
+    }
+    text.truncate(end);
+    text
 }
 
 /// A transport error without the URL (URLs may carry tokens): variants that

@@ -199,7 +199,10 @@ fn full_accept_queue() -> (TcpListener, Vec<TcpStream>) {
             sin_zero: [0; 8],
         };
         let len = std::mem::size_of::<libc::sockaddr_in>() as libc::socklen_t;
-        assert_eq!(libc::bind(fd, (&addr as *const libc::sockaddr_in).cast(), len), 0);
+        assert_eq!(
+            libc::bind(fd, (&addr as *const libc::sockaddr_in).cast(), len),
+            0
+        );
         assert_eq!(libc::listen(fd, 0), 0);
         TcpListener::from_raw_fd(fd)
     };
@@ -300,7 +303,11 @@ fn idle_pooled_connections_are_not_reused_after_the_idle_age() {
     assert_eq!(accepted.load(Ordering::SeqCst), 1, "reused while fresh");
     std::thread::sleep(Duration::from_millis(300)); // idle past the age
     assert_eq!(deliver(&agents, job(&url)).status, Some(200));
-    assert_eq!(accepted.load(Ordering::SeqCst), 2, "a new connection after idling");
+    assert_eq!(
+        accepted.load(Ordering::SeqCst),
+        2,
+        "a new connection after idling"
+    );
 }
 
 #[test]
@@ -340,7 +347,28 @@ fn error_text_is_scrubbed_of_the_url() {
         "path <url>"
     );
     let e = ureq::Error::BadUri(url.to_string());
-    assert_eq!(describe_error(&e, url, Duration::from_secs(1)), "invalid target URL");
+    assert_eq!(
+        describe_error(&e, url, Duration::from_secs(1)),
+        "invalid target URL"
+    );
     let e = ureq::Error::Io(io::Error::other(format!("oops {url}")));
     assert!(!describe_error(&e, url, Duration::from_secs(1)).contains(TOKEN));
+}
+
+#[test]
+fn signatures_echoed_by_a_receiver_stay_out_of_the_excerpt() {
+    let header = "v1,K5oZfzN95Z9UVu1EsfQmfVNQhnkZ2pj9o9NDN/H/pI4= v1,bm9wZQ==";
+    let echoed = format!(
+        "you sent webhook-signature: {header} and x-webhook-signature: 00ff{}",
+        "a".repeat(1100)
+    );
+    let kept = without_signatures(echoed, header, Some("00ff"));
+    assert!(!kept.contains("K5oZfzN95Z9UVu1EsfQmfVNQhnkZ2pj9o9NDN") && !kept.contains("bm9wZQ=="));
+    assert!(kept.starts_with("you sent webhook-signature: v1,[signature] v1,[signature] and x-webhook-signature: [signature]"));
+    assert_eq!(kept.len(), 1024);
+    // A cut never splits a character.
+    assert_eq!(
+        without_signatures("é".repeat(600), header, None).len(),
+        1024
+    );
 }

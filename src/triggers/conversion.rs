@@ -58,7 +58,7 @@ fn on_conversion<'a>(trigger: &'a PgTrigger<'a>) -> Result<Option<Row<'a>>> {
             Some(given) if given != clicked_link => {
                 return Err(Error::invalid(
                     "link_id",
-                    format!("must match the click's link ({clicked_link}), got {given}"),
+                    format!("must match the click's link, got {given}"),
                 ));
             }
             _ => link_id = Some(clicked_link),
