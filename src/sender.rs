@@ -392,7 +392,7 @@ const SIGNATURE_SLACK: usize = 256;
 /// The response text with the signatures just sent replaced, cut to the
 /// excerpt's length: a receiver that echoes the request's headers would
 /// otherwise put them in the attempt log, which analysts read.
-pub fn without_signatures(text: String, header: &str, hex: Option<&str>) -> String {
+fn without_signatures(text: String, header: &str, hex: Option<&str>) -> String {
     let sent = header
         .split(' ')
         .filter_map(|token| token.split_once(',').map(|(_, signature)| signature))

@@ -203,11 +203,14 @@ def test_grant_access_ignores_functions_planted_in_the_callers_path(cluster, db,
 
 @pytest.mark.parametrize("level", ["writer", "analyst", "admin"])
 def test_no_access_level_can_hold_counting_or_partition_maintenance_off(db, hostile, level):
-    """The aggregator and maintain_partitions each run one at a time and skip while another run holds their lock.
-    Advisory locks can be taken by any role, which could then stop counting, milestones and partition upkeep for
-    as long as it stays connected. The runs lock extension tables instead, which these levels may not lock."""
+    """The aggregator and maintain_partitions each run one at a time and skip while another run holds their lock,
+    and calls with one idempotency key wait for each other. Advisory locks can be taken by any role, which could
+    then stop counting, milestones and partition upkeep, or stall a key's redirects, for as long as it stays
+    connected. The runs lock extension tables instead, which these levels may not lock, and keys take a lock no
+    SQL function can."""
     attacker = hostile(level)
     attacker.execute("SELECT pg_advisory_lock(19521, k) FROM generate_series(1, 4) k")  # the keys runs once used
+    attacker.execute("SELECT pg_advisory_lock(19528, hashtext('k-held'))")  # and calls with one idempotency key
     attacker.execute("BEGIN")
     for lock in ("LOCK TABLE linkhooks.click_cursor IN EXCLUSIVE MODE",
                  "LOCK TABLE ONLY linkhooks.clicks IN SHARE UPDATE EXCLUSIVE MODE",
@@ -226,6 +229,10 @@ def test_no_access_level_can_hold_counting_or_partition_maintenance_off(db, host
     for table in ("clicks", "deliveries", "delivery_attempts"):
         done = db.execute("SELECT linkhooks.maintain_partitions(%s, now(), '1 day', NULL)", [table]).fetchone()[0]
         assert done.get("partitions_busy", 0) == 0, (table, done)
+    db.execute("SET lock_timeout = '5s'")  # what a redirect with that key would otherwise wait for
+    assert db.execute("SELECT linkhooks.record_click('held', idempotency_key => 'k-held')").fetchone()[0] == \
+        "https://acme.com/"
+    db.execute("RESET lock_timeout")
     attacker.close()
 
 
