@@ -383,6 +383,8 @@ pub struct Relations {
     pkey: pg_sys::Oid,
     slug_index: pg_sys::Oid,
     pub deliveries: pg_sys::Oid,
+    /// The aggregator's cursor, whose lock is its run lock (InvalidOid before 0.5.0).
+    pub click_cursor: pg_sys::Oid,
     /// The schema is 0.5.0's or later (clicks.idempotency_key, link_misses): a
     /// newer library runs against an older schema until ALTER EXTENSION … UPDATE.
     pub since_0_5: bool,
@@ -453,6 +455,7 @@ pub fn relations() -> Result<Relations> {
             pkey: oid(c"links_pkey"),
             slug_index: oid(c"links_slug_unique_per_domain"),
             deliveries: oid(c"deliveries"),
+            click_cursor: oid(c"click_cursor"),
             since_0_5: oid(c"link_misses") != pg_sys::InvalidOid,
         }
     };

@@ -24,6 +24,7 @@ use serde_json::{Value, json};
 use crate::digests;
 use crate::error::{OrReport, Result};
 use crate::events::new_event_id;
+use crate::linkstore;
 use crate::milestones::Counted;
 use crate::minutes;
 use crate::misses;
@@ -168,16 +169,12 @@ fn run() -> Result<Value> {
 /// IN EXCLUSIVE MODE` in an open transaction. (An advisory lock could be held
 /// by any role, stopping every run.)
 fn lock_cursor() -> Result<Option<String>> {
-    let Some(cursor) = Spi::get_one::<pg_sys::Oid>(
-        "SELECT pg_catalog.to_regclass('linkhooks.click_cursor')::pg_catalog.oid",
-    )?
-    else {
-        return Ok(None);
-    };
+    let cursor = linkstore::relations()?.click_cursor;
     // SAFETY: a lock on an existing relation, released when the transaction ends.
-    let locked = unsafe {
-        pg_sys::ConditionalLockRelationOid(cursor, pg_sys::ExclusiveLock as pg_sys::LOCKMODE)
-    };
+    let locked = cursor != pg_sys::InvalidOid
+        && unsafe {
+            pg_sys::ConditionalLockRelationOid(cursor, pg_sys::ExclusiveLock as pg_sys::LOCKMODE)
+        };
     if !locked {
         return Ok(None);
     }
