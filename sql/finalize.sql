@@ -88,8 +88,9 @@ CREATE TRIGGER links_counted_truncate AFTER TRUNCATE ON links
     FOR EACH STATEMENT EXECUTE FUNCTION link_counts_trigger();
 ALTER TABLE links ENABLE ALWAYS TRIGGER links_counted;
 ALTER TABLE links ENABLE ALWAYS TRIGGER links_counted_truncate;
--- Enriches clicks, enforces max_clicks, emits link.clicked/qr.scanned (+ link.expired, campaign.completed).
-CREATE TRIGGER clicks_events BEFORE INSERT ON clicks
+-- Enriches clicks, enforces max_clicks, emits link.clicked/qr.scanned (+ link.expired, campaign.completed);
+-- on UPDATE, marks the row so that moving it to another day's partition does none of that again.
+CREATE TRIGGER clicks_events BEFORE INSERT OR UPDATE ON clicks
     FOR EACH ROW EXECUTE FUNCTION clicks_trigger();
 -- Validates conversions and emits link.converted.
 CREATE TRIGGER conversions_events BEFORE INSERT ON conversions

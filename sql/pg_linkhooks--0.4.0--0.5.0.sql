@@ -867,7 +867,8 @@ COMMENT ON TABLE clicks IS 'Clicks. INSERT emits link.clicked (source link) or q
 ALTER TABLE clicks ALTER COLUMN event_id SET DEFAULT uuidv7();
 SELECT pg_catalog.setval('clicks_id_seq', last_value, is_called) FROM pg_temp.linkhooks_clicks_sequence;
 DROP TABLE pg_temp.linkhooks_clicks_sequence;
-CREATE TRIGGER clicks_events BEFORE INSERT ON clicks
+-- On UPDATE it marks the row, so that moving it to another day's partition emits nothing again.
+CREATE TRIGGER clicks_events BEFORE INSERT OR UPDATE ON clicks
     FOR EACH ROW EXECUTE FUNCTION clicks_trigger();
 -- Where the aggregator's cursor starts (the oldest transaction its last run could not count), for
 -- uncounted_clicks. A function, not a subquery: the planner reads its value when it estimates

@@ -1,5 +1,7 @@
 //! clicks: enriches, enforces max_clicks, emits link.clicked/qr.scanned and counts campaign goals.
 
+use std::cell::Cell;
+
 use super::*;
 
 #[pg_trigger]
@@ -9,7 +11,59 @@ fn clicks_trigger<'a>(
     if guc::RESTORE.get() {
         return Ok(trigger.new()); // restored as dumped (see restored_row)
     }
+    if matches!(trigger.op(), Ok(PgTriggerOperation::Update)) {
+        mark_moving(trigger).or_report();
+        return Ok(trigger.new());
+    }
     Ok(with_catalog_search_path(|| on_click(trigger)).or_report())
+}
+
+/// The click an `UPDATE` may be about to move into another partition.
+/// PostgreSQL 15 moves a row by deleting it and inserting it there, which fires
+/// the INSERT trigger as for a new click; the UPDATE fires this trigger for the
+/// row just before, so the move claims, emits and counts nothing again.
+#[derive(Clone, Copy, PartialEq)]
+struct Moving {
+    transaction: pg_sys::LocalTransactionId,
+    id: i64,
+    event_id: [u8; 16],
+}
+
+thread_local! {
+    /// One row at a time: the executor moves each row before it updates the next.
+    static MOVING: Cell<Option<Moving>> = const { Cell::new(None) };
+}
+
+fn local_transaction() -> pg_sys::LocalTransactionId {
+    // SAFETY: MyProc is this backend's own, set up before any statement runs.
+    unsafe { (*pg_sys::MyProc).lxid }
+}
+
+fn mark_moving(trigger: &PgTrigger<'_>) -> Result<()> {
+    let new = new_row(trigger)?;
+    let moving = match (
+        col::<i64>(&new, "id")?,
+        col::<pgrx::Uuid>(&new, "event_id")?,
+    ) {
+        (Some(id), Some(event_id)) => Some(Moving {
+            transaction: local_transaction(),
+            id,
+            event_id: *event_id.as_bytes(),
+        }),
+        _ => None,
+    };
+    MOVING.set(moving);
+    Ok(())
+}
+
+/// Whether `new` is the row an UPDATE is moving; forgets the mark either way.
+fn is_moving(new: &SlotColumns) -> Result<bool> {
+    let Some(mark) = MOVING.take() else {
+        return Ok(false);
+    };
+    Ok(mark.transaction == local_transaction()
+        && new.get::<i64>("id")? == Some(mark.id)
+        && new.get::<pgrx::Uuid>("event_id")?.map(|e| *e.as_bytes()) == Some(mark.event_id))
 }
 
 /// The row to store, or None to skip it (a record_click past max_clicks).
@@ -19,6 +73,9 @@ fn on_click<'a>(
     // SAFETY: in a BEFORE INSERT row trigger, tg_trigslot holds the new row (tg_trigtuple),
     // and nothing changes it while this trigger runs. Deformed once, read by name below.
     let new = unsafe { SlotColumns::new(trigger.trigger_data().tg_trigslot) };
+    if is_moving(&new)? {
+        return Ok(trigger.new()); // stored as it was, in the partition of its new time
+    }
     if let Some(estate) = statements::executor_state() {
         // SAFETY: the running statement's state; tg_relation is the open partition the row goes to.
         unsafe { partition_check::prime(estate, trigger.trigger_data().tg_relation) };

@@ -175,6 +175,53 @@ def test_a_click_a_dba_trigger_moves_out_of_its_partition_is_still_refused(own_d
         [(f"linkhooks.clicks_p{T0 + n * DAY:%Y%m%d}_000000", 2) for n in range(20)]
 
 
+def test_an_update_moving_a_click_to_another_day_emits_claims_and_counts_nothing_again(own_db, receiver):
+    """PostgreSQL 15 moves a row into another partition as a delete and an insert, and the insert fires the clicks
+    trigger as for a new click. A DBA correcting clicks' times must get them stored as they were: no second event,
+    no second claim on max_clicks (which would refuse the update of a full link's click), no second count toward a
+    campaign's goal or in the counts. A MERGE that moves one click and inserts another emits for the new one only."""
+    maintain(own_db, T0)
+    subscribe(own_db, receiver, "/moved", filters={"exclude_bots": False})
+    own_db.execute("INSERT INTO linkhooks.campaigns (name, click_goal) VALUES ('spring', 10)")
+    limited = link(own_db, "limited", max_clicks=1, campaign="spring")
+    unlimited = link(own_db, "unlimited", campaign="spring")
+    own_db.execute("INSERT INTO linkhooks.clicks (link_id, clicked_at, user_agent, landing_url) "
+                   "VALUES (%s, %s, %s, 'https://acme.com/?utm_source=ig'), (%s, %s, %s, NULL)",
+                   [limited, T0, IPHONE, unlimited, T0, IPHONE])
+    own_db.execute("SELECT linkhooks.run_aggregation()")
+
+    def clicks():
+        return own_db.execute("SELECT tableoid::regclass::text, to_jsonb(c) - 'clicked_at', clicked_at "
+                              "FROM linkhooks.clicks c ORDER BY id").fetchall()
+
+    def state():
+        own_db.execute("SELECT linkhooks.run_aggregation()")
+        return (own_db.execute("SELECT event_type, event_id FROM linkhooks.deliveries ORDER BY id").fetchall(),
+                own_db.execute("SELECT slug, click_count FROM linkhooks.links ORDER BY id").fetchall(),
+                own_db.execute("SELECT click_count, completed_at FROM linkhooks.campaigns").fetchall(),
+                own_db.execute("SELECT slug, clicks FROM linkhooks.link_stats ORDER BY link_id").fetchall())
+
+    before, queued = clicks(), state()
+    assert [t for t, _ in queued[0]] == ["link.created", "link.created", "link.clicked", "link.expired", "link.clicked"]
+    assert queued[1:] == ([("limited", 1), ("unlimited", 0)], [(2, None)], [("limited", 1), ("unlimited", 1)])
+    own_db.execute("UPDATE linkhooks.clicks SET clicked_at = clicked_at + interval '1 day'")
+    after = clicks()
+    assert [(p, row, at - DAY) for p, row, at in after] == \
+        [(p.replace(f"{T0:%Y%m%d}", f"{T0 + DAY:%Y%m%d}"), row, at) for p, row, at in before]
+    assert state() == queued
+
+    # One click moved back, one new click: only the new one is an event and a count.
+    moved_id = before[1][1]["id"]
+    own_db.execute("MERGE INTO linkhooks.clicks c USING (VALUES (%s::bigint), (0)) v(id) ON c.id = v.id "
+                   "WHEN MATCHED THEN UPDATE SET clicked_at = c.clicked_at - interval '1 day' "
+                   "WHEN NOT MATCHED THEN INSERT (link_id, clicked_at) VALUES (%s, %s)", [moved_id, unlimited, T0])
+    events, links, campaigns, counted = state()
+    assert events[:5] == queued[0] and [t for t, _ in events[5:]] == ["link.clicked"]
+    assert (links, campaigns, counted) == (queued[1], [(3, None)], [("limited", 1), ("unlimited", 2)])
+    assert own_db.execute("SELECT tableoid::regclass::text, to_jsonb(c) - 'clicked_at' FROM linkhooks.clicks c "
+                          "WHERE id = %s", [moved_id]).fetchone() == before[1][:2]
+
+
 def test_a_backfill_over_more_days_than_a_session_keeps_compiles_each_partition_check_once(own_db):
     """A transaction of one-row INSERTs going round 20 days' partitions (more than the 16 checks a session keeps
     between transactions) compiles each partition's check once, not once a statement, so its memory stays that of 20
