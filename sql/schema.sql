@@ -541,8 +541,12 @@ BEGIN
     FOR part IN SELECT c.relname FROM pg_class c
                  WHERE c.relnamespace = '@extschema@'::regnamespace AND c.relkind = 'r' AND NOT c.relispartition
                    AND starts_with(c.relname, table_name || '_') AND c.relname LIKE '%\_expired' LOOP
-        EXECUTE format('DROP TABLE @extschema@.%I', part.relname);
-        removed := removed + 1;
+        BEGIN
+            EXECUTE format('DROP TABLE @extschema@.%I', part.relname);
+            removed := removed + 1;
+        EXCEPTION WHEN lock_not_available THEN
+            busy := busy + 1; -- a reader (a pg_dump) holds it: a later run drops it
+        END;
     END LOOP;
     -- The default partition of deliveries holds what retention kept: maintenance prunes it by status.
     IF keep IS NOT NULL AND table_name <> 'deliveries' THEN
