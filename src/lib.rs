@@ -21,6 +21,7 @@ mod resolve;
 mod retry;
 mod routing;
 mod rules;
+mod scrub;
 mod sender;
 mod signing;
 mod tally;

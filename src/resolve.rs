@@ -4,10 +4,11 @@
 //! connected to, so DNS rebinding cannot swap in a private address between
 //! check and connect. No Postgres here.
 
+use std::collections::HashMap;
 use std::io;
 use std::net::{IpAddr, SocketAddr, ToSocketAddrs};
-use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Mutex, PoisonError, mpsc};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::{Arc, LazyLock, Mutex, PoisonError, mpsc};
 use std::time::{Duration, Instant};
 
 use ureq::http::Uri;
@@ -37,7 +38,7 @@ impl Resolver for PublicOnlyResolver {
             TimeoutAfter::Exact(d) => Some(Instant::now() + d),
             TimeoutAfter::NotHappening => None,
         };
-        let addrs = match lookup(host, port, deadline) {
+        let addrs = match LOOKUPS.lookup(host, port, deadline) {
             Lookup::Found(addrs) => addrs,
             Lookup::Failed(e) => return Err(ureq::Error::Io(e)),
             Lookup::TimedOut => return Err(ureq::Error::Timeout(timeout.reason)),
@@ -45,8 +46,9 @@ impl Resolver for PublicOnlyResolver {
         let addrs = if self.allow_private.load(Ordering::Relaxed) {
             addrs
         } else {
-            keep_allowed(&addrs, &own_addresses())
-                .map_err(|refusal| ureq::Error::Io(io::Error::new(io::ErrorKind::PermissionDenied, refusal)))?
+            keep_allowed(&addrs, &own_addresses()).map_err(|refusal| {
+                ureq::Error::Io(io::Error::new(io::ErrorKind::PermissionDenied, refusal))
+            })?
         };
         let mut out = self.empty();
         // ureq holds at most 16 addresses per name.
@@ -83,37 +85,101 @@ enum Lookup {
     TimedOut,
 }
 
-/// Resolves `host`, giving up at `deadline`. getaddrinfo cannot be
-/// cancelled, so a name lookup runs on a helper thread that is left to
-/// finish on its own when the deadline passes; IP literals need no thread.
-fn lookup(host: &str, port: u16, deadline: Option<Instant>) -> Lookup {
-    if let Ok(ip) = host.parse::<IpAddr>() {
-        return Lookup::Found(vec![SocketAddr::new(ip, port)]);
+/// How long a name's addresses are reused. getaddrinfo keeps no cache (without
+/// nscd), and ureq resolves before it reuses a pooled connection, so each
+/// delivery would otherwise ask the name servers and start a thread. Short:
+/// a receiver that moves is followed within seconds.
+const NAME_TTL: Duration = Duration::from_secs(5);
+/// Names kept at most (one per receiver host: more means the cache restarts).
+const NAMES_KEPT: usize = 1024;
+/// Lookups running at most. Each runs on a thread that outlives its deadline
+/// when the name servers do not answer; without a cap a burst of deliveries
+/// to such a name would start thousands.
+const LOOKUPS_IN_FLIGHT: usize = 32;
+
+/// Name lookups: a short cache, and a cap on the threads running them.
+struct Lookups {
+    names: Mutex<HashMap<String, (Instant, Vec<IpAddr>)>>,
+    in_flight: Arc<AtomicUsize>,
+}
+
+static LOOKUPS: LazyLock<Lookups> = LazyLock::new(Lookups::new);
+
+impl Lookups {
+    fn new() -> Lookups {
+        Lookups {
+            names: Mutex::new(HashMap::new()),
+            in_flight: Arc::new(AtomicUsize::new(0)),
+        }
     }
-    let Some(deadline) = deadline else {
-        return found((host, port).to_socket_addrs());
-    };
-    let (tx, rx) = mpsc::sync_channel(1);
-    let name = host.to_string();
-    let spawned = std::thread::Builder::new()
-        .name("linkhooks-dns".into())
-        .spawn(move || {
-            let _ = tx.send((name.as_str(), port).to_socket_addrs());
-        });
-    if let Err(e) = spawned {
-        return Lookup::Failed(e);
+
+    /// Resolves `host`, giving up at `deadline`. getaddrinfo cannot be
+    /// cancelled, so a name lookup runs on a helper thread that is left to
+    /// finish on its own when the deadline passes; IP literals need no thread.
+    fn lookup(&self, host: &str, port: u16, deadline: Option<Instant>) -> Lookup {
+        if let Ok(ip) = host.parse::<IpAddr>() {
+            return Lookup::Found(vec![SocketAddr::new(ip, port)]);
+        }
+        let with_port = |ips: &[IpAddr]| ips.iter().map(|ip| SocketAddr::new(*ip, port)).collect();
+        if let Some((at, ips)) = self.names().get(host)
+            && at.elapsed() < NAME_TTL
+        {
+            return Lookup::Found(with_port(ips));
+        }
+        let found = match deadline {
+            None => resolve_name(host),
+            Some(deadline) => match self.resolve_by(host, deadline) {
+                Some(result) => result,
+                None => return Lookup::TimedOut,
+            },
+        };
+        match found {
+            Ok(ips) => {
+                let mut names = self.names();
+                if names.len() >= NAMES_KEPT {
+                    names.retain(|_, (at, _)| at.elapsed() < NAME_TTL);
+                }
+                if names.len() < NAMES_KEPT {
+                    names.insert(host.to_string(), (Instant::now(), ips.clone()));
+                }
+                Lookup::Found(with_port(&ips))
+            }
+            Err(e) => Lookup::Failed(e),
+        }
     }
-    match rx.recv_timeout(deadline.saturating_duration_since(Instant::now())) {
-        Ok(result) => found(result),
-        Err(_) => Lookup::TimedOut,
+
+    /// The name's addresses from a helper thread, or None past `deadline`.
+    fn resolve_by(&self, host: &str, deadline: Instant) -> Option<io::Result<Vec<IpAddr>>> {
+        if self.in_flight.fetch_add(1, Ordering::AcqRel) >= LOOKUPS_IN_FLIGHT {
+            self.in_flight.fetch_sub(1, Ordering::AcqRel);
+            return Some(Err(io::Error::other(format!(
+                "{LOOKUPS_IN_FLIGHT} name lookups are already waiting for the name servers"
+            ))));
+        }
+        let (tx, rx) = mpsc::sync_channel(1);
+        let name = host.to_string();
+        let in_flight = self.in_flight.clone();
+        let spawned = std::thread::Builder::new()
+            .name("linkhooks-dns".into())
+            .spawn(move || {
+                let _ = tx.send(resolve_name(&name));
+                in_flight.fetch_sub(1, Ordering::AcqRel);
+            });
+        if let Err(e) = spawned {
+            self.in_flight.fetch_sub(1, Ordering::AcqRel);
+            return Some(Err(e));
+        }
+        rx.recv_timeout(deadline.saturating_duration_since(Instant::now()))
+            .ok()
+    }
+
+    fn names(&self) -> std::sync::MutexGuard<'_, HashMap<String, (Instant, Vec<IpAddr>)>> {
+        self.names.lock().unwrap_or_else(PoisonError::into_inner)
     }
 }
 
-fn found(result: io::Result<std::vec::IntoIter<SocketAddr>>) -> Lookup {
-    match result {
-        Ok(addrs) => Lookup::Found(addrs.collect()),
-        Err(e) => Lookup::Failed(e),
-    }
+fn resolve_name(host: &str) -> io::Result<Vec<IpAddr>> {
+    Ok((host, 0).to_socket_addrs()?.map(|a| a.ip()).collect())
 }
 
 /// The addresses a target may be reached at when private targets are not
@@ -123,7 +189,7 @@ pub fn keep_allowed(addrs: &[SocketAddr], own: &[IpAddr]) -> Result<Vec<SocketAd
     let kept: Vec<SocketAddr> = addrs
         .iter()
         .copied()
-        .filter(|a| target::is_public(a.ip()) && !own.contains(&a.ip()))
+        .filter(|a| target::is_public(a.ip()) && !target::is_own_address(a.ip(), own))
         .collect();
     if !kept.is_empty() {
         return Ok(kept);
@@ -175,7 +241,9 @@ fn interface_addresses() -> Vec<IpAddr> {
             if family == libc::AF_INET {
                 // SAFETY: family AF_INET means the sockaddr is a sockaddr_in.
                 let sin = unsafe { &*(ifa.ifa_addr as *const libc::sockaddr_in) };
-                out.push(IpAddr::from(u32::from_be(sin.sin_addr.s_addr).to_be_bytes()));
+                out.push(IpAddr::from(
+                    u32::from_be(sin.sin_addr.s_addr).to_be_bytes(),
+                ));
             } else if family == libc::AF_INET6 {
                 // SAFETY: family AF_INET6 means the sockaddr is a sockaddr_in6.
                 let sin6 = unsafe { &*(ifa.ifa_addr as *const libc::sockaddr_in6) };
@@ -213,11 +281,21 @@ mod tests {
             keep_allowed(&[sock("8.8.8.8:443"), sock("1.1.1.1:443")], &own),
             Ok(vec![sock("1.1.1.1:443")])
         );
+        // Also as an IPv6 address carrying it: connecting to ::ffff:8.8.8.8 reaches 8.8.8.8.
+        for carried in [
+            "[::ffff:8.8.8.8]:443",
+            "[64:ff9b::808:808]:443",
+            "[2002:808:808::1]:443",
+        ] {
+            let err = keep_allowed(&[sock(carried)], &own).unwrap_err();
+            assert!(err.contains("an address of this host"), "{carried}: {err}");
+        }
     }
 
     #[test]
     fn private_addresses_are_dropped_and_named() {
-        let err = keep_allowed(&[sock("10.0.0.1:80"), sock("[64:ff9b:1::a00:1]:80")], &[]).unwrap_err();
+        let err =
+            keep_allowed(&[sock("10.0.0.1:80"), sock("[64:ff9b:1::a00:1]:80")], &[]).unwrap_err();
         assert!(err.contains("non-public address 10.0.0.1"), "{err}");
         assert_eq!(
             keep_allowed(&[sock("10.0.0.1:80"), sock("1.1.1.1:80")], &[]),
@@ -228,18 +306,59 @@ mod tests {
 
     #[test]
     fn literals_resolve_without_a_thread_and_names_within_the_deadline() {
-        let Lookup::Found(a) = lookup("::1", 8080, Some(Instant::now())) else {
+        let lookups = Lookups::new();
+        let Lookup::Found(a) = lookups.lookup("::1", 8080, Some(Instant::now())) else {
             panic!("literal")
         };
         assert_eq!(a, vec![sock("[::1]:8080")]);
         // A deadline already passed: a name lookup gives up at once.
         assert!(matches!(
-            lookup("localhost", 80, Some(Instant::now())),
+            lookups.lookup("localhost", 80, Some(Instant::now())),
             Lookup::TimedOut | Lookup::Found(_)
         ));
         let started = Instant::now();
-        let _ = lookup("localhost", 80, Some(Instant::now() + Duration::from_millis(200)));
+        let _ = lookups.lookup(
+            "localhost",
+            80,
+            Some(Instant::now() + Duration::from_millis(200)),
+        );
         assert!(started.elapsed() < Duration::from_millis(400));
+    }
+
+    #[test]
+    fn a_name_is_looked_up_once_in_a_while_and_few_lookups_wait_at_a_time() {
+        let lookups = Lookups::new();
+        let deadline = || Some(Instant::now() + Duration::from_secs(5));
+        let Lookup::Found(first) = lookups.lookup("localhost", 80, deadline()) else {
+            panic!("localhost resolves")
+        };
+        // Found again with no time left: from the cache, each with the port asked for.
+        let Lookup::Found(again) = lookups.lookup("localhost", 8080, Some(Instant::now())) else {
+            panic!("cached")
+        };
+        assert_eq!(
+            again,
+            first
+                .iter()
+                .map(|a| SocketAddr::new(a.ip(), 8080))
+                .collect::<Vec<_>>()
+        );
+        // With every lookup thread taken, a name not known fails at once; literals still resolve.
+        lookups
+            .in_flight
+            .store(LOOKUPS_IN_FLIGHT, Ordering::Release);
+        let Lookup::Failed(e) = lookups.lookup("localhost.localdomain", 80, deadline()) else {
+            panic!("over the cap")
+        };
+        assert!(
+            e.to_string().contains("name lookups are already waiting"),
+            "{e}"
+        );
+        assert!(matches!(
+            lookups.lookup("127.0.0.1", 80, deadline()),
+            Lookup::Found(_)
+        ));
+        assert_eq!(lookups.in_flight.load(Ordering::Acquire), LOOKUPS_IN_FLIGHT);
     }
 
     #[test]

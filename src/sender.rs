@@ -16,6 +16,7 @@ use crossbeam_channel::{Receiver, Sender, unbounded};
 use crate::probe::{self, Probe, Probed};
 use crate::resolve::PublicOnlyResolver;
 use crate::retry::parse_retry_after;
+use crate::scrub::{self, UrlSecrets};
 use crate::signing::{SigningKey, hex_signature, signature_header};
 
 /// Response bytes read at most; the attempt log keeps the first 1 KiB.
@@ -37,6 +38,9 @@ pub struct Job {
     /// Set for the 'hex' scheme: the secret text for X-Webhook-Signature.
     pub hex_secret: Option<Arc<str>>,
     pub timeout: Duration,
+    /// linkhooks.require_https: an http URL stored before it was on (or
+    /// restored, or replicated) is refused here too.
+    pub require_https: bool,
 }
 
 /// What the threads do: deliver webhooks, and check link destinations.
@@ -297,6 +301,7 @@ fn deliver(agents: &Agents, job: Job) -> Outcome {
             .post(&*job.url)
             .config()
             .timeout_global(Some(deadline.saturating_duration_since(Instant::now())))
+            .https_only(job.require_https)
             .build()
             .content_type("application/json")
             .header("webhook-id", &job.event_id)
@@ -331,8 +336,11 @@ fn deliver(agents: &Agents, job: Job) -> Outcome {
                 .flatten()
                 .and_then(|v| v.to_str().ok())
                 .and_then(parse_retry_after);
-            let excerpt = read_excerpt(resp.body_mut())
-                .map(|text| without_signatures(text, &signature, hex.as_deref()));
+            let excerpt = read_excerpt(resp.body_mut()).map(|text| {
+                let sent = sent_signatures(&signature).chain(hex.as_deref());
+                let text = scrub::without_signatures(text, sent);
+                scrub::cut(UrlSecrets::of(&job.url).redact(text), EXCERPT_LEN)
+            });
             (Some(status), error, retry_after, excerpt)
         }
         Err(e) => {
@@ -381,46 +389,36 @@ fn read_excerpt(body: &mut ureq::Body) -> Option<String> {
     if bytes.is_empty() {
         return None;
     }
-    // Cut after `without_signatures` has seen the whole text, so no signature is cut in two.
-    bytes.truncate(EXCERPT_LEN + SIGNATURE_SLACK);
+    // Cut after the secrets are replaced, so none that starts inside the excerpt is cut in two.
+    bytes.truncate(EXCERPT_LEN + SECRET_SLACK);
     Some(String::from_utf8_lossy(&bytes).into_owned())
 }
 
-/// Room past the excerpt for a signature that starts inside it.
-const SIGNATURE_SLACK: usize = 256;
+/// Room past the excerpt for a secret that starts inside it: a URL is at most
+/// 2,048 characters, and a receiver may escape some of them.
+const SECRET_SLACK: usize = 4096;
 
-/// The response text with the signatures just sent replaced, cut to the
-/// excerpt's length: a receiver that echoes the request's headers would
-/// otherwise put them in the attempt log, which analysts read.
-fn without_signatures(text: String, header: &str, hex: Option<&str>) -> String {
-    let sent = header
+/// The signatures a `webhook-signature` header carries (`v1,<sig> v1,<sig>`):
+/// a receiver that echoes the request's headers would otherwise put them in
+/// the attempt log, which analysts read.
+fn sent_signatures(header: &str) -> impl Iterator<Item = &str> {
+    header
         .split(' ')
         .filter_map(|token| token.split_once(',').map(|(_, signature)| signature))
-        .chain(hex);
-    let mut text = text;
-    for signature in sent.filter(|s| !s.is_empty()) {
-        if text.contains(signature) {
-            text = text.replace(signature, "[signature]");
-        }
-    }
-    let mut end = text.len().min(EXCERPT_LEN);
-    while !text.is_char_boundary(end) {
-        end -= 1;
-    }
-    text.truncate(end);
-    text
 }
 
 /// A transport error without the URL (URLs may carry tokens): variants that
-/// may quote the URL get a fixed text, and any other text is scrubbed of it.
+/// may quote the URL get a fixed text, and any other text is scrubbed of it
+/// (a TLS error names the host).
 pub fn describe_error(e: &ureq::Error, url: &str, timeout: Duration) -> String {
     let text = match e {
         ureq::Error::Timeout(_) => format!(
             "timeout: no answer within timeout_ms ({} ms)",
             timeout.as_millis()
         ),
-        ureq::Error::BadUri(_) | ureq::Error::Http(_) | ureq::Error::RequireHttpsOnly(_) => {
-            "invalid target URL".to_string()
+        ureq::Error::BadUri(_) | ureq::Error::Http(_) => "invalid target URL".to_string(),
+        ureq::Error::RequireHttpsOnly(_) => {
+            "refused: the target URL is not https (linkhooks.require_https is on)".to_string()
         }
         ureq::Error::HostNotFound => "host not found".to_string(),
         other => {
@@ -437,20 +435,7 @@ pub fn describe_error(e: &ureq::Error, url: &str, timeout: Duration) -> String {
             text
         }
     };
-    redact(text, url)
-}
-
-/// Removes the URL, and its path and query on their own, from `text`.
-fn redact(mut text: String, url: &str) -> String {
-    let tail = url
-        .find("://")
-        .and_then(|scheme| url[scheme + 3..].find('/').map(|p| &url[scheme + 3 + p..]));
-    for secret in [Some(url), tail].into_iter().flatten() {
-        if secret.len() > 1 && text.contains(secret) {
-            text = text.replace(secret, "<url>");
-        }
-    }
-    text
+    UrlSecrets::of(url).redact(text)
 }
 
 #[cfg(test)]

@@ -55,8 +55,10 @@ pub fn check_webhook_url(
     }
     if !allow_private {
         let literal = |ip: IpAddr| {
-            if own_addresses.contains(&ip) {
-                return Err(UrlError::PrivateTarget(format!("{ip}, an address of this host")));
+            if is_own_address(ip, own_addresses) {
+                return Err(UrlError::PrivateTarget(format!(
+                    "{ip}, an address of this host"
+                )));
             }
             check_public(ip)
         };
@@ -157,22 +159,35 @@ fn is_public_v4(ip: Ipv4Addr) -> bool {
         .any(|net| net.parse::<Ipv4Net>().is_ok_and(|n| n.contains(&ip)))
 }
 
-fn is_public_v6(ip: Ipv6Addr) -> bool {
+/// Whether `ip` is one of `own` (this host's addresses), also when written as
+/// an IPv6 address that carries it: `[::ffff:1.2.3.4]` reaches 1.2.3.4.
+pub fn is_own_address(ip: IpAddr, own: &[IpAddr]) -> bool {
+    own.contains(&ip)
+        || matches!(ip, IpAddr::V6(v6)
+            if embedded_v4(v6).is_some_and(|v4| own.contains(&IpAddr::V4(v4))))
+}
+
+/// The IPv4 address an IPv6 one carries to a gateway or the local stack.
+fn embedded_v4(ip: Ipv6Addr) -> Option<Ipv4Addr> {
     let seg = ip.segments();
     let embedded =
         |hi: u16, lo: u16| Ipv4Addr::new((hi >> 8) as u8, hi as u8, (lo >> 8) as u8, lo as u8);
-    // Addresses that carry an IPv4 address to a gateway or the local stack
-    // are judged by that address.
     if seg[..6] == [0, 0, 0, 0, 0, 0xffff] // ::ffff:0:0/96, IPv4-mapped
         || seg[..6] == [0, 0, 0, 0, 0xffff, 0] // ::ffff:0:0:0/96, IPv4-translated
         || seg[..6] == [0x64, 0xff9b, 0, 0, 0, 0]
     // 64:ff9b::/96, well-known NAT64
     {
-        return is_public_v4(embedded(seg[6], seg[7]));
+        return Some(embedded(seg[6], seg[7]));
     }
-    if seg[0] == 0x2002 {
-        return is_public_v4(embedded(seg[1], seg[2])); // 6to4
+    (seg[0] == 0x2002).then(|| embedded(seg[1], seg[2])) // 6to4
+}
+
+fn is_public_v6(ip: Ipv6Addr) -> bool {
+    // Addresses that carry an IPv4 address are judged by that address.
+    if let Some(v4) = embedded_v4(ip) {
+        return is_public_v4(v4);
     }
+    let seg = ip.segments();
     // Everything outside 2000::/3 is not global unicast: ::/128, ::1,
     // IPv4-compatible ::/96, 64:ff9b:1::/48 (local-use NAT64), 100::/64,
     // 5f00::/16 (SRv6), fc00::/7, fe80::/10, fec0::/10, ff00::/8, ...
@@ -269,6 +284,21 @@ mod tests {
         ));
         assert!(check_webhook_url("https://1.2.3.5/in", true, false, &[own]).is_ok());
         assert!(check_webhook_url("https://1.2.3.4/in", true, true, &[own]).is_ok());
+        // An IPv6 literal carrying it reaches it too (a socket to ::ffff:1.2.3.4 connects over IPv4).
+        for carried in [
+            "[::ffff:1.2.3.4]",
+            "[::ffff:102:304]",
+            "[64:ff9b::102:304]",
+            "[2002:102:304::1]",
+        ] {
+            assert!(
+                matches!(
+                    check_webhook_url(&format!("https://{carried}/in"), true, false, &[own]),
+                    Err(UrlError::PrivateTarget(shown)) if shown.ends_with("an address of this host")
+                ),
+                "{carried}"
+            );
+        }
     }
 
     #[test]
@@ -278,15 +308,15 @@ mod tests {
             "1.1.1.1",
             "2606:4700:4700::1111",
             "::ffff:8.8.8.8",
-            "::ffff:0:808:808",   // IPv4-translated, public inside
-            "64:ff9b::808:808",   // well-known NAT64, public inside
-            "2002:808:808::1",    // 6to4, public inside
+            "::ffff:0:808:808", // IPv4-translated, public inside
+            "64:ff9b::808:808", // well-known NAT64, public inside
+            "2002:808:808::1",  // 6to4, public inside
             "2a00:1450:4001::1",
             "2001:4860:4860::8888", // outside 2001::/23
             "9.9.9.9",
-            "100.128.0.1",        // just past 100.64/10
-            "198.20.0.1",         // just past 198.18/15
-            "192.0.1.1",          // just past 192.0.0/24
+            "100.128.0.1", // just past 100.64/10
+            "198.20.0.1",  // just past 198.18/15
+            "192.0.1.1",   // just past 192.0.0/24
         ];
         for ip in public {
             assert!(is_public(ip.parse().unwrap()), "{ip} is public");

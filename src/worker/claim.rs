@@ -233,6 +233,7 @@ impl Worker {
                 keys: endpoint.keys.keys_at(now).cloned().collect(),
                 hex_secret: endpoint.hex_secret.clone(),
                 timeout: endpoint.timeout.unwrap_or(self.settings.default_timeout),
+                require_https: self.settings.require_https,
             });
         }
         if !unsendable.is_empty() {

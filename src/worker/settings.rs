@@ -16,6 +16,7 @@ pub struct Settings {
     /// Most rows one claim takes (it also never takes more than the free threads).
     pub batch_size: usize,
     pub default_timeout: Duration,
+    pub require_https: bool,
     pub disable_after: i32,
     pub maintenance_every: Duration,
     /// How often a health_check rule without its own interval checks a destination.
@@ -51,6 +52,7 @@ impl Settings {
                     as usize,
             ),
             default_timeout: Duration::from_millis(guc::DEFAULT_TIMEOUT_MS.get().max(1) as u64),
+            require_https: guc::REQUIRE_HTTPS.get(),
             disable_after: guc::DISABLE_AFTER_DEAD_LETTERS.get(),
             maintenance_every: maintenance_every(),
         }

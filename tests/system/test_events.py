@@ -230,6 +230,38 @@ def test_private_and_plain_http_targets_are_refused_on_write_by_default(cluster,
             c.execute("SELECT pg_reload_conf()")
 
 
+def test_an_http_subscription_stored_before_https_was_required_gets_nothing_once_it_is(cluster, db, receiver):
+    """A subscription written while linkhooks.require_https was off (or restored, or replicated) keeps its http URL:
+    once https is required, the worker refuses to send it signed events in the clear, naming the setting."""
+    sub_id, _ = subscribe(db, receiver, "/plain", event_types=["link.created"])
+    refusal = "refused: the target URL is not https (linkhooks.require_https is on)"
+
+    def first_attempt(slug):
+        """A new link's event: the error of its first attempt (None if delivered) and its delivery's id."""
+        link(db, slug)
+        delivery = db.execute("SELECT max(id) FROM linkhooks.deliveries WHERE subscription_id = %s", [sub_id]).fetchone()[0]
+        error = wait_for(lambda: db.execute("SELECT error FROM linkhooks.delivery_attempts "
+                                            "WHERE delivery_id = %s AND attempt = 1", [delivery]).fetchone(),
+                         message="the first attempt")[0]
+        return error, delivery
+
+    cluster.set("linkhooks.require_https", "on")
+    try:
+        # Sent in the clear until the worker has read the setting again on SIGHUP: poll until one is refused.
+        slugs = (f"plain-{n}" for n in range(1000))
+        wait_for(lambda: first_attempt(next(slugs))[0] == refusal, message="a refused attempt")
+        sent = len(receiver.received("/plain"))
+        error, delivery = first_attempt("plain-after")
+        assert error == refusal
+        wait_for(lambda: db.execute("SELECT status FROM linkhooks.deliveries WHERE id = %s", [delivery]).fetchone()[0]
+                 == "dead", message="a dead letter after every attempt was refused")
+        assert len(receiver.received("/plain")) == sent
+    finally:
+        with cluster.connect() as c:
+            c.execute("ALTER SYSTEM RESET linkhooks.require_https")
+            c.execute("SELECT pg_reload_conf()")
+
+
 def check_refusals(cluster):
     # A session started after the reload sees it (the postmaster reloads before it forks one).
     c = wait_for(lambda: (lambda conn: conn if conn.execute("SHOW linkhooks.require_https").fetchone()[0] == "on"
