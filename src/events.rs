@@ -4,7 +4,7 @@
 //! committed change bumps the shared generation, so a click costs no extra
 //! query beyond the inserts.
 
-use std::cell::RefCell;
+use std::cell::{Cell, RefCell};
 use std::collections::HashSet;
 use std::rc::Rc;
 use std::time::{SystemTime, UNIX_EPOCH};
@@ -266,6 +266,39 @@ pub fn emit_to(
     Ok(true)
 }
 
+thread_local! {
+    /// Set in the worker's own processes (see `commit_events_durably`).
+    static DURABLE_EVENTS: Cell<bool> = const { Cell::new(false) };
+}
+
+/// The worker's sessions commit asynchronously: a claim or an outcome lost in
+/// a crash only means a resend under the same `webhook-id`. An event they
+/// create (a milestone, a digest, `delivery.dead`) is different: sent, then
+/// lost, it would be created again under a new id, which a receiver cannot
+/// tell from a second event. So their transactions that queue an event
+/// commit synchronously, before the event can be claimed and sent.
+pub fn commit_events_durably() {
+    DURABLE_EVENTS.set(true);
+}
+
+fn commit_this_transaction_durably() {
+    // SAFETY: reads a setting, and sets it for this transaction as SET LOCAL does.
+    unsafe {
+        if pg_sys::synchronous_commit == pg_sys::SyncCommitLevel::SYNCHRONOUS_COMMIT_OFF as i32 {
+            pg_sys::set_config_option(
+                c"synchronous_commit".as_ptr(),
+                c"on".as_ptr(),
+                pg_sys::GucContext::PGC_USERSET,
+                pg_sys::GucSource::PGC_S_SESSION,
+                pg_sys::GucAction::GUC_ACTION_LOCAL,
+                true,
+                0,
+                false,
+            );
+        }
+    }
+}
+
 /// Inserts signed deliveries for one event and arranges the worker's wake-up at commit.
 pub fn insert_deliveries(
     kind: EventType,
@@ -280,6 +313,9 @@ pub fn insert_deliveries(
         Some(ids) => ids,
         None => insert_with_sql(kind, event_id, signed_at, queued)?,
     };
+    if DURABLE_EVENTS.get() {
+        commit_this_transaction_durably();
+    }
     shared::wake_on_commit();
     Ok(inserted)
 }

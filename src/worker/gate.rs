@@ -9,6 +9,7 @@ use pgrx::pg_sys::panic::CaughtError;
 use pgrx::prelude::*;
 
 use crate::error::Result;
+use crate::events;
 
 /// Sleeps on the latch (signals wake it) for at most `wait`.
 pub fn wait_latch(wait: Duration) {
@@ -49,7 +50,8 @@ const SESSION_SETTINGS: &[(&str, &str)] = &[
     // and what fails on a lock is retried (see worker::record), so an admin
     // transaction holding a row cannot stall delivery.
     ("lock_timeout", "1s"),
-    // Safe: a lost worker commit only means a resend.
+    // Safe: a lost worker commit only means a resend under the same id (a
+    // transaction that creates an event commits synchronously: events.rs).
     ("synchronous_commit", "off"),
     // Compiling a short statement would cost it 100 ms, and a batch of the aggregator's
     // can look expensive enough to qualify.
@@ -59,6 +61,7 @@ const SESSION_SETTINGS: &[(&str, &str)] = &[
 /// Applies `SESSION_SETTINGS` and names the session (`application_name`) for
 /// the whole session (not only a transaction).
 pub fn set_up_session(application_name: &str) {
+    events::commit_events_durably();
     BackgroundWorker::transaction(|| {
         let name = [("application_name", application_name)];
         for (name, value) in SESSION_SETTINGS.iter().chain(&name) {

@@ -127,6 +127,36 @@ def test_a_crash_between_the_crossing_click_and_the_count_still_fires_once(clust
         assert c.execute("SELECT clicks FROM linkhooks.link_counts").fetchone()[0] == 12
 
 
+def test_a_milestone_sent_just_before_a_crash_is_not_sent_again_under_another_id(cluster, db, receiver):
+    """The worker's sessions commit asynchronously: a claim or an outcome lost in a crash only means a resend under
+    the same webhook-id. A milestone is different: the worker creates it, so had its commit been lost after it was
+    sent, counting again after the crash would send it again under a new id, which no receiver can deduplicate.
+    The WAL writer slowed to 10 s leaves an asynchronous commit unflushed when the crash comes right after the send."""
+    subscribe(db, receiver, "/sent", event_types=["link.milestone"])
+    link_id = link(db, "sent")
+    rule(db, {"thresholds": [5]}, link_id=link_id)
+    cluster.set("wal_writer_delay", "10s")
+    try:
+        db.execute("INSERT INTO linkhooks.clicks (link_id, is_bot) SELECT %s, false FROM generate_series(1, 6)", [link_id])
+        wait_for(lambda: milestone_events(receiver, "/sent"), interval=0.005, message="the milestone")
+        db.close()
+        cluster.stop("immediate")
+    finally:
+        cluster.start()
+        with cluster.connect() as c:
+            c.execute("ALTER SYSTEM RESET wal_writer_delay")
+            c.execute("SELECT pg_reload_conf()")
+    with cluster.connect() as c:
+        settle(c)
+        wait_for(lambda: c.execute("SELECT count(*) = 0 FROM linkhooks.deliveries "
+                                   "WHERE status IN ('pending', 'delivering')").fetchone()[0],
+                 message="the queue drained after the crash")
+        sent = {e["id"] for e in milestone_events(receiver, "/sent")}
+        assert sent == {str(i) for (i,) in c.execute("SELECT event_id FROM linkhooks.deliveries "
+                                                     "WHERE event_type = 'link.milestone'").fetchall()}
+        assert len(sent) == 1
+
+
 def test_rules_are_checked_when_written(db):
     link_id = link(db, "r")
     for settings, kw, message in [
