@@ -194,12 +194,19 @@ pub fn worker_started(index: usize, latch: *mut pg_sys::Latch, pid: i32) {
     s.latch.store(latch as usize, Ordering::Release);
 }
 
-/// Called as the worker's process exits, however it exits.
-pub fn worker_stopped(index: usize) {
+/// Called as the worker's process exits, however it exits. Clears the slot
+/// only while it is still this process's: a launcher that restarted stops
+/// waiting for old workers after a while and hands their slots out again, and
+/// a late exit must not take the new worker's latch away.
+pub fn worker_stopped(index: usize, pid: i32) {
     let s = slot(index);
-    s.latch.store(0, Ordering::Release);
-    s.pid.store(0, Ordering::Release);
-    s.in_flight.store(0, Ordering::Relaxed);
+    if s.pid
+        .compare_exchange(pid, 0, Ordering::AcqRel, Ordering::Acquire)
+        .is_ok()
+    {
+        s.latch.store(0, Ordering::Release);
+        s.in_flight.store(0, Ordering::Relaxed);
+    }
 }
 
 pub fn worker_pid(index: usize) -> i32 {

@@ -30,6 +30,9 @@ use crate::signing::KeyRing;
 /// How long a claim holds a row before another claim may take it.
 pub const LEASE: Duration = Duration::from_secs(600);
 
+/// How often the worker looks again at due rows another transaction holds.
+const LOCKED_DUE_POLL: Duration = Duration::from_millis(200);
+
 // The subscriptions the worker sends to are enabled and not paused. `paused` is
 // 0.5.0's: on an older schema (a new library before ALTER EXTENSION UPDATE) the
 // same statements run without it, so delivery goes on meanwhile.
@@ -298,9 +301,15 @@ impl Worker {
             )?;
             Ok(rows.first().get(1)?)
         })?;
-        let wait = ms.map_or(super::IDLE_POLL, |ms| {
-            Duration::from_millis(ms.clamp(1.0, super::IDLE_POLL.as_millis() as f64) as u64)
-        });
+        let wait = match ms {
+            None => super::IDLE_POLL,
+            // Due already, yet the claim took nothing: another transaction holds those
+            // rows (the claim skips them). Its commit or abort wakes no one, so poll, not spin.
+            Some(ms) if ms <= 0.0 && claimed.is_empty() => LOCKED_DUE_POLL,
+            Some(ms) => {
+                Duration::from_millis(ms.clamp(1.0, super::IDLE_POLL.as_millis() as f64) as u64)
+            }
+        };
         Ok(Instant::now() + wait)
     }
 

@@ -138,7 +138,8 @@ pub extern "C-unwind" fn linkhooks_worker_main(arg: pg_sys::Datum) {
 /// The worker's exit, however it happens: backends stop waking it.
 #[pg_guard]
 unsafe extern "C-unwind" fn leave_slot(_code: i32, slot: pg_sys::Datum) {
-    slots::worker_stopped(slot.value());
+    // SAFETY: this process's own pid.
+    slots::worker_stopped(slot.value(), unsafe { pg_sys::MyProcPid });
 }
 
 /// Where a worker stands among the processes.

@@ -180,6 +180,35 @@ def test_an_open_admin_transaction_on_a_subscription_does_not_stall_delivery(clu
                                 [held]).fetchone()[0] == 6, message="the held subscription's bookkeeping caught up")
 
 
+def cpu_seconds(pid):
+    """User and system CPU time a process has used (/proc/<pid>/stat, in clock ticks)."""
+    with open(f"/proc/{pid}/stat") as f:
+        fields = f.read().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def test_a_due_row_an_admin_transaction_holds_does_not_make_the_worker_spin(cluster, db, receiver):
+    """The claim skips rows another transaction holds, but they are due: the worker looked again every
+    millisecond, a core at 100% until the admin committed. Then the row goes out."""
+    sub_id, _ = subscribe(db, receiver, "/locked", event_types=["link.created"])
+    db.execute("UPDATE linkhooks.subscriptions SET paused = true WHERE id = %s", [sub_id])
+    link(db, "locked")  # held while the subscription is paused
+    pid = wait_for(lambda: running_pid(db), message="a running worker")
+    with cluster.connect() as admin:
+        admin.execute("BEGIN")
+        admin.execute("SELECT id FROM linkhooks.deliveries WHERE subscription_id = %s FOR UPDATE", [sub_id])
+        db.execute("UPDATE linkhooks.subscriptions SET paused = false WHERE id = %s", [sub_id])
+        wait_for(lambda: db.execute(
+            "SELECT count(*) FROM linkhooks.deliveries WHERE subscription_id = %s AND status = 'pending' "
+            "AND next_attempt_at <= now()", [sub_id]).fetchone()[0] == 1, message="the held row due")
+        used, started = cpu_seconds(pid), time.monotonic()
+        wait_for(lambda: time.monotonic() - started >= 3, interval=0.1, message="three seconds")
+        share = (cpu_seconds(pid) - used) / (time.monotonic() - started)
+        assert share < 0.2, f"the worker used {share:.0%} of a core while the row was held"
+        admin.execute("COMMIT")
+    wait_for(lambda: delivered(db, sub_id) == 1, message="the row delivered once released")
+
+
 def test_worker_status_in_a_database_the_worker_does_not_serve(cluster, db):
     other = database(cluster, "elsewhere")
     try:
