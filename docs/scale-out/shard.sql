@@ -25,6 +25,9 @@ BEGIN
     IF n IS NULL OR k IS NULL OR n < 1 OR k < 0 OR k >= n THEN
         RAISE EXCEPTION 'shard.number_ids: k must be 0 to n - 1 (got k = %, n = %)', k, n;
     END IF;
+    -- All three at once, clicks first as the worker's counting reads them: altering one table
+    -- at a time could deadlock with a run that holds clicks and then reads links.
+    LOCK TABLE linkhooks.clicks, linkhooks.conversions, linkhooks.links IN ACCESS EXCLUSIVE MODE;
     FOREACH t IN ARRAY ARRAY['links', 'clicks', 'conversions'] LOOP
         EXECUTE format('ALTER TABLE linkhooks.%I ALTER COLUMN id SET INCREMENT BY %s RESTART WITH %s', t, n, k + 1);
     END LOOP;
