@@ -131,14 +131,16 @@ pub struct Held {
 }
 
 impl Worker {
-    /// Reloads the subscriptions it delivers to (enabled, not paused) when they changed (or when `force`).
+    /// Reloads the subscriptions it delivers to (enabled, not paused) when they
+    /// changed, when `ALTER EXTENSION … UPDATE` brought the 0.5.0 schema (its
+    /// statements then apply), or when `force`.
     pub(super) fn refresh_endpoints(&mut self, force: bool) -> Result<()> {
         let generation = shared::config_generation();
-        if !force && self.endpoints_generation == Some(generation) {
+        let holds = linkstore::subscriptions_hold_events();
+        if !force && self.endpoints_generation == Some(generation) && holds == self.schema_holds {
             return Ok(());
         }
         let mut endpoints = HashMap::new();
-        let holds = linkstore::subscriptions_hold_events();
         Spi::connect(|client| -> Result<()> {
             let rows = client.select(
                 if holds {

@@ -10,7 +10,7 @@ import subprocess
 import pytest
 from psycopg import sql
 
-from conftest import database, drop_database
+from conftest import database, drop_database, subscribe
 from harness import BIN, wait_for
 from test_links import IPHONE
 
@@ -249,6 +249,26 @@ def test_the_update_gives_a_schema_a_dba_made_before_0_4_0_was_installed_to_the_
         drop_database(cluster, "lh_dbaschema")
         with cluster.connect() as c:
             c.execute("DROP ROLE IF EXISTS schema_dba")
+
+
+def test_a_worker_delivering_through_the_update_logs_attempts_as_0_5_0_does_at_once(clusters, receiver):
+    """Between the library's restart and ALTER EXTENSION UPDATE the worker uses 0.4.0's tables as they are; after the
+    update it must use 0.5.0's (attempt latencies, per-minute health) at once, not once a subscription changes."""
+    cluster = clusters()  # its worker serves every database
+    with database(cluster, "lh_live") as db:
+        db.execute("CREATE EXTENSION pg_linkhooks VERSION '0.4.0'")
+        sub_id, _ = subscribe(db, receiver, "/live")
+        db.execute("INSERT INTO linkhooks.links (slug, destination) VALUES ('before', 'https://acme.com/b')")
+        wait_for(lambda: len(receiver.received("/live")) == 1, timeout=30, message="delivery under 0.4.0")
+        db.execute("ALTER EXTENSION pg_linkhooks UPDATE")
+        db.execute("INSERT INTO linkhooks.links (slug, destination) VALUES ('after', 'https://acme.com/a')")
+        wait_for(lambda: len(receiver.received("/live")) == 2, message="delivery after the update")
+        attempt = ("SELECT a.latency_ms FROM linkhooks.delivery_attempts a JOIN linkhooks.deliveries d "
+                   "ON d.id = a.delivery_id WHERE d.body::jsonb -> 'data' -> 'link' ->> 'slug' = 'after'")
+        assert wait_for(lambda: db.execute(attempt).fetchone(), message="the attempt logged")[0] is not None
+        wait_for(lambda: db.execute("SELECT coalesce(sum(succeeded), 0) FROM linkhooks.subscription_minutes "
+                                    "WHERE subscription_id = %s", [sub_id]).fetchone()[0] >= 1,
+                 message="the attempt counted per minute")
 
 
 def test_an_updated_install_hands_over_to_pg_partman_once_clicks_history_is_detached(cluster):
