@@ -194,6 +194,13 @@ impl Pool {
             threads: Vec::new(),
         };
         pool.resize(threads);
+        if pool.threads.is_empty() {
+            // Claimed jobs would wait in the queue for good, their leases renewed:
+            // better to fail, and be started again, than to look alive.
+            return Err(io::Error::other(
+                "no thread could be started (the process or thread limit is reached)",
+            ));
+        }
         Ok(pool)
     }
 
