@@ -113,7 +113,8 @@ impl Worker {
             .written
             .retain(|_, t| now.saturating_duration_since(*t) < HEALTH_EVERY);
         update_health(changes)?;
-        if self.health.count_due(now).is_some_and(|t| all || t <= now) {
+        // Not while a sibling worker has attempts it has not committed (tried again next tick).
+        if self.health.count_due(now).is_some_and(|t| all || t <= now) && count_attempt_log() {
             // A schema before 0.5.0 has neither the cursor nor subscription_minutes.
             if self.schema_holds {
                 Spi::connect_mut(|client| {
@@ -124,6 +125,53 @@ impl Worker {
             self.health.counted = Some(now);
         }
         Ok(())
+    }
+}
+
+/// The attempt log's lock, on an advisory tag no SQL call can take (its
+/// fourth field is 3: `pg_advisory_*` use 1 and 2). Every worker transaction
+/// that may log attempts holds it shared; counting them takes it exclusively,
+/// without waiting. The cursor is an attempt id, and a sibling worker (with
+/// `linkhooks.workers_per_database` above 1) may commit attempts with ids below
+/// some already counted: the cursor would pass them, and they would never count.
+fn attempt_log_tag() -> pg_sys::LOCKTAG {
+    pg_sys::LOCKTAG {
+        // SAFETY: set for the whole session at connection.
+        locktag_field1: unsafe { pg_sys::MyDatabaseId }.to_u32(),
+        locktag_field2: 0x4C41, // "LA"
+        locktag_field3: 0,
+        locktag_field4: 3,
+        locktag_type: pg_sys::LockTagType::LOCKTAG_ADVISORY as u8,
+        locktag_lockmethodid: pg_sys::USER_LOCKMETHOD as u8,
+    }
+}
+
+/// Taken at the start of each worker transaction, held to its end.
+pub(super) fn share_attempt_log() {
+    // SAFETY: a transaction-level lock, as pg_advisory_xact_lock_shared takes; a
+    // sibling counting holds it for one statement, and lock_timeout bounds the wait.
+    unsafe {
+        pg_sys::LockAcquire(
+            &attempt_log_tag(),
+            pg_sys::ShareLock as pg_sys::LOCKMODE,
+            false,
+            false,
+        );
+    }
+}
+
+/// Whether no sibling worker is in a transaction that may log attempts (this
+/// transaction's own shared hold does not conflict); then none can start one
+/// until this transaction ends.
+fn count_attempt_log() -> bool {
+    // SAFETY: a transaction-level lock, not waited for.
+    unsafe {
+        pg_sys::LockAcquire(
+            &attempt_log_tag(),
+            pg_sys::ExclusiveLock as pg_sys::LOCKMODE,
+            false,
+            true,
+        ) != pg_sys::LockAcquireResult::LOCKACQUIRE_NOT_AVAIL
     }
 }
 

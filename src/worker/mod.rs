@@ -421,6 +421,7 @@ impl Worker {
         if !self.extension_ready && !self.check_extension()? {
             return Ok(Vec::new());
         }
+        health_log::share_attempt_log();
         let receives = crate::replication::receives_deliveries()?;
         if crate::replication::subscriptions_changed() {
             // Replicated rows may be due below where the claims start walking.

@@ -234,6 +234,12 @@ def test_two_workers_share_the_queue_without_duplicates_and_hold_the_per_subscri
         wait_for(lambda: app.execute(delivered).fetchone() == (events, events), timeout=30,
                  message=lambda: f"every delivery recorded as delivered: (delivered, all) = {app.execute(delivered).fetchone()}, "
                                  f"by status {app.execute('SELECT status, count(*) FROM linkhooks.deliveries GROUP BY 1').fetchall()}")
+        # Each worker logs its attempts and either counts the log into the per-minute rollup: every attempt once,
+        # though one worker's attempts commit while the other counts.
+        counted = ("SELECT (SELECT coalesce(sum(attempts), 0) FROM linkhooks.subscription_minutes), "
+                   "(SELECT count(*) FROM linkhooks.delivery_attempts)")
+        wait_for(lambda: app.execute(counted).fetchone() == (events, events), timeout=30,
+                 message=lambda: f"every attempt counted: (counted, logged) = {app.execute(counted).fetchone()}")
     finally:
         app.close()
 
