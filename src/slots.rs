@@ -27,6 +27,10 @@ pub struct Slot {
     number: AtomicU32,
     /// 0 while no worker is connected.
     pid: AtomicI32,
+    /// Its housekeeper's pid (0 while none is connected) and database: a
+    /// housekeeper may outlive the worker whose slot is freed.
+    housekeeper_pid: AtomicI32,
+    housekeeper_database: AtomicU32,
     latch: AtomicUsize,
     state: AtomicU32,
     in_flight: AtomicI64,
@@ -314,9 +318,44 @@ pub fn view(database: pg_sys::Oid) -> Vec<WorkerView> {
     workers
 }
 
-/// Whether a worker is connected to `database`.
+/// Whether a worker, or a housekeeper, is connected to `database`.
 pub fn worker_connected(database: pg_sys::Oid) -> bool {
     of(database).any(|s| s.pid.load(Ordering::Acquire) != 0)
+        || !housekeepers(database, |_| true).is_empty()
+}
+
+/// The housekeepers still connected to `database` whose worker has stopped.
+pub fn orphaned_housekeepers(database: pg_sys::Oid) -> Vec<i32> {
+    housekeepers(database, |s| {
+        s.database.load(Ordering::Acquire) != database.to_u32()
+            || s.pid.load(Ordering::Acquire) == 0
+    })
+}
+
+fn housekeepers(database: pg_sys::Oid, keep: impl Fn(&Slot) -> bool) -> Vec<i32> {
+    slots()
+        .iter()
+        .filter(|s| s.housekeeper_database.load(Ordering::Acquire) == database.to_u32() && keep(s))
+        .map(|s| s.housekeeper_pid.load(Ordering::Acquire))
+        .filter(|pid| *pid != 0)
+        .collect()
+}
+
+/// Called by a housekeeper once connected.
+pub fn housekeeper_started(index: usize, database: pg_sys::Oid, pid: i32) {
+    let s = slot(index);
+    s.housekeeper_pid.store(0, Ordering::Release);
+    s.housekeeper_database
+        .store(database.to_u32(), Ordering::Release);
+    s.housekeeper_pid.store(pid, Ordering::Release);
+}
+
+/// Called as a housekeeper exits: clears only its own pid, as `worker_stopped` does.
+pub fn housekeeper_stopped(index: usize, pid: i32) {
+    let _ =
+        slot(index)
+            .housekeeper_pid
+            .compare_exchange(pid, 0, Ordering::AcqRel, Ordering::Acquire);
 }
 
 /// Holds `database`'s worker off until `unpause` or for `for_ms` at most (a

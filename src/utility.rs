@@ -119,8 +119,28 @@ fn hold_worker_off(database: pg_sys::Oid) {
     shared::unpause_at_end(database);
     slots::wake_launcher();
     let deadline = Instant::now() + STOP_WAIT;
+    let mut cancelled = Vec::new();
     while slots::worker_connected(database) && Instant::now() < deadline {
+        // A housekeeper leaves when its worker has, once its chore is done; a
+        // long one (a backlog of clicks to count) is cancelled: it is redone later.
+        for pid in slots::orphaned_housekeepers(database) {
+            if !cancelled.contains(&pid) {
+                cancel_statement(pid);
+                cancelled.push(pid);
+            }
+        }
         crate::worker::wait_latch(Duration::from_millis(50));
+    }
+}
+
+/// What `pg_cancel_backend` does, for a process of this cluster only.
+fn cancel_statement(pid: i32) {
+    // SAFETY: BackendPidGetProc reads the proc array; a pid that is no backend
+    // of this cluster (one reused since) gets no signal.
+    unsafe {
+        if !pg_sys::BackendPidGetProc(pid).is_null() {
+            libc::kill(pid, libc::SIGINT);
+        }
     }
 }
 

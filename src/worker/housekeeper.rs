@@ -87,6 +87,9 @@ impl Chores {
     }
 
     fn warn(&mut self, what: &str, error: &str) {
+        if slots::worker_pid(self.slot) == 0 {
+            return; // its worker left, and a DROP DATABASE cancelled this chore
+        }
         let now = Instant::now();
         if self.last_warning.is_none_or(|t| now >= t + WARN_EVERY) {
             warning!("pg_linkhooks housekeeper: {what} failed and will be retried: {error}");
@@ -223,6 +226,11 @@ pub extern "C-unwind" fn linkhooks_housekeeper_main(_arg: pg_sys::Datum) {
         return;
     }
     BackgroundWorker::connect_worker_to_spi_by_oid(Some(pg_sys::Oid::from(database)), None);
+    // SAFETY: this process's own pid; the callback runs as it exits, however it exits.
+    unsafe {
+        slots::housekeeper_started(slot, pg_sys::Oid::from(database), pg_sys::MyProcPid);
+        pg_sys::before_shmem_exit(Some(leave_slot), pg_sys::Datum::from(slot));
+    }
     gate::set_up_session("pg_linkhooks housekeeper");
     let mut maintenance_every = settings::maintenance_every();
     let mut chores = Chores::new(slot);
@@ -236,4 +244,11 @@ pub extern "C-unwind" fn linkhooks_housekeeper_main(_arg: pg_sys::Datum) {
         let due = chores.run_due(maintenance_every);
         gate::wait_latch(due.saturating_duration_since(Instant::now()));
     }
+}
+
+/// The housekeeper's exit: a DROP DATABASE stops waiting for it.
+#[pg_guard]
+unsafe extern "C-unwind" fn leave_slot(_code: i32, slot: pg_sys::Datum) {
+    // SAFETY: this process's own pid.
+    slots::housekeeper_stopped(slot.value(), unsafe { pg_sys::MyProcPid });
 }

@@ -209,6 +209,31 @@ def test_a_due_row_an_admin_transaction_holds_does_not_make_the_worker_spin(clus
     wait_for(lambda: delivered(db, sub_id) == 1, message="the row delivered once released")
 
 
+def test_drop_database_does_not_wait_for_a_long_chore_of_the_housekeeper(clusters):
+    """DROP DATABASE stops the database's worker first (no FORCE needed). Its housekeeper leaves once its chore is
+    done; one that takes longer than PostgreSQL's 5 s wait for other sessions (a backlog of clicks to count, here a
+    DBA's slow trigger on milestones) made the DROP fail. The chore is cancelled instead, and redone by no one."""
+    c = clusters()
+    with database(c, "app") as app:
+        app.execute("CREATE EXTENSION pg_linkhooks")
+        app.execute("CREATE FUNCTION public.slow() RETURNS trigger LANGUAGE plpgsql "
+                    "AS $$ BEGIN PERFORM pg_sleep(120); RETURN NEW; END $$")
+        app.execute("CREATE TRIGGER slow BEFORE INSERT ON linkhooks.milestones FOR EACH ROW EXECUTE FUNCTION public.slow()")
+        link_id = link(app, "slow")
+        app.execute("INSERT INTO linkhooks.rules (kind, link_id, settings) VALUES ('milestones', %s, %s)",
+                    [link_id, '{"thresholds": [1]}'])
+        app.execute("INSERT INTO linkhooks.clicks (link_id, is_bot) VALUES (%s, false)", [link_id])
+    with c.connect() as pg:
+        wait_for(lambda: pg.execute("SELECT count(*) FROM pg_stat_activity WHERE datname = 'app' "
+                                    "AND application_name = 'pg_linkhooks housekeeper' "
+                                    "AND wait_event = 'PgSleep'").fetchone()[0] == 1,
+                 message="the housekeeper in the slow trigger")
+        started = time.monotonic()
+        pg.execute("DROP DATABASE app")
+        assert time.monotonic() - started < 5
+    assert "WARNING:  pg_linkhooks housekeeper" not in c.log()
+
+
 def test_worker_status_in_a_database_the_worker_does_not_serve(cluster, db):
     other = database(cluster, "elsewhere")
     try:
