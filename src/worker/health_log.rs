@@ -113,15 +113,17 @@ impl Worker {
             .written
             .retain(|_, t| now.saturating_duration_since(*t) < HEALTH_EVERY);
         update_health(changes)?;
-        // Not while a sibling worker has attempts it has not committed (tried again next tick).
-        if self.health.count_due(now).is_some_and(|t| all || t <= now) && count_attempt_log() {
-            // A schema before 0.5.0 has neither the cursor nor subscription_minutes.
-            if self.schema_holds {
-                Spi::connect_mut(|client| {
-                    plans::execute(client, COUNT_ATTEMPTS, &[], &[]).map(|_| ())
-                })?;
+        if self.health.count_due(now).is_some_and(|t| all || t <= now) {
+            // Not while a sibling worker has attempts it has not committed: a second later.
+            if count_attempt_log() {
+                // A schema before 0.5.0 has neither the cursor nor subscription_minutes.
+                if self.schema_holds {
+                    Spi::connect_mut(|client| {
+                        plans::execute(client, COUNT_ATTEMPTS, &[], &[]).map(|_| ())
+                    })?;
+                }
+                self.health.uncounted = false;
             }
-            self.health.uncounted = false;
             self.health.counted = Some(now);
         }
         Ok(())
@@ -149,7 +151,8 @@ fn attempt_log_tag() -> pg_sys::LOCKTAG {
 /// Taken at the start of each worker transaction, held to its end.
 pub(super) fn share_attempt_log() {
     // SAFETY: a transaction-level lock, as pg_advisory_xact_lock_shared takes; a
-    // sibling counting holds it for one statement, and lock_timeout bounds the wait.
+    // sibling that counts holds it to the end of its (short) transaction, and
+    // lock_timeout bounds the wait.
     unsafe {
         pg_sys::LockAcquire(
             &attempt_log_tag(),
