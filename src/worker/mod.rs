@@ -601,6 +601,7 @@ impl Worker {
                 if !extension::hold(self.extension) {
                     return Ok(());
                 }
+                health_log::share_attempt_log();
                 self.record_outcomes(outcomes)?;
                 self.write_bookkeeping()?;
                 self.write_health(true)
