@@ -282,20 +282,11 @@ pub fn commit_events_durably() {
 }
 
 fn commit_this_transaction_durably() {
-    // SAFETY: reads a setting, and sets it for this transaction as SET LOCAL does.
-    unsafe {
-        if pg_sys::synchronous_commit == pg_sys::SyncCommitLevel::SYNCHRONOUS_COMMIT_OFF as i32 {
-            pg_sys::set_config_option(
-                c"synchronous_commit".as_ptr(),
-                c"on".as_ptr(),
-                pg_sys::GucContext::PGC_USERSET,
-                pg_sys::GucSource::PGC_S_SESSION,
-                pg_sys::GucAction::GUC_ACTION_LOCAL,
-                true,
-                0,
-                false,
-            );
-        }
+    // SAFETY: a plain read of the setting's current value.
+    if unsafe { pg_sys::synchronous_commit }
+        == pg_sys::SyncCommitLevel::SYNCHRONOUS_COMMIT_OFF as i32
+    {
+        guc::set(c"synchronous_commit", c"on", true);
     }
 }
 

@@ -380,3 +380,26 @@ pub fn string(setting: &GucSetting<Option<CString>>) -> String {
         .map(|c| c.to_string_lossy().into_owned())
         .unwrap_or_default()
 }
+
+/// Sets any setting (PostgreSQL's too) in a transaction, as a superuser's SET
+/// does, or SET LOCAL when `for_transaction`.
+pub fn set(name: &CStr, value: &CStr, for_transaction: bool) {
+    let action = if for_transaction {
+        pg_sys::GucAction::GUC_ACTION_LOCAL
+    } else {
+        pg_sys::GucAction::GUC_ACTION_SET
+    };
+    // SAFETY: inside a transaction, as SET runs; the strings outlive the call.
+    unsafe {
+        pg_sys::set_config_option(
+            name.as_ptr(),
+            value.as_ptr(),
+            pg_sys::GucContext::PGC_SUSET,
+            pg_sys::GucSource::PGC_S_SESSION,
+            action,
+            true,
+            0,
+            false,
+        );
+    }
+}

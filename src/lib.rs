@@ -39,6 +39,7 @@ mod guc;
 mod health_checks;
 mod idempotency;
 mod linkstore;
+mod locks;
 mod maintenance;
 mod minutes;
 mod misses;

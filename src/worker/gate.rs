@@ -10,6 +10,7 @@ use pgrx::prelude::*;
 
 use crate::error::Result;
 use crate::events;
+use crate::guc;
 
 /// Sleeps on the latch (signals wake it) for at most `wait`.
 pub fn wait_latch(wait: Duration) {
@@ -69,19 +70,7 @@ pub fn set_up_session(application_name: &str) {
                 std::ffi::CString::new(*name).expect("no NUL in a setting name"),
                 std::ffi::CString::new(*value).expect("no NUL in a setting value"),
             );
-            // SAFETY: setting a GUC for this session inside a transaction, as SET does.
-            unsafe {
-                pg_sys::set_config_option(
-                    name.as_ptr(),
-                    value.as_ptr(),
-                    pg_sys::GucContext::PGC_SUSET,
-                    pg_sys::GucSource::PGC_S_SESSION,
-                    pg_sys::GucAction::GUC_ACTION_SET,
-                    true,
-                    0,
-                    false,
-                );
-            }
+            guc::set(&name, &value, false);
         }
     });
 }

@@ -10,6 +10,7 @@ use pgrx::prelude::*;
 use super::Worker;
 use crate::error::Result;
 use crate::health::{self, HealthChange};
+use crate::locks;
 use crate::plans::{self, FLOAT8_ARRAY, INT4_ARRAY, INT8_ARRAY};
 
 /// How often the worker writes one subscription's row of subscription_state,
@@ -130,52 +131,22 @@ impl Worker {
     }
 }
 
-/// The attempt log's lock, on an advisory tag no SQL call can take (its
-/// fourth field is 3: `pg_advisory_*` use 1 and 2). Every worker transaction
-/// that may log attempts holds it shared; counting them takes it exclusively,
-/// without waiting. The cursor is an attempt id, and a sibling worker (with
-/// `linkhooks.workers_per_database` above 1) may commit attempts with ids below
-/// some already counted: the cursor would pass them, and they would never count.
-fn attempt_log_tag() -> pg_sys::LOCKTAG {
-    pg_sys::LOCKTAG {
-        // SAFETY: set for the whole session at connection.
-        locktag_field1: unsafe { pg_sys::MyDatabaseId }.to_u32(),
-        locktag_field2: 0x4C41, // "LA"
-        locktag_field3: 0,
-        locktag_field4: 3,
-        locktag_type: pg_sys::LockTagType::LOCKTAG_ADVISORY as u8,
-        locktag_lockmethodid: pg_sys::USER_LOCKMETHOD as u8,
-    }
-}
-
-/// Taken at the start of each worker transaction, held to its end.
+/// The attempt log's lock (`locks`: no SQL call can take it). Every worker
+/// transaction that may log attempts holds it shared from its start; counting
+/// them takes it exclusively, without waiting. The cursor is an attempt id, and
+/// a sibling worker (with `linkhooks.workers_per_database` above 1) may commit
+/// attempts with ids below some already counted: the cursor would pass them,
+/// and they would never count. A sibling that counts holds it to the end of
+/// its (short) transaction; lock_timeout bounds the wait for it.
 pub(super) fn share_attempt_log() {
-    // SAFETY: a transaction-level lock, as pg_advisory_xact_lock_shared takes; a
-    // sibling that counts holds it to the end of its (short) transaction, and
-    // lock_timeout bounds the wait.
-    unsafe {
-        pg_sys::LockAcquire(
-            &attempt_log_tag(),
-            pg_sys::ShareLock as pg_sys::LOCKMODE,
-            false,
-            false,
-        );
-    }
+    locks::take(locks::ATTEMPT_LOG, 0, pg_sys::ShareLock);
 }
 
 /// Whether no sibling worker is in a transaction that may log attempts (this
 /// transaction's own shared hold does not conflict); then none can start one
 /// until this transaction ends.
 fn count_attempt_log() -> bool {
-    // SAFETY: a transaction-level lock, not waited for.
-    unsafe {
-        pg_sys::LockAcquire(
-            &attempt_log_tag(),
-            pg_sys::ExclusiveLock as pg_sys::LOCKMODE,
-            false,
-            true,
-        ) != pg_sys::LockAcquireResult::LOCKACQUIRE_NOT_AVAIL
-    }
+    locks::try_take(locks::ATTEMPT_LOG, 0, pg_sys::ExclusiveLock)
 }
 
 /// Folds one batch's health into subscription_state (a table only the worker
