@@ -12,6 +12,8 @@ use std::thread::JoinHandle;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use crossbeam_channel::{Receiver, Sender, unbounded};
+use ureq::unversioned::transport::time::Duration as TimeoutAfter;
+use ureq::unversioned::transport::{ConnectionDetails, Connector, DefaultConnector, Transport};
 
 use crate::probe::{self, Probe, Probed};
 use crate::resolve::PublicOnlyResolver;
@@ -150,11 +152,40 @@ fn build_agent(
         .build();
     ureq::Agent::with_parts(
         config,
-        ureq::unversioned::transport::DefaultConnector::new(),
+        connector(),
         PublicOnlyResolver {
             allow_private: allow_private.clone(),
         },
     )
+}
+
+/// ureq's connectors, behind a check that time is left.
+fn connector() -> impl Connector<Out = impl Transport> {
+    NoTimeLeft.chain(DefaultConnector::new())
+}
+
+/// Fails a connect that would start with no time left. ureq gives a socket
+/// 1 s when the time left is exactly zero (a zero socket timeout means none),
+/// so a name resolved at the deadline could let the connect run a second
+/// past it.
+#[derive(Debug)]
+struct NoTimeLeft;
+
+impl Connector for NoTimeLeft {
+    type Out = ();
+
+    fn connect(
+        &self,
+        details: &ConnectionDetails,
+        chained: Option<()>,
+    ) -> Result<Option<()>, ureq::Error> {
+        match details.timeout.after {
+            TimeoutAfter::Exact(left) if left.is_zero() => {
+                Err(ureq::Error::Timeout(details.timeout.reason))
+            }
+            _ => Ok(chained),
+        }
+    }
 }
 
 pub struct Pool {
