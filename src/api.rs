@@ -393,26 +393,38 @@ fn replay(delivery_id: i64) -> i64 {
 }
 
 fn replay_one(delivery_id: i64) -> Result<i64> {
-    let (event_id, subscription_id, event_type, body, status) = Spi::connect(|client| {
-        let rows = plans::query(
-            client,
-            "SELECT event_id::text, subscription_id, event_type, body, status FROM linkhooks.deliveries WHERE id = $1",
-            &[INT8],
-            &[delivery_id.into()],
-        )?;
-        let row = rows.into_iter().next().ok_or_else(|| {
-            Error::NotFound(format!(
-                "invalid delivery_id: delivery {delivery_id} does not exist"
+    let (event_id, subscription_id, event_type, body, status, subscribed) =
+        Spi::connect(|client| {
+            let rows = plans::query(
+                client,
+                "SELECT d.event_id::text, d.subscription_id, d.event_type, d.body, d.status,
+                    EXISTS (SELECT FROM linkhooks.subscriptions s WHERE s.id = d.subscription_id)
+               FROM linkhooks.deliveries d WHERE d.id = $1",
+                &[INT8],
+                &[delivery_id.into()],
+            )?;
+            let row = rows.into_iter().next().ok_or_else(|| {
+                Error::NotFound(format!(
+                    "invalid delivery_id: delivery {delivery_id} does not exist"
+                ))
+            })?;
+            Ok::<_, Error>((
+                row.get::<String>(1)?.unwrap_or_default(),
+                row.get::<i64>(2)?.unwrap_or_default(),
+                row.get::<String>(3)?.unwrap_or_default(),
+                row.get::<String>(4)?.unwrap_or_default(),
+                row.get::<String>(5)?.unwrap_or_default(),
+                row.get::<bool>(6)?.unwrap_or_default(),
             ))
         })?;
-        Ok::<_, Error>((
-            row.get::<String>(1)?.unwrap_or_default(),
-            row.get::<i64>(2)?.unwrap_or_default(),
-            row.get::<String>(3)?.unwrap_or_default(),
-            row.get::<String>(4)?.unwrap_or_default(),
-            row.get::<String>(5)?.unwrap_or_default(),
-        ))
-    })?;
+    if !subscribed {
+        return Err(Error::invalid(
+            "delivery_id",
+            format!(
+                "delivery {delivery_id} cannot be replayed: its subscription {subscription_id} was deleted"
+            ),
+        ));
+    }
     if status != "dead" && status != "delivered" {
         return Err(Error::invalid(
             "delivery_id",
@@ -439,11 +451,13 @@ fn replay_dead_letters(
     let run = || -> Result<i64> {
         let ids: Vec<i64> = Spi::connect(|client| {
             let rows = client.select(
-                "SELECT delivery_id FROM linkhooks.dead_letters
-                  WHERE replayed_at IS NULL
-                    AND ($1::bigint IS NULL OR subscription_id = $1)
-                    AND ($2::timestamptz IS NULL OR died_at >= $2)
-                  ORDER BY delivery_id",
+                // Not those of deleted subscriptions: nothing can receive them.
+                "SELECT l.delivery_id FROM linkhooks.dead_letters l
+                  WHERE l.replayed_at IS NULL
+                    AND ($1::bigint IS NULL OR l.subscription_id = $1)
+                    AND ($2::timestamptz IS NULL OR l.died_at >= $2)
+                    AND EXISTS (SELECT FROM linkhooks.subscriptions s WHERE s.id = l.subscription_id)
+                  ORDER BY l.delivery_id",
                 None,
                 &[subscription_id.into(), since.into()],
             )?;
@@ -519,6 +533,16 @@ fn retry_now(
 /// A new secret for a subscription; the old one keeps signing alongside it for `grace`.
 #[pg_extern(volatile, security_definer)]
 fn rotate_secret(subscription_id: i64, grace: default!(Interval, "'24 hours'")) -> String {
+    let negative = Spi::get_one_with_args::<bool>("SELECT $1 < interval '0'", &[grace.into()])
+        .map_err(Error::from)
+        .or_report();
+    if negative == Some(true) {
+        Error::invalid(
+            "grace",
+            "must not be negative (0 ends the old secret at once)",
+        )
+        .report();
+    }
     let secret = signing::generate_secret();
     let updated = Spi::connect_mut(|client| {
         plans::first::<i64>(plans::execute(

@@ -82,8 +82,12 @@ pub fn check_slug(slug: &str) -> Result<(), LinkError> {
     Ok(())
 }
 
+/// The longest UTM value: every redirect and every click's body carries them.
+pub const MAX_UTM_VALUE_CHARS: usize = 400;
+
 /// Normalises a link's `utm` object: keys may be given as `source` or
-/// `utm_source`; values must be strings. Returns `{"source": .., ...}`.
+/// `utm_source`; values must be strings of at most [`MAX_UTM_VALUE_CHARS`].
+/// Returns `{"source": .., ...}`.
 pub fn normalize_utm(utm: &Value) -> Result<Map<String, Value>, LinkError> {
     let Value::Object(obj) = utm else {
         return Err(LinkError::Utm("must be a JSON object".into()));
@@ -97,6 +101,12 @@ pub fn normalize_utm(utm: &Value) -> Result<Map<String, Value>, LinkError> {
             )));
         }
         match value {
+            Value::String(s) if s.chars().count() > MAX_UTM_VALUE_CHARS => {
+                return Err(LinkError::Utm(format!(
+                    "'{key}' must be at most {MAX_UTM_VALUE_CHARS} characters (got {})",
+                    s.chars().count()
+                )));
+            }
             Value::String(s) if !s.is_empty() => {
                 out.insert(short.to_string(), Value::String(s.clone()));
             }
@@ -220,6 +230,15 @@ mod tests {
         assert!(normalize_utm(&json!({"utm_bogus": "x"})).is_err());
         assert!(normalize_utm(&json!({"source": 3})).is_err());
         assert_eq!(normalize_utm(&json!({"source": ""})).unwrap().len(), 0);
+        let longest = "é".repeat(MAX_UTM_VALUE_CHARS);
+        assert!(normalize_utm(&json!({ "source": longest })).is_ok());
+        let err = normalize_utm(&json!({ "utm_term": "x".repeat(MAX_UTM_VALUE_CHARS + 1) }))
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("'utm_term' must be at most 400 characters"),
+            "{err}"
+        );
     }
 
     #[test]

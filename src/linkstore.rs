@@ -198,7 +198,9 @@ thread_local! {
 /// Whether this lookup may use the cache: never without shared memory, in a
 /// transaction that changed links itself, one that reads from a single
 /// snapshot (REPEATABLE READ, SERIALIZABLE), which the cache cannot honour,
-/// or in a parallel worker, which cannot take the fresh snapshot a load needs.
+/// in a parallel worker, which cannot take the fresh snapshot a load needs, or
+/// before the 0.5.0 schema, whose replica-role trigger tells caches of links
+/// applied by logical replication.
 fn cache_usable() -> bool {
     // SAFETY: plain reads of the session's isolation level and parallel mode.
     let (per_statement_snapshots, parallel) = unsafe {
@@ -212,6 +214,7 @@ fn cache_usable() -> bool {
         && !parallel
         && !shared::links_changed_in_transaction()
         && guc::LINK_CACHE_SIZE.get() > 0
+        && relations().is_ok_and(|r| r.since_0_5)
 }
 
 /// Runs `f` on the cache if it may be used, after dropping it when stale.
@@ -219,13 +222,12 @@ fn with_cache<T>(f: impl FnOnce(&LinkCache) -> Option<T>) -> Option<T> {
     if !cache_usable() {
         return None;
     }
-    // A standby applies other servers' commits without running their hooks; their
-    // invalidations reach us only when we read the queue, which a cache hit (no lock
-    // taken) never does. On a primary this is one test of a local flag.
+    // Commits that run no hook of ours (a standby's replay, a change with the links
+    // triggers disabled, commits replayed before a promotion) reach us only as
+    // relcache invalidations, read from the queue, which a cache hit (no lock taken)
+    // never does by itself. With nothing queued this is one test of a shared flag.
     // SAFETY: reading the invalidation queue is what every lock acquisition does.
-    if unsafe { pg_sys::RecoveryInProgress() } {
-        unsafe { pg_sys::AcceptInvalidationMessages() };
-    }
+    unsafe { pg_sys::AcceptInvalidationMessages() };
     CACHE.with(|c| {
         let mut cache = c.borrow_mut();
         let generation = (shared::links_generation(), INVALIDATIONS.get());

@@ -13,25 +13,29 @@
 
 use std::cell::Cell;
 
+use pgrx::AllocatedByRust;
 use pgrx::heap_tuple::PgHeapTuple;
 use pgrx::prelude::*;
-use pgrx::AllocatedByPostgres;
 
 use crate::error::{Error, OrReport, Result};
 use crate::linkstore;
+use crate::triggers;
 
-/// Fires only in replica role (logical-replication apply, a restore run that
-/// way): tells every session that links changed. Row and TRUNCATE.
+/// Fires only in replica role (logical-replication apply, a restore or an
+/// edit run that way): tells every session that links changed, and keeps
+/// `redirect_url` following the destination. Row and TRUNCATE.
 #[pg_trigger]
 fn links_replicated_trigger<'a>(
     trigger: &'a PgTrigger<'a>,
-) -> Result<Option<PgHeapTuple<'a, AllocatedByPostgres>>, Error> {
-    let on = || -> Result<Option<PgHeapTuple<'a, AllocatedByPostgres>>> {
+) -> Result<Option<PgHeapTuple<'a, AllocatedByRust>>, Error> {
+    let on = || -> Result<Option<PgHeapTuple<'a, AllocatedByRust>>> {
         linkstore::links_changed(trigger)?;
         let row = match trigger.op().map_err(|e| Error::Column(e.to_string()))? {
-            PgTriggerOperation::Delete => trigger.old(),
+            PgTriggerOperation::Delete => trigger.old().map(|r| r.into_owned()),
             PgTriggerOperation::Truncate => None,
-            _ => trigger.new(),
+            _ => trigger
+                .new()
+                .map(|r| triggers::with_redirect_url(r.into_owned())),
         };
         Ok(row)
     };
@@ -86,7 +90,9 @@ pub fn receives_deliveries() -> Result<bool> {
                 "pg_linkhooks: linkhooks.deliveries is replicated into this database by a logical-replication subscription; the worker sends nothing while it is (the publisher's worker delivers)"
             );
         } else {
-            log!("pg_linkhooks: linkhooks.deliveries is no longer replicated into this database; the worker delivers what is pending");
+            log!(
+                "pg_linkhooks: linkhooks.deliveries is no longer replicated into this database; the worker delivers what is pending"
+            );
         }
     }
     RECEIVES.set(Some(receives));

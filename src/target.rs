@@ -17,6 +17,9 @@ pub enum UrlError {
     Empty,
     #[error("must be at most {MAX_URL_LEN} characters (got {0})")]
     TooLong(usize),
+    // Stored and used as written: a redirect's Location header, a request line.
+    #[error("must not contain spaces or control characters (percent-encode them: a space is %20)")]
+    Whitespace,
     #[error("must be an absolute http or https URL ({0})")]
     Unparsable(String),
     #[error("must use http or https (got '{0}')")]
@@ -76,12 +79,15 @@ pub fn check_webhook_url(
 }
 
 fn parse_http_url(raw: &str) -> Result<Url, UrlError> {
-    let raw = raw.trim();
-    if raw.is_empty() {
+    if raw.trim().is_empty() {
         return Err(UrlError::Empty);
     }
-    if raw.len() > MAX_URL_LEN {
-        return Err(UrlError::TooLong(raw.len()));
+    if raw.chars().any(|c| c.is_whitespace() || c.is_control()) {
+        return Err(UrlError::Whitespace);
+    }
+    let chars = raw.chars().count();
+    if chars > MAX_URL_LEN {
+        return Err(UrlError::TooLong(chars));
     }
     let url = Url::parse(raw).map_err(|e| UrlError::Unparsable(e.to_string()))?;
     if url.scheme() != "http" && url.scheme() != "https" {
@@ -233,6 +239,23 @@ mod tests {
             check_destination(&long),
             Err(UrlError::TooLong(_))
         ));
+        // Stored as written and sent as a Location header: no padding, no header injection.
+        for bad in [
+            " https://acme.com/",
+            "https://acme.com/ ",
+            "https://acme.com/gone\r\nSet-Cookie: s=1",
+            "https://acme.com/a\tb",
+            "https://acme.com/a b",
+            "https://acme.com/\u{a0}",
+        ] {
+            assert_eq!(check_destination(bad), Err(UrlError::Whitespace), "{bad:?}");
+        }
+        assert_eq!(check_destination("   "), Err(UrlError::Empty));
+        let wide = format!("https://acme.com/{}", "é".repeat(MAX_URL_LEN - 20));
+        assert!(
+            check_destination(&wide).is_ok(),
+            "the limit counts characters"
+        );
     }
 
     #[test]
@@ -243,6 +266,11 @@ mod tests {
             Err(UrlError::HttpsRequired)
         );
         assert!(check_webhook_url("http://hooks.example.com/in", false, false, &[]).is_ok());
+        // The sender sends the URL as written, and its HTTP stack refuses a space.
+        assert_eq!(
+            check_webhook_url("https://hooks.example.com/in ", true, false, &[]),
+            Err(UrlError::Whitespace)
+        );
         for bad in [
             "https://localhost/x",
             "https://LOCALHOST./x",

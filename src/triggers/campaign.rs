@@ -22,6 +22,7 @@ fn on_campaign<'a>(trigger: &'a PgTrigger<'a>) -> Result<Row<'a>> {
         return Err(Error::invalid("name", "must not be empty"));
     }
     limits::check_text("name", &name, MAX_TEXT_CHARS)?;
+    check_finite(&new, "ends_at", "NULL: the campaign has no end")?;
     let goal: Option<i64> = col(&new, "click_goal")?;
     if let Some(g) = goal.filter(|g| *g <= 0) {
         return Err(Error::invalid(

@@ -74,6 +74,7 @@ fn on_conversion<'a>(trigger: &'a PgTrigger<'a>) -> Result<Option<Row<'a>>> {
     let event_id = col::<pgrx::Uuid>(&row, "event_id")?
         .map(|u| uuid_text(&u))
         .unwrap_or_else(new_event_id);
+    check_finite(&row, "occurred_at", "leave it out for now()")?;
     let occurred_at = col::<TimestampWithTimeZone>(&row, "occurred_at")?
         .map_or_else(unix_now_micros, unix_micros);
     let conversion = ConversionPayload {

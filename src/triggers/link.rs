@@ -20,10 +20,33 @@ const LINK_FIELDS: [&str; 11] = [
 #[pg_trigger]
 fn links_trigger<'a>(trigger: &'a PgTrigger<'a>) -> Result<Option<Row<'a>>, Error> {
     if let Some(row) = restored_row(trigger) {
-        shared::links_changed(); // every link cache still learns of it
-        return Ok(row);
+        // Every link cache still learns of it, a standby's too.
+        linkstore::links_changed(trigger).or_report();
+        return Ok(row.map(with_redirect_url));
     }
     Ok(on_link(trigger).or_report())
+}
+
+/// The row with `redirect_url` derived from its destination and utm, for rows
+/// stored without the checks (restore mode, replica role): a destination
+/// changed that way would otherwise keep redirecting to the old one. A row
+/// whose utm does not normalize keeps the redirect_url it came with.
+pub fn with_redirect_url(mut row: Row<'_>) -> Row<'_> {
+    let derived = || -> Result<Option<String>> {
+        let Some(destination) = col::<String>(&row, "destination")? else {
+            return Ok(None);
+        };
+        let utm = match col::<JsonB>(&row, "utm")? {
+            Some(JsonB(v)) if !v.is_null() => links::normalize_utm(&v)?,
+            _ => Map::new(),
+        };
+        Ok(Some(links::redirect_url(&destination, &utm)?))
+    };
+    if let Ok(Some(url)) = derived() {
+        // Setting a text column of a row we own cannot fail but by a missing column.
+        let _ = set(&mut row, "redirect_url", url);
+    }
+    row
 }
 
 fn on_link<'a>(trigger: &'a PgTrigger<'a>) -> Result<Option<Row<'a>>> {
@@ -139,6 +162,7 @@ fn check_link(new: &mut Row<'_>, old: Option<&Row<'_>>) -> Result<()> {
     if let Some(expired_url) = col::<String>(new, "expired_url")? {
         target::check_destination(&expired_url).map_err(LinkError::ExpiredUrl)?;
     }
+    check_finite(new, "expires_at", "NULL: the link never expires")?;
     if let Some(campaign) = col::<String>(new, "campaign")? {
         limits::check_text("campaign", &campaign, MAX_TEXT_CHARS)?;
     }

@@ -43,6 +43,19 @@ fn set<T: IntoDatum>(row: &mut Row<'_>, name: &str, value: T) -> Result<()> {
         .map_err(|e| Error::Column(format!("{name}: {e}")))
 }
 
+/// Refuses infinity in a timestamp column: every epoch computed from it
+/// downstream (event bodies, the worker's and maintenance's queries) would
+/// overflow. `none` says what NULL means there instead.
+fn check_finite(row: &Row<'_>, name: &'static str, none: &str) -> Result<()> {
+    match col::<TimestampWithTimeZone>(row, name)? {
+        Some(at) if !at.is_finite() => Err(Error::invalid(
+            name,
+            format!("must be a time, not infinity ({none})"),
+        )),
+        _ => Ok(()),
+    }
+}
+
 fn unix_micros(ts: TimestampWithTimeZone) -> i64 {
     ts.into_inner() + PG_EPOCH_OFFSET_MICROS
 }
@@ -172,4 +185,4 @@ mod rule;
 mod subscription;
 
 pub use campaign::emit_campaign_completed;
-pub use link::emit_link_expired;
+pub use link::{emit_link_expired, with_redirect_url};

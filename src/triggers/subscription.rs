@@ -58,6 +58,11 @@ fn on_subscription<'a>(trigger: &'a PgTrigger<'a>) -> Result<Row<'a>> {
             .map_err(Error::Url)?;
     }
     SigningKey::parse(&col::<String>(&new, "secret")?.unwrap_or_default())?;
+    check_finite(
+        &new,
+        "previous_secret_expires_at",
+        "NULL: the previous secret signs no more",
+    )?;
     if let Some(prev) = col::<String>(&new, "previous_secret")? {
         SigningKey::parse(&prev).map_err(|_| {
             Error::invalid("previous_secret", "must be 'whsec_' followed by base64")

@@ -3,6 +3,7 @@
 import threading
 import time
 
+import psycopg
 import pytest
 
 from conftest import subscribe
@@ -193,6 +194,29 @@ def test_replay_dead_letters_in_bulk(db, receiver):
     assert db.execute("SELECT linkhooks.replay_dead_letters()").fetchone()[0] == 0
     wait_for(lambda: db.execute("SELECT count(*) FROM linkhooks.deliveries WHERE status = 'delivered'").fetchone()[0] == 3,
              message="replays delivered")
+
+
+def test_dead_letters_of_a_deleted_subscription_do_not_block_replaying_the_others(db, receiver):
+    gone, gone_secret = subscribe(db, receiver, "/gone-dl", max_attempts=1)
+    kept, kept_secret = subscribe(db, receiver, "/kept-dl", max_attempts=1)
+    receiver.expect("/gone-dl", [gone_secret], script=[(500, {}, 0)])
+    receiver.expect("/kept-dl", [kept_secret], script=[(500, {}, 0)])
+    link(db, "dl")
+    wait_for(lambda: db.execute("SELECT count(*) FROM linkhooks.dead_letters").fetchone()[0] == 2, message="2 dead")
+    orphan = db.execute("SELECT delivery_id FROM linkhooks.dead_letters WHERE subscription_id = %s", [gone]).fetchone()[0]
+    db.execute("DELETE FROM linkhooks.subscriptions WHERE id = %s", [gone])
+    with pytest.raises(psycopg.Error, match=f"invalid delivery_id: delivery {orphan} cannot be replayed: "
+                                            f"its subscription {gone} was deleted"):
+        db.execute("SELECT linkhooks.replay(%s)", [orphan])
+    assert db.execute("SELECT linkhooks.replay_dead_letters()").fetchone()[0] == 1
+    wait_for(lambda: len(receiver.received("/kept-dl")) == 2, message="the kept subscription's replay")
+
+
+def test_a_rotation_with_a_negative_grace_is_refused_and_changes_nothing(db, receiver):
+    sid, secret = subscribe(db, receiver, "/neg")
+    with pytest.raises(psycopg.Error, match="invalid grace: must not be negative"):
+        db.execute("SELECT linkhooks.rotate_secret(%s, '-1 day')", [sid])
+    assert db.execute("SELECT secret, previous_secret FROM linkhooks.subscriptions").fetchone() == (secret, None)
 
 
 def test_secret_rotation_sends_both_signatures(db, receiver):

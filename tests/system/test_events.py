@@ -140,6 +140,23 @@ def test_time_expiry_and_campaign_end_are_found_by_maintenance(db, sub):
     assert json.loads(completed[1])["data"]["campaign"]["reason"] == "ends_at"
 
 
+@pytest.mark.parametrize("statement, message", [
+    ("INSERT INTO linkhooks.campaigns (name, click_goal, ends_at) VALUES ('forever', 10, 'infinity')",
+     "invalid ends_at: must be a time, not infinity (NULL: the campaign has no end)"),
+    ("INSERT INTO linkhooks.campaigns (name, ends_at) VALUES ('never', '-infinity')", "invalid ends_at"),
+    ("INSERT INTO linkhooks.conversions (link_id, name, occurred_at) "
+     "SELECT id, 'purchase', 'infinity' FROM linkhooks.links", "invalid occurred_at: must be a time, not infinity"),
+])
+def test_infinite_times_are_refused_before_they_break_clicks_or_maintenance(db, sub, statement, message):
+    link(db, "inf", campaign="forever")
+    with pytest.raises(psycopg.Error, match=message.replace("(", r"\(").replace(")", r"\)")):
+        db.execute(statement)
+    for table in ("campaigns", "conversions"):
+        assert db.execute(f"SELECT count(*) FROM linkhooks.{table}").fetchone()[0] == 0
+    db.execute("SELECT linkhooks.record_click('inf')")
+    assert db.execute("SELECT linkhooks.run_maintenance()").fetchone()[0]["campaigns_completed"] == 0
+
+
 def test_campaign_goal_completes_once_under_concurrency(cluster, db, sub):
     db.execute("INSERT INTO linkhooks.campaigns (name, click_goal) VALUES ('launch', 20)")
     link(db, "l1", campaign="launch")
@@ -198,7 +215,7 @@ def test_ip_modes(db, receiver):
 
 @pytest.mark.parametrize("cols, message", [
     ({"url": "ftp://hooks.example.com/"}, "invalid url: must use http or https"),
-    ({"url": "not a url"}, "invalid url: must be an absolute http or https URL"),
+    ({"url": "not-a-url"}, "invalid url: must be an absolute http or https URL"),
     ({"url": "https://user:pw@hooks.example.com/"}, "invalid url: must not contain credentials"),
     ({"event_types": ["link.clicked", "link.exploded"]}, "invalid event_types: 'link.exploded' is not an event type"),
     ({"filters": {"colour": "red"}}, "invalid filters: unknown key 'colour'"),
@@ -210,6 +227,8 @@ def test_ip_modes(db, receiver):
     ({"max_attempts": 0}, "invalid max_attempts: must be between 1 and 1000"),
     ({"secret": "hunter2"}, "invalid secret"),
     ({"name": ""}, "invalid name: must not be empty"),
+    ({"url": "https://hooks.example.com/in "}, "invalid url: must not contain spaces or control characters"),
+    ({"previous_secret_expires_at": "infinity"}, "invalid previous_secret_expires_at: must be a time, not infinity"),
 ])
 def test_bad_subscriptions_are_refused(db, receiver, cols, message):
     with pytest.raises(psycopg.Error, match=message.replace("(", r"\(").replace(")", r"\)").replace(".", r"\.")):

@@ -64,7 +64,13 @@ def test_resolve_is_stable_and_uses_one_index_probe(db):
     ({"slug": "no spaces"}, "invalid slug: may contain only A-Z, a-z, 0-9, '-' and '_'"),
     ({"max_clicks": 0}, "invalid max_clicks: must be greater than 0"),
     ({"max_clicks": -5}, "invalid max_clicks: must be greater than 0"),
-    ({"expired_url": "not a url"}, "invalid expired_url: must be an absolute http or https URL"),
+    ({"expired_url": "not-a-url"}, "invalid expired_url: must be an absolute http or https URL"),
+    # Stored as written and handed to the redirect's Location header.
+    ({"destination": " https://acme.com/"}, "invalid destination: must not contain spaces or control characters"),
+    ({"expired_url": "https://acme.com/gone\r\nSet-Cookie: s=1"},
+     "invalid expired_url: must not contain spaces or control characters"),
+    ({"utm": Jsonb({"source": "x" * 401})}, "invalid utm: 'source' must be at most 400 characters (got 401)"),
+    ({"expires_at": "infinity"}, "invalid expires_at: must be a time, not infinity (NULL: the link never expires)"),
 ])
 def test_bad_links_are_refused_with_the_field_and_rule(db, cols, message):
     cols = {"slug": "ok", "destination": "https://acme.com/", **cols}

@@ -6,6 +6,7 @@ receives deliveries by logical replication does not send them again."""
 
 import psycopg
 import pytest
+from psycopg.types.json import Jsonb
 
 from conftest import SETTINGS, subscribe
 from harness import Cluster, Standby, wait_for
@@ -92,6 +93,41 @@ def test_a_standby_transaction_sees_a_change_replayed_between_its_statements(db,
             db.execute("UPDATE linkhooks.links SET disabled = true WHERE id = %s", [link_id])
             standby.caught_up()
             assert resolve(s, "tx") is None
+
+
+def test_links_written_without_the_checks_are_never_served_stale(db, cluster, standby):
+    """Replica role and restore mode store rows without the links checks, and
+    an ALTER … DISABLE TRIGGER stores them with no trigger at all: caches on
+    the primary (in and out of a transaction) and on a standby still follow,
+    and the redirect follows the new destination."""
+    link_id = link(db, "raw", "https://acme.com/old", utm=Jsonb({"source": "ig"}))
+    standby.caught_up()
+    with cluster.connect() as p, standby.connect() as s:
+
+        def everywhere(answer):
+            standby.caught_up()
+            assert resolve(p, "raw") == answer
+            assert resolve(s, "raw") == answer
+            cached(p, "raw", answer)
+            cached(s, "raw", answer)
+
+        everywhere("https://acme.com/old?utm_source=ig")
+        for mode in ("session_replication_role = replica", "linkhooks.restore = on"):
+            new = f"https://acme.com/{mode.split()[0]}"
+            with db.transaction():
+                db.execute(f"SET LOCAL {mode}")
+                db.execute("UPDATE linkhooks.links SET destination = %s WHERE id = %s", [new, link_id])
+            everywhere(f"{new}?utm_source=ig")
+
+        with p.transaction():
+            cached(p, "raw", "https://acme.com/linkhooks.restore?utm_source=ig")
+            with db.transaction():
+                db.execute("ALTER TABLE linkhooks.links DISABLE TRIGGER links_events")
+                db.execute("UPDATE linkhooks.links SET disabled = true WHERE id = %s", [link_id])
+                db.execute("ALTER TABLE linkhooks.links ENABLE TRIGGER links_events")
+            assert resolve(p, "raw") is None
+        standby.caught_up()
+        assert resolve(s, "raw") is None
 
 
 def test_worker_status_and_the_analyst_views_answer_on_a_standby(db, standby, receiver):

@@ -271,6 +271,23 @@ def test_a_worker_delivering_through_the_update_logs_attempts_as_0_5_0_does_at_o
                  message="the attempt counted per minute")
 
 
+def test_before_the_update_links_applied_in_replica_role_are_not_served_stale(cluster):
+    """The 0.4.0 schema has no replica-role trigger on links, so nothing tells a cache of a link that logical
+    replication applies (replica role): until the update, redirects read the table."""
+    try:
+        with database(cluster, "lh_old_schema") as db, cluster.connect(dbname="lh_old_schema") as s:
+            db.execute("CREATE EXTENSION pg_linkhooks VERSION '0.4.0'")
+            db.execute("INSERT INTO linkhooks.links (slug, destination) VALUES ('old', 'https://acme.com/o')")
+            for _ in range(2):
+                assert s.execute("SELECT linkhooks.resolve('old')").fetchone()[0] == "https://acme.com/o"
+            with db.transaction():
+                db.execute("SET LOCAL session_replication_role = replica")
+                db.execute("UPDATE linkhooks.links SET disabled = true WHERE slug = 'old'")
+            assert s.execute("SELECT linkhooks.resolve('old')").fetchone()[0] is None
+    finally:
+        drop_database(cluster, "lh_old_schema")
+
+
 def test_an_updated_install_hands_over_to_pg_partman_once_clicks_history_is_detached(cluster):
     """pg_partman reads each partition's bounds and cannot read clicks_history's MINVALUE."""
     import psycopg
