@@ -1,7 +1,12 @@
 #!/usr/bin/env bash
 # Installs everything pg_linkhooks needs on a fresh Debian machine, idempotently:
-# PostgreSQL 15 and headers, clang, nginx (benchmarks), cargo-pgrx 0.18.1, pgrx init,
-# and the Python packages the system tests use. Run as root.
+# PostgreSQL 15 and headers, clang, pg_partman and PL/Proxy (their tests), cargo-pgrx
+# 0.18.1, pgrx init, and the Python packages the system tests use (scripts/bench.sh adds
+# nginx and valgrind). Run as root, with Rust 1.88 or newer.
+if ! rustc --version 2>/dev/null | awk '{split($2, v, "."); exit !(v[1] > 1 || v[2] >= 88)}'; then
+  echo "pg_linkhooks needs Rust 1.88 or newer (found: $(rustc --version 2>/dev/null || echo none)); install it with rustup" >&2
+  exit 1
+fi
 set -euo pipefail
 PG_CONFIG=/usr/lib/postgresql/15/bin/pg_config
 need_apt=()
@@ -13,7 +18,6 @@ if ((${#need_apt[@]})); then
   apt-get update -qq
   DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${need_apt[@]}" >/dev/null
 fi
-# Debian starts a default cluster on 5432; we run our own, so leave it alone but out of the way.
 if [[ "$(cargo pgrx --version 2>/dev/null)" != *"0.18.1"* ]]; then
   echo "==> cargo install cargo-pgrx 0.18.1 (about 7 minutes, once)"
   cargo install cargo-pgrx --version 0.18.1 --locked

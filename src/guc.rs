@@ -111,7 +111,7 @@ pub fn register() {
     );
     checked(
         c"linkhooks.partition_interval",
-        c"How much time each new partition of clicks and delivery_attempts holds (at least 1 minute; e.g. '1d').",
+        c"How much time each new partition of clicks, deliveries and delivery_attempts holds (at least 1 minute; e.g. '1d').",
         &PARTITION_INTERVAL,
         Some(check_partition_interval),
     );

@@ -17,6 +17,7 @@ mod links;
 mod milestones;
 mod payload;
 mod probe;
+mod rate;
 mod resolve;
 mod retry;
 mod routing;

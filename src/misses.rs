@@ -2,7 +2,10 @@
 //! (domain, slug, reason) in `link_misses` counts them, so a scanner adds to
 //! counts rather than rows per request; `link.miss` is announced by the
 //! aggregator, off the request path, on a slug's first miss and then at most
-//! once per `linkhooks.miss_interval`, and at most `ANNOUNCED_PER_RUN` a second.
+//! once per `linkhooks.miss_interval`, and at most `ANNOUNCED_PER_SECOND` a
+//! second by each process that announces (the housekeeper, run_aggregation()).
+
+use std::cell::RefCell;
 
 use pgrx::prelude::*;
 
@@ -15,9 +18,14 @@ use crate::links::{MAX_MISSED_SLUG_LEN, MissReason, truncate};
 use crate::linkstore::LinkRow;
 use crate::payload::{self, EventType, LinkMissData, MissPayload};
 use crate::plans::{self, FLOAT8, INT8, TEXT};
+use crate::rate::PerSecond;
 
-/// link.miss events queued per aggregator run (about one a second), at most.
-const ANNOUNCED_PER_RUN: i64 = 100;
+/// link.miss events queued a second, at most (the aggregator runs up to four times a second).
+const ANNOUNCED_PER_SECOND: i64 = 100;
+
+thread_local! {
+    static ANNOUNCED: RefCell<PerSecond> = RefCell::new(PerSecond::default());
+}
 
 /// Counts one request that found no active link. For redirect services that
 /// resolve links themselves; `record_click` calls it for its own misses.
@@ -82,6 +90,11 @@ struct DueMiss {
 /// Queues link.miss for the rows that are due: never announced, or missed
 /// again since their last announcement and that is `linkhooks.miss_interval` ago.
 pub fn announce_due() -> Result<usize> {
+    let second = unix_now_micros().div_euclid(1_000_000);
+    let allowed = ANNOUNCED.with(|a| a.borrow_mut().remaining(ANNOUNCED_PER_SECOND, second));
+    if allowed == 0 {
+        return Ok(0);
+    }
     let interval_ms = duration::parse(&guc::string(&guc::MISS_INTERVAL))
         .map_or(3_600_000.0, |d| d.as_millis() as f64);
     let due = Spi::connect_mut(|client| -> Result<Vec<DueMiss>> {
@@ -99,8 +112,9 @@ pub fn announce_due() -> Result<usize> {
                        (pg_catalog.date_part('epoch', m.first_seen) * 1000000)::bigint,
                        (pg_catalog.date_part('epoch', m.last_seen) * 1000000)::bigint",
             &[FLOAT8, INT8],
-            &[interval_ms.into(), ANNOUNCED_PER_RUN.into()],
+            &[interval_ms.into(), allowed.into()],
         )?;
+        ANNOUNCED.with(|a| a.borrow_mut().spend(rows.len() as i64));
         rows.into_iter()
             .map(|r| {
                 Ok(DueMiss {

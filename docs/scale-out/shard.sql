@@ -1,5 +1,5 @@
 -- pg_linkhooks across machines: what each shard database holds besides the extension
--- (docs/scale-out.md). Run it as the extension's owner after CREATE EXTENSION pg_linkhooks,
+-- (docs/scale-out.md). Run it as a superuser after CREATE EXTENSION pg_linkhooks (number_ids alters its tables),
 -- then SELECT shard.number_ids(k, n) with this shard's number k (0 to n - 1) of n shards.
 -- The router (router.sql) calls these functions and the extension's own.
 
