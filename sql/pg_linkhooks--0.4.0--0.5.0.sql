@@ -544,6 +544,7 @@ CREATE TABLE click_keys (
     key         text PRIMARY KEY,
     click_id    bigint NOT NULL,
     event_id    uuid NOT NULL,
+    link_id     bigint NOT NULL,                     -- the link the click was recorded for
     created_at  timestamptz NOT NULL DEFAULT now()
 );
 COMMENT ON TABLE click_keys IS 'record_click idempotency keys and the click each recorded (kept for linkhooks.retention).';

@@ -14,6 +14,7 @@ use crate::payload::{self, EventType, TestData};
 use crate::plans::{self, INT8, INTERVAL, TEXT, UUID};
 use crate::shared;
 use crate::signing::{self, KeyRing, SigningKey, signature_header};
+use crate::triggers;
 
 /// The URL to redirect to, or NULL: the destination (with UTM) for an active
 /// link, `expired_url` (or NULL) for an expired or disabled one.
@@ -171,7 +172,16 @@ fn record(
             ));
         }
         idempotency::lock("idempotency_key", key)?;
-        if let Some((click_id, event_id)) = click_with_key(key)? {
+        if let Some((key_link, click_id, event_id)) = click_with_key(key)? {
+            if let Some(other) = link.as_ref().filter(|l| l.id != key_link) {
+                return Err(Error::invalid(
+                    "idempotency_key",
+                    format!(
+                        "was used for a click on link {key_link}, not on this link ({}); a retry must name the same link",
+                        other.id
+                    ),
+                ));
+            }
             // The first call recorded this click, so it redirected to the destination.
             return Ok(Recorded {
                 url: link.map(|l| l.target()),
@@ -180,12 +190,18 @@ fn record(
             });
         }
     }
+    let check_request = || {
+        let r = request;
+        triggers::check_request(source, r.country, r.city, r.landing_url)
+    };
     let Some(link) = link else {
+        check_request()?;
         note_miss(current_schema, domain, slug, MissReason::Unknown)?;
         return Ok(Recorded::default());
     };
     let answer = link.answer();
     if let Some(reason) = link.inactive_reason() {
+        check_request()?;
         note_miss(current_schema, domain, slug, reason)?;
         return Ok(Recorded {
             url: answer,
@@ -230,7 +246,7 @@ fn record(
     if let (Some(key), Some((Some(click_id), Some(event_id)))) =
         (request.idempotency_key, &inserted)
     {
-        keep_key(key, *click_id, *event_id)?;
+        keep_key(key, link_id, *click_id, *event_id)?;
     }
     Ok(match inserted {
         Some((click_id, event_id)) => Recorded {
@@ -239,6 +255,7 @@ fn record(
             event_id,
         },
         None => {
+            check_request()?;
             note_miss(current_schema, domain, slug, MissReason::Limit)?;
             Recorded {
                 url: expired_url,
@@ -256,30 +273,35 @@ const INSERT_CLICK_RETURNING: &str =
      VALUES ($1, $2::pg_catalog.inet, $3, $4, $5, $6, $7, $8) RETURNING id, event_id";
 
 /// The click an earlier call recorded with this idempotency key, if any.
-fn click_with_key(key: &str) -> Result<Option<(Option<i64>, Option<pgrx::Uuid>)>> {
+/// The click a key recorded: its link, id and event id.
+fn click_with_key(key: &str) -> Result<Option<(i64, Option<i64>, Option<pgrx::Uuid>)>> {
     Spi::connect_mut(|client| {
         // Mutating, for a snapshot taken after the key's lock: it sees the first call's commit.
         let rows = plans::execute(
             client,
-            "SELECT click_id, event_id FROM linkhooks.click_keys WHERE key = $1",
+            "SELECT link_id, click_id, event_id FROM linkhooks.click_keys WHERE key = $1",
             &[TEXT],
             &[key.into()],
         )?;
         match rows.into_iter().next() {
-            Some(row) => Ok(Some((row.get::<i64>(1)?, row.get::<pgrx::Uuid>(2)?))),
+            Some(row) => Ok(Some((
+                row.get::<i64>(1)?.unwrap_or_default(),
+                row.get::<i64>(2)?,
+                row.get::<pgrx::Uuid>(3)?,
+            ))),
             None => Ok(None),
         }
     })
 }
 
 /// Keeps the click an idempotency key recorded, for the caller's retries.
-fn keep_key(key: &str, click_id: i64, event_id: pgrx::Uuid) -> Result<()> {
+fn keep_key(key: &str, link_id: i64, click_id: i64, event_id: pgrx::Uuid) -> Result<()> {
     Spi::connect_mut(|client| -> Result<()> {
         plans::execute(
             client,
-            "INSERT INTO linkhooks.click_keys (key, click_id, event_id) VALUES ($1, $2, $3)",
-            &[TEXT, INT8, UUID],
-            &[key.into(), click_id.into(), event_id.into()],
+            "INSERT INTO linkhooks.click_keys (key, link_id, click_id, event_id) VALUES ($1, $2, $3, $4)",
+            &[TEXT, INT8, INT8, UUID],
+            &[key.into(), link_id.into(), click_id.into(), event_id.into()],
         )?;
         Ok(())
     })

@@ -84,16 +84,7 @@ fn on_click<'a>(
         .get("link_id")?
         .ok_or_else(|| Error::invalid("link_id", "must not be null"))?;
     let source: String = new.get("source")?.unwrap_or_else(|| "link".into());
-    let kind = match source.as_str() {
-        "link" => EventType::LinkClicked,
-        "qr" => EventType::QrScanned,
-        other => {
-            return Err(Error::invalid(
-                "source",
-                format!("must be 'link' or 'qr' (got '{other}')"),
-            ));
-        }
-    };
+    let kind = event_kind(&source)?;
     // record_click looked the link up already; its clicks past the limit are skipped.
     let (link, from_record_click) = match linkstore::take_stashed(link_id) {
         Some(link) => (link, true),
@@ -202,28 +193,17 @@ fn enrich_click(
     let country_given: Option<String> = new.get("country")?;
     let city: Option<String> = new.get("city")?;
     if let Some(v) = &city {
-        limits::check_text("city", v, MAX_TEXT_CHARS)?;
+        check_city(v)?;
     }
     // Comes from the request like the headers: stored capped, but it must be a URL.
     let landing_url = capped("landing_url", target::MAX_URL_LEN)?;
-    if let Some(url) = &landing_url
-        && !links::is_web_url(url)
-    {
-        return Err(Error::invalid(
-            "landing_url",
-            "must be an absolute http(s) URL, the one the visitor requested",
-        ));
+    if let Some(url) = &landing_url {
+        check_landing_url(url)?;
     }
     let country = match country_given {
         None => None,
         Some(given) => {
-            let code = filters::country_code(&given).ok_or_else(|| {
-                let shown = links::truncate(&given, 20);
-                Error::invalid(
-                    "country",
-                    format!("must be a two-letter ISO 3166-1 code such as US (got '{shown}')"),
-                )
-            })?;
+            let code = country_code(&given)?;
             if code != given {
                 edits.set(new, "country", code.as_str())?;
             }
@@ -316,4 +296,65 @@ fn count_campaign_click(campaign: &str) -> Result<()> {
         emit_campaign_completed(campaign)?;
     }
     Ok(())
+}
+
+/// The checks of a click's request fields, for a `record_click` that records
+/// no click (the link is unknown or inactive): the same call is refused the
+/// same way whatever the link's state.
+pub fn check_request(
+    source: &str,
+    country: Option<&str>,
+    city: Option<&str>,
+    landing_url: Option<&str>,
+) -> Result<()> {
+    event_kind(source)?;
+    if let Some(country) = country {
+        country_code(country)?;
+    }
+    if let Some(city) = city {
+        check_city(city)?;
+    }
+    if let Some(url) = landing_url {
+        check_landing_url(url)?;
+    }
+    Ok(())
+}
+
+fn event_kind(source: &str) -> Result<EventType> {
+    match source {
+        "link" => Ok(EventType::LinkClicked),
+        "qr" => Ok(EventType::QrScanned),
+        other => Err(Error::invalid(
+            "source",
+            format!(
+                "must be 'link' or 'qr' (got '{}')",
+                links::truncate(other, 20)
+            ),
+        )),
+    }
+}
+
+fn country_code(given: &str) -> Result<String> {
+    filters::country_code(given).ok_or_else(|| {
+        let shown = links::truncate(given, 20);
+        Error::invalid(
+            "country",
+            format!("must be a two-letter ISO 3166-1 code such as US (got '{shown}')"),
+        )
+    })
+}
+
+fn check_city(city: &str) -> Result<()> {
+    limits::check_text("city", city, MAX_TEXT_CHARS)?;
+    Ok(())
+}
+
+fn check_landing_url(url: &str) -> Result<()> {
+    if links::is_web_url(url) {
+        return Ok(());
+    }
+    Err(Error::invalid(
+        "landing_url",
+        "must be an absolute http(s) URL, the one the visitor requested",
+    ))
 }

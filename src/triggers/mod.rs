@@ -185,4 +185,5 @@ mod rule;
 mod subscription;
 
 pub use campaign::emit_campaign_completed;
+pub use click::check_request;
 pub use link::{emit_link_expired, with_redirect_url};

@@ -187,6 +187,7 @@ def test_a_writer_can_do_what_the_readme_shows(cluster, db, roles, receiver):  #
 def test_country_codes_and_landing_urls_are_checked(db, receiver):
     subscribe(db, receiver, "/de", event_types=["link.clicked"], filters={"countries": ["DE"], "exclude_bots": False})
     link(db, "geo")
+    link(db, "off", disabled=True)
     for call, message in [
         ("SELECT linkhooks.record_click('geo', country => 'USA')",
          "invalid country: must be a two-letter ISO 3166-1 code such as US (got 'USA')"),
@@ -194,10 +195,16 @@ def test_country_codes_and_landing_urls_are_checked(db, receiver):
          "invalid landing_url: must be an absolute http(s) URL"),
         ("SELECT linkhooks.record_click('geo', landing_url => 'javascript:alert(1)')",
          "invalid landing_url: must be an absolute http(s) URL"),
+        # Refused the same way when the link is unknown or inactive, and no miss is counted.
+        ("SELECT linkhooks.record_click('nosuch', country => 'USA')",
+         "invalid country: must be a two-letter ISO 3166-1 code such as US (got 'USA')"),
+        ("SELECT linkhooks.record_click('off', source => 'email')", "invalid source: must be 'link' or 'qr' (got 'email')"),
+        ("SELECT linkhooks.record_click('off', city => repeat('c', 201))", "invalid city"),
     ]:
         with pytest.raises(psycopg.errors.InvalidParameterValue, match=message.replace("(", r"\(").replace(")", r"\)")):
             db.execute(call)
     assert db.execute("SELECT count(*) FROM linkhooks.clicks").fetchone()[0] == 0
+    assert db.execute("SELECT count(*) FROM linkhooks.link_misses").fetchone()[0] == 0
     # A lower-case code is the same country: stored upper-case, and it matches the subscription's filter.
     db.execute("SELECT linkhooks.record_click('geo', country => 'de', landing_url => 'https://acme.com/geo?utm_source=x')")
     assert db.execute("SELECT country FROM linkhooks.clicks").fetchone()[0] == "DE"

@@ -226,7 +226,7 @@ def test_misses_name_why_the_link_did_not_redirect(db, receiver):
 
 def test_idempotent_retries_record_once(cluster, db, receiver):
     subscribe(db, receiver, "/once", event_types=["link.clicked", "link.converted"])
-    link(db, "buy")
+    first_link = link(db, "buy")
     first = db.execute("SELECT * FROM linkhooks.record_click_returning('buy', user_agent => 'Mozilla/5.0 (iPhone)', "
                        "idempotency_key => 'req-1')").fetchone()
     # Retries, including concurrent ones, return the first call's click.
@@ -243,6 +243,14 @@ def test_idempotent_retries_record_once(cluster, db, receiver):
         t.join()
     assert results == [first] * 4
     assert db.execute("SELECT linkhooks.record_click('buy', idempotency_key => 'req-1')").fetchone()[0] == first[0]
+    assert db.execute("SELECT count(*) FROM linkhooks.clicks").fetchone()[0] == 1
+    # The same key for another link is a mistake, not a retry: it would return another link's click.
+    other = link(db, "sell")
+    with pytest.raises(psycopg.Error) as caught:
+        db.execute("SELECT linkhooks.record_click('sell', idempotency_key => 'req-1')")
+    assert caught.value.diag.message_primary == (
+        f"invalid idempotency_key: was used for a click on link {first_link}, not on this link ({other}); "
+        "a retry must name the same link")
     assert db.execute("SELECT count(*) FROM linkhooks.clicks").fetchone()[0] == 1
     # An order id recorded twice is one conversion and one link.converted.
     for _ in range(2):
