@@ -101,6 +101,7 @@ LANGUAGE plpgsql SET search_path = pg_catalog, pg_temp AS $$
 DECLARE
     privilege text;
     statement text;
+    part record;
 BEGIN
     IF NOT EXISTS (SELECT FROM pg_catalog.pg_roles WHERE rolname = role_name) THEN
         RAISE EXCEPTION 'invalid role_name: role % does not exist', coalesce(quote_ident(role_name), 'NULL')
@@ -112,6 +113,13 @@ BEGIN
                                  ELSE format('REVOKE %s FROM %I', privilege, role_name) END;
         EXECUTE statement;
         RETURN NEXT statement;
+    END LOOP;
+    -- Partitions carry their tables' grants (grant_as_parent): the change reaches them too.
+    FOR part IN SELECT p.table_name, p.partition FROM @extschema@.partitions p LOOP
+        IF action = 'revoke' THEN
+            EXECUTE format('REVOKE ALL ON @extschema@.%I FROM %I', part.partition, role_name);
+        END IF;
+        PERFORM @extschema@.grant_as_parent(part.table_name, part.partition);
     END LOOP;
 END
 $$;

@@ -146,6 +146,7 @@ LANGUAGE plpgsql SET search_path = pg_catalog, pg_temp AS $$
 DECLARE
     privilege text;
     statement text;
+    part record;
 BEGIN
     IF NOT EXISTS (SELECT FROM pg_catalog.pg_roles WHERE rolname = role_name) THEN
         RAISE EXCEPTION 'invalid role_name: role % does not exist', coalesce(quote_ident(role_name), 'NULL')
@@ -157,6 +158,13 @@ BEGIN
                                  ELSE format('REVOKE %s FROM %I', privilege, role_name) END;
         EXECUTE statement;
         RETURN NEXT statement;
+    END LOOP;
+    -- Partitions carry their tables' grants (grant_as_parent): the change reaches them too.
+    FOR part IN SELECT p.table_name, p.partition FROM linkhooks.partitions p LOOP
+        IF action = 'revoke' THEN
+            EXECUTE format('REVOKE ALL ON linkhooks.%I FROM %I', part.partition, role_name);
+        END IF;
+        PERFORM linkhooks.grant_as_parent(part.table_name, part.partition);
     END LOOP;
 END
 $$;
@@ -1125,6 +1133,24 @@ CREATE INDEX clicks_default_link_time ON clicks_default (link_id, clicked_at);
 -- The aggregator's read: clicks by transaction id, from its cursor on.
 CREATE INDEX clicks_default_txid ON clicks_default (txid);
 
+-- Gives a new partition the grants of its table: the roles given access levels (the owner's
+-- pg_dump above all) read and write it as they do the table. Made after the levels were given,
+-- it is not among the tables those GRANTs covered.
+CREATE FUNCTION grant_as_parent(table_name text, partition text) RETURNS void
+LANGUAGE plpgsql SET search_path = pg_catalog, pg_temp AS $$
+DECLARE
+    statement text;
+BEGIN
+    FOR statement IN
+        SELECT format('GRANT %s ON @extschema@.%I TO %s', a.privilege_type, partition, a.grantee::regrole)
+          FROM pg_class c, aclexplode(c.relacl) a
+         WHERE c.oid = format('@extschema@.%I', table_name)::regclass AND a.grantee <> 0
+    LOOP
+        EXECUTE statement;
+    END LOOP;
+END
+$$;
+
 -- Keeps the partitions of clicks, deliveries or delivery_attempts (docs/operations.md, "Partitions
 -- and retention"), in this order: drops the tables it detached in an earlier run; deletes rows
 -- older than as_of - keep from the default partition (keep NULL: keep every row; deliveries:
@@ -1240,6 +1266,7 @@ BEGIN
                 EXECUTE format('LOCK TABLE @extschema@.%I IN ACCESS EXCLUSIVE MODE', table_name);
             END IF;
             EXECUTE format('CREATE TABLE @extschema@.%I (LIKE @extschema@.%I INCLUDING INDEXES)', partition, default_partition);
+            PERFORM @extschema@.grant_as_parent(table_name, partition);
             EXECUTE format('WITH moved AS (DELETE FROM @extschema@.%I WHERE %I >= $1 AND %I < $2 RETURNING %s) '
                            'INSERT INTO @extschema@.%I (%s) SELECT %s FROM moved',
                            default_partition, key, key, columns, partition, columns, columns) USING range_start, range_end;
@@ -1397,9 +1424,15 @@ BEGIN
     EXECUTE format('DROP TABLE @extschema@.%I', default_partition);
     EXECUTE format('ALTER TABLE @extschema@.%I RENAME TO %I', aside, default_partition);
     EXECUTE format('ALTER TABLE @extschema@.%I ATTACH PARTITION @extschema@.%I DEFAULT', table_name, default_partition);
+    -- inherit_privileges: the partitions it makes get the table's grants, as maintain_partitions' do.
     EXECUTE format('UPDATE %I.part_config SET template_table = $1, infinite_time_partitions = true, retention = $2, '
-                   'retention_keep_table = false WHERE parent_table = $3 RETURNING datetime_string', partman)
+                   'retention_keep_table = false, inherit_privileges = true WHERE parent_table = $3 '
+                   'RETURNING datetime_string', partman)
         INTO suffix USING '@extschema@.' || default_partition, retention::text, parent;
+    FOR part IN SELECT p.partition FROM @extschema@.partitions p
+                 WHERE p.table_name = use_pg_partman.table_name AND p.range_end IS NOT NULL LOOP
+        PERFORM @extschema@.grant_as_parent(table_name, part.partition);
+    END LOOP;
     -- pg_partman orders partitions by the time in their names, in its session's zone. Two passes:
     -- a partition's new name may be another's old one.
     FOR part IN SELECT p.partition FROM @extschema@.partitions p
@@ -1444,7 +1477,8 @@ SELECT pg_catalog.pg_extension_config_dump('deliveries_id_seq', '');
 REVOKE ALL ON clicks, clicks_default, delivery_attempts, delivery_attempts_default, deliveries, deliveries_default, partitions FROM PUBLIC;
 REVOKE ALL ON FUNCTION maintain_partitions(text, timestamptz, interval, interval),
     keep_unfinished_deliveries(text, timestamptz) FROM PUBLIC;
-REVOKE ALL ON FUNCTION use_pg_partman(text, interval, integer), partitions_managed_by_pg_partman(text) FROM PUBLIC;
+REVOKE ALL ON FUNCTION use_pg_partman(text, interval, integer), partitions_managed_by_pg_partman(text),
+    grant_as_parent(text, text) FROM PUBLIC;
 
 -- Maintenance's retention of dead letters: replayed ones by when, the others by when they died.
 CREATE INDEX dead_letters_replayed ON dead_letters (replayed_at) WHERE replayed_at IS NOT NULL;

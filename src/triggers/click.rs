@@ -39,8 +39,19 @@ fn local_transaction() -> pg_sys::LocalTransactionId {
     unsafe { (*pg_sys::MyProc).lxid }
 }
 
+/// Notes the row an UPDATE may move, after the checks an INSERT makes of the
+/// columns it may change (an UPDATE is the owner's, who may change any).
 fn mark_moving(trigger: &PgTrigger<'_>) -> Result<()> {
     let new = new_row(trigger)?;
+    clicked_at_micros(col(&new, "clicked_at")?)?;
+    check_request(
+        col::<String>(&new, "source")?
+            .as_deref()
+            .unwrap_or_default(),
+        col::<String>(&new, "country")?.as_deref(),
+        col::<String>(&new, "city")?.as_deref(),
+        col::<String>(&new, "landing_url")?.as_deref(),
+    )?;
     let moving = match (
         col::<i64>(&new, "id")?,
         col::<pgrx::Uuid>(&new, "event_id")?,
@@ -176,17 +187,7 @@ fn enrich_click(
         .get::<pgrx::Uuid>("event_id")?
         .map(|u| uuid_text(&u))
         .unwrap_or_else(new_event_id);
-    let clicked_at = match new.get::<TimestampWithTimeZone>("clicked_at")? {
-        None => unix_now_micros(),
-        Some(at) if at.is_finite() => unix_micros(at),
-        Some(_) => return Err(Error::invalid("clicked_at", "must be a time, not infinity")),
-    };
-    if clicked_at < limits::EARLIEST_CLICK_MICROS {
-        return Err(Error::invalid(
-            "clicked_at",
-            "must be on or after 2000-01-01 00:00 UTC",
-        ));
-    }
+    let clicked_at = clicked_at_micros(new.get::<TimestampWithTimeZone>("clicked_at")?)?;
     let ip = new.ip("ip")?;
     let user_agent = capped("user_agent", MAX_HEADER_LEN)?;
     let referer = capped("referer", MAX_HEADER_LEN)?;
@@ -318,6 +319,22 @@ pub fn check_request(
         check_landing_url(url)?;
     }
     Ok(())
+}
+
+/// A click's time in Unix microseconds (now when NULL): a time since 2000.
+fn clicked_at_micros(at: Option<TimestampWithTimeZone>) -> Result<i64> {
+    let micros = match at {
+        None => unix_now_micros(),
+        Some(at) if at.is_finite() => unix_micros(at),
+        Some(_) => return Err(Error::invalid("clicked_at", "must be a time, not infinity")),
+    };
+    if micros < limits::EARLIEST_CLICK_MICROS {
+        return Err(Error::invalid(
+            "clicked_at",
+            "must be on or after 2000-01-01 00:00 UTC",
+        ));
+    }
+    Ok(micros)
 }
 
 fn event_kind(source: &str) -> Result<EventType> {

@@ -98,6 +98,21 @@ def test_bad_clicks_are_refused_and_write_nothing(db):
     assert db.execute("SELECT count(*) FROM linkhooks.clicks").fetchone()[0] == 0
 
 
+@pytest.mark.parametrize("assignment, message", [
+    ("clicked_at = '0044-03-15 BC'", "invalid clicked_at: must be on or after 2000-01-01 00:00 UTC"),
+    ("clicked_at = 'infinity'", "invalid clicked_at: must be a time, not infinity"),
+    ("country = 'USA'", "invalid country: must be a two-letter ISO 3166-1 code such as US (got 'USA')"),
+    ("source = 'email'", "invalid source: must be 'link' or 'qr' (got 'email')"),
+])
+def test_an_update_of_a_click_is_checked_as_an_insert_is(db, assignment, message):
+    link(db, "u")
+    db.execute("SELECT linkhooks.record_click('u', country => 'DE')")
+    with pytest.raises(psycopg.errors.InvalidParameterValue) as err:
+        db.execute(f"UPDATE linkhooks.clicks SET {assignment}")
+    assert err.value.diag.message_primary == message
+    assert db.execute("SELECT country, source FROM linkhooks.clicks").fetchone() == ("DE", "link")
+
+
 def test_plain_insert_gets_the_same_enrichment_as_record_click(db):
     link_id = link(db, "e")
     db.execute("INSERT INTO linkhooks.clicks (link_id, ip, user_agent, referer, landing_url) VALUES (%s, '203.0.113.9', %s, 'https://t.co', "
