@@ -190,10 +190,8 @@ fn record(
             });
         }
     }
-    let check_request = || {
-        let r = request;
-        triggers::check_request(source, r.country, r.city, r.landing_url)
-    };
+    let check_request =
+        || triggers::check_request(source, request.country, request.city, request.landing_url);
     let Some(link) = link else {
         check_request()?;
         note_miss(current_schema, domain, slug, MissReason::Unknown)?;
@@ -272,8 +270,8 @@ const INSERT_CLICK_RETURNING: &str =
     "INSERT INTO linkhooks.clicks (link_id, ip, user_agent, referer, country, city, source, landing_url)
      VALUES ($1, $2::pg_catalog.inet, $3, $4, $5, $6, $7, $8) RETURNING id, event_id";
 
-/// The click an earlier call recorded with this idempotency key, if any.
-/// The click a key recorded: its link, id and event id.
+/// The click an earlier call recorded with this idempotency key, if any: its
+/// link, id and event id.
 fn click_with_key(key: &str) -> Result<Option<(i64, Option<i64>, Option<pgrx::Uuid>)>> {
     Spi::connect_mut(|client| {
         // Mutating, for a snapshot taken after the key's lock: it sees the first call's commit.

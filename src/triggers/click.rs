@@ -299,9 +299,10 @@ fn count_campaign_click(campaign: &str) -> Result<()> {
     Ok(())
 }
 
-/// The checks of a click's request fields, for a `record_click` that records
-/// no click (the link is unknown or inactive): the same call is refused the
-/// same way whatever the link's state.
+/// The checks the INSERT trigger makes of a click's request fields, for where
+/// it does not run: a `record_click` that records no click (the link is
+/// unknown or inactive: the call is refused the same way whatever the link's
+/// state) and an UPDATE of a click.
 pub fn check_request(
     source: &str,
     country: Option<&str>,
