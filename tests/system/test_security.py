@@ -28,6 +28,8 @@ END $$"""
 @pytest.fixture
 def hostile(cluster):
     """A login role with one access level and a schema of its own, first on its search_path."""
+    opened = []
+
     def make(level):
         with cluster.connect() as c:
             c.execute(f"DROP SCHEMA IF EXISTS {HOSTILE} CASCADE")
@@ -37,8 +39,11 @@ def hostile(cluster):
             c.execute(f"CREATE SCHEMA {HOSTILE} AUTHORIZATION {HOSTILE}")
             c.execute(f"ALTER ROLE {HOSTILE} SET search_path = {HOSTILE}, public")
             c.execute("SELECT linkhooks.grant_access(%s, %s)", [HOSTILE, level])
-        return login(cluster, HOSTILE)
+        opened.append(login(cluster, HOSTILE))
+        return opened[-1]
     yield make
+    for conn in opened:  # a failed test leaves it open, holding what it took
+        conn.close()
     with cluster.connect() as c:
         c.execute(f"DROP SCHEMA IF EXISTS {HOSTILE} CASCADE")
         if exists(c):
