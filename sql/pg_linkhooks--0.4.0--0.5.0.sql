@@ -54,6 +54,10 @@ ALTER FUNCTION send_test(bigint) SET search_path = pg_catalog, pg_temp;
 ALTER FUNCTION replay(bigint) SET search_path = pg_catalog, pg_temp;
 ALTER FUNCTION replay_dead_letters(bigint, timestamptz) SET search_path = pg_catalog, pg_temp;
 ALTER FUNCTION rotate_secret(bigint, interval) SET search_path = pg_catalog, pg_temp;
+-- A NULL argument is an error naming it, not a silent NULL.
+ALTER FUNCTION send_test(bigint) CALLED ON NULL INPUT;
+ALTER FUNCTION replay(bigint) CALLED ON NULL INPUT;
+ALTER FUNCTION rotate_secret(bigint, interval) CALLED ON NULL INPUT;
 ALTER FUNCTION run_maintenance() SET search_path = pg_catalog, pg_temp;
 
 -- Access levels: column lists instead of whole tables where the extension keeps columns.

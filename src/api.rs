@@ -375,8 +375,9 @@ pub(crate) fn latency_bucket(ms: f64) -> i16 {
 
 /// Queues a `webhook.test` event for one subscription; returns its event id.
 #[pg_extern(volatile, security_definer)]
-fn send_test(subscription_id: i64) -> pgrx::Uuid {
+fn send_test(subscription_id: Option<i64>) -> pgrx::Uuid {
     let run = || -> Result<pgrx::Uuid> {
+        let subscription_id = required("subscription_id", subscription_id)?;
         let (_, enabled) = subscription_keys(subscription_id)?;
         if !enabled {
             return Err(Error::invalid(
@@ -408,8 +409,16 @@ fn send_test(subscription_id: i64) -> pgrx::Uuid {
 
 /// Queues a fresh delivery of a dead or delivered event (same webhook-id and body).
 #[pg_extern(volatile, security_definer)]
-fn replay(delivery_id: i64) -> i64 {
-    replay_one(delivery_id).or_report()
+fn replay(delivery_id: Option<i64>) -> i64 {
+    required("delivery_id", delivery_id)
+        .and_then(replay_one)
+        .or_report()
+}
+
+/// An argument that must not be NULL (the functions that take it are not
+/// STRICT, so that a NULL is an error naming it rather than a silent NULL).
+fn required<T>(name: &'static str, value: Option<T>) -> Result<T> {
+    value.ok_or_else(|| Error::invalid(name, "must not be null"))
 }
 
 fn replay_one(delivery_id: i64) -> Result<i64> {
@@ -552,7 +561,13 @@ fn retry_now(
 
 /// A new secret for a subscription; the old one keeps signing alongside it for `grace`.
 #[pg_extern(volatile, security_definer)]
-fn rotate_secret(subscription_id: i64, grace: default!(Interval, "'24 hours'")) -> String {
+fn rotate_secret(
+    subscription_id: Option<i64>,
+    grace: default!(Option<Interval>, "'24 hours'"),
+) -> String {
+    let (subscription_id, grace) = required("subscription_id", subscription_id)
+        .and_then(|id| Ok((id, required("grace", grace)?)))
+        .or_report();
     let negative = Spi::get_one_with_args::<bool>("SELECT $1 < interval '0'", &[grace.into()])
         .map_err(Error::from)
         .or_report();

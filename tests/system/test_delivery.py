@@ -212,11 +212,19 @@ def test_dead_letters_of_a_deleted_subscription_do_not_block_replaying_the_other
     wait_for(lambda: len(receiver.received("/kept-dl")) == 2, message="the kept subscription's replay")
 
 
-def test_a_rotation_with_a_negative_grace_is_refused_and_changes_nothing(db, receiver):
+@pytest.mark.parametrize("call, message", [
+    ("SELECT linkhooks.rotate_secret(%s, '-1 day')", "invalid grace: must not be negative"),
+    ("SELECT linkhooks.rotate_secret(%s, NULL)", "invalid grace: must not be null"),
+    ("SELECT linkhooks.rotate_secret(NULL) FROM (SELECT %s) s", "invalid subscription_id: must not be null"),
+    ("SELECT linkhooks.send_test(NULL) FROM (SELECT %s) s", "invalid subscription_id: must not be null"),
+    ("SELECT linkhooks.replay(NULL) FROM (SELECT %s) s", "invalid delivery_id: must not be null"),
+])
+def test_operator_calls_with_a_bad_argument_are_refused_and_change_nothing(db, receiver, call, message):
     sid, secret = subscribe(db, receiver, "/neg")
-    with pytest.raises(psycopg.Error, match="invalid grace: must not be negative"):
-        db.execute("SELECT linkhooks.rotate_secret(%s, '-1 day')", [sid])
+    with pytest.raises(psycopg.Error, match=message):
+        db.execute(call, [sid])
     assert db.execute("SELECT secret, previous_secret FROM linkhooks.subscriptions").fetchone() == (secret, None)
+    assert db.execute("SELECT count(*) FROM linkhooks.deliveries").fetchone()[0] == 0
 
 
 def test_secret_rotation_sends_both_signatures(db, receiver):
