@@ -44,6 +44,7 @@ mod locks;
 mod maintenance;
 mod minutes;
 mod misses;
+mod operator;
 mod opsevents;
 mod partition_check;
 mod plans;
