@@ -237,6 +237,7 @@ fn enrich_click(
     let mut utm = new.get::<JsonB>("utm")?.map(|j| j.0);
     if let Some(given) = &utm {
         limits::check_json("utm", given, MAX_UTM_BYTES)?;
+        links::normalize_utm(given)?; // a link's rules: its payloads carry it the same way
     }
     if utm.is_none()
         && let Some(landing) = landing_url

@@ -95,6 +95,9 @@ def test_bad_clicks_are_refused_and_write_nothing(db):
         db.execute("SELECT linkhooks.record_click('c', source => 'email')")
     with pytest.raises(psycopg.errors.ForeignKeyViolation, match="invalid link_id: link 999 does not exist"):
         db.execute("INSERT INTO linkhooks.clicks (link_id) VALUES (999)")
+    for utm, message in [('"x"', "invalid utm: must be a JSON object"), ('{"evil": [1]}', "invalid utm: unknown key 'evil'")]:
+        with pytest.raises(psycopg.Error, match=message):
+            db.execute("INSERT INTO linkhooks.clicks (link_id, utm) VALUES (%s, %s)", [link_id, utm])
     assert db.execute("SELECT count(*) FROM linkhooks.clicks").fetchone()[0] == 0
 
 
