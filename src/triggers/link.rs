@@ -36,17 +36,23 @@ pub fn with_redirect_url(mut row: Row<'_>) -> Row<'_> {
         let Some(destination) = col::<String>(&row, "destination")? else {
             return Ok(None);
         };
-        let utm = match col::<JsonB>(&row, "utm")? {
-            Some(JsonB(v)) if !v.is_null() => links::normalize_utm(&v)?,
-            _ => Map::new(),
-        };
-        Ok(Some(links::redirect_url(&destination, &utm)?))
+        Ok(Some(redirect_url(&row, &destination)?))
     };
     if let Ok(Some(url)) = derived() {
         // Setting a text column of a row we own cannot fail but by a missing column.
         let _ = set(&mut row, "redirect_url", url);
     }
     row
+}
+
+/// What a row with this destination redirects to: the destination with the
+/// row's utm (checked) appended.
+fn redirect_url(row: &Row<'_>, destination: &str) -> Result<String> {
+    let utm = match col::<JsonB>(row, "utm")? {
+        Some(JsonB(v)) if !v.is_null() => links::normalize_utm(&v)?,
+        _ => Map::new(),
+    };
+    Ok(links::redirect_url(destination, &utm)?)
 }
 
 fn on_link<'a>(trigger: &'a PgTrigger<'a>) -> Result<Option<Row<'a>>> {
@@ -176,15 +182,8 @@ fn check_link(new: &mut Row<'_>, old: Option<&Row<'_>>) -> Result<()> {
     if let Some(m) = max_clicks.filter(|m| *m <= 0) {
         return Err(LinkError::MaxClicks(m).into());
     }
-    let utm = match col::<JsonB>(new, "utm")? {
-        Some(JsonB(v)) if !v.is_null() => links::normalize_utm(&v)?,
-        _ => Map::new(),
-    };
-    set(
-        new,
-        "redirect_url",
-        links::redirect_url(&destination, &utm)?,
-    )?;
+    let url = redirect_url(new, &destination)?;
+    set(new, "redirect_url", url)?;
 
     let id: i64 = col(new, "id")?.unwrap_or_default();
     let key_changed = match old {

@@ -185,9 +185,13 @@ def test_grant_access_ignores_functions_planted_in_the_callers_path(cluster, db,
     """A role that may create in public plants format(text, text, text), which beats
     pg_catalog's variadic format for a superuser whose search_path includes public."""
     hostile("writer").close()
+    db.execute("SELECT linkhooks.run_maintenance()")  # partitions, whose grants grant_access also sets
+    assert db.execute("SELECT count(*) FROM linkhooks.partitions WHERE range_start IS NOT NULL").fetchone()[0] > 0
     db.execute(f"GRANT CREATE ON SCHEMA public TO {HOSTILE}")
     try:
         with login(cluster, HOSTILE) as h:
+            with pytest.raises(psycopg.errors.InsufficientPrivilege):  # nor may it call what grant_access calls
+                h.execute("SELECT linkhooks.grant_as_parent('clicks', 'clicks_default')")
             h.execute(ESCALATE.format(schema="public"))
             h.execute("CREATE FUNCTION public.format(a pg_catalog.text, b pg_catalog.text, c pg_catalog.text) "
                       "RETURNS pg_catalog.text LANGUAGE sql AS $$ SELECT public.escalate()::pg_catalog.text $$")
